@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Set up bpfscope on a Debian or Ubuntu machine, as root, then run it or its tests.
+#
+#   ./setup.sh                 install what is missing, then run the main job (bpfscope doctor)
+#   ./setup.sh test [ARGS]     install what is missing (with test tools), then run the tests
+#   ./setup.sh run ARGS...     install what is missing, then run `bpfscope ARGS...`
+#
+# Idempotent: a second run installs nothing and starts at once.
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "$0")")"
+VENV=.venv
+mode=${1:-main}
+[ $# -gt 0 ] && shift
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (bpfscope loads BPF programs and installs Debian packages)" >&2
+    exit 2
+fi
+
+# Debian packages: build (clang, libbpf-dev, bpftool), run (libbpf1), the Python environment, and for
+# the tests and benchmarks the peers we compare against (bpftrace, fio, iostat from sysstat).
+packages=(clang libbpf-dev libbpf1 bpftool python3 python3-venv python3-pip mount util-linux)
+if [ "$mode" = test ]; then
+    packages+=(bpftrace fio sysstat libcap2-bin procps)
+fi
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libbpf attaches classic tracepoints through tracefs, which a fresh machine may not have mounted.
+if [ ! -d /sys/kernel/tracing/events ]; then
+    mount -t tracefs nodev /sys/kernel/tracing
+fi
+
+# Debian's own Python (3.11 on Debian 12) keeps the environment independent of any other Python.
+python=/usr/bin/python3
+extras=""
+[ "$mode" = test ] && extras="[test]"
+stamp="$VENV/.installed$extras"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$python" -m venv "$VENV"
+fi
+# Reinstall when the sources are newer than the last install (the BPF objects are built by it).
+if [ ! -e "$stamp" ] || [ -n "$(find pyproject.toml setup.py src -newer "$stamp" -name '*.py' -o -newer "$stamp" -name '*.c' -o -newer "$stamp" -name '*.h' -o -newer "$stamp" -name '*.toml' | head -1)" ]; then
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extras"
+    touch "$stamp"
+fi
+
+case "$mode" in
+    main) exec "$VENV/bin/bpfscope" doctor ;;
+    run) exec "$VENV/bin/bpfscope" "$@" ;;
+    test) exec "$VENV/bin/python" -m pytest "$@" ;;
+    *) echo "setup.sh: unknown mode '$mode' (use: test, run)" >&2; exit 2 ;;
+esac

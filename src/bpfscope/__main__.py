@@ -1,0 +1,3 @@
+from bpfscope.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""The ``bpfscope`` command. Tools are imported only when run, so start-up stays short."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from bpfscope.errors import BpfscopeError
+
+# name -> (module, one-line summary shown by `bpfscope --help`)
+TOOLS: dict[str, tuple[str, str]] = {
+    "doctor": ("bpfscope.tools.doctor", "What this kernel can do, found by trying it."),
+    "syscount": ("bpfscope.tools.syscount", "Syscall counts and latency percentiles, by syscall or process."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(TOOLS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in TOOLS:
+            return None
+        return importlib.import_module(TOOLS[name][0]).command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Tools"):
+            formatter.write_dl([(name, summary) for name, (_, summary) in sorted(TOOLS.items())])
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Every tool: bpfscope TOOL [-p PID] [--cgroup PATH] [--json] [--duration S] [interval [count]]",
+)
+@click.version_option(package_name="bpfscope")
+def cli() -> None:
+    """bpfscope: disk, network, page cache and process behaviour from eBPF tracepoints."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    from bpfscope.core.tool import install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        return cli.main(args=argv, prog_name="bpfscope", standalone_mode=False)
+    except BpfscopeError as exc:
+        print(exc.render(), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

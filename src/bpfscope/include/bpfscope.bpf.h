@@ -1,0 +1,46 @@
+/* What every bpfscope BPF program shares: the task filters the CLI sets (-p, --cgroup) and ring-buffer
+ * reservation that counts what it could not reserve, so no loss is silent. Include after vmlinux.h and
+ * <bpf/bpf_helpers.h>.
+ */
+#ifndef BPFSCOPE_BPF_H
+#define BPFSCOPE_BPF_H
+
+#include "hist.bpf.h"
+
+/* Filters, set from user space before load: the verifier sees them as constants and removes the
+ * branches of an unset filter. 0 means no filter. */
+const volatile __u32 bs_targ_tgid = 0;
+const volatile __u64 bs_targ_cgroup = 0;
+
+/* Events a ring buffer had no room for; read by user space through .bss (BpfObject.dropped). */
+__u64 bs_dropped = 0;
+
+static __always_inline bool bs_task_selected(void)
+{
+	if (bs_targ_tgid && (bpf_get_current_pid_tgid() >> 32) != bs_targ_tgid)
+		return false;
+	if (bs_targ_cgroup && bpf_get_current_cgroup_id() != bs_targ_cgroup)
+		return false;
+	return true;
+}
+
+static __always_inline void *bs_reserve(void *ringbuf, __u64 size)
+{
+	void *event = bpf_ringbuf_reserve(ringbuf, size, 0);
+
+	if (!event)
+		__sync_fetch_and_add(&bs_dropped, 1);
+	return event;
+}
+
+/* A ring buffer of `record_type` events. The pointer global records the event type in the object's
+ * BTF (clang emits no BTF for types only local variables use), which is how user space learns the
+ * record layout without declaring it again. */
+#define BS_RINGBUF(name, bytes, record_type)                                                         \
+	struct {                                                                                     \
+		__uint(type, BPF_MAP_TYPE_RINGBUF);                                                  \
+		__uint(max_entries, bytes);                                                          \
+	} name SEC(".maps");                                                                         \
+	record_type *bs_record__##name __attribute__((unused)) = 0
+
+#endif

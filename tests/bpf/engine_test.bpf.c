@@ -1,0 +1,95 @@
+/* Test program for the engine: a known event per getppid() of the test process, a burst of them to
+ * overflow the ring on purpose, a histogram of values the test chooses, and a count map. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include "bpfscope.bpf.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct event {
+	__u64 seq;
+	__u32 pid;
+	__u32 ppid;
+	__s32 neg;
+	__u8 flag;
+	char comm[16];
+	__u16 small[3];
+	__u64 big;
+};
+
+const volatile __u32 burst = 1;
+
+BS_RINGBUF(events, 64 * 1024, struct event);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u64);
+} counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bs_loglin_hist);
+} latency SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bs_log2_hist);
+} latency_log2 SEC(".maps");
+
+/* Value to record in the histograms, written by the test before each trigger. */
+__u64 hist_value = 0;
+__u64 produced = 0;
+__u64 seq = 0;
+
+SEC("tracepoint/syscalls/sys_enter_getppid")
+int on_getppid(void *ctx)
+{
+	struct task_struct *task;
+	struct event *e;
+	__u32 zero = 0, i, key;
+	__u64 *count, one = 1;
+
+	if (!bs_task_selected())
+		return 0;
+
+	struct bs_loglin_hist *h = bpf_map_lookup_elem(&latency, &zero);
+	if (h)
+		bs_hist_add_loglin(h, hist_value);
+	struct bs_log2_hist *h2 = bpf_map_lookup_elem(&latency_log2, &zero);
+	if (h2)
+		bs_hist_add_log2(h2, hist_value);
+
+	key = (__u32)(hist_value & 0xff);
+	count = bpf_map_lookup_elem(&counts, &key);
+	if (count)
+		__sync_fetch_and_add(count, 1);
+	else
+		bpf_map_update_elem(&counts, &key, &one, BPF_NOEXIST);
+
+	task = (struct task_struct *)bpf_get_current_task();
+	for (i = 0; i < 4096 && i < burst; i++) {
+		__sync_fetch_and_add(&produced, 1);
+		e = bs_reserve(&events, sizeof(*e));
+		if (!e)
+			continue;
+		e->seq = __sync_fetch_and_add(&seq, 1);
+		e->pid = bpf_get_current_pid_tgid() >> 32;
+		e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+		e->neg = -(__s32)e->pid;
+		e->flag = 7;
+		bpf_get_current_comm(e->comm, sizeof(e->comm));
+		e->small[0] = 1;
+		e->small[1] = 2;
+		e->small[2] = 65535;
+		e->big = 0xfedcba9876543210ULL;
+		bpf_ringbuf_submit(e, 0);
+	}
+	return 0;
+}
