@@ -43,6 +43,13 @@ struct {
 	__type(value, struct bs_log2_hist);
 } latency_log2 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} percpu_hits SEC(".maps");
+
 /* Value to record in the histograms, written by the test before each trigger. */
 __u64 hist_value = 0;
 __u64 produced = 0;
@@ -65,6 +72,10 @@ int on_getppid(void *ctx)
 	struct bs_log2_hist *h2 = bpf_map_lookup_elem(&latency_log2, &zero);
 	if (h2)
 		bs_hist_add_log2(h2, hist_value);
+
+	count = bpf_map_lookup_elem(&percpu_hits, &zero);
+	if (count)
+		*count += 1;
 
 	key = (__u32)(hist_value & 0xff);
 	count = bpf_map_lookup_elem(&counts, &key);

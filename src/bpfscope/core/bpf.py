@@ -86,7 +86,9 @@ class Program:
 
     @autoload.setter
     def autoload(self, value: bool) -> None:
-        _check_rc(libbpf.lib.bpf_program__set_autoload(self._h, value), f"cannot change autoload of {self.name}")
+        _check_rc(
+            libbpf.lib.bpf_program__set_autoload(self._h, value), f"cannot change autoload of {self.name}"
+        )
 
     @property
     def autoattach(self) -> bool:
@@ -120,18 +122,24 @@ class Program:
 
     def attach_raw_tracepoint(self, name: str) -> Link:
         system.require_raw_tracepoint(name)
-        return self._link(libbpf.lib.bpf_program__attach_raw_tracepoint(self._h, name.encode()), f"raw_tp {name}")
+        return self._link(
+            libbpf.lib.bpf_program__attach_raw_tracepoint(self._h, name.encode()), f"raw_tp {name}"
+        )
 
     def attach_uprobe(self, binary: str, function: str, pid: int = -1, retprobe: bool = False) -> Link:
         if not Path(binary).exists():
             raise BpfscopeError(f"no such binary for a uprobe: {binary}")
-        opts = libbpf.UprobeOpts(sz=ctypes.sizeof(libbpf.UprobeOpts), retprobe=retprobe, func_name=function.encode())
+        opts = libbpf.UprobeOpts(
+            sz=ctypes.sizeof(libbpf.UprobeOpts), retprobe=retprobe, func_name=function.encode()
+        )
         ptr = libbpf.lib.bpf_program__attach_uprobe_opts(self._h, pid, binary.encode(), 0, ctypes.byref(opts))
         return self._link(ptr, f"{'uretprobe' if retprobe else 'uprobe'} {binary}:{function}")
 
     def attach_perf_event(self, perf_fd: int) -> Link:
         """Attach to an open perf event; the link owns the fd from then on."""
-        return self._link(libbpf.lib.bpf_program__attach_perf_event(self._h, perf_fd), f"perf_event fd {perf_fd}")
+        return self._link(
+            libbpf.lib.bpf_program__attach_perf_event(self._h, perf_fd), f"perf_event fd {perf_fd}"
+        )
 
     def attach_sampling(self, frequency: int, cpus: list[int] | None = None) -> list[Link]:
         """Sample on every CPU at ``frequency`` Hz with the software cpu-clock event (as profilers do)."""
@@ -251,12 +259,16 @@ class Map:
     def update(self, key: Any, value: Any, flags: int = 0) -> None:
         kbuf = ctypes.create_string_buffer(self._key_bytes(key), self.key_size)
         if self.percpu:
-            one = _to_bytes(value, self.value_type, self.value_size, "value", self.name).ljust(self._value_stride, b"\0")
+            one = _to_bytes(value, self.value_type, self.value_size, "value", self.name).ljust(
+                self._value_stride, b"\0"
+            )
             raw = one * ncpus()
         else:
             raw = _to_bytes(value, self.value_type, self.value_size, "value", self.name)
         vbuf = ctypes.create_string_buffer(raw, len(raw))
-        _check_rc(libbpf.lib.bpf_map_update_elem(self.fd, kbuf, vbuf, flags), f"update of map {self.name} failed")
+        _check_rc(
+            libbpf.lib.bpf_map_update_elem(self.fd, kbuf, vbuf, flags), f"update of map {self.name} failed"
+        )
 
     def delete(self, key: Any) -> bool:
         kbuf = ctypes.create_string_buffer(self._key_bytes(key), self.key_size)
@@ -323,7 +335,9 @@ class Map:
 
         if not self.percpu:
             return np.frombuffer(raw, dtype=self.value_dtype, count=n).copy()
-        slot = np.dtype({"names": ["v"], "formats": [self.value_dtype], "offsets": [0], "itemsize": self._value_stride})
+        slot = np.dtype(
+            {"names": ["v"], "formats": [self.value_dtype], "offsets": [0], "itemsize": self._value_stride}
+        )
         return np.frombuffer(raw, dtype=slot, count=n * ncpus()).reshape(n, ncpus())["v"].copy()
 
     def clear(self) -> None:
@@ -336,9 +350,9 @@ def _to_bytes(value: Any, ctype: CType | None, size: int, what: str, map_name: s
         raw = bytes(value)
     elif hasattr(value, "tobytes"):
         raw = value.tobytes()
-    elif isinstance(value, dict) and isinstance(ctype, Struct):
-        raw = ctype.encode(value)
-    elif isinstance(value, int) and ctype is not None and not isinstance(ctype, Struct):
+    elif (isinstance(value, dict) and isinstance(ctype, Struct)) or (
+        isinstance(value, int) and ctype is not None and not isinstance(ctype, Struct)
+    ):
         raw = ctype.encode(value)
     elif isinstance(value, int):
         raw = value.to_bytes(size, "little", signed=value < 0)
@@ -444,7 +458,9 @@ class BpfObject:
         handle = libbpf.lib.bpf_object__open_file(str(self.path).encode(), None)
         if not handle:
             detail = "\n".join(libbpf.log_since(mark)[-VERIFIER_TAIL:])
-            raise BpfscopeError(f"cannot open {self.path.name}: {libbpf.strerror(libbpf.last_errno())}", details=detail)
+            raise BpfscopeError(
+                f"cannot open {self.path.name}: {libbpf.strerror(libbpf.last_errno())}", details=detail
+            )
         self._h: int | None = handle
         self.name = self.path.name.removesuffix(".bpf.o")
         self.programs: dict[str, Program] = {}

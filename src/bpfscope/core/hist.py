@@ -191,6 +191,18 @@ class Histogram:
             return NotImplemented
         return self.merge(other)
 
+    def __sub__(self, other: object) -> Histogram:
+        """What was added since ``other``, an earlier snapshot of the same cumulative histogram."""
+        if not isinstance(other, Histogram):
+            return NotImplemented
+        if self.kind != other.kind or len(other.counts) > len(self.counts):
+            raise ValueError("can only subtract an earlier snapshot of the same histogram")
+        if np.any(other.counts > self.counts[: len(other.counts)]):
+            raise ValueError("the subtracted histogram is not an earlier snapshot (a slot decreased)")
+        counts = self.counts.copy()
+        counts[: len(other.counts)] -= other.counts
+        return Histogram(counts, self.kind)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Histogram):
             return NotImplemented

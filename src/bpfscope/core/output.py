@@ -28,7 +28,7 @@ class Output:
         self._console = None
 
     @property
-    def console(self):  # noqa: ANN201 - rich is imported lazily
+    def console(self):
         if self._console is None:
             from rich.console import Console
 

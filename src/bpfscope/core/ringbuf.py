@@ -41,12 +41,21 @@ class RingBuffer:
         self._page = mmap.PAGESIZE
         self._stride = (_HEADER + event.size + 7) & ~7
         self._records = np.dtype(
-            {"names": ["len", "event"], "formats": ["<u4", event.dtype], "offsets": [0, _HEADER], "itemsize": self._stride}
+            {
+                "names": ["len", "event"],
+                "formats": ["<u4", event.dtype],
+                "offsets": [0, _HEADER],
+                "itemsize": self._stride,
+            }
         )
         self._dropped = dropped
         fd = ring_map.fd
-        self._consumer = mmap.mmap(fd, self._page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._data = mmap.mmap(fd, self._page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self._page)
+        self._consumer = mmap.mmap(
+            fd, self._page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0
+        )
+        self._data = mmap.mmap(
+            fd, self._page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self._page
+        )
         self._epoll = select.epoll()
         self._epoll.register(fd, select.EPOLLIN)
         # Records delivered to the caller, and records of another size than the event (a bug in the

@@ -12,7 +12,7 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
-from bpfscope.errors import BpfscopeError, MissingCapability
+from bpfscope.errors import MissingCapability
 
 TRACEFS = Path("/sys/kernel/tracing")
 BPFFS = Path("/sys/fs/bpf")
@@ -106,10 +106,14 @@ def require_tracepoint(category: str, name: str) -> None:
         return
     close = difflib.get_close_matches(full, available, n=3, cutoff=0.6)
     if not close:
-        close = sorted(tp for tp in available if tp.split(":")[1] == name or tp.startswith(f"{category}:{name}"))[:3]
+        close = sorted(
+            tp for tp in available if tp.split(":")[1] == name or tp.startswith(f"{category}:{name}")
+        )[:3]
     raise MissingCapability(
         f"this kernel has no tracepoint {full}",
-        hint=("did you mean " + ", ".join(close) + "?") if close else "list them with `bpfscope trace --list`",
+        hint=("did you mean " + ", ".join(close) + "?")
+        if close
+        else "list them with `bpfscope trace --list`",
     )
 
 

@@ -6,7 +6,6 @@ final summary. The kernel-side filters for -p and --cgroup live in bpfscope.bpf.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -134,9 +133,5 @@ def ticks(opts: RunOptions, default_interval: float | None = None) -> Iterator[f
             if last:
                 return
     except (KeyboardInterrupt, Stop):
-        if not interval or True:
-            yield time.monotonic() - start
-
-
-def self_pid() -> int:
-    return os.getpid()
+        # One last tick so the tool prints what it has (the partial interval, or the whole run).
+        yield time.monotonic() - start

@@ -117,19 +117,27 @@ def _short(exc: BpfscopeError) -> str:
 def _system_checks() -> list[Check]:
     checks = []
     major, minor = libbpf.version()
-    checks.append(Check("libbpf", (major, minor) >= libbpf.MIN_VERSION, f"{major}.{minor} ({libbpf.LIBBPF_SONAME})"))
+    checks.append(
+        Check("libbpf", (major, minor) >= libbpf.MIN_VERSION, f"{major}.{minor} ({libbpf.LIBBPF_SONAME})")
+    )
     btf = system.KERNEL_BTF
-    checks.append(Check("BTF", btf.exists(), f"{btf} ({btf.stat().st_size // 1024} KiB)" if btf.exists() else "missing"))
+    checks.append(
+        Check("BTF", btf.exists(), f"{btf} ({btf.stat().st_size // 1024} KiB)" if btf.exists() else "missing")
+    )
     try:
         tracefs = system.ensure_tracefs()
         checks.append(Check("tracefs", True, f"{tracefs}, {len(system.tracepoints())} tracepoints"))
     except BpfscopeError as exc:
         checks.append(Check("tracefs", False, str(exc)))
     pressure = [p for p in ("cpu", "io", "memory") if _readable(Path("/proc/pressure") / p)]
-    checks.append(Check("PSI", bool(pressure), "/proc/pressure/" + ",".join(pressure) if pressure else "missing"))
+    checks.append(
+        Check("PSI", bool(pressure), "/proc/pressure/" + ",".join(pressure) if pressure else "missing")
+    )
     mounts = Path("/proc/self/mounts").read_text().splitlines()
-    v1 = sorted({opt for line in mounts if line.split()[2] == "cgroup" for opt in line.split()[3].split(",")}
-                & {"cpu", "cpuacct", "memory", "blkio", "io", "pids", "cpuset", "net_cls", "devices", "freezer"})
+    v1 = sorted(
+        {opt for line in mounts if line.split()[2] == "cgroup" for opt in line.split()[3].split(",")}
+        & {"cpu", "cpuacct", "memory", "blkio", "io", "pids", "cpuset", "net_cls", "devices", "freezer"}
+    )
     v2 = [line.split()[1] for line in mounts if line.split()[2] == "cgroup2"]
     checks.append(Check("cgroup v2", bool(v2), ", ".join(v2) or "not mounted"))
     checks.append(Check("cgroup v1", bool(v1), ", ".join(v1) or "no v1 controllers", needed=False))
