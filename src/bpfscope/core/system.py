@@ -68,7 +68,7 @@ def _mount(fstype: str, path: Path, what: str) -> None:
     result = subprocess.run(["mount", "-t", fstype, fstype, str(path)], capture_output=True, text=True)
     if result.returncode != 0 and not _is_mounted(path, fstype):
         raise MissingCapability(
-            f"{what} is not mounted at {path} and mounting it failed: {result.stderr.strip() or result.returncode}",
+            f"{what} is not mounted at {path} and mounting it failed: {result.stderr.strip()}",
             hint=f"mount it as root: `mount -t {fstype} {fstype} {path}`",
         )
 
