@@ -100,10 +100,10 @@ def tracepoints() -> frozenset[str]:
 
 
 def require_tracepoint(category: str, name: str) -> None:
+    if (ensure_tracefs() / "events" / category / name).is_dir():
+        return
     full = f"{category}:{name}"
     available = tracepoints()
-    if full in available:
-        return
     close = difflib.get_close_matches(full, available, n=3, cutoff=0.6)
     if not close:
         close = sorted(
@@ -119,7 +119,7 @@ def require_tracepoint(category: str, name: str) -> None:
 
 def require_raw_tracepoint(name: str) -> None:
     """Raw and BTF tracepoints are named without their category."""
-    if any(tp.split(":", 1)[1] == name for tp in tracepoints()):
+    if any((ensure_tracefs() / "events").glob(f"*/{name}")) or any(tp.split(":", 1)[1] == name for tp in tracepoints()):
         return
     names = {tp.split(":", 1)[1] for tp in tracepoints()}
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)

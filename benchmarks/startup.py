@@ -1,0 +1,106 @@
+"""Start-up: time from process start to programs attached, and peak RSS, bpfscope against bpftrace.
+
+Both count system calls per process in a kernel hash map from raw_syscalls:sys_exit:
+  bpftrace -e 'tracepoint:raw_syscalls:sys_exit { @[pid, comm] = count(); } BEGIN { printf("attached\\n"); }'
+  bpfscope syscount -P
+bpftrace runs BEGIN once every probe is attached; bpfscope prints "Tracing syscalls..." once its programs
+are attached. The time to that line and the peak RSS then (VmHWM) are measured for each run; the median
+over the runs is reported.
+
+    .venv/bin/python benchmarks/startup.py [--runs N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BPFTRACE_PROGRAM = 'tracepoint:raw_syscalls:sys_exit { @[pid, comm] = count(); } BEGIN { printf("attached\\n"); }'
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(cmd: list[str], marker: str, timeout: float = 30.0) -> tuple[float, int]:
+    """Seconds from spawn until ``marker`` appears on stdout or stderr, and the peak RSS then."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        buffers = {proc.stdout.fileno(): "", proc.stderr.fileno(): ""}
+        while True:
+            ready, _, _ = select.select(list(buffers), [], [], timeout)
+            if not ready:
+                raise RuntimeError(f"{cmd[0]} did not attach within {timeout} s")
+            for fd in ready:
+                chunk = os.read(fd, 65536).decode(errors="replace")
+                if not chunk and proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[0]} exited: {buffers}")
+                buffers[fd] += chunk
+            if any(marker in text for text in buffers.values()):
+                elapsed = time.perf_counter() - start
+                return elapsed, _peak_rss_kb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    bpfscope = shutil.which("bpfscope", path=str(Path(sys.executable).parent)) or "bpfscope"
+    bpftrace = shutil.which("bpftrace")
+    if bpftrace is None:
+        sys.exit("bpftrace is not installed (apt-get install bpftrace)")
+    peers = {
+        "bpfscope": ([bpfscope, "syscount", "-P"], "Tracing syscalls"),
+        "bpftrace": ([bpftrace, "-e", BPFTRACE_PROGRAM], "attached"),
+    }
+    results: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in peers}
+    # One warm-up each (page cache), then alternate so both see the same machine state.
+    for cmd, marker in peers.values():
+        measure(cmd, marker)
+    for _ in range(args.runs):
+        for name, (cmd, marker) in peers.items():
+            samples[name].append(measure(cmd, marker))
+    for name, runs in samples.items():
+        results[name] = {
+            "startup_s": statistics.median(t for t, _ in runs),
+            "startup_min_s": min(t for t, _ in runs),
+            "peak_rss_mb": statistics.median(r for _, r in runs) / 1024,
+        }
+    ratio_time = results["bpfscope"]["startup_s"] / results["bpftrace"]["startup_s"]
+    ratio_rss = results["bpfscope"]["peak_rss_mb"] / results["bpftrace"]["peak_rss_mb"]
+    if args.json:
+        print(json.dumps({"runs": args.runs, **results, "time_ratio": ratio_time, "rss_ratio": ratio_rss}))
+        return
+    print(f"{'tool':10} {'start-up (median)':>18} {'(min)':>8} {'peak RSS':>10}   over {args.runs} runs")
+    for name, r in results.items():
+        print(f"{name:10} {r['startup_s'] * 1000:15.0f} ms {r['startup_min_s'] * 1000:5.0f} ms"
+              f" {r['peak_rss_mb']:7.1f} MB")
+    print(f"bpfscope / bpftrace: start-up {ratio_time:.2f}x (target <= 0.33), peak RSS {ratio_rss:.2f}x (target <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
