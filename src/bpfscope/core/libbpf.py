@@ -7,7 +7,6 @@ returns NULL or a negative errno and sets errno, so every call is made with ``us
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections import deque
