@@ -132,8 +132,7 @@ def command(
     }
     with BpfObject(tool_object("syscount"), rodata=rodata) as obj:
         obj.attach()
-        if not opts.as_json:
-            opts.output.note("Tracing syscalls... Ctrl-C to end.")
+        opts.output.note("Tracing syscalls... Ctrl-C to end.")
         before: dict[int, Row] = {}
         for elapsed in ticks(opts):
             now = _snapshot(obj, by_process, latency)

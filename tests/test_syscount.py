@@ -1,0 +1,94 @@
+"""syscount against a known workload: a child makes an exact number of calls while it is traced."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+CHILD = r"""
+import os, sys, time
+sys.stdin.readline()
+for _ in range(1000):
+    os.getppid()
+for _ in range(300):
+    try:
+        os.close(-1)
+    except OSError:
+        pass
+for _ in range(40):
+    time.sleep(0.004)
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _traced_run(*args: str) -> list[dict]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdin is not None and child.stdout is not None
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "bpfscope", "syscount", "-p", str(child.pid), "--json", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tool.stderr is not None
+        line = tool.stderr.readline()  # printed once the programs are attached
+        assert "Tracing syscalls" in line, line + tool.stderr.read()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        time.sleep(0.1)
+        tool.send_signal(signal.SIGINT)
+        out, err = tool.communicate(timeout=30)
+    finally:
+        child.stdin.write("exit\n")
+        child.stdin.close()
+        child.wait(timeout=10)
+        if tool.poll() is None:
+            tool.kill()
+    assert tool.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_counts_and_errors_are_exact() -> None:
+    rows = {r["syscall"]: r for r in _traced_run("-T", "100")}
+    assert rows["getppid"]["count"] == 1000
+    assert rows["getppid"]["errors"] == 0
+    assert rows["close"]["errors"] == 300
+    assert rows["close"]["count"] >= 300
+    assert all(r["interval"] == "total" for r in rows.values())
+
+
+def test_latency_percentiles_of_known_sleeps() -> None:
+    rows = {r["syscall"]: r for r in _traced_run("-L", "-s", "clock_nanosleep")}
+    assert set(rows) == {"clock_nanosleep"}
+    sleep = rows["clock_nanosleep"]
+    assert sleep["count"] == 40
+    # Each call sleeps 4 ms plus timer slack and wake-up latency.
+    assert 4000 <= sleep["p50_us"] <= 6000
+    assert 4000 <= sleep["avg_us"] <= 8000
+    assert sleep["p50_us"] <= sleep["p99_us"] <= sleep["p999_us"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-s", "opnat"], "unknown syscall 'opnat' (did you mean openat"),
+        (["-p", "999999999"], "no process with pid 999999999"),
+        (["--cgroup", "no/such/group"], "no cgroup v2 directory"),
+        (["0"], "Invalid value for '[INTERVAL]'"),
+    ],
+)
+def test_bad_input_is_one_line(args: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "bpfscope", "syscount", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
