@@ -21,7 +21,9 @@ def test_every_tool_has_a_compiled_object() -> None:
 @pytest.mark.parametrize(("tool", "package"), [("clang", "clang"), ("bpftool", "bpftool")])
 def test_missing_tool_names_the_package(monkeypatch: pytest.MonkeyPatch, tool: str, package: str) -> None:
     real_which = build.shutil.which
-    monkeypatch.setattr(build.shutil, "which", lambda name, path=None: None if name == tool else real_which(name))
+    monkeypatch.setattr(
+        build.shutil, "which", lambda name, path=None: None if name == tool else real_which(name)
+    )
     with pytest.raises(build.BuildError, match=f"apt-get install {package}"):
         build.check_requirements()
 

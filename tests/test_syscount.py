@@ -88,7 +88,9 @@ def test_latency_percentiles_of_known_sleeps() -> None:
     ],
 )
 def test_bad_input_is_one_line(args: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "bpfscope", "syscount", *args], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bpfscope", "syscount", *args], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr

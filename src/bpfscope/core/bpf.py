@@ -16,6 +16,7 @@ import ctypes
 import errno
 import mmap
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 # The verifier's last lines shown when it rejects a program.
 VERIFIER_TAIL = 12
+# How libbpf 1.x names the program that failed to load.
+_FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
 # Counter every bpfscope BPF object keeps (bpfscope.bpf.h) for events a ring buffer could not take.
 DROP_COUNTER = "bs_dropped"
 
@@ -57,7 +60,7 @@ class Link:
     """An attachment of a program to its hook; destroying it detaches the program."""
 
     def __init__(self, handle: int, description: str) -> None:
-        self._h: int | None = handle
+        self._h = handle
         self.description = description
 
     @property
@@ -445,15 +448,17 @@ class BpfObject:
         autoload: set[str] | None = None,
         max_entries: dict[str, int] | None = None,
     ) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise BpfscopeError(f"BPF object {self.path} is missing", hint="reinstall bpfscope to rebuild it")
-        system.require_btf()
+        # Set first, so close() (and __del__) work on an object whose opening failed half-way.
+        self._h: int | None = None
         self._links: list[Link] = []
         self._rings: list[RingBuffer] = []
         self._mmaps: list[mmap.mmap] = []
         self._sections: dict[str, Section] = {}
         self.loaded = False
+        self.path = Path(path)
+        if not self.path.exists():
+            raise BpfscopeError(f"BPF object {self.path} is missing", hint="reinstall bpfscope to rebuild it")
+        system.require_btf()
         mark = libbpf.log_mark()
         handle = libbpf.lib.bpf_object__open_file(str(self.path).encode(), None)
         if not handle:
@@ -461,7 +466,7 @@ class BpfObject:
             raise BpfscopeError(
                 f"cannot open {self.path.name}: {libbpf.strerror(libbpf.last_errno())}", details=detail
             )
-        self._h: int | None = handle
+        self._h = handle
         self.name = self.path.name.removesuffix(".bpf.o")
         self.programs: dict[str, Program] = {}
         prog = libbpf.lib.bpf_object__next_program(handle, None)
@@ -520,11 +525,11 @@ class BpfObject:
     def _load_failed(self, err: int, log: list[str]) -> None:
         if err in (errno.EPERM, errno.EACCES):
             system.require_privileges()
-        verifier = [line for line in log if not line.startswith("libbpf:")]
-        failing = next((line for line in log if "failed to load program" in line), None)
-        where = ""
-        if failing:
-            where = " " + failing.split("'")[1] if "'" in failing else ""
+        verifier = [
+            line for line in log if not line.startswith("libbpf:") and "-- END PROG LOAD LOG --" not in line
+        ]
+        failing = next(filter(None, (_FAILED_PROG.search(line) for line in log)), None)
+        where = f" {failing.group(1)}" if failing else ""
         if verifier and err in (errno.EACCES, errno.EINVAL):
             raise BpfscopeError(
                 f"the kernel's verifier rejected program{where} in {self.path.name}",

@@ -67,8 +67,11 @@ def _mount(fstype: str, path: Path, what: str) -> None:
         return
     result = subprocess.run(["mount", "-t", fstype, fstype, str(path)], capture_output=True, text=True)
     if result.returncode != 0 and not _is_mounted(path, fstype):
+        reason = next(
+            (line.strip() for line in result.stderr.splitlines() if line.strip()), result.returncode
+        )
         raise MissingCapability(
-            f"{what} is not mounted at {path} and mounting it failed: {result.stderr.strip()}",
+            f"{what} is not mounted at {path} and mounting it failed: {reason}",
             hint=f"mount it as root: `mount -t {fstype} {fstype} {path}`",
         )
 
@@ -99,8 +102,17 @@ def tracepoints() -> frozenset[str]:
     )
 
 
+def _plain_name(name: str) -> bool:
+    """A name that can only be one tracefs directory (no glob, no path), for the fast existence check."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/*?[")
+
+
 def require_tracepoint(category: str, name: str) -> None:
-    if (ensure_tracefs() / "events" / category / name).is_dir():
+    if (
+        _plain_name(category)
+        and _plain_name(name)
+        and (ensure_tracefs() / "events" / category / name).is_dir()
+    ):
         return
     full = f"{category}:{name}"
     available = tracepoints()
@@ -119,7 +131,9 @@ def require_tracepoint(category: str, name: str) -> None:
 
 def require_raw_tracepoint(name: str) -> None:
     """Raw and BTF tracepoints are named without their category."""
-    if any((ensure_tracefs() / "events").glob(f"*/{name}")) or any(tp.split(":", 1)[1] == name for tp in tracepoints()):
+    if _plain_name(name) and any((ensure_tracefs() / "events").glob(f"*/{name}")):
+        return
+    if any(tp.split(":", 1)[1] == name for tp in tracepoints()):
         return
     names = {tp.split(":", 1)[1] for tp in tracepoints()}
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
