@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from bpfscope.core.tool import cgroup2_mounts
 
 CHILD = r"""
 import os, sys, time
@@ -27,13 +32,19 @@ sys.stdin.readline()
 """
 
 
-def _traced_run(*args: str) -> list[dict]:
+def _traced_run(*args: str, cgroup: Path | None = None) -> list[dict]:
+    """Trace the child (by pid, or by the cgroup it is moved into) while it does its known work."""
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert child.stdin is not None and child.stdout is not None
+    if cgroup is not None:
+        (cgroup / "cgroup.procs").write_text(str(child.pid))
+        selector = ["--cgroup", str(cgroup)]
+    else:
+        selector = ["-p", str(child.pid)]
     tool = subprocess.Popen(
-        [sys.executable, "-m", "bpfscope", "syscount", "-p", str(child.pid), "--json", *args],
+        [sys.executable, "-m", "bpfscope", "syscount", *selector, "--json", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -76,6 +87,36 @@ def test_latency_percentiles_of_known_sleeps() -> None:
     assert 4000 <= sleep["p50_us"] <= 6000
     assert 4000 <= sleep["avg_us"] <= 8000
     assert sleep["p50_us"] <= sleep["p99_us"] <= sleep["p999_us"]
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    mounts = cgroup2_mounts()
+    if not mounts:
+        pytest.fail("no cgroup v2 mount: --cgroup cannot be tested")
+    path = mounts[0] / f"bpfscope-test-{os.getpid()}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        # The child has exited by now; an empty cgroup can be removed.
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_cgroup_filter_sees_only_that_cgroup(cgroup: Path) -> None:
+    # A busy process outside the cgroup must not be counted.
+    noise = subprocess.Popen([sys.executable, "-c", "import os\nwhile True: os.getppid()"])
+    try:
+        rows = {r["syscall"]: r for r in _traced_run("-T", "100", cgroup=cgroup)}
+    finally:
+        noise.kill()
+        noise.wait()
+    assert rows["getppid"]["count"] == 1000
 
 
 @pytest.mark.parametrize(
