@@ -4,10 +4,14 @@ subprocess. The tests load programs into the running kernel, so they run as root
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -62,3 +66,54 @@ def run_bpfscope(
 def run_cli() -> RunCli:
     """``run_cli(*args, env=None, preexec=None) -> CompletedProcess``: the bpfscope command, captured."""
     return run_bpfscope
+
+
+WORKLOAD_PRELUDE = "import os, sys, time\nsys.stdin.readline()\n"
+WORKLOAD_EPILOGUE = '\nprint("done", flush=True)\nsys.stdin.readline()\n'
+
+
+def _wait_line(stream: IO[str], timeout: float, what: str) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"no {what} within {timeout} s")
+    return stream.readline()
+
+
+def trace_workload(tool_args: list[str], workload: str, timeout: float = 60.0) -> tuple[str, str]:
+    """Run a bpfscope tool around a known workload and return its (stdout, stderr).
+
+    The workload is Python code run in a child that waits until the tool has attached; ``{pid}`` in
+    ``tool_args`` becomes the child's pid. The tool is stopped with SIGINT once the work is done, as a
+    person would with Ctrl-C.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", WORKLOAD_PRELUDE + workload + WORKLOAD_EPILOGUE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    args = [a.replace("{pid}", str(child.pid)) for a in tool_args]
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "bpfscope", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert tool.stderr is not None
+    try:
+        attached = _wait_line(tool.stderr, timeout, "sign that the programs are attached")
+        assert attached.startswith("Tracing"), attached + tool.stderr.read()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert _wait_line(child.stdout, timeout, "end of the workload").strip() == "done"
+        time.sleep(0.1)
+        tool.send_signal(signal.SIGINT)
+        out, err = tool.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.stdin.write("exit\n")
+            child.stdin.close()
+            child.wait(timeout=10)
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+    assert tool.returncode == 0, err
+    return out, attached + err

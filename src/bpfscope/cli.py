@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -14,6 +15,11 @@ from bpfscope.errors import BpfscopeError
 TOOLS: dict[str, tuple[str, str]] = {
     "doctor": ("bpfscope.tools.doctor", "What this kernel can do, found by trying it."),
     "syscount": ("bpfscope.tools.syscount", "Syscall counts and latency percentiles, by syscall or process."),
+    "execsnoop": ("bpfscope.tools.execsnoop", "New processes as they start (and exit, with --exits)."),
+    "trace": (
+        "bpfscope.tools.trace",
+        "One-liners on any tracepoint: count, sum, histogram, print; kernel filters.",
+    ),
 }
 
 
@@ -57,6 +63,15 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        # A bug, not bad input: one line by default, the traceback on request.
+        if os.environ.get("BPFSCOPE_DEBUG"):
+            raise
+        print(
+            f"bpfscope: internal error: {type(exc).__name__}: {exc} (BPFSCOPE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,10 @@ class Map:
         self._obj = obj
         self._h = handle
         self.name: str = libbpf.lib.bpf_map__name(handle).decode()
+        # Read at open: libbpf drops a map's BTF type ids when the kernel takes the map only without BTF
+        # (a value type with a raw key_size, say), and the layout is still the C one.
+        self._key_type_id = libbpf.lib.bpf_map__btf_key_type_id(handle)
+        self._value_type_id = libbpf.lib.bpf_map__btf_value_type_id(handle)
 
     def __repr__(self) -> str:
         return f"<Map {self.name} type={self.type} max_entries={self.max_entries}>"
@@ -190,6 +194,13 @@ class Map:
     def key_size(self) -> int:
         return libbpf.lib.bpf_map__key_size(self._h)
 
+    @key_size.setter
+    def key_size(self, value: int) -> None:
+        """Before load: for maps declared with key_size (raw keys) rather than a BTF key type."""
+        _check_rc(
+            libbpf.lib.bpf_map__set_key_size(self._h, value), f"cannot set the key size of map {self.name}"
+        )
+
     @property
     def value_size(self) -> int:
         return libbpf.lib.bpf_map__value_size(self._h)
@@ -208,13 +219,11 @@ class Map:
 
     @property
     def key_type(self) -> CType | None:
-        type_id = libbpf.lib.bpf_map__btf_key_type_id(self._h)
-        return self._obj.btf.type(type_id) if type_id else None
+        return self._obj.btf.type(self._key_type_id) if self._key_type_id else None
 
     @property
     def value_type(self) -> CType | None:
-        type_id = libbpf.lib.bpf_map__btf_value_type_id(self._h)
-        return self._obj.btf.type(type_id) if type_id else None
+        return self._obj.btf.type(self._value_type_id) if self._value_type_id else None
 
     @property
     def key_dtype(self) -> np.dtype:

@@ -32,7 +32,9 @@ class Output:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(file=self.stream, highlight=False, soft_wrap=True)
+            # Piped output keeps whole columns instead of rich's 80-column default.
+            width = None if self.stream.isatty() else 240
+            self._console = Console(file=self.stream, highlight=False, soft_wrap=True, width=width)
         return self._console
 
     def record(self, record: dict[str, Any]) -> None:

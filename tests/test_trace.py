@@ -1,0 +1,183 @@
+"""bpfscope trace against known workloads: exact counts, sums and percentiles, kernel-side filters,
+strings of every kind, and one-line errors for bad queries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import RunCli, trace_workload
+
+from bpfscope.core.names import syscall_number
+
+GETPPID = syscall_number("getppid")
+GETPID = syscall_number("getpid")
+
+
+def _records(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_count_by_key_is_exact() -> None:
+    work = "for _ in range(1000): os.getppid()\nfor _ in range(500): os.getpid()\n"
+    out, err = trace_workload(
+        ["trace", "raw_syscalls:sys_enter", "--count-by", "pid,id", "-p", "{pid}", "--json"], work
+    )
+    rows = {r["id"]: r for r in _records(out)}
+    assert rows[GETPPID]["count"] == 1000
+    assert rows[GETPID]["count"] == 500
+    assert "0 lost" not in err  # aggregation streams nothing, so it reports no stream
+
+
+def test_boolean_filters_run_in_the_kernel() -> None:
+    work = (
+        "for _ in range(1000): os.getppid()\nfor _ in range(500): os.getpid()\n"
+        "for _ in range(20): os.getuid()\n"
+    )
+    either = f"id == {GETPPID} or id == {GETPID}"
+    out, _ = trace_workload(
+        ["trace", "raw_syscalls:sys_enter", "-p", "{pid}", "--filter", either, "--json"], work
+    )
+    assert [r["count"] for r in _records(out)] == [1500]
+    neither = f"not (id == {GETPPID} or id == {GETPID}) and id < 1000"
+    out, _ = trace_workload(
+        ["trace", "raw_syscalls:sys_enter", "-p", "{pid}", "--filter", neither, "--count-by", "id", "--json"],
+        work,
+    )
+    ids = {r["id"] for r in _records(out)}
+    assert ids and GETPPID not in ids and GETPID not in ids
+    assert syscall_number("getuid") in ids
+
+
+SIZES = "sizes = [int(x) for x in np.random.default_rng(3).lognormal(7, 1.2, 2000).clip(1, 60000)]\n"
+
+
+def test_sum_min_max_and_percentiles_of_a_field() -> None:
+    sizes = [int(x) for x in np.random.default_rng(3).lognormal(7, 1.2, 2000).clip(1, 60000)]
+    work = (
+        "import numpy as np\n"
+        + SIZES
+        + "os.dup2(os.open('/dev/null', os.O_WRONLY), 100)\nbuf = b'x' * 60000\n"
+        "for n in sizes: os.write(100, buf[:n])\n"
+    )
+    out, _ = trace_workload(
+        [
+            "trace",
+            "syscalls:sys_enter_write",
+            "-p",
+            "{pid}",
+            "--hist",
+            "count",
+            "--filter",
+            "fd == 100",
+            "--json",
+        ],
+        work,
+    )
+    (row,) = _records(out)
+    assert row["count"] == len(sizes)
+    assert row["sum"] == sum(sizes)
+    assert row["min"] == min(sizes) and row["max"] == max(sizes)
+    truth = np.percentile(np.array(sizes, dtype=float), [50, 99], method="inverted_cdf")
+    got = row["hist"]["percentiles"]
+    for q, expected in zip(("p50", "p99"), truth, strict=True):
+        assert abs(got[q] - expected) <= expected / 16 + 1, (q, got[q], expected)
+
+
+def test_print_user_string_filtered_in_kernel(tmp_path: Path) -> None:
+    marker = tmp_path / "bpfscope-marker"
+    work = f"for _ in range(3):\n    try: os.open({str(marker)!r}, os.O_RDONLY)\n    except OSError: pass\n"
+    out, err = trace_workload(
+        [
+            "trace",
+            "syscalls:sys_enter_openat",
+            "--filter",
+            f'filename == "{marker}"',
+            "--print",
+            "pid,comm,filename",
+            "--json",
+        ],
+        work,
+    )
+    events = _records(out)
+    assert len(events) == 3
+    assert {e["filename"] for e in events} == {str(marker)}
+    assert "3 events, 0 lost" in err
+
+
+def test_print_dataloc_string_and_errno_names(run_cli: RunCli) -> None:
+    work = (
+        "import subprocess\nsubprocess.run(['/bin/true', 'x'])\n"
+        "try: os.open('/nonexistent/bpfscope', 0)\nexcept OSError: pass\n"
+    )
+    out, _ = trace_workload(["trace", "sched:sched_process_exec", "--print", "pid,filename", "--json"], work)
+    assert "/bin/true" in {e["filename"] for e in _records(out)}
+    out, _ = trace_workload(["trace", "syscalls:sys_exit_openat", "-p", "{pid}", "--print", "ret"], work)
+    assert "-2 (ENOENT)" in out
+
+
+def test_intervals_report_what_changed() -> None:
+    work = (
+        "for _ in range(300): os.getppid()\ntime.sleep(1.3)\n"
+        "for _ in range(200): os.getppid()\ntime.sleep(1.2)\n"
+    )
+    out, _ = trace_workload(
+        ["trace", "raw_syscalls:sys_enter", "-p", "{pid}", "--filter", f"id == {GETPPID}", "--json", "1"],
+        work,
+    )
+    counts = [r["count"] for r in _records(out)]
+    assert sum(counts) == 500
+    assert len(counts) >= 2
+
+
+def test_list_and_info(run_cli: RunCli) -> None:
+    listed = run_cli("trace", "--list", "block:*").stdout.split()
+    assert "block:block_rq_issue" in listed and all(n.startswith("block:") for n in listed)
+    expected = sorted(
+        f"block:{p.name}" for p in Path("/sys/kernel/tracing/events/block").iterdir() if p.is_dir()
+    )
+    assert listed == expected
+    info = [
+        json.loads(line)
+        for line in run_cli("trace", "--info", "syscalls:sys_enter_openat", "--json").stdout.splitlines()
+    ]
+    fields = {r["field"]: r for r in info}
+    assert fields["filename"]["bpfscope_reads_it_as"] == "userstr"
+    assert fields["flags"]["offset"] == 32
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["raw_syscalls:sys_enterr"],
+            "no tracepoint raw_syscalls:sys_enterr (did you mean raw_syscalls:sys_enter",
+        ),
+        (["sched:sched_switch", "--count-by", "prev_commm"], "no field 'prev_commm' (did you mean prev_comm"),
+        (
+            ["sched:sched_switch", "--filter", "prev_comm == 5"],
+            "type mismatch in filter: prev_comm is a string",
+        ),
+        (
+            ["sched:sched_switch", "--filter", 'prev_pid == "x"'],
+            "type mismatch in filter: prev_pid is a number",
+        ),
+        (
+            ["sched:sched_switch", "--count-by", "prev_comm,next_comm,prev_pid,next_pid,cpu"],
+            "too many keys (5)",
+        ),
+        (["sched:sched_switch", "--filter", "prev_pid >"], "ends too early"),
+        (["sched:sched_switch", "--filter", "prev_pid === 3"], "cannot parse filter"),
+        (["raw_syscalls:sys_enter", "--count-by", "args"], "args is an array of 6"),
+        (["sched:sched_switch", "--hist", "prev_comm"], "prev_comm is a string"),
+        (["nonsense"], "is not a tracepoint name"),
+        (["--list", "zzz:*"], "no tracepoint matches"),
+    ],
+)
+def test_bad_queries_get_one_line(run_cli: RunCli, args: list[str], message: str) -> None:
+    result = run_cli("trace", *args, "--duration", "0.1")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
