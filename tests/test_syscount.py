@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,12 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import trace_workload
 
 from bpfscope.core.tool import cgroup2_mounts
 
-CHILD = r"""
-import os, sys, time
-sys.stdin.readline()
+WORKLOAD = """
 for _ in range(1000):
     os.getppid()
 for _ in range(300):
@@ -27,45 +25,18 @@ for _ in range(300):
         pass
 for _ in range(40):
     time.sleep(0.004)
-print("done", flush=True)
-sys.stdin.readline()
 """
 
 
 def _traced_run(*args: str, cgroup: Path | None = None) -> list[dict]:
-    """Trace the child (by pid, or by the cgroup it is moved into) while it does its known work."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert child.stdin is not None and child.stdout is not None
+    """Trace the workload child by pid, or by the cgroup it moves itself into before it starts."""
+    work = WORKLOAD
+    selector = ["-p", "{pid}"]
     if cgroup is not None:
-        (cgroup / "cgroup.procs").write_text(str(child.pid))
+        # The child joins the cgroup once the tool has attached, then does its work.
+        work = f"open({str(cgroup / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n" + WORKLOAD
         selector = ["--cgroup", str(cgroup)]
-    else:
-        selector = ["-p", str(child.pid)]
-    tool = subprocess.Popen(
-        [sys.executable, "-m", "bpfscope", "syscount", *selector, "--json", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert tool.stderr is not None
-        line = tool.stderr.readline()  # printed once the programs are attached
-        assert "Tracing syscalls" in line, line + tool.stderr.read()
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        assert child.stdout.readline().strip() == "done"
-        time.sleep(0.1)
-        tool.send_signal(signal.SIGINT)
-        out, err = tool.communicate(timeout=30)
-    finally:
-        child.stdin.write("exit\n")
-        child.stdin.close()
-        child.wait(timeout=10)
-        if tool.poll() is None:
-            tool.kill()
-    assert tool.returncode == 0, err
+    out, _ = trace_workload(["syscount", *selector, "--json", *args], work)
     return [json.loads(line) for line in out.splitlines()]
 
 
