@@ -1,0 +1,131 @@
+"""Per-event overhead of tracing a syscall-heavy loop, each case measured in the same run:
+
+  none       no tracing
+  floor      an empty program on raw_syscalls:sys_enter (the cost of the hook itself)
+  bpfscope   bpfscope trace raw_syscalls:sys_enter --count-by pid
+  bpftrace   bpftrace -e 'tracepoint:raw_syscalls:sys_enter { @[pid] = count(); }'
+
+The loop is a C program making getppid() calls; each case runs it several times and takes the median
+of the mean ns per call. Reported: ns per call, ns added per event over `none`, and bpfscope's added
+cost as a fraction of bpftrace's (target: at most 0.5).
+
+    .venv/bin/python benchmarks/overhead.py [--calls N] [--repeats R] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bpfscope.build import compile_bpf
+from bpfscope.core.bpf import BpfObject
+
+HERE = Path(__file__).resolve().parent
+BPFTRACE_PROGRAM = 'tracepoint:raw_syscalls:sys_enter { @[pid] = count(); } BEGIN { printf("attached\\n"); }'
+
+
+def loop_ns(binary: Path, calls: int, repeats: int) -> float:
+    runs = [
+        float(subprocess.run([str(binary), str(calls)], capture_output=True, text=True, check=True).stdout)
+        for _ in range(repeats)
+    ]
+    return statistics.median(runs)
+
+
+@contextlib.contextmanager
+def tracer(cmd: list[str], marker: str) -> Iterator[None]:
+    """Run a tracer until it says it has attached; stop it with SIGINT afterwards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    seen = ""
+    try:
+        while marker not in seen:
+            ready, _, _ = select.select([proc.stdout, proc.stderr], [], [], 30)
+            if not ready or proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} did not attach: {seen}")
+            seen += ready[0].readline()
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+@contextlib.contextmanager
+def floor_program(workdir: Path) -> Iterator[None]:
+    obj_path = compile_bpf(HERE / "empty.bpf.c", workdir / "empty.bpf.o")
+    with BpfObject(obj_path) as obj:
+        obj.attach()
+        yield
+
+
+@contextlib.contextmanager
+def nothing() -> Iterator[None]:
+    yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=2_000_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    bpftrace = shutil.which("bpftrace")
+    if bpftrace is None:
+        sys.exit("bpftrace is not installed (apt-get install bpftrace)")
+    bpfscope = shutil.which("bpfscope", path=str(Path(sys.executable).parent)) or "bpfscope"
+    with tempfile.TemporaryDirectory(prefix="bpfscope-overhead-") as tmp:
+        workdir = Path(tmp)
+        loop = workdir / "getppid_loop"
+        subprocess.run(["gcc", "-O2", "-o", str(loop), str(HERE / "getppid_loop.c")], check=True)
+        cases = {
+            "none": nothing,
+            "floor": lambda: floor_program(workdir),
+            "bpfscope": lambda: tracer(
+                [bpfscope, "trace", "raw_syscalls:sys_enter", "--count-by", "pid"], "Tracing"
+            ),
+            "bpftrace": lambda: tracer([bpftrace, "-e", BPFTRACE_PROGRAM], "attached"),
+        }
+        results: dict[str, float] = {}
+        # Two rounds, alternating the cases, so drift on the machine touches every case alike.
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(2):
+            for name, case in cases.items():
+                with case():
+                    samples[name].append(loop_ns(loop, args.calls, args.repeats))
+        results = {name: statistics.median(values) for name, values in samples.items()}
+    added = {name: results[name] - results["none"] for name in results}
+    ratio = added["bpfscope"] / added["bpftrace"] if added["bpftrace"] > 0 else float("nan")
+    if args.json:
+        print(json.dumps({"ns_per_call": results, "ns_added": added, "bpfscope_over_bpftrace": ratio}))
+        return
+    print(
+        f"{'case':10} {'ns/call':>8} {'ns added':>9}   ({args.calls} getppid calls x {args.repeats}, x2 rounds)"
+    )
+    for name, ns in results.items():
+        print(f"{name:10} {ns:8.1f} {added[name]:9.1f}")
+    print(
+        f"bpfscope adds {ratio:.2f}x what bpftrace adds (target <= 0.5); "
+        f"above the floor: bpfscope {added['bpfscope'] - added['floor']:.1f} ns, "
+        f"bpftrace {added['bpftrace'] - added['floor']:.1f} ns"
+    )
+
+
+if __name__ == "__main__":
+    main()
