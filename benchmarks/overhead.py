@@ -116,7 +116,7 @@ def main() -> None:
         print(json.dumps({"ns_per_call": results, "ns_added": added, "bpfscope_over_bpftrace": ratio}))
         return
     print(
-        f"{'case':10} {'ns/call':>8} {'ns added':>9}   ({args.calls} getppid calls x {args.repeats}, x2 rounds)"
+        f"{'case':10} {'ns/call':>8} {'ns added':>9}   ({args.calls} calls x {args.repeats} x 2 rounds)"
     )
     for name, ns in results.items():
         print(f"{name:10} {ns:8.1f} {added[name]:9.1f}")
