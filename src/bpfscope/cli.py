@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other CLI tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except Exception as exc:
         # A bug, not bad input: one line by default, the traceback on request.
         if os.environ.get("BPFSCOPE_DEBUG"):

@@ -105,6 +105,24 @@ class Program:
     def fd(self) -> int:
         return libbpf.lib.bpf_program__fd(self._h)
 
+    def info(self) -> dict[str, Any]:
+        """The kernel's struct bpf_prog_info for this program, laid out from the kernel's own BTF."""
+        layout = _kernel_struct("bpf_prog_info")
+        buf = ctypes.create_string_buffer(layout.size)
+        size = ctypes.c_uint32(layout.size)
+        _check_rc(
+            libbpf.lib.bpf_obj_get_info_by_fd(self.fd, buf, ctypes.byref(size)), f"no info on {self.name}"
+        )
+        return layout.decode(buf.raw)
+
+    @property
+    def missed(self) -> int:
+        """Events the kernel did not run this program for, because another BPF program was running on
+        that CPU (recursion protection): lost events that no ring buffer could count."""
+        if not self.autoload or self.fd < 0:
+            return 0
+        return int(self.info().get("recursion_misses", 0))
+
     def check_hook(self) -> None:
         """Name a missing tracepoint before libbpf fails on it with a bare ENOENT."""
         kind, _, target = self.section.partition("/")
@@ -375,6 +393,17 @@ def _to_bytes(value: Any, ctype: CType | None, size: int, what: str, map_name: s
     return raw
 
 
+_kernel_btf: Btf | None = None
+
+
+def _kernel_struct(name: str) -> Struct:
+    """A kernel UAPI struct's layout from the kernel's BTF (loaded once, on first use)."""
+    global _kernel_btf
+    if _kernel_btf is None:
+        _kernel_btf = Btf(_check_ptr(libbpf.lib.btf__load_vmlinux_btf(), "cannot read the kernel's BTF"))
+    return _kernel_btf.struct(name)
+
+
 _ncpus: int | None = None
 
 
@@ -571,6 +600,18 @@ class BpfObject:
     def dropped(self) -> int:
         """Events the kernel side could not reserve in a ring buffer (counted by bpfscope.bpf.h)."""
         return int(self.bss[DROP_COUNTER]) if DROP_COUNTER in self.bss else 0
+
+    def missed(self) -> int:
+        """Events the kernel skipped for all programs of this object (see Program.missed)."""
+        return sum(p.missed for p in self.programs.values()) if self.loaded else 0
+
+    def losses(self) -> str:
+        """One line for a tool's summary: nothing is lost silently."""
+        dropped, missed = (self.dropped() if self._has_bss() else 0), self.missed()
+        return f"{dropped} lost (ring buffer full), {missed} missed (kernel skipped the program)"
+
+    def _has_bss(self) -> bool:
+        return any(m.name.endswith(".bss") for m in self.maps.values())
 
     def close(self) -> None:
         for ring in self._rings:

@@ -103,16 +103,20 @@ static __always_inline bool name_matches(const char *comm)
 {
 	if (!targ_name_len)
 		return true;
-	/* Substring search, bounded: comm holds at most 15 characters. */
+	/* Substring search over the at most 15 characters of comm. The inner loop compares without
+	 * branching on the data: a branch per character would give the verifier a path per combination of
+	 * matches and mismatches, too many to explore. */
 	for (int i = 0; i < TASK_COMM_LEN - 1; i++) {
+		char diff = 0;
+
 		if (i + targ_name_len > TASK_COMM_LEN - 1)
 			return false;
 		for (int j = 0; j < TASK_COMM_LEN - 1; j++) {
-			if (j >= targ_name_len)
-				return true;
-			if (i + j >= TASK_COMM_LEN || comm[i + j] != targ_name[j])
-				break;
+			if (j < targ_name_len && i + j < TASK_COMM_LEN)
+				diff |= comm[i + j] ^ targ_name[j];
 		}
+		if (!diff)
+			return true;
 	}
 	return false;
 }

@@ -141,3 +141,4 @@ def command(
             before = now
         if not opts.interval:
             _report(opts, list(before.values()), by_process, latency, top, "total")
+        opts.output.note(obj.losses())

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from bpfscope.core.bpf import BpfObject, require, tool_object
-from bpfscope.core.tool import RunOptions, ticks, tool_options
+from bpfscope.core.tool import RunOptions, Stop, ticks, tool_options
 from bpfscope.core.tracepoint import Tracepoint, matching, parse_name
 from bpfscope.errors import BpfscopeError
 from bpfscope.tools.trace_query import FieldRef, Limits, Query
@@ -193,12 +193,15 @@ def command(
         )
         _configure(obj, query, opts)
         obj.load()
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC: event times count from here.
+        start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         obj.programs["trace_tracepoint"].attach_tracepoint(tp.category, tp.name)
         out.note(f"Tracing {tp.full_name}... Ctrl-C to end.")
         if query.printed:
-            _stream(obj, query, opts)
+            _stream(obj, query, opts, start_ns)
         else:
             _aggregate(obj, query, opts, top)
+        out.note(obj.losses())
 
 
 def _configure(obj: BpfObject, query: Query, opts: RunOptions) -> None:
@@ -237,7 +240,7 @@ def _info(opts: RunOptions, tp: Tracepoint) -> None:
     )
 
 
-def _stream(obj: BpfObject, query: Query, opts: RunOptions) -> None:
+def _stream(obj: BpfObject, query: Query, opts: RunOptions, start_ns: int) -> None:
     ring = obj.ring_buffer("events")
     fmt = Formatter()
     out = opts.output
@@ -246,41 +249,39 @@ def _stream(obj: BpfObject, query: Query, opts: RunOptions) -> None:
         out.line(
             f"{'TIME(s)':<10} " + " ".join(f"{n:<16}" for n in names[:-1]) + (names[-1] if names else "")
         )
-    start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+    def show(batch: Any) -> None:
+        for event in batch:
+            values = [_event_value(query, ref, event) for ref in query.printed]
+            t = (int(event["ts"]) - start_ns) / 1e9
+            if opts.as_json:
+                plain = {n: fmt.plain(r, v) for n, r, v in zip(names, query.printed, values, strict=True)}
+                out.record({"time": round(t, 6), **plain})
+            else:
+                cells = [fmt.human(r, v) for r, v in zip(query.printed, values, strict=True)]
+                out.line(
+                    f"{t:<10.6f} " + " ".join(f"{c:<16}" for c in cells[:-1]) + (cells[-1] if cells else "")
+                )
+
     deadline = time.monotonic() + opts.duration if opts.duration else None
     seen = 0
     try:
         while deadline is None or time.monotonic() < deadline:
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
             batch = ring.poll(timeout)
-            for event in batch:
-                values = [_event_value(query, ref, event) for ref in query.printed]
-                t = (int(event["ts"]) - start_ns) / 1e9
-                if opts.as_json:
-                    out.record(
-                        {
-                            "time": round(t, 6),
-                            **{
-                                n: fmt.plain(r, v)
-                                for n, r, v in zip(names, query.printed, values, strict=True)
-                            },
-                        }
-                    )
-                else:
-                    cells = [fmt.human(r, v) for r, v in zip(query.printed, values, strict=True)]
-                    out.line(
-                        f"{t:<10.6f} "
-                        + " ".join(f"{c:<16}" for c in cells[:-1])
-                        + (cells[-1] if cells else "")
-                    )
+            show(batch)
             seen += len(batch)
             if opts.count and seen >= opts.count:
                 break
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stop):
         pass
     finally:
-        seen += len(ring.read())
-        out.note(f"{seen} events, {obj.dropped()} lost")
+        # What the kernel wrote before we stopped is shown too.
+        batch = ring.read()
+        show(batch)
+        seen += len(batch)
+        out.stream.flush()
+        out.note(f"{seen} events")
 
 
 def _event_value(query: Query, ref: FieldRef, event: Any) -> Any:
