@@ -115,9 +115,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"ns_per_call": results, "ns_added": added, "bpfscope_over_bpftrace": ratio}))
         return
-    print(
-        f"{'case':10} {'ns/call':>8} {'ns added':>9}   ({args.calls} calls x {args.repeats} x 2 rounds)"
-    )
+    print(f"{'case':10} {'ns/call':>8} {'ns added':>9}   ({args.calls} calls x {args.repeats} x 2 rounds)")
     for name, ns in results.items():
         print(f"{name:10} {ns:8.1f} {added[name]:9.1f}")
     print(

@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-BPFTRACE_PROGRAM = 'tracepoint:raw_syscalls:sys_exit { @[pid, comm] = count(); } BEGIN { printf("attached\\n"); }'
+BPFTRACE_PROGRAM = (
+    'tracepoint:raw_syscalls:sys_exit { @[pid, comm] = count(); } BEGIN { printf("attached\\n"); }'
+)
 
 
 def _peak_rss_kb(pid: int) -> int:
@@ -63,7 +65,9 @@ def measure(cmd: list[str], marker: str, timeout: float = 30.0) -> tuple[float, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -97,9 +101,14 @@ def main() -> None:
         return
     print(f"{'tool':10} {'start-up (median)':>18} {'(min)':>8} {'peak RSS':>10}   over {args.runs} runs")
     for name, r in results.items():
-        print(f"{name:10} {r['startup_s'] * 1000:15.0f} ms {r['startup_min_s'] * 1000:5.0f} ms"
-              f" {r['peak_rss_mb']:7.1f} MB")
-    print(f"bpfscope / bpftrace: start-up {ratio_time:.2f}x (target <= 0.33), peak RSS {ratio_rss:.2f}x (target <= 0.5)")
+        print(
+            f"{name:10} {r['startup_s'] * 1000:15.0f} ms {r['startup_min_s'] * 1000:5.0f} ms"
+            f" {r['peak_rss_mb']:7.1f} MB"
+        )
+    print(
+        f"bpfscope / bpftrace: start-up {ratio_time:.2f}x (target <= 0.33), "
+        f"peak RSS {ratio_rss:.2f}x (target <= 0.5)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_count_by_key_is_exact() -> None:
     rows = {r["id"]: r for r in _records(out)}
     assert rows[GETPPID]["count"] == 1000
     assert rows[GETPID]["count"] == 500
-    assert "0 missed (kernel skipped the program)" in err
+    assert "trace: 0 events lost (ring buffer full), 0 events missed (kernel skipped the program)" in err
 
 
 def test_boolean_filters_run_in_the_kernel() -> None:
@@ -104,7 +104,7 @@ def test_print_user_string_filtered_in_kernel(tmp_path: Path) -> None:
     events = _records(out)
     assert len(events) == 3
     assert {e["filename"] for e in events} == {str(marker)}
-    assert "3 events\n0 lost (ring buffer full), 0 missed" in err
+    assert "trace: 3 events traced, 0 events lost (ring buffer full), 0 events missed" in err
 
 
 def test_print_dataloc_string_and_errno_names(run_cli: RunCli) -> None:

@@ -58,9 +58,14 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.UsageError as exc:
+        # One line, like every other bad input; the command's --help has the rest.
+        command = exc.ctx.command_path if exc.ctx else "bpfscope"
+        print(f"bpfscope: error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
         sys.exit(2)
+    except click.ClickException as exc:
+        print(f"bpfscope: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

@@ -608,7 +608,9 @@ class BpfObject:
     def losses(self) -> str:
         """One line for a tool's summary: nothing is lost silently."""
         dropped, missed = (self.dropped() if self._has_bss() else 0), self.missed()
-        return f"{dropped} lost (ring buffer full), {missed} missed (kernel skipped the program)"
+        return (
+            f"{dropped} events lost (ring buffer full), {missed} events missed (kernel skipped the program)"
+        )
 
     def _has_bss(self) -> bool:
         return any(m.name.endswith(".bss") for m in self.maps.values())

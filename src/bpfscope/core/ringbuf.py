@@ -56,6 +56,11 @@ class RingBuffer:
         self._data = mmap.mmap(
             fd, self._page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self._page
         )
+        # The positions are read and written as single aligned 8-byte loads and stores (numpy element
+        # access): a store done in pieces could show the kernel a consumer position of 0 for a moment,
+        # which to it means a full ring.
+        self._consumer_pos = np.frombuffer(self._consumer, dtype="<u8", count=1)
+        self._producer_pos = np.frombuffer(self._data, dtype="<u8", count=1)
         self._epoll = select.epoll()
         self._epoll.register(fd, select.EPOLLIN)
         # Records delivered to the caller, and records of another size than the event (a bug in the
@@ -74,8 +79,8 @@ class RingBuffer:
 
     def read(self) -> np.ndarray:
         """Every committed record now in the ring, as one array of events; never blocks."""
-        (cons,) = struct.unpack_from("<Q", self._consumer, 0)
-        (prod,) = struct.unpack_from("<Q", self._data, 0)
+        cons = int(self._consumer_pos[0])
+        prod = int(self._producer_pos[0])
         batches: list[np.ndarray] = []
         event_size = self.event.size
         while cons < prod:
@@ -99,9 +104,12 @@ class RingBuffer:
                 break
             length = header & ~(_BUSY | _DISCARD)
             if not header & _DISCARD:
+                if length == event_size:
+                    # Committed between the batch read and now: take it on the next pass.
+                    continue
                 self.malformed += 1
             cons += (_HEADER + length + 7) & ~7
-        struct.pack_into("<Q", self._consumer, 0, cons)
+        self._consumer_pos[0] = cons
         if not batches:
             return np.empty(0, dtype=self.dtype)
         out = batches[0] if len(batches) == 1 else np.concatenate(batches)
@@ -130,5 +138,7 @@ class RingBuffer:
         if self._epoll.closed:
             return
         self._epoll.close()
+        # The position views export the maps' buffers: release them before unmapping.
+        del self._consumer_pos, self._producer_pos
         self._consumer.close()
         self._data.close()

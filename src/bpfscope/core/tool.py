@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ class RunOptions:
     as_json: bool = False
     duration: float | None = None
 
-    @property
+    @cached_property
     def output(self) -> Output:
         return Output(self.as_json)
 

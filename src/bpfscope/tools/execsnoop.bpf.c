@@ -17,7 +17,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define TASK_COMM_LEN 16
 #define FILENAME_LEN 256
-/* Power of two: the argv bytes kept per exec. */
+/* The argv bytes kept per exec: with the rest, a record of about 4.4 KiB. */
 #define ARGS_LEN 4096
 /* A failed exec's argv is read one string at a time, each at most this long. */
 #define ARG_CHUNK 256
@@ -29,7 +29,8 @@ char LICENSE[] SEC("license") = "GPL";
 #define ARGS_TRUNCATED 1 /* argv went on beyond args[] */
 #define ARGS_MISSING 2	 /* argv could not be read (or its pointer was not stashed) */
 
-/* Filters, set from user space before load; 0 / -1 / empty means no filter. */
+/* Filters, set from user space before load; 0 / -1 / empty means no filter. Failed execs are left out
+ * unless include_failed; failed_only (with include_failed) leaves out the successful ones. */
 const volatile __u32 targ_uid = (__u32)-1;
 const volatile __u32 targ_ppid = 0;
 const volatile char targ_name[TASK_COMM_LEN] = {};
@@ -60,7 +61,7 @@ struct exit_event {
 	char comm[TASK_COMM_LEN];
 };
 
-/* Sized so that a burst of short processes fits while user space is busy formatting the last one. */
+/* 16 MiB holds about 3800 execs waiting for user space; an exit record is 56 bytes. */
 BS_RINGBUF(events, 16 << 20, struct exec_event);
 BS_RINGBUF(exits, 1 << 20, struct exit_event);
 
@@ -280,8 +281,8 @@ int process_exit(struct trace_event_raw_sched_process_exit *ctx)
 	char comm[TASK_COMM_LEN];
 	__u64 now;
 
-	/* A process ends with its last thread, which need not be the leader. Kernels since 6.16 say so in
-	 * the tracepoint; before, signal->live has already been decremented by this thread here. */
+	/* A process ends with its last thread, which need not be the leader. Newer kernels say so in the
+	 * tracepoint (group_dead); on older ones this thread has already decremented signal->live here. */
 	if (bpf_core_field_exists(ctx->group_dead)) {
 		if (!ctx->group_dead)
 			return 0;

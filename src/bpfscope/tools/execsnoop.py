@@ -8,16 +8,12 @@ it prints the summary, which always says how many events the kernel could not se
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
-import os
-import select
 import shlex
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +22,7 @@ import click
 import numpy as np
 
 from bpfscope.core.bpf import BpfObject, require, tool_object
-from bpfscope.core.output import Output
-from bpfscope.core.ringbuf import RingBuffer
+from bpfscope.core.stream import stream_events
 from bpfscope.core.tool import RunOptions, tool_options
 from bpfscope.errors import BpfscopeError
 
@@ -41,8 +36,6 @@ ARGS_MISSING = 2
 # A comm holds at most this many characters (TASK_COMM_LEN - 1).
 COMM_MAX = 15
 NO_UID = 0xFFFFFFFF
-# Lost events are reported while tracing at most this often (seconds), and always in the summary.
-DROP_REPORT_EVERY = 1.0
 
 
 def _errno_name(ret: int) -> str:
@@ -206,105 +199,6 @@ class Formatter:
             )
 
 
-@contextlib.contextmanager
-def _stop_requests() -> Iterator[tuple[Callable[[], bool], int]]:
-    """SIGINT and SIGTERM set a flag and wake the poll loop through a pipe, instead of raising.
-
-    An exception raised between taking a batch off the ring and printing it would lose the batch; a
-    flag lets the loop finish the batch, drain the ring and print the summary.
-    """
-    requested: list[int] = []
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    try:
-        for sig in previous:
-            signal.signal(sig, lambda signum, frame: requested.append(signum))
-        yield (lambda: bool(requested)), read_fd
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        signal.set_wakeup_fd(old_wakeup)
-        os.close(read_fd)
-        os.close(write_fd)
-
-
-class Stream:
-    """The poll loop over the rings: each wake-up drains them all and writes the lines in time order."""
-
-    def __init__(self, obj: BpfObject, out: Output, fmt: Formatter, rings: dict[str, RingBuffer]) -> None:
-        self.obj = obj
-        self.out = out
-        self.fmt = fmt
-        self.rings = rings
-        self.seen = dict.fromkeys(rings, 0)
-        self.reported_drops = 0
-        self.last_drop_report = 0.0
-
-    def drain(self) -> int:
-        """Everything in the rings now; returns how many events were written."""
-        lines: list[tuple[int, str]] = []
-        for name, ring in self.rings.items():
-            batch = ring.read()
-            if len(batch):
-                self.seen[name] += len(batch)
-                lines.extend(self.fmt.execs(batch) if name == "events" else self.fmt.exits(batch))
-        if not lines:
-            return 0
-        if len(self.rings) > 1:
-            lines.sort(key=lambda pair: pair[0])
-        self.out.stream.write("\n".join(line for _, line in lines) + "\n")
-        self.out.stream.flush()
-        return len(lines)
-
-    def report_drops(self, force: bool = False) -> None:
-        dropped = self.obj.dropped()
-        now = time.monotonic()
-        if dropped > self.reported_drops and (force or now - self.last_drop_report >= DROP_REPORT_EVERY):
-            self.out.note(
-                f"execsnoop: {dropped - self.reported_drops} events lost (ring buffer full; {dropped} in all)"
-            )
-            self.reported_drops = dropped
-            self.last_drop_report = now
-
-    def summary(self) -> str:
-        parts = [f"{self.seen['events']} execs"]
-        if "exits" in self.seen:
-            parts.append(f"{self.seen['exits']} exits")
-        malformed = sum(r.malformed for r in self.rings.values())
-        text = f"execsnoop: {', '.join(parts)} traced, {self.obj.dropped()} events lost (ring buffer full)"
-        if malformed:
-            text += f", {malformed} malformed records skipped"
-        return text
-
-    def run(self, opts: RunOptions, stopped: Callable[[], bool], wake_fd: int) -> None:
-        with select.epoll() as poller:
-            poller.register(wake_fd, select.EPOLLIN)
-            for ring in self.rings.values():
-                poller.register(ring.fileno(), select.EPOLLIN)
-            begin = time.monotonic()
-            deadline = begin + opts.duration if opts.duration else None
-            if opts.interval and opts.count:
-                end = begin + opts.interval * opts.count
-                deadline = min(deadline, end) if deadline else end
-            next_status = begin + opts.interval if opts.interval else None
-            while not stopped():
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                wake = min((t for t in (deadline, next_status) if t is not None), default=None)
-                poller.poll(-1 if wake is None else max(0.0, wake - now))
-                self.drain()
-                self.report_drops()
-                if next_status is not None and time.monotonic() >= next_status:
-                    self.out.note(f"{self.summary()} in {time.monotonic() - begin:.1f}s")
-                    next_status += opts.interval or 0
-            # What the kernel committed before we stopped is still in the rings: it is part of the run.
-            while self.drain():
-                pass
-            self.report_drops(force=True)
-
-
 EXAMPLES = """
 \b
 Examples:
@@ -319,6 +213,7 @@ Examples:
 
 @click.command(name="execsnoop", epilog=EXAMPLES)
 @click.option("-x", "--fails", is_flag=True, help="Include failed execs (RET shows the errno name).")
+@click.option("--only-fails", is_flag=True, help="Only failed execs.")
 @click.option("-T", "--time", "show_time", is_flag=True, help="Show the time of day (HH:MM:SS).")
 @click.option("-t", "--timestamp", "show_elapsed", is_flag=True, help="Show seconds since tracing started.")
 @click.option("-u", "--uid", type=click.IntRange(0, NO_UID - 1), help="Only processes of this user id.")
@@ -343,6 +238,7 @@ Examples:
 def command(
     opts: RunOptions,
     fails: bool,
+    only_fails: bool,
     show_time: bool,
     show_elapsed: bool,
     uid: int | None,
@@ -374,28 +270,18 @@ def command(
         "targ_ppid": ppid or 0,
         "targ_name": name_bytes,
         "targ_name_len": len(name_bytes),
-        "include_failed": fails,
+        "include_failed": fails or only_fails,
+        "failed_only": only_fails,
     }
     autoload = EXEC_PROGRAMS | ({EXIT_PROGRAM} if exits else set())
-    out = opts.output
     with BpfObject(tool_object("execsnoop"), rodata=rodata, autoload=autoload) as obj:
         obj.attach()
-        rings = {"events": obj.ring_buffer("events")}
+        rings = {"execs": obj.ring_buffer("events")}
         if exits:
             rings["exits"] = obj.ring_buffer("exits")
         fmt = Formatter(opts.as_json, max_args, show_time, show_elapsed, exits, time.monotonic_ns())
-        stream = Stream(obj, out, fmt, rings)
-        # Stop requests are caught from here on, before the note tells anyone that tracing has begun.
-        with _stop_requests() as (stopped, wake_fd):
-            out.note("Tracing exec()... Ctrl-C to end.")
-            try:
-                if not opts.as_json:
-                    out.line(fmt.header())
-                stream.run(opts, stopped, wake_fd)
-            except BrokenPipeError:
-                # The reader went away (`| head`): stop quietly, and keep the interpreter's final flush
-                # of stdout from failing again.
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
-        out.note(stream.summary())
+
+        def render(ring: str, batch: np.ndarray) -> Iterator[tuple[int, str]]:
+            return fmt.execs(batch) if ring == "execs" else fmt.exits(batch)
+
+        stream_events("execsnoop", "exec()", obj, rings, render, opts, header=fmt.header())

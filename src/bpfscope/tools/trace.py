@@ -8,16 +8,18 @@ nothing and no code is generated per query.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from bpfscope.core.bpf import BpfObject, require, tool_object
-from bpfscope.core.tool import RunOptions, Stop, ticks, tool_options
+from bpfscope.core.stream import stream_events
+from bpfscope.core.tool import RunOptions, ticks, tool_options
 from bpfscope.core.tracepoint import Tracepoint, matching, parse_name
 from bpfscope.errors import BpfscopeError
 from bpfscope.tools.trace_query import FieldRef, Limits, Query
@@ -196,12 +198,12 @@ def command(
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: event times count from here.
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         obj.programs["trace_tracepoint"].attach_tracepoint(tp.category, tp.name)
-        out.note(f"Tracing {tp.full_name}... Ctrl-C to end.")
         if query.printed:
-            _stream(obj, query, opts, start_ns)
+            _stream(obj, query, opts, start_ns, tp)
         else:
+            out.note(f"Tracing {tp.full_name}... Ctrl-C to end.")
             _aggregate(obj, query, opts, top)
-        out.note(obj.losses())
+            out.note(f"trace: {obj.losses()}")
 
 
 def _configure(obj: BpfObject, query: Query, opts: RunOptions) -> None:
@@ -240,48 +242,27 @@ def _info(opts: RunOptions, tp: Tracepoint) -> None:
     )
 
 
-def _stream(obj: BpfObject, query: Query, opts: RunOptions, start_ns: int) -> None:
-    ring = obj.ring_buffer("events")
+def _stream(obj: BpfObject, query: Query, opts: RunOptions, start_ns: int, tp: Tracepoint) -> None:
     fmt = Formatter()
-    out = opts.output
     names = [ref.name for ref in query.printed]
-    if not opts.as_json:
-        out.line(
-            f"{'TIME(s)':<10} " + " ".join(f"{n:<16}" for n in names[:-1]) + (names[-1] if names else "")
-        )
+    header = f"{'TIME(s)':<10} " + " ".join(f"{n:<16}" for n in names[:-1]) + (names[-1] if names else "")
 
-    def show(batch: Any) -> None:
+    def render(ring: str, batch: Any) -> Iterator[tuple[int, str]]:
         for event in batch:
             values = [_event_value(query, ref, event) for ref in query.printed]
-            t = (int(event["ts"]) - start_ns) / 1e9
+            ts = int(event["ts"])
+            t = (ts - start_ns) / 1e9
             if opts.as_json:
                 plain = {n: fmt.plain(r, v) for n, r, v in zip(names, query.printed, values, strict=True)}
-                out.record({"time": round(t, 6), **plain})
+                yield ts, json.dumps({"time": round(t, 6), **plain})
             else:
                 cells = [fmt.human(r, v) for r, v in zip(query.printed, values, strict=True)]
-                out.line(
-                    f"{t:<10.6f} " + " ".join(f"{c:<16}" for c in cells[:-1]) + (cells[-1] if cells else "")
+                yield (
+                    ts,
+                    f"{t:<10.6f} " + " ".join(f"{c:<16}" for c in cells[:-1]) + (cells[-1] if cells else ""),
                 )
 
-    deadline = time.monotonic() + opts.duration if opts.duration else None
-    seen = 0
-    try:
-        while deadline is None or time.monotonic() < deadline:
-            timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
-            batch = ring.poll(timeout)
-            show(batch)
-            seen += len(batch)
-            if opts.count and seen >= opts.count:
-                break
-    except (KeyboardInterrupt, Stop):
-        pass
-    finally:
-        # What the kernel wrote before we stopped is shown too.
-        batch = ring.read()
-        show(batch)
-        seen += len(batch)
-        out.stream.flush()
-        out.note(f"{seen} events")
+    stream_events("trace", tp.full_name, obj, {"events": obj.ring_buffer("events")}, render, opts, header)
 
 
 def _event_value(query: Query, ref: FieldRef, event: Any) -> Any:
