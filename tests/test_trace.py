@@ -4,6 +4,10 @@ strings of every kind, and one-line errors for bad queries."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +185,73 @@ def test_bad_queries_get_one_line(run_cli: RunCli, args: list[str], message: str
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def _loaded_program_types(args: list[str]) -> dict[str, str]:
+    """Start ``bpfscope trace ARGS``, and once attached, the types of the programs it loaded."""
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "bpfscope", "trace", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        assert tool.stderr is not None and tool.stderr.readline().startswith("Tracing")
+        progs = json.loads(
+            subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True).stdout
+        )
+        fds = Path(f"/proc/{tool.pid}/fd")
+        fdinfo = [
+            (fds.parent / "fdinfo" / fd.name).read_text()
+            for fd in fds.iterdir()
+            if "bpf-prog" in os.readlink(fd)
+        ]
+        ids = {
+            int(line.split()[1])
+            for text in fdinfo
+            for line in text.splitlines()
+            if line.startswith("prog_id:")
+        }
+        return {p["name"]: p["type"] for p in progs if p["id"] in ids}
+    finally:
+        tool.send_signal(signal.SIGINT)
+        tool.communicate(timeout=30)
+
+
+def test_builtin_only_queries_run_as_raw_tracepoints() -> None:
+    assert _loaded_program_types(["sched:sched_switch", "--count-by", "comm,cpu"]) == {
+        "trace_raw_tracepoint": "raw_tracepoint"
+    }
+    assert _loaded_program_types(["sched:sched_switch", "--count-by", "prev_comm"]) == {
+        "trace_tracepoint": "tracepoint"
+    }
+    # Syscall events have no raw tracepoint of their own.
+    assert _loaded_program_types(["syscalls:sys_enter_openat", "--count-by", "comm"]) == {
+        "trace_tracepoint": "tracepoint"
+    }
+
+
+def test_raw_and_classic_paths_agree() -> None:
+    work = "for _ in range(2000): os.getppid()\n"
+    raw, _ = trace_workload(
+        ["trace", "raw_syscalls:sys_enter", "-p", "{pid}", "--count-by", "pid", "--json"], work
+    )
+    # A filter on a record field forces the classic tracepoint.
+    classic, _ = trace_workload(
+        [
+            "trace",
+            "raw_syscalls:sys_enter",
+            "-p",
+            "{pid}",
+            "--count-by",
+            "pid",
+            "--filter",
+            "id >= 0",
+            "--json",
+        ],
+        work,
+    )
+    (raw_row,) = _records(raw)
+    (classic_row,) = _records(classic)
+    assert 2000 <= raw_row["count"] <= 2010
+    assert raw_row["count"] == classic_row["count"]

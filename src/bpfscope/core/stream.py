@@ -16,19 +16,22 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from bpfscope.core.bpf import BpfObject
 from bpfscope.core.output import Output
-from bpfscope.core.ringbuf import RingBuffer
 from bpfscope.core.tool import RunOptions
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bpfscope.core.ringbuf import RingBuffer
 
 # Lost events are reported while tracing at most this often (seconds), and always at the end.
 DROP_REPORT_EVERY = 1.0
 
 # (ring name, batch of records) -> (timestamp ns, line) per event, in any order.
-Render = Callable[[str, np.ndarray], Iterable[tuple[int, str]]]
+Render = Callable[[str, "np.ndarray"], Iterable[tuple[int, str]]]
 
 
 @dataclass

@@ -16,15 +16,17 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
 
 from bpfscope.core.bpf import BpfObject, require, tool_object
 from bpfscope.core.stream import stream_events
 from bpfscope.core.tool import RunOptions, tool_options
 from bpfscope.errors import BpfscopeError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REQUIRES = ("tracepoint", "ringbuf")
 

@@ -194,16 +194,29 @@ def command(
             _split(print_fields),
         )
         _configure(obj, query, opts)
+        raw = _raw_tracepoint_serves(tp, query)
+        program = obj.programs["trace_raw_tracepoint" if raw else "trace_tracepoint"]
+        for other in obj.programs.values():
+            other.autoload = other is program
         obj.load()
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: event times count from here.
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        obj.programs["trace_tracepoint"].attach_tracepoint(tp.category, tp.name)
+        if raw:
+            program.attach_raw_tracepoint(tp.name)
+        else:
+            program.attach_tracepoint(tp.category, tp.name)
         if query.printed:
             _stream(obj, query, opts, start_ns, tp)
         else:
             out.note(f"Tracing {tp.full_name}... Ctrl-C to end.")
             _aggregate(obj, query, opts, top)
             out.note(f"trace: {obj.losses()}")
+
+
+def _raw_tracepoint_serves(tp: Tracepoint, query: Query) -> bool:
+    """A query that reads no field of the record (only builtins) can use the raw tracepoint of the same
+    event, which costs less. syscalls:* events are built on raw_syscalls and have no raw tracepoint."""
+    return tp.category != "syscalls" and all(ref.kind.startswith("TR_BUILTIN") for ref in query.refs)
 
 
 def _configure(obj: BpfObject, query: Query, opts: RunOptions) -> None:
