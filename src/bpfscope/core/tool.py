@@ -106,6 +106,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C (or kill -INT) must still end a run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def ticks(opts: RunOptions, default_interval: float | None = None) -> Iterator[float]:
