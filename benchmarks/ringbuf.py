@@ -390,11 +390,6 @@ def _renice(pid: int, nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, pid, nice)
 
 
-def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 class Interference:
     """The consumer's run delay (/proc/self/schedstat) and the steal time of the two CPUs (/proc/stat)."""
 
@@ -449,7 +444,7 @@ class Bench:
             with self._open(producer.pid, a.burst, a.ring_bytes) as obj:
                 consumer = self._consumer(kind, obj, check)
                 try:
-                    cpu0 = _cpu_seconds()
+                    cpu0 = time.process_time()
                     interference = Interference((a.producer_cpu, a.consumer_cpu))
                     start = time.monotonic()
                     producer.start()
@@ -458,7 +453,7 @@ class Bench:
                     # The producer's round is over, so every event it produced is committed: drain them.
                     consumer.drain()
                     elapsed = time.monotonic() - start
-                    cpu = (_cpu_seconds() - cpu0) / elapsed
+                    cpu = (time.process_time() - cpu0) / elapsed
                     waited, stolen = interference.since()
                     produced, dropped = int(obj.bss["produced"]), obj.dropped()
                     batches, malformed = consumer.batches, consumer.malformed
@@ -501,12 +496,12 @@ class Bench:
                         before = check.count
                         producer.start()
                         producer.finished()
-                        cpu0 = _cpu_seconds()
+                        cpu0 = time.process_time()
                         interference = Interference((a.producer_cpu, a.consumer_cpu))
                         start = time.perf_counter()
                         consumer.drain()
                         seconds = time.perf_counter() - start
-                        total_cpu += _cpu_seconds() - cpu0
+                        total_cpu += time.process_time() - cpu0
                         round_waited, round_stolen = interference.since()
                         waited += round_waited
                         stolen += round_stolen

@@ -74,6 +74,8 @@ class EventStream:
         self.render = render
         self.out = out
         self.seen = dict.fromkeys(rings, 0)
+        self._batch_wait = max((ring.batch_wait for ring in rings.values()), default=0.0)
+        self._small_batch = min((ring.small_batch for ring in rings.values()), default=0)
         self._reported_drops = 0
         self._last_drop_report = 0.0
 
@@ -126,7 +128,9 @@ class EventStream:
                     break
                 wake = min((t for t in (deadline, next_status) if t is not None), default=None)
                 poller.poll(-1 if wake is None else max(0.0, wake - now))
-                self.drain()
+                # The small-batch wait of RingBuffer.poll (see there), over all the rings.
+                if 0 < self.drain() < self._small_batch and self._batch_wait:
+                    time.sleep(self._batch_wait)
                 self.report_drops()
                 if next_status is not None and time.monotonic() >= next_status:
                     self.out.note(f"{self.summary()} in {time.monotonic() - begin:.1f}s")
