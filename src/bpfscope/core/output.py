@@ -61,7 +61,10 @@ class Output:
 
         table = Table(title=title, box=None, header_style="bold", pad_edge=False, title_justify="left")
         for i, col in enumerate(columns):
-            table.add_column(col, justify="left" if i == 0 else "right")
+            # Numbers line up on the right, text on the left, as in iostat and friends.
+            cells = [row[i] for row in rows if row[i] is not None]
+            numeric = bool(cells) and all(isinstance(_plain(c), int | float) for c in cells)
+            table.add_column(col, justify="right" if numeric else "left")
         for i, row in enumerate(rows):
             style = styles[i] if styles else None
             table.add_row(*(str(_plain(v)) for v in row), style=style)
