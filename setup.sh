@@ -20,7 +20,7 @@ fi
 
 # Debian packages: build (clang, libbpf-dev, bpftool), run (libbpf1), the Python environment, and for
 # the tests and benchmarks the peers we compare against (bpftrace, fio, iostat from sysstat).
-packages=(clang libbpf-dev libbpf1 bpftool python3 python3-venv python3-pip mount util-linux)
+packages=(clang libbpf-dev libbpf1 bpftool linux-libc-dev python3 python3-venv python3-pip mount util-linux)
 if [ "$mode" = test ]; then
     packages+=(bpftrace fio sysstat libcap2-bin procps)
 fi
