@@ -255,3 +255,17 @@ def test_raw_and_classic_paths_agree() -> None:
     (classic_row,) = _records(classic)
     assert 2000 <= raw_row["count"] <= 2010
     assert raw_row["count"] == classic_row["count"]
+
+
+def test_bpftrace_programs_show_in_bpfscope_format(run_cli: RunCli) -> None:
+    program = "tracepoint:syscalls:sys_enter_getppid { @calls[pid] = count(); }"
+    out, err = trace_workload(
+        ["trace", "--bpftrace", program, "--json"], "for _ in range(700): os.getppid()\n"
+    )
+    assert "Tracing with bpftrace" in err
+    rows = _records(out)
+    assert any(r.get("map") == "@calls" and r["value"] == 700 for r in rows), (out, err)
+    bad = run_cli("trace", "--bpftrace", "nonsense {")
+    assert bad.returncode == 2, bad.stderr
+    assert "bpftrace failed: stdin:1:10-11: ERROR: syntax error" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -150,6 +150,12 @@ numbers or "strings" (==, !=, <, <=, >, >=) joined by and/or/not, and run in the
 @click.option(
     "--top", type=int, default=20, show_default=True, help="Keys shown per interval, largest first."
 )
+@click.option(
+    "--bpftrace",
+    "bpftrace_program",
+    metavar="PROGRAM",
+    help="Run this bpftrace program (where bpftrace is installed) and show its maps bpfscope's way.",
+)
 @tool_options
 def command(
     opts: RunOptions,
@@ -164,6 +170,7 @@ def command(
     log2: bool,
     print_fields: tuple[str, ...],
     top: int,
+    bpftrace_program: str | None,
 ) -> None:
     """Count, sum, histogram or print any tracepoint's events, filtered in the kernel."""
     out = opts.output
@@ -176,6 +183,11 @@ def command(
         return
     if info_name:
         _info(opts, parse_name(info_name))
+        return
+    if bpftrace_program:
+        from bpfscope.tools.trace_bpftrace import run_bpftrace
+
+        run_bpftrace(bpftrace_program, out, opts.duration, top)
         return
     if not tracepoint:
         raise BpfscopeError("name a tracepoint (category:name), or use --list or --info", hint="see --help")

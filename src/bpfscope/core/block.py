@@ -1,0 +1,294 @@
+"""What every block I/O tool shares on the user-space side: disks and their device numbers, the -d DISK
+filter, operation and flag letters, and the queue limits of a disk.
+
+The BPF side is ``include/block.bpf.h``: device numbers arrive as the kernel encodes dev_t internally
+(major << 20 | minor, not the user-space encoding of stat(2)), flags in the header's own BS_RQ_* bit
+layout. Keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bpfscope.errors import BpfscopeError
+
+SYS_BLOCK = Path("/sys/block")
+SYS_CLASS_BLOCK = Path("/sys/class/block")
+
+# include/linux/kdev_t.h: the kernel's internal dev_t.
+MINORBITS = 20
+MINORMASK = (1 << MINORBITS) - 1
+
+# enum req_op (BS_OP_* in block.bpf.h).
+OP_READ = 0
+OP_WRITE = 1
+OP_FLUSH = 2
+OP_DISCARD = 3
+OP_SECURE_ERASE = 5
+OP_WRITE_ZEROES = 9
+OP_ZONE_APPEND = 7
+
+OP_NAMES = {
+    OP_READ: "Read",
+    OP_WRITE: "Write",
+    OP_FLUSH: "Flush",
+    OP_DISCARD: "Discard",
+    OP_SECURE_ERASE: "SecureErase",
+    OP_WRITE_ZEROES: "WriteZeroes",
+    OP_ZONE_APPEND: "ZoneAppend",
+    11: "ZoneOpen",
+    13: "ZoneClose",
+    15: "ZoneFinish",
+    17: "ZoneReset",
+    19: "ZoneResetAll",
+    34: "DrvIn",
+    35: "DrvOut",
+}
+
+# BS_RQ_* of block.bpf.h.
+RQ_SYNC = 1 << 0
+RQ_META = 1 << 1
+RQ_FUA = 1 << 2
+RQ_PREFLUSH = 1 << 3
+RQ_RAHEAD = 1 << 4
+RQ_BACKGROUND = 1 << 5
+RQ_PRIO = 1 << 6
+RQ_NOWAIT = 1 << 7
+
+FLAG_NAMES = {
+    RQ_SYNC: "Sync",
+    RQ_META: "Meta",
+    RQ_FUA: "FUA",
+    RQ_PREFLUSH: "PreFlush",
+    RQ_RAHEAD: "ReadAhead",
+    RQ_BACKGROUND: "Background",
+    RQ_PRIO: "Prio",
+    RQ_NOWAIT: "NoWait",
+}
+
+# BS_TASK_* of block.bpf.h: where a request's task was seen.
+TASK_NONE = 0
+TASK_SUBMITTER = 1
+TASK_INSERTER = 2
+TASK_ISSUER = 3
+
+
+def mkdev(major: int, minor: int) -> int:
+    """dev_t as the kernel encodes it inside (what block.bpf.h's BS_MKDEV gives)."""
+    return (major << MINORBITS) | minor
+
+
+def dev_major(dev: int) -> int:
+    return dev >> MINORBITS
+
+
+def dev_minor(dev: int) -> int:
+    return dev & MINORMASK
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _parse_dev(text: str | None) -> int | None:
+    """``"254:0"`` (a sysfs ``dev`` file) -> kernel dev_t."""
+    if not text or ":" not in text:
+        return None
+    major, minor = text.split(":", 1)
+    return mkdev(int(major), int(minor))
+
+
+@dataclass(frozen=True)
+class Disk:
+    name: str
+    dev: int
+    partition: bool
+    parent: str | None = None  # the whole disk of a partition
+
+    @property
+    def major(self) -> int:
+        return dev_major(self.dev)
+
+    @property
+    def minor(self) -> int:
+        return dev_minor(self.dev)
+
+
+def _scan(partitions: bool) -> dict[int, Disk]:
+    found: dict[int, Disk] = {}
+    root = SYS_CLASS_BLOCK if partitions else SYS_BLOCK
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        dev = _parse_dev(_read(entry / "dev"))
+        if dev is None:
+            continue
+        is_part = (entry / "partition").exists()
+        parent = entry.resolve().parent.name if is_part else None
+        found[dev] = Disk(entry.name, dev, is_part, parent)
+    return found
+
+
+def disks(partitions: bool = False) -> dict[int, Disk]:
+    """Block devices by kernel dev_t: whole disks, and with ``partitions`` their partitions too."""
+    return _scan(partitions)
+
+
+class DiskNames:
+    """dev_t -> name for output, read from sysfs once and again when a device appears that is not known
+    (a disk plugged in while tracing), at most once per unknown device."""
+
+    def __init__(self) -> None:
+        self._names = {dev: d.name for dev, d in disks(partitions=True).items()}
+        self._missed: set[int] = set()
+
+    def __call__(self, dev: int) -> str:
+        name = self._names.get(dev)
+        if name is not None:
+            return name
+        if dev not in self._missed:
+            self._missed.add(dev)
+            self._names.update({d: disk.name for d, disk in disks(partitions=True).items()})
+            name = self._names.get(dev)
+            if name is not None:
+                return name
+        # A device gone since (or never in sysfs): its numbers, as ls -l shows them.
+        return "?" if dev == 0 else f"{dev_major(dev)}:{dev_minor(dev)}"
+
+
+def resolve_disk(name: str, partitions: bool = False) -> Disk:
+    """The disk a user named with -d: ``vda``, ``/dev/vda`` or ``254:0`` (major:minor).
+
+    Unknown names are a one-line error that lists the disks there are.
+    """
+    wanted = name.removeprefix("/dev/")
+    known = disks(partitions=True)
+    match = None
+    if ":" in wanted:
+        try:
+            dev = _parse_dev(wanted)
+        except ValueError:
+            dev = None
+        match = known.get(dev) if dev is not None else None
+    else:
+        match = next((d for d in known.values() if d.name == wanted), None)
+        if match is None and os.path.exists(name) and Path(name).is_block_device():
+            rdev = Path(name).stat().st_rdev
+            match = known.get(mkdev(os.major(rdev), os.minor(rdev)))
+    whole = sorted(d.name for d in known.values() if not d.partition)
+    if match is None:
+        raise BpfscopeError(f"unknown disk {name!r}", hint="disks here: " + (", ".join(whole) or "none"))
+    if match.partition and not partitions:
+        raise BpfscopeError(
+            f"{match.name} is a partition; this tool shows whole disks", hint=f"use -d {match.parent}"
+        )
+    return match
+
+
+def device_filter(name: str | None) -> dict[str, int]:
+    """The .rodata value for block.bpf.h's -d filter (bs_targ_dev); 0 means every disk."""
+    if name is None:
+        return {"bs_targ_dev": 0}
+    return {"bs_targ_dev": resolve_disk(name).dev}
+
+
+def rwbs(op: int, flags: int) -> str:
+    """The letters blktrace, blkparse and biosnoop show (the kernel's blk_fill_rwbs): the operation
+    (R, W, D, DE, F, N), led by F for a preflush, then F (FUA), A (readahead), S (sync), M (metadata)."""
+    out = "F" if flags & RQ_PREFLUSH else ""
+    if op == OP_WRITE:
+        out += "W"
+    elif op == OP_DISCARD:
+        out += "D"
+    elif op == OP_SECURE_ERASE:
+        out += "DE"
+    elif op == OP_FLUSH:
+        out += "F"
+    elif op == OP_READ:
+        out += "R"
+    else:
+        out += "N"
+    if flags & RQ_FUA:
+        out += "F"
+    if flags & RQ_RAHEAD:
+        out += "A"
+    if flags & RQ_SYNC:
+        out += "S"
+    if flags & RQ_META:
+        out += "M"
+    return out
+
+
+def op_name(op: int) -> str:
+    return OP_NAMES.get(op, f"Op{op}")
+
+
+def describe(op: int, flags: int) -> str:
+    """Operation and flags in words, as libbpf-tools biolatency -F prints them: ``Sync-Write``."""
+    words = [word for bit, word in FLAG_NAMES.items() if flags & bit]
+    return "-".join([*words, op_name(op)])
+
+
+def flag_list(flags: int) -> list[str]:
+    """Flag names for JSON output."""
+    return [word for bit, word in FLAG_NAMES.items() if flags & bit]
+
+
+def is_write(op: int) -> bool:
+    """Operations that carry data to the device (counted as writes, as /proc/diskstats does)."""
+    return op in (OP_WRITE, OP_WRITE_ZEROES, OP_ZONE_APPEND)
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    name: str
+    nr_requests: (
+        int | None
+    )  # requests the I/O scheduler (or the driver's tags) let in flight; None if bio-based
+    scheduler: str | None  # the active I/O scheduler: "mq-deadline", "none"; None if bio-based
+    hw_queues: int  # blk-mq hardware queues (0 if bio-based)
+    logical_block_size: int
+    max_sectors_kb: int | None
+    rotational: bool
+
+
+def queue_limits(name: str) -> QueueLimits:
+    """The request queue limits of disk ``name`` from /sys/block/NAME/queue."""
+    queue = SYS_BLOCK / name / "queue"
+    if not queue.is_dir():
+        raise BpfscopeError(f"no queue for disk {name!r} in {SYS_BLOCK}")
+
+    def number(attr: str) -> int | None:
+        text = _read(queue / attr)
+        return int(text) if text and text.lstrip("-").isdigit() else None
+
+    scheduler = None
+    text = _read(queue / "scheduler")
+    if text:
+        # "none [mq-deadline] kyber bfq": the active one is in brackets.
+        active = [w.strip("[]") for w in text.split() if w.startswith("[")]
+        scheduler = active[0] if active else text.split()[0]
+    mq = SYS_BLOCK / name / "mq"
+    hw_queues = sum(1 for _ in mq.iterdir()) if mq.is_dir() else 0
+    return QueueLimits(
+        name=name,
+        nr_requests=number("nr_requests"),
+        scheduler=scheduler,
+        hw_queues=hw_queues,
+        logical_block_size=number("logical_block_size") or 512,
+        max_sectors_kb=number("max_sectors_kb"),
+        rotational=number("rotational") == 1,
+    )
+
+
+def request_based(name: str) -> bool:
+    """Whether the block_rq_* tracepoints see this disk's I/O: request-based (blk-mq) disks do; bio-based
+    ones (zram, device-mapper, md) have no requests, and no nr_requests."""
+    return (SYS_BLOCK / name / "queue" / "nr_requests").exists()
