@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up bpfscope on a Debian or Ubuntu machine, as root, then run it or its tests.
 #
-#   ./setup.sh                 install what is missing, then run the main job (bpfscope doctor)
+#   ./setup.sh                 install what is missing, then run the main job (bpfscope check)
 #   ./setup.sh test [ARGS]     install what is missing (with test tools), then run the tests
 #   ./setup.sh run ARGS...     install what is missing, then run `bpfscope ARGS...`
 #
@@ -55,7 +55,7 @@ if [ ! -e "$stamp" ] || [ -n "$(find pyproject.toml setup.py src -newer "$stamp"
 fi
 
 case "$mode" in
-    main) exec "$VENV/bin/bpfscope" doctor ;;
+    main) exec "$VENV/bin/bpfscope" check ;;
     run) exec "$VENV/bin/bpfscope" "$@" ;;
     test) exec "$VENV/bin/python" -m pytest "$@" ;;
     *) echo "setup.sh: unknown mode '$mode' (use: test, run)" >&2; exit 2 ;;

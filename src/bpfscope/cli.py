@@ -16,6 +16,11 @@ TOOLS: dict[str, tuple[str, str]] = {
     "doctor": ("bpfscope.tools.doctor", "What this kernel can do, found by trying it."),
     "syscount": ("bpfscope.tools.syscount", "Syscall counts and latency percentiles, by syscall or process."),
     "execsnoop": ("bpfscope.tools.execsnoop", "New processes as they start (and exit, with --exits)."),
+    "biosnoop": ("bpfscope.tools.biosnoop", "Each block I/O: process, disk, op, sector, size, latency."),
+    "biolatency": ("bpfscope.tools.biolatency", "Block I/O latency histograms and p50/p99, per disk or op."),
+    "biotop": ("bpfscope.tools.biotop", "Top processes by block I/O: counts, kB, average and p99 latency."),
+    "iostat": ("bpfscope.tools.iostat", "iostat -x per disk with queue depth, p50/p99 latency, top process."),
+    "check": ("bpfscope.check", "Is CPU, RAM or a disk the problem? Verdicts over a window, exit 1 if so."),
     "trace": (
         "bpfscope.tools.trace",
         "One-liners on any tracepoint: count, sum, histogram, print; kernel filters.",

@@ -9,10 +9,16 @@ layout. Keep the two in step.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bpfscope.errors import BpfscopeError
+
+if TYPE_CHECKING:
+    from bpfscope.core.bpf import BpfObject
+    from bpfscope.core.tool import RunOptions
 
 SYS_BLOCK = Path("/sys/block")
 SYS_CLASS_BLOCK = Path("/sys/class/block")
@@ -27,8 +33,8 @@ OP_WRITE = 1
 OP_FLUSH = 2
 OP_DISCARD = 3
 OP_SECURE_ERASE = 5
-OP_WRITE_ZEROES = 9
 OP_ZONE_APPEND = 7
+OP_WRITE_ZEROES = 9
 
 OP_NAMES = {
     OP_READ: "Read",
@@ -36,8 +42,8 @@ OP_NAMES = {
     OP_FLUSH: "Flush",
     OP_DISCARD: "Discard",
     OP_SECURE_ERASE: "SecureErase",
-    OP_WRITE_ZEROES: "WriteZeroes",
     OP_ZONE_APPEND: "ZoneAppend",
+    OP_WRITE_ZEROES: "WriteZeroes",
     11: "ZoneOpen",
     13: "ZoneClose",
     15: "ZoneFinish",
@@ -73,6 +79,44 @@ TASK_NONE = 0
 TASK_SUBMITTER = 1
 TASK_INSERTER = 2
 TASK_ISSUER = 3
+
+
+# A block tool's BPF programs, named the same in every tool, by the tracepoint each attaches to.
+PROGRAMS = {
+    "io_start": "block_io_start",
+    "rq_insert": "block_rq_insert",
+    "rq_issue": "block_rq_issue",
+    "rq_merge": "block_rq_merge",
+    "rq_complete": "block_rq_complete",
+}
+
+
+def tracepoint_exists(name: str) -> bool:
+    from bpfscope.core.system import ensure_tracefs
+
+    return (ensure_tracefs() / "events" / "block" / name).is_dir()
+
+
+def programs(queue_time: bool = True) -> set[str]:
+    """The programs a block tool loads (its ``autoload``): all of PROGRAMS, less rq_insert when the tool
+    needs no queue time, and less those whose tracepoint this kernel lacks and that the tracking can do
+    without (block_io_start came in Linux 6.5: tasks are then those seen at insert or issue)."""
+    wanted = set(PROGRAMS)
+    if not queue_time:
+        wanted.discard("rq_insert")
+    for name in ("io_start", "rq_merge"):
+        if not tracepoint_exists(PROGRAMS[name]):
+            wanted.discard(name)
+    return wanted
+
+
+def unseen(obj: BpfObject) -> int:
+    """Requests issued while tracing whose completion no program saw (block.bpf.h's bs_rq_unseen)."""
+    return int(obj.bss["bs_rq_unseen"]) if "bs_rq_unseen" in obj.bss else 0
+
+
+def unseen_note(obj: BpfObject) -> str:
+    return f"{unseen(obj)} requests completed unseen (the kernel ran no program at their completion)"
 
 
 def mkdev(major: int, minor: int) -> int:
@@ -182,8 +226,11 @@ def resolve_disk(name: str, partitions: bool = False) -> Disk:
         if match is None and os.path.exists(name) and Path(name).is_block_device():
             rdev = Path(name).stat().st_rdev
             match = known.get(mkdev(os.major(rdev), os.minor(rdev)))
-    whole = sorted(d.name for d in known.values() if not d.partition)
     if match is None:
+        # Empty devices (unattached loop devices) are accepted but not worth listing.
+        whole = sorted(
+            d.name for d in known.values() if not d.partition and _read(SYS_BLOCK / d.name / "size") != "0"
+        )
         raise BpfscopeError(f"unknown disk {name!r}", hint="disks here: " + (", ".join(whole) or "none"))
     if match.partition and not partitions:
         raise BpfscopeError(
@@ -193,10 +240,19 @@ def resolve_disk(name: str, partitions: bool = False) -> Disk:
 
 
 def device_filter(name: str | None) -> dict[str, int]:
-    """The .rodata value for block.bpf.h's -d filter (bs_targ_dev); 0 means every disk."""
+    """The .rodata value for block.bpf.h's -d filter (bs_targ_dev); 0 means every disk.
+
+    A bio-based disk is refused: no request of it ever reaches the tracepoints, so the tool would show
+    nothing and seem to say the disk is idle."""
     if name is None:
         return {"bs_targ_dev": 0}
-    return {"bs_targ_dev": resolve_disk(name).dev}
+    disk = resolve_disk(name)
+    if not request_based(disk.name):
+        raise BpfscopeError(
+            f"{disk.name} is a bio-based device: its I/O never passes the block request tracepoints",
+            hint="trace the disks it sits on, if any",
+        )
+    return {"bs_targ_dev": disk.dev}
 
 
 def rwbs(op: int, flags: int) -> str:
@@ -249,9 +305,8 @@ def is_write(op: int) -> bool:
 @dataclass(frozen=True)
 class QueueLimits:
     name: str
-    nr_requests: (
-        int | None
-    )  # requests the I/O scheduler (or the driver's tags) let in flight; None if bio-based
+    # Requests the I/O scheduler (or, without one, the driver's tags) lets in flight; None if bio-based.
+    nr_requests: int | None
     scheduler: str | None  # the active I/O scheduler: "mq-deadline", "none"; None if bio-based
     hw_queues: int  # blk-mq hardware queues (0 if bio-based)
     logical_block_size: int
@@ -292,3 +347,41 @@ def request_based(name: str) -> bool:
     """Whether the block_rq_* tracepoints see this disk's I/O: request-based (blk-mq) disks do; bio-based
     ones (zram, device-mapper, md) have no requests, and no nr_requests."""
     return (SYS_BLOCK / name / "queue" / "nr_requests").exists()
+
+
+def interval_ticks(opts: RunOptions, note: str, default_interval: float | None = None) -> Iterator[float]:
+    """Like core.tool.ticks (seconds since start at each interval, then once more at the end), but
+    SIGINT and SIGTERM only end the wait, as in core.stream: a signal that arrives while the tool reads
+    its maps or prints cannot cut the output short, and the last, partial interval is always shown.
+
+    ``note`` ("Tracing ...") goes to stderr once the signals are caught, so that whoever waits for it
+    may stop the tool at once.
+    """
+    import select
+    import time
+
+    from bpfscope.core.stream import stop_requests
+
+    with stop_requests() as stop:
+        opts.output.note(note)
+        start = time.monotonic()
+        interval = opts.interval or default_interval
+        deadline = start + opts.duration if opts.duration else None
+        next_tick = start + interval if interval else None
+        done = 0
+        while True:
+            wakes = [t for t in (next_tick, deadline) if t is not None]
+            timeout = max(0.0, min(wakes) - time.monotonic()) if wakes else None
+            if select.select([stop.wake_fd], [], [], timeout)[0] and not stop:
+                # Woken by another signal's byte: take it out, or the next wait would not wait.
+                os.read(stop.wake_fd, 512)
+            now = time.monotonic()
+            if stop or (deadline is not None and now >= deadline - 1e-3):
+                yield now - start
+                return
+            if next_tick is not None and now >= next_tick:
+                done += 1
+                yield now - start
+                if opts.count and done >= opts.count:
+                    return
+                next_tick += interval or 0.0

@@ -34,34 +34,7 @@ struct bio_event {
 /* 16 MiB: about 190k records, two seconds of a fast NVMe disk, while user space is busy printing. */
 BS_RINGBUF(events, 16 << 20, struct bio_event);
 
-SEC("tp_btf/block_io_start")
-int BPF_PROG(io_start, struct request *rq)
-{
-	bs_rq_submitter(rq);
-	return 0;
-}
-
-SEC("tp_btf/block_rq_insert")
-int BPF_PROG(rq_insert, struct request *rq)
-{
-	bs_rq_inserted(rq);
-	return 0;
-}
-
-SEC("tp_btf/block_rq_issue")
-int BPF_PROG(rq_issue, struct request *rq)
-{
-	bs_rq_issued(rq);
-	return 0;
-}
-
-SEC("tp_btf/block_rq_merge")
-int BPF_PROG(rq_merge, struct request *rq)
-{
-	bs_rq_forget(rq);
-	return 0;
-}
-
+/* Completion first, issue last: see the attach order in block.bpf.h. */
 SEC("tp_btf/block_rq_complete")
 int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
@@ -98,5 +71,33 @@ int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int n
 	bpf_ringbuf_submit(e, 0);
 forget:
 	bs_rq_forget(rq);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_merge")
+int BPF_PROG(rq_merge, struct request *rq)
+{
+	bs_rq_forget(rq);
+	return 0;
+}
+
+SEC("tp_btf/block_io_start")
+int BPF_PROG(io_start, struct request *rq)
+{
+	bs_rq_submitter(rq);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_insert")
+int BPF_PROG(rq_insert, struct request *rq)
+{
+	bs_rq_inserted(rq);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_issue")
+int BPF_PROG(rq_issue, struct request *rq)
+{
+	bs_rq_issued(rq);
 	return 0;
 }

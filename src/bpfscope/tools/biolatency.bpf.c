@@ -1,0 +1,109 @@
+/* biolatency: block I/O latency as in-kernel log-linear histograms (nanoseconds), one for everything,
+ * or one per disk (-D) and/or per operation and flags (-F). Device time is block_rq_issue ->
+ * block_rq_complete; with -Q, from block_rq_insert, so time queued in the I/O scheduler is included.
+ *
+ * Histograms only grow: user space reads them each interval and shows the difference, so no sample is
+ * lost between reads. Request tracking is block.bpf.h's.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include "bpfscope.bpf.h"
+#include "block.bpf.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define MAX_HISTS 1024
+
+const volatile bool per_disk = false;
+const volatile bool per_flags = false;
+const volatile bool queued = false;
+
+struct hist_key {
+	__u32 dev;   /* whole disk (BS_MKDEV) with -D, else 0 */
+	__u32 op;    /* enum req_op with -F, else 0 */
+	__u32 flags; /* BS_RQ_* with -F, else 0 */
+};
+
+struct hist_value {
+	__u64 total_ns; /* for the mean, which the buckets only bound */
+	struct bs_loglin_hist hist;
+};
+
+/* Not preallocated: a value is about 8 KiB, and most runs use one or a few keys. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_HISTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct hist_key);
+	__type(value, struct hist_value);
+} hists SEC(".maps");
+
+static const struct hist_value empty_value = {};
+
+/* Completion first, issue last: see the attach order in block.bpf.h. */
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	struct bs_rq_start *s = bs_rq_get(rq);
+	struct hist_key key = {};
+	struct hist_value *v;
+	__u64 now, start, latency;
+
+	if (!s)
+		return 0; /* issued before we attached */
+	if (!bs_rq_done(rq, nr_bytes))
+		return 0; /* partial completion: counted once, when the request ends */
+	if (!s->issue_ns || !bs_rq_dev_selected(rq) || !bs_rq_selected(s))
+		goto forget;
+	now = bpf_ktime_get_ns();
+	/* A request issued directly, without the scheduler, was never queued: its queue time is zero. */
+	start = queued && s->insert_ns && s->insert_ns <= s->issue_ns ? s->insert_ns : s->issue_ns;
+	if (per_disk)
+		key.dev = bs_rq_dev(rq);
+	if (per_flags) {
+		key.op = bs_rq_op(rq);
+		key.flags = bs_rq_flags(rq);
+	}
+	v = bpf_map_lookup_elem(&hists, &key);
+	if (!v) {
+		bpf_map_update_elem(&hists, &key, &empty_value, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&hists, &key);
+		if (!v)
+			goto forget;
+	}
+	latency = now - start;
+	__sync_fetch_and_add(&v->total_ns, latency);
+	bs_hist_add_loglin(&v->hist, latency);
+forget:
+	bs_rq_forget(rq);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_merge")
+int BPF_PROG(rq_merge, struct request *rq)
+{
+	bs_rq_forget(rq);
+	return 0;
+}
+
+SEC("tp_btf/block_io_start")
+int BPF_PROG(io_start, struct request *rq)
+{
+	bs_rq_submitter(rq);
+	return 0;
+}
+
+/* Loaded only with -Q. */
+SEC("tp_btf/block_rq_insert")
+int BPF_PROG(rq_insert, struct request *rq)
+{
+	bs_rq_inserted(rq);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_issue")
+int BPF_PROG(rq_issue, struct request *rq)
+{
+	bs_rq_issued(rq);
+	return 0;
+}

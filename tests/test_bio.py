@@ -1,0 +1,382 @@
+"""The block I/O tools against fio: the same run seen from both sides, fio's JSON report on one and
+biosnoop, biolatency and biotop on the other.
+
+fio runs with --thread, so every I/O of a run is submitted by one process whose pid is known before it
+starts (a launcher waits for a line on stdin, then execs fio): the tools filter on that pid in the
+kernel, and other processes' I/O on the same disk (the tests share the machine) cannot enter the counts.
+
+Where the two sides differ, it is by what they time. fio's completion latency (clat) runs from its
+io_submit() returning to its reaping the completion in user space; the tools time the device, from
+block_rq_issue to block_rq_complete, which lies inside that window for every I/O. So device latency is
+never above fio's at any percentile, and the gap is the host's share: the interrupt, the completion
+path, waking fio and fio's own loop. With fio saturating a CPU (4k random reads at iodepth 16 as fast as
+it goes, about 65k IOPS here), completed I/Os wait for fio to reap them and the device p50 is about 0.65
+of fio's (140 us against 205 us); at a rate fio keeps up with easily (10k IOPS) it is within about 10%
+(36 us against 40 us), and p99 within about 25% (fio's tail holds its own wake-up delays on a busy
+machine, 68 us against 90 us).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIO_FILE = Path("/var/tmp/bpfscope-test-bio.dat")
+FILE_SIZE = "256M"
+DISK = "vda"
+# A job starts when it reads a line: the tools attach first, and the job's pid is known to filter on.
+LAUNCHER = "import os, sys\nsys.stdin.readline()\nos.execvp(sys.argv[1], sys.argv[1:])"
+COMMON = [
+    f"--filename={FIO_FILE}",
+    f"--size={FILE_SIZE}",
+    "--bs=4k",
+    "--direct=1",
+    "--ioengine=libaio",
+    "--thread",
+    "--time_based",
+    "--randrepeat=0",
+]
+
+
+@dataclass
+class Traced:
+    outputs: list[str]  # each tool's stdout
+    errors: list[str]  # and stderr
+    fio: list[dict]  # each fio process's JSON report
+    pids: list[int]  # and pid
+
+    def records(self, tool: int) -> list[dict]:
+        return [json.loads(line) for line in self.outputs[tool].splitlines() if line.startswith("{")]
+
+    def fio_total(self, process: int, direction: str, field: str) -> int:
+        return sum(job[direction][field] for job in self.fio[process]["jobs"])
+
+    def fio_clat_us(self, process: int, direction: str, percentile: str) -> float:
+        jobs = [job for job in self.fio[process]["jobs"] if job[direction]["total_ios"]]
+        assert len(jobs) == 1, "percentiles of one job at a time"
+        return jobs[0][direction]["clat_ns"]["percentile"][percentile] / 1000
+
+
+@pytest.fixture(scope="module")
+def fio_file() -> Iterator[Path]:
+    # Laid out once, before any tracing: fio's layout writes would otherwise count as the job's I/O.
+    layout = ["--name=layout", f"--filename={FIO_FILE}", f"--size={FILE_SIZE}", "--rw=write", "--bs=1M"]
+    subprocess.run(
+        ["fio", *layout, "--direct=1", "--end_fsync=1", "--output=/dev/null"],
+        check=True,
+        timeout=120,
+    )
+    yield FIO_FILE
+    FIO_FILE.unlink(missing_ok=True)
+
+
+def _wait_tracing(tool: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    assert tool.stderr is not None
+    ready, _, _ = select.select([tool.stderr], [], [], timeout)
+    assert ready, f"{tool.args} did not start tracing within {timeout} s"
+    line = tool.stderr.readline()
+    assert line.startswith("Tracing"), line + tool.stderr.read()
+
+
+def run_traced(tmp_path: Path, tools: list[list[str]], jobs: list[list[str]]) -> Traced:
+    """Start fio processes paused, the tools (``{pid0}`` in their arguments is the first fio's pid),
+    then the fio processes once every tool is tracing; stop the tools with SIGINT when fio is done."""
+    fios = []
+    for i, job in enumerate(jobs):
+        report = tmp_path / f"fio{i}.json"
+        fios.append(
+            (
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        LAUNCHER,
+                        "fio",
+                        *job,
+                        "--output-format=json",
+                        f"--output={report}",
+                    ],
+                    stdin=subprocess.PIPE,
+                    text=True,
+                ),
+                report,
+            )
+        )
+    running = []
+    try:
+        for i, args in enumerate(tools):
+            args = [a.replace("{pid0}", str(fios[0][0].pid)) for a in args]
+            # stdout to a file: a pipe nobody reads while fio runs would block a tool printing 100k lines.
+            out = open(tmp_path / f"tool{i}.out", "w+")  # noqa: SIM115 (closed below)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bpfscope", *args], stdout=out, stderr=subprocess.PIPE, text=True
+            )
+            running.append((proc, out))
+        for proc, _ in running:
+            _wait_tracing(proc)
+        for fio, _ in fios:
+            assert fio.stdin is not None
+            fio.stdin.write("go\n")
+            fio.stdin.close()
+        for fio, _ in fios:
+            assert fio.wait(timeout=60) == 0
+        time.sleep(0.2)
+        outputs, errors = [], []
+        for proc, out in running:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            out.seek(0)
+            outputs.append(out.read())
+            errors.append(err)
+    finally:
+        for fio, _ in fios:
+            if fio.poll() is None:
+                fio.kill()
+                fio.wait()
+        for proc, out in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+    return Traced(
+        outputs, errors, [json.loads(report.read_text()) for _, report in fios], [f.pid for f, _ in fios]
+    )
+
+
+def _lost(stderr: str) -> int:
+    """Events the tool reported lost (ring buffer full) and missed (kernel skipped the program)."""
+    match = re.search(r"(\d+) events lost \(ring buffer full\), (\d+) events missed", stderr)
+    assert match, stderr
+    return int(match.group(1)) + int(match.group(2))
+
+
+def _unseen(stderr: str) -> int:
+    """Requests the tool reported completed unseen (absent from biosnoop's summary when there are none)."""
+    match = re.search(r"(\d+) requests completed unseen", stderr)
+    return int(match.group(1)) if match else 0
+
+
+# --- biosnoop and biolatency, 4k random reads as fast as fio goes, and rate-limited writes ----------
+
+
+@pytest.fixture(scope="module")
+def saturated(fio_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Traced:
+    return run_traced(
+        tmp_path_factory.mktemp("saturated"),
+        tools=[
+            ["biosnoop", "-Q", "-d", DISK, "-p", "{pid0}", "--json"],
+            ["biolatency", "-F", "-p", "{pid0}", "--json"],
+        ],
+        jobs=[
+            [
+                *COMMON,
+                "--runtime=2",
+                "--name=reads",
+                "--rw=randread",
+                "--iodepth=16",
+                "--name=writes",
+                "--rw=randwrite",
+                "--iodepth=4",
+                "--rate_iops=2000",
+            ]
+        ],
+    )
+
+
+def test_biosnoop_sees_every_io(saturated: Traced) -> None:
+    events = saturated.records(0)
+    assert _lost(saturated.errors[0]) == 0
+    reads = [e for e in events if e["op"] == "Read"]
+    writes = [e for e in events if e["op"] == "Write" and e["bytes"] == 4096]
+    fio_reads = saturated.fio_total(0, "read", "total_ios")
+    fio_writes = saturated.fio_total(0, "write", "total_ios")
+    assert fio_reads > 50_000, "fio did less than expected: is the disk that slow?"
+    # At this rate the kernel completes a few requests (0 to 0.3% here, in whole batches of fio's
+    # iodepth) without running any program at block_rq_complete; the tool counts them as it finds their
+    # entries left behind, so what it shows and what it reports unseen add up to what fio did.
+    # A loss is found when its request is used again, so the last ones (a batch or two, each at most the
+    # jobs' iodepths) may still be unfound when tracing stops.
+    unseen = _unseen(saturated.errors[0])
+    shown = len(reads) + len(writes)
+    assert shown + unseen + 2 * (16 + 4) >= fio_reads + fio_writes, (len(reads), len(writes), unseen)
+    assert abs(len(reads) - fio_reads) <= 0.01 * fio_reads, (len(reads), fio_reads)
+    assert abs(len(writes) - fio_writes) <= 0.01 * fio_writes, (len(writes), fio_writes)
+    # Every read is one of fio's 4 KiB blocks (random reads over 64k blocks never merged here).
+    assert {e["bytes"] for e in reads} == {4096}
+    assert abs(sum(e["bytes"] for e in reads) - saturated.fio_total(0, "read", "io_bytes")) <= 0.01 * (
+        saturated.fio_total(0, "read", "io_bytes")
+    )
+    assert {e["pid"] for e in events} == {saturated.pids[0]}
+    assert {e["comm"] for e in events} == {"fio"}
+    assert {e["disk"] for e in events} == {DISK}
+    assert {e["task"] for e in events} == {"submitter"}
+    # O_DIRECT I/O is synchronous: R or W, then S.
+    assert {e["rwbs"] for e in reads} == {"RS"}
+    assert {e["rwbs"][0] for e in writes} == {"W"}
+    assert all(e["bytes"] % 4096 == 0 and e["bytes"] > 0 for e in events)
+    assert all(e["error"] == 0 for e in events)
+
+
+def test_biosnoop_times(saturated: Traced) -> None:
+    reads = [e for e in saturated.records(0) if e["op"] == "Read"]
+    queue = np.array([e["queue_ms"] for e in reads])
+    latency = np.array([e["latency_ms"] for e in reads]) * 1000
+    assert (queue >= 0).all()
+    # mq-deadline passes requests straight on while the device has room: queue time is small.
+    assert np.percentile(queue, 50) < 0.05
+    p50, p99 = np.percentile(latency, [50, 99])
+    fio_p50 = saturated.fio_clat_us(0, "read", "50.000000")
+    fio_p99 = saturated.fio_clat_us(0, "read", "99.000000")
+    # Device time lies inside fio's clat for every I/O (fio's buckets are within about 1.6%). With fio
+    # saturating a CPU it is about two thirds of it here (see the module's docstring), less when other
+    # work competes for the CPUs: only a loose lower bound holds.
+    assert p50 <= fio_p50 * 1.02, (p50, fio_p50)
+    assert p99 <= fio_p99 * 1.02, (p99, fio_p99)
+    assert p50 >= fio_p50 * 0.25, (p50, fio_p50)
+
+
+def test_biolatency_counts_and_matches_biosnoop(saturated: Traced) -> None:
+    hists = {r["rwbs"]: r for r in saturated.records(1)}
+    assert _lost(saturated.errors[1]) == 0
+    reads = hists["RS"]
+    assert reads["flags"] == "Sync-Read" and reads["unit"] == "usecs" and reads["interval"] == "total"
+    # Every request: the same count biosnoop saw, request by request.
+    snooped = np.array([e["latency_ms"] for e in saturated.records(0) if e["op"] == "Read"]) * 1000
+    assert reads["count"] == len(snooped)
+    assert sum(b["count"] for b in reads["hist"]) == reads["count"]
+    writes = sum(r["count"] for key, r in hists.items() if key.startswith("W"))
+    assert writes == sum(1 for e in saturated.records(0) if e["op"] == "Write")
+    # The same requests, exactly timed by biosnoop and bucketed by biolatency: log-linear buckets are at
+    # most 1/16 wide, so its percentiles are within that of the exact ones.
+    for q, key in ((50, "p50_us"), (99, "p99_us")):
+        exact = float(np.percentile(snooped, q))
+        assert abs(reads[key] - exact) <= exact / 16 + 1, (q, reads[key], exact)
+    assert abs(reads["avg_us"] - snooped.mean()) <= 0.01 * snooped.mean()
+    assert reads["p50_us"] <= reads["p95_us"] <= reads["p99_us"] <= reads["p999_us"]
+
+
+# --- latency against fio where fio keeps up: the offset is small ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def paced(fio_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Traced:
+    return run_traced(
+        tmp_path_factory.mktemp("paced"),
+        tools=[
+            ["biolatency", "-p", "{pid0}", "--json"],
+            ["biosnoop", "-p", "{pid0}", "--json"],
+            ["biosnoop", "-p", "{pid0}", "--json", "--min-lat", "0.05"],
+        ],
+        jobs=[[*COMMON, "--runtime=2", "--name=paced", "--rw=randread", "--iodepth=16", "--rate_iops=10000"]],
+    )
+
+
+def test_biolatency_against_fio(paced: Traced) -> None:
+    (total,) = paced.records(0)
+    fio_ios = paced.fio_total(0, "read", "total_ios")
+    # Every request, less those completed unseen, which the tool reports (see test_biosnoop_sees_every_io).
+    assert abs(total["count"] - fio_ios) <= 0.01 * fio_ios, (total["count"], fio_ios)
+    assert total["count"] + _unseen(paced.errors[0]) + 2 * 16 >= fio_ios
+    # biosnoop counted the same requests, but for those that each tool did not see.
+    seen_by_both = abs(total["count"] - len(paced.records(1)))
+    assert seen_by_both <= _unseen(paced.errors[0]) + _unseen(paced.errors[1]) + 16, seen_by_both
+    fio_p50 = paced.fio_clat_us(0, "read", "50.000000")
+    fio_p99 = paced.fio_clat_us(0, "read", "99.000000")
+    # Measured here on a quiet machine: p50 36 us against fio's 40 us, p99 68 against 90; with another
+    # fio writing in the background: p50 64 against 84, p99 120-210 against 500-900. The offset is
+    # systematic, device time is never above fio's, and the gap is the completion path to fio (interrupt,
+    # wake-up, io_getevents), a few microseconds that grow with what else runs. What is defensible: p50
+    # within 15% of fio's, plus 15 us for that path under load; p99 at most fio's (plus a bucket, 1/16),
+    # with only a loose lower bound, since fio's tail is mostly its own wake-ups.
+    low = fio_p50 * 0.85 - 15
+    assert low <= total["p50_us"] <= fio_p50 * (1 + 1 / 16), (total["p50_us"], fio_p50)
+    assert fio_p99 * 0.15 <= total["p99_us"] <= fio_p99 * (1 + 1 / 16), (total["p99_us"], fio_p99)
+
+
+def test_biosnoop_min_latency_filters_in_kernel(paced: Traced) -> None:
+    every = paced.records(1)
+    slow = paced.records(2)
+    assert abs(len(every) - paced.fio_total(0, "read", "total_ios")) <= 0.01 * len(every)
+    # The filter is on device time in nanoseconds; JSON shows it to the nanosecond.
+    assert 0 < len(slow) < len(every)
+    assert all(e["latency_ms"] >= 0.05 for e in slow)
+    # Both saw the same requests, but each times them with its own programs, which run one after the
+    # other on each tracepoint: a tool's latencies differ from another's by a few microseconds.
+    margin = 0.01
+    at_least = sum(1 for e in every if e["latency_ms"] >= 0.05 + margin)
+    at_most = sum(1 for e in every if e["latency_ms"] >= 0.05 - margin)
+    unseen = _unseen(paced.errors[1]) + _unseen(paced.errors[2])
+    assert at_least - unseen <= len(slow) <= at_most + unseen, (at_least, len(slow), at_most)
+
+
+# --- biotop: two processes told apart ----------------------------------------------------------------
+
+
+def test_biotop_tells_processes_apart(fio_file: Path, tmp_path: Path) -> None:
+    rates = (1500, 4500)
+    traced = run_traced(
+        tmp_path,
+        tools=[["biotop", "-d", DISK, "--json", "-r", "1000", "1"]],
+        jobs=[
+            [
+                *COMMON,
+                "--runtime=2",
+                f"--name=io{rate}",
+                "--rw=randread",
+                "--iodepth=4",
+                f"--rate_iops={rate}",
+            ]
+            for rate in rates
+        ],
+    )
+    rows = traced.records(0)
+    assert rows, traced.errors[0]
+    assert len({r["interval"] for r in rows}) >= 2, "interval rows expected"
+    reads = {pid: sum(r["reads"] for r in rows if r["pid"] == pid) for pid in traced.pids}
+    for i, pid in enumerate(traced.pids):
+        fio_ios = traced.fio_total(i, "read", "total_ios")
+        assert abs(reads[pid] - fio_ios) <= 0.01 * fio_ios, (pid, reads[pid], fio_ios)
+        mine = [r for r in rows if r["pid"] == pid]
+        assert {r["comm"] for r in mine} == {"fio"} and {r["disk"] for r in mine} == {DISK}
+        assert all(r["writes"] == 0 and r["read_kb"] == r["reads"] * 4 for r in mine)
+        assert all(r["avg_ms"] > 0 and r["p99_ms"] is not None for r in mine)
+    share = reads[traced.pids[0]] / (reads[traced.pids[0]] + reads[traced.pids[1]])
+    assert abs(share - rates[0] / sum(rates)) < 0.02, share
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["biosnoop", "-d", "nosuchdisk"], "unknown disk 'nosuchdisk' (disks here: "),
+        (["biosnoop", "--min-lat", "-1"], "Invalid value for '--min-lat'"),
+        (["biolatency", "-d", "nosuchdisk"], "unknown disk 'nosuchdisk'"),
+        (["biotop", "-d", "/dev/nosuchdisk"], "unknown disk '/dev/nosuchdisk'"),
+        (["biotop", "-s", "size"], "Invalid value for '-s'"),
+        (["biosnoop", "-d", "zram0"], "bio-based"),
+    ],
+)
+def test_bad_input_is_one_line(args: list[str], message: str) -> None:
+    if args[-1] == "zram0" and not Path("/sys/block/zram0").exists():
+        pytest.skip("no zram0 here")
+    result = subprocess.run([sys.executable, "-m", "bpfscope", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr
+    if "disks here" in message:
+        assert DISK in result.stderr.split("disks here: ")[1]
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
