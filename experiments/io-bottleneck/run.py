@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""The I/O bottleneck experiment: PostgreSQL slows down, CPU and RAM look fine, the disk is the problem.
+
+One command, as root, after ./setup.sh:
+
+    .venv/bin/python experiments/io-bottleneck/run.py [--out DIR] [--seconds S]
+
+It starts a private PostgreSQL cluster (Debian's PostgreSQL 15) on the root disk, loads pgbench's tables,
+and runs pgbench's TPC-B-like transactions twice: alone (baseline), then while a "backup job" (fio,
+large direct writes at a high queue depth) competes for the same disk. In each phase bpfscope's health
+check, biolatency, biotop and biosnoop watch the disk. The report (Markdown with pictures) goes to
+--out: TPS and latency per phase, the check's verdicts, who does the I/O, a latency heatmap over time
+and the latency histograms before and under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PORT = 5499
+PGBENCH_SCALE = 20
+PGBENCH_CLIENTS = 4
+# Transactions per second offered: well within what the disk and CPUs sustain alone.
+PGBENCH_RATE = 800
+
+
+def bpfscope_cmd() -> list[str]:
+    venv = REPO / ".venv" / "bin" / "bpfscope"
+    if venv.exists():
+        return [str(venv)]
+    found = shutil.which("bpfscope")
+    if found is None:
+        sys.exit("bpfscope is not installed: run ./setup.sh first")
+    return [found]
+
+
+def as_postgres(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], text=True, capture_output=True, **kwargs)
+
+
+def cgroup2_root() -> Path:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if parts[2] == "cgroup2":
+            return Path(parts[1])
+    sys.exit("no cgroup v2 mount: the experiment puts PostgreSQL in a cgroup of its own")
+
+
+@contextlib.contextmanager
+def postgres_cluster(workdir: Path, cgroup: Path) -> Iterator[Path]:
+    """A throw-away cluster in its own cgroup (so bpfscope can watch just its I/O), with a small
+    shared_buffers so that the workload reaches the disk."""
+    data = workdir / "data"
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.chown(workdir, "postgres")
+    as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True)
+    options = f"-p {PORT} -k {workdir} -c shared_buffers=32MB -c listen_addresses=''"
+    as_postgres(
+        [str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(workdir / "log"), "-w", "start"],
+        check=True,
+    )
+    try:
+        # Every backend is forked by the postmaster after this, so all of PostgreSQL is in the cgroup.
+        postmaster = (data / "postmaster.pid").read_text().split()[0]
+        cgroup.mkdir(exist_ok=True)
+        (cgroup / "cgroup.procs").write_text(postmaster)
+        yield workdir
+    finally:
+        as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
+
+
+def pgbench(socket_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return as_postgres(["pgbench", "-h", str(socket_dir), "-p", str(PORT), *args, "postgres"], check=True)
+
+
+def parse_pgbench(output: str) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for line in output.splitlines():
+        if line.startswith("tps = "):
+            result["tps"] = float(line.split()[2])
+        elif line.startswith("latency average = "):
+            result["latency_ms"] = float(line.split()[3])
+        elif line.startswith("latency stddev = "):
+            result["latency_stddev_ms"] = float(line.split()[3])
+    return result
+
+
+@contextlib.contextmanager
+def backup_job(path: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    """The noisy neighbour: 1 MiB direct sequential writes at queue depth 4, as a backup or a bulk copy
+    does. Large requests keep the disk busy at little CPU cost."""
+    proc = subprocess.Popen(
+        [
+            "fio",
+            "--name=backup",
+            f"--filename={path}",
+            "--size=4G",
+            "--rw=write",
+            "--bs=1M",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=4",
+            "--time_based",
+            f"--runtime={int(seconds)}",
+            "--output-format=json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        path.unlink(missing_ok=True)
+
+
+class Watcher:
+    """A bpfscope tool running in the background with --json, writing to a file (a pipe nobody reads
+    would block it); its records once it has stopped."""
+
+    def __init__(self, *args: str, attached: str | None = "Tracing") -> None:
+        self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in wait(), after the tool
+        self.proc = subprocess.Popen(
+            [*bpfscope_cmd(), *args, "--json"], stdout=self.output, stderr=subprocess.PIPE, text=True
+        )
+        assert self.proc.stderr is not None
+        if attached is not None:
+            line = self.proc.stderr.readline()
+            if not line.startswith(attached):
+                raise RuntimeError(f"bpfscope {args[0]} did not start: {line}{self.proc.stderr.read()}")
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # On an error elsewhere the tool must not outlive the experiment.
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> list[dict[str, Any]]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.wait()
+
+    def wait(self) -> list[dict[str, Any]]:
+        self.proc.communicate(timeout=300)
+        self.output.seek(0)
+        records = [json.loads(line) for line in self.output if line.startswith("{")]
+        self.output.close()
+        return records
+
+
+@dataclass
+class Phase:
+    name: str
+    pgbench: dict[str, float] = field(default_factory=dict)
+    check: list[dict[str, Any]] = field(default_factory=list)
+    biolatency: list[dict[str, Any]] = field(default_factory=list)
+    biotop: list[dict[str, Any]] = field(default_factory=list)
+    biosnoop: list[dict[str, Any]] = field(default_factory=list)
+    start: float = 0.0
+
+
+def run_phase(name: str, socket_dir: Path, cgroup: Path, seconds: int, t0: float) -> Phase:
+    phase = Phase(name, start=time.monotonic() - t0)
+    window = str(seconds - 2)
+    with contextlib.ExitStack() as stack:
+        snoop = stack.enter_context(Watcher("biosnoop", "--cgroup", str(cgroup)))
+        latency = stack.enter_context(Watcher("biolatency", "-d", "vda", "-Q", window, "1"))
+        top = stack.enter_context(Watcher("biotop", "-C", window, "1"))
+        check = stack.enter_context(Watcher("check", "--duration", window, attached=None))
+        # A steady offered load, as clients of a service make: the latency shows what the disk does to it.
+        bench = pgbench(
+            socket_dir, "-c", str(PGBENCH_CLIENTS), "-j", "2", "-R", str(PGBENCH_RATE), "-T", str(seconds)
+        )
+        phase.pgbench = parse_pgbench(bench.stdout)
+        phase.check = check.wait()
+        phase.biolatency = latency.wait()
+        phase.biotop = top.wait()
+        phase.biosnoop = snoop.stop()
+    return phase
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "report", help="Where the report goes.")
+    parser.add_argument("--seconds", type=int, default=20, help="Length of each phase.")
+    parser.add_argument("--json", action="store_true", help="Also write every measurement to results.json.")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run it as root: it starts PostgreSQL and loads BPF programs")
+    for tool in ("fio", "pgbench", str(PG_BIN / "initdb")):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing: run ./setup.sh test (it installs fio) and PostgreSQL 15")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bpfscope-io-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # the postgres user must reach its data directory inside
+        cgroup = cgroup2_root() / f"bpfscope-io-bottleneck-{os.getpid()}"
+        with postgres_cluster(work / "pg", cgroup) as socket_dir:
+            print(f"loading pgbench tables (scale {PGBENCH_SCALE})...", file=sys.stderr)
+            pgbench(socket_dir, "-i", "-s", str(PGBENCH_SCALE), "-q")
+            t0 = time.monotonic()
+            print("phase 1: PostgreSQL alone", file=sys.stderr)
+            baseline = run_phase("baseline", socket_dir, cgroup, args.seconds, t0)
+            print("phase 2: PostgreSQL while a backup job writes to the same disk", file=sys.stderr)
+            with backup_job(work / "backup.dat", args.seconds + 5) as backup:
+                time.sleep(2)
+                loaded = run_phase("under load", socket_dir, cgroup, args.seconds, t0)
+                backup_pid = backup.pid
+    from report import write_report
+
+    report = write_report(args.out, [baseline, loaded], backup_pid)
+    if args.json:
+        results = {"backup_pid": backup_pid, "phases": [dataclasses.asdict(p) for p in (baseline, loaded)]}
+        (args.out / "results.json").write_text(json.dumps(results))
+    print(f"report: {report}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()
