@@ -21,15 +21,13 @@ import argparse
 import contextlib
 import json
 import os
-import select
-import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import common
 
 from bpfscope.build import compile_bpf
 from bpfscope.core.bpf import BpfObject
@@ -45,28 +43,6 @@ def loop_ns(binary: Path, calls: int, repeats: int, cpu: int) -> float:
         float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout) for _ in range(repeats)
     ]
     return statistics.median(runs)
-
-
-@contextlib.contextmanager
-def tracer(cmd: list[str], marker: str) -> Iterator[None]:
-    """Run a tracer until it says it has attached; stop it with SIGINT afterwards."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stderr is not None
-    seen = ""
-    try:
-        while marker not in seen:
-            ready, _, _ = select.select([proc.stdout, proc.stderr], [], [], 30)
-            if not ready or proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} did not attach: {seen}")
-            seen += ready[0].readline()
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
 
 
 @contextlib.contextmanager
@@ -91,10 +67,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    bpftrace = shutil.which("bpftrace")
-    if bpftrace is None:
-        sys.exit("bpftrace is not installed (apt-get install bpftrace)")
-    bpfscope = shutil.which("bpfscope", path=str(Path(sys.executable).parent)) or "bpfscope"
+    bpftrace = common.bpftrace()
+    bpfscope = common.bpfscope()
     with tempfile.TemporaryDirectory(prefix="bpfscope-overhead-") as tmp:
         workdir = Path(tmp)
         loop = workdir / "getppid_loop"
@@ -103,10 +77,10 @@ def main() -> None:
             "none": nothing,
             "floor": lambda: floor_program(workdir, "empty"),
             "floor_raw": lambda: floor_program(workdir, "empty_raw"),
-            "bpfscope": lambda: tracer(
+            "bpfscope": lambda: common.tracer(
                 [bpfscope, "trace", "raw_syscalls:sys_enter", "--count-by", "pid"], "Tracing"
             ),
-            "bpftrace": lambda: tracer([bpftrace, "-e", BPFTRACE_PROGRAM], "attached"),
+            "bpftrace": lambda: common.tracer([bpftrace, "-e", BPFTRACE_PROGRAM], "attached"),
         }
         cpus = sorted(os.sched_getaffinity(0))
         # Two rounds, alternating the cases, so drift on the machine touches every case alike.

@@ -185,7 +185,8 @@ def command(
     }
     require(*REQUIRES)
     report = Report(opts, per_disk, per_flags, millis)
-    autoload = block.programs(queue_time=queued)
+    # Latency per disk or flag needs no submitting process, unless -p or --cgroup select by it.
+    autoload = block.programs(queue_time=queued, submitter=bool(opts.pid or opts.cgroup))
     with BpfObject(tool_object("biolatency"), rodata=rodata, autoload=autoload) as obj:
         obj.attach()
         before: dict[Key, Entry] = {}
