@@ -17,7 +17,7 @@ import re
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import common
@@ -54,11 +54,6 @@ def fio_iops(path: Path, seconds: int) -> float:
     return float(json.loads(result.stdout)["jobs"][0]["read"]["iops"])
 
 
-@contextlib.contextmanager
-def nothing() -> Iterator[None]:
-    yield
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -70,7 +65,7 @@ def main() -> None:
     bpfscope, bpftrace = common.bpfscope(), common.bpftrace()
     snoop_reports: list[str] = []
     cases: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-        "none": nothing,
+        "none": contextlib.nullcontext,
         "biolatency": lambda: common.tracer([bpfscope, "biolatency", "-d", "vda"], "Tracing"),
         "biosnoop": lambda: common.tracer([bpfscope, "biosnoop", "-d", "vda"], "Tracing", snoop_reports),
         "bpftrace hist": lambda: common.tracer([bpftrace, "-e", BPFTRACE_HISTOGRAM], "attached"),

@@ -53,11 +53,6 @@ def floor_program(workdir: Path, program: str) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def nothing() -> Iterator[None]:
-    yield
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,7 +69,7 @@ def main() -> None:
         loop = workdir / "getppid_loop"
         subprocess.run(["gcc", "-O2", "-o", str(loop), str(HERE / "getppid_loop.c")], check=True)
         cases = {
-            "none": nothing,
+            "none": contextlib.nullcontext,
             "floor": lambda: floor_program(workdir, "empty"),
             "floor_raw": lambda: floor_program(workdir, "empty_raw"),
             "bpfscope": lambda: common.tracer(

@@ -287,4 +287,33 @@ static __always_inline __u32 bs_rq_flags(struct request *rq)
 	return flags;
 }
 
+/* The programs that feed bs_rq_start, the same in every block tool (core/block.py's PROGRAMS names them;
+ * a tool's autoload picks those it needs). Write it after the tool's own block_rq_complete program:
+ * libbpf attaches in file order, and completion must come first (see the top of this file). */
+#define BS_RQ_TRACKING_PROGRAMS                                                                      \
+	SEC("tp_btf/block_rq_merge")                                                                 \
+	int BPF_PROG(rq_merge, struct request *rq)                                                   \
+	{                                                                                            \
+		bs_rq_forget(rq);                                                                    \
+		return 0;                                                                            \
+	}                                                                                            \
+	SEC("tp_btf/block_io_start")                                                                 \
+	int BPF_PROG(io_start, struct request *rq)                                                   \
+	{                                                                                            \
+		bs_rq_submitter(rq);                                                                 \
+		return 0;                                                                            \
+	}                                                                                            \
+	SEC("tp_btf/block_rq_insert")                                                                \
+	int BPF_PROG(rq_insert, struct request *rq)                                                  \
+	{                                                                                            \
+		bs_rq_inserted(rq);                                                                  \
+		return 0;                                                                            \
+	}                                                                                            \
+	SEC("tp_btf/block_rq_issue")                                                                 \
+	int BPF_PROG(rq_issue, struct request *rq)                                                   \
+	{                                                                                            \
+		bs_rq_issued(rq);                                                                    \
+		return 0;                                                                            \
+	}
+
 #endif /* BPFSCOPE_BLOCK_BPF_H */

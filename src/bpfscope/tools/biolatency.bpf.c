@@ -79,31 +79,4 @@ forget:
 	return 0;
 }
 
-SEC("tp_btf/block_rq_merge")
-int BPF_PROG(rq_merge, struct request *rq)
-{
-	bs_rq_forget(rq);
-	return 0;
-}
-
-SEC("tp_btf/block_io_start")
-int BPF_PROG(io_start, struct request *rq)
-{
-	bs_rq_submitter(rq);
-	return 0;
-}
-
-/* Loaded only with -Q. */
-SEC("tp_btf/block_rq_insert")
-int BPF_PROG(rq_insert, struct request *rq)
-{
-	bs_rq_inserted(rq);
-	return 0;
-}
-
-SEC("tp_btf/block_rq_issue")
-int BPF_PROG(rq_issue, struct request *rq)
-{
-	bs_rq_issued(rq);
-	return 0;
-}
+BS_RQ_TRACKING_PROGRAMS
