@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import shutil
 import signal
@@ -36,11 +37,12 @@ def tracer(cmd: list[str], marker: str, output: list[str] | None = None) -> Iter
     streams = [s for s in (proc.stdout, proc.stderr) if s is not None]
     seen = ""
     try:
+        # Raw reads: a buffered readline could keep the marker in its buffer, where select never sees it.
         while marker not in seen:
             ready, _, _ = select.select(streams, [], [], 30)
             if not ready or proc.poll() is not None:
                 raise RuntimeError(f"{cmd[0]} did not attach: {seen}")
-            seen += ready[0].readline()
+            seen += os.read(ready[0].fileno(), 65536).decode(errors="replace")
         if proc.stdout is not None:
             # bpftrace prints its marker on stdout, then nothing until it exits.
             proc.stdout.close()
