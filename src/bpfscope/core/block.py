@@ -258,6 +258,16 @@ def device_filter(name: str | None) -> dict[str, int]:
     return {"bs_targ_dev": disk.dev}
 
 
+def kernel_issue_clock(name: str | None) -> bool:
+    """Whether the kernel keeps each request's issue time itself (rq->io_start_time_ns) on disk ``name``
+    (every request-based disk when None): it does where the queue collects I/O statistics, which
+    writeback throttling (wbt_lat_usec > 0) turns on."""
+    names = [resolve_disk(name).name] if name else [d.name for d in disks().values() if request_based(d.name)]
+    return bool(names) and all(
+        (_read(SYS_BLOCK / n / "queue" / "wbt_lat_usec") or "0").strip() not in ("", "0") for n in names
+    )
+
+
 def rwbs(op: int, flags: int) -> str:
     """The letters blktrace, blkparse and biosnoop show (the kernel's blk_fill_rwbs): the operation
     (R, W, D, DE, F, N), led by F for a preflush, then F (FUA), A (readahead), S (sync), M (metadata)."""

@@ -17,6 +17,13 @@ char LICENSE[] SEC("license") = "GPL";
 const volatile bool per_disk = false;
 const volatile bool per_flags = false;
 const volatile bool queued = false;
+/* Device time from the issue time the kernel itself keeps in the request (rq->io_start_time_ns, set
+ * when the queue collects I/O statistics, as writeback throttling makes it do): one program per I/O and
+ * no tracking map, so far less overhead. User space turns it on only where the kernel keeps that time. */
+const volatile bool kernel_clock = false;
+
+/* Completions the kernel gave no issue time (kernel_clock mode): reported, never silently dropped. */
+__u64 untimed = 0;
 
 struct hist_key {
 	__u32 dev;   /* whole disk (BS_MKDEV) with -D, else 0 */
@@ -40,24 +47,11 @@ struct {
 
 static const struct hist_value empty_value = {};
 
-/* Completion first, issue last: see the attach order in block.bpf.h. */
-SEC("tp_btf/block_rq_complete")
-int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+static __always_inline void record(struct request *rq, __u64 latency)
 {
-	struct bs_rq_start *s = bs_rq_get(rq);
 	struct hist_key key = {};
 	struct hist_value *v;
-	__u64 now, start, latency;
 
-	if (!s)
-		return 0; /* issued before we attached */
-	if (!bs_rq_done(rq, nr_bytes))
-		return 0; /* partial completion: counted once, when the request ends */
-	if (!s->issue_ns || !bs_rq_dev_selected(rq) || !bs_rq_selected(s))
-		goto forget;
-	now = bpf_ktime_get_ns();
-	/* A request issued directly, without the scheduler, was never queued: its queue time is zero. */
-	start = queued && s->insert_ns && s->insert_ns <= s->issue_ns ? s->insert_ns : s->issue_ns;
 	if (per_disk)
 		key.dev = bs_rq_dev(rq);
 	if (per_flags) {
@@ -69,11 +63,39 @@ int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int n
 		bpf_map_update_elem(&hists, &key, &empty_value, BPF_NOEXIST);
 		v = bpf_map_lookup_elem(&hists, &key);
 		if (!v)
-			goto forget;
+			return;
 	}
-	latency = now - start;
 	__sync_fetch_and_add(&v->total_ns, latency);
 	bs_hist_add_loglin(&v->hist, latency);
+}
+
+/* Completion first, issue last: see the attach order in block.bpf.h. */
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	struct bs_rq_start *s;
+	__u64 now = bpf_ktime_get_ns(), start;
+
+	if (kernel_clock) {
+		if (!bs_rq_done(rq, nr_bytes) || !bs_rq_dev_selected(rq))
+			return 0;
+		start = BPF_CORE_READ(rq, io_start_time_ns);
+		if (!start || start > now)
+			__sync_fetch_and_add(&untimed, 1);
+		else
+			record(rq, now - start);
+		return 0;
+	}
+	s = bs_rq_get(rq);
+	if (!s)
+		return 0; /* issued before we attached */
+	if (!bs_rq_done(rq, nr_bytes))
+		return 0; /* partial completion: counted once, when the request ends */
+	if (!s->issue_ns || !bs_rq_dev_selected(rq) || !bs_rq_selected(s))
+		goto forget;
+	/* A request issued directly, without the scheduler, was never queued: its queue time is zero. */
+	start = queued && s->insert_ns && s->insert_ns <= s->issue_ns ? s->insert_ns : s->issue_ns;
+	record(rq, now - start);
 forget:
 	bs_rq_forget(rq);
 	return 0;
