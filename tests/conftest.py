@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -117,3 +117,25 @@ def trace_workload(tool_args: list[str], workload: str, timeout: float = 60.0) -
             tool.wait()
     assert tool.returncode == 0, err
     return out, attached + err
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    """A fresh cgroup v2 directory for the test's processes, removed afterwards."""
+    from bpfscope.core.tool import cgroup2_mounts
+
+    mounts = cgroup2_mounts()
+    if not mounts:
+        pytest.fail("no cgroup v2 mount: --cgroup cannot be tested")
+    path = mounts[0] / f"bpfscope-test-{os.getpid()}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        # Its processes have exited by now; an empty cgroup can be removed.
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)

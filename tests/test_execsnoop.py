@@ -12,14 +12,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from bpfscope.core.bpf import BpfObject, tool_object
-from bpfscope.core.tool import cgroup2_mounts
 
 NOBODY = 65534
 TRUE = "/bin/true"
@@ -323,25 +322,6 @@ def test_every_name_length_loads() -> None:
         rodata = {"targ_name": name, "targ_name_len": length, "targ_ppid": 1, "targ_uid": 0}
         with BpfObject(tool_object("execsnoop"), rodata=rodata) as obj:
             obj.load()
-
-
-@pytest.fixture
-def cgroup() -> Iterator[Path]:
-    mounts = cgroup2_mounts()
-    if not mounts:
-        pytest.fail("no cgroup v2 mount: --cgroup cannot be tested")
-    path = mounts[0] / f"bpfscope-test-{os.getpid()}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        # Its processes have exited by now; an empty cgroup can be removed.
-        for _ in range(50):
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def test_every_filter_at_once(tmp_path: Path, cgroup: Path) -> None:

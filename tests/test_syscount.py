@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import trace_workload
-
-from bpfscope.core.tool import cgroup2_mounts
 
 WORKLOAD = """
 for _ in range(1000):
@@ -58,25 +53,6 @@ def test_latency_percentiles_of_known_sleeps() -> None:
     assert 4000 <= sleep["p50_us"] <= 6000
     assert 4000 <= sleep["avg_us"] <= 8000
     assert sleep["p50_us"] <= sleep["p99_us"] <= sleep["p999_us"]
-
-
-@pytest.fixture
-def cgroup() -> Iterator[Path]:
-    mounts = cgroup2_mounts()
-    if not mounts:
-        pytest.fail("no cgroup v2 mount: --cgroup cannot be tested")
-    path = mounts[0] / f"bpfscope-test-{os.getpid()}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        # The child has exited by now; an empty cgroup can be removed.
-        for _ in range(50):
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def test_cgroup_filter_sees_only_that_cgroup(cgroup: Path) -> None:
