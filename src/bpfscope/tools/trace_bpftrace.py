@@ -35,6 +35,7 @@ def run_bpftrace(program: str, out: Output, duration: float | None, top: int) ->
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     assert proc.stdout is not None and proc.stderr is not None
     deadline = time.monotonic() + duration if duration else None
@@ -64,6 +65,15 @@ def run_bpftrace(program: str, out: Output, duration: float | None, top: int) ->
         raise BpfscopeError(f"bpftrace failed: {reason}")
     for record in records:
         _show(record, out, top)
+
+
+def _die_with_parent() -> None:
+    """In the child: its own session keeps it from the terminal's Ctrl-C, so if bpfscope itself is
+    killed, the kernel must end bpftrace (and its programs) too."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _errors(stderr: str) -> list[str]:
