@@ -19,10 +19,11 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Debian packages: build (clang, libbpf-dev, bpftool), run (libbpf1), the Python environment, and for
-# the tests and benchmarks the peers we compare against (bpftrace, fio, iostat from sysstat).
+# the tests, benchmarks and experiments the peers we compare against (bpftrace, fio, iostat from sysstat,
+# iperf3) and the servers and tools the scenarios run (nginx, haproxy, nftables, iproute2).
 packages=(clang libbpf-dev libbpf1 bpftool linux-libc-dev python3 python3-venv python3-pip mount util-linux)
 if [ "$mode" = test ]; then
-    packages+=(bpftrace fio sysstat libcap2-bin procps)
+    packages+=(bpftrace fio sysstat libcap2-bin procps iproute2 iperf3 nftables nginx haproxy)
 fi
 missing=()
 for p in "${packages[@]}"; do

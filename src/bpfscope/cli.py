@@ -20,6 +20,23 @@ TOOLS: dict[str, tuple[str, str]] = {
     "biolatency": ("bpfscope.tools.biolatency", "Block I/O latency histograms and p50/p99, per disk or op."),
     "biotop": ("bpfscope.tools.biotop", "Top processes by block I/O: counts, kB, average and p99 latency."),
     "iostat": ("bpfscope.tools.iostat", "iostat -x per disk with queue depth, p50/p99 latency, top process."),
+    "tcptop": ("bpfscope.tools.tcptop", "Top TCP connections by throughput: process, addresses, rx/tx kB."),
+    "tcpretrans": (
+        "bpfscope.tools.tcpretrans",
+        "Each TCP retransmit (timeout, fast, TLP, SYN), or counts and % per connection.",
+    ),
+    "tcplife": ("bpfscope.tools.tcplife", "Each closed TCP connection: process, addresses, bytes, duration."),
+    "tcpconn": ("bpfscope.tools.tcpconn", "TCP connects, accepts and failures, by process and remote."),
+    "sockstat": (
+        "bpfscope.tools.sockstat",
+        "Socket queues against their buffers (saturation %), buffer-full events.",
+    ),
+    "cachestat": ("bpfscope.tools.cachestat", "Page-cache lookups, hits, misses, hit ratio, dirtied pages."),
+    "cachetop": ("bpfscope.tools.cachetop", "Files and processes that miss the page cache most, with paths."),
+    "fincore": ("bpfscope.tools.fincore", "How much of each file is in the page cache, and dirty."),
+    "vfsstat": ("bpfscope.tools.vfsstat", "VFS reads, writes, opens, creates, fsyncs per second."),
+    "filetop": ("bpfscope.tools.filetop", "Top files by bytes read and written, with process and path."),
+    "writeback": ("bpfscope.tools.writeback", "Dirty and writeback pages, flushes, pages per flush, reason."),
     "check": ("bpfscope.check", "Is CPU, RAM or a disk the problem? Verdicts over a window, exit 1 if so."),
     "trace": (
         "bpfscope.tools.trace",

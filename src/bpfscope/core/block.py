@@ -9,7 +9,6 @@ layout. Keep the two in step.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,6 @@ from bpfscope.errors import BpfscopeError
 
 if TYPE_CHECKING:
     from bpfscope.core.bpf import BpfObject
-    from bpfscope.core.tool import RunOptions
 
 SYS_BLOCK = Path("/sys/block")
 SYS_CLASS_BLOCK = Path("/sys/class/block")
@@ -360,41 +358,3 @@ def request_based(name: str) -> bool:
     """Whether the block_rq_* tracepoints see this disk's I/O: request-based (blk-mq) disks do; bio-based
     ones (zram, device-mapper, md) have no requests, and no nr_requests."""
     return (SYS_BLOCK / name / "queue" / "nr_requests").exists()
-
-
-def interval_ticks(opts: RunOptions, note: str, default_interval: float | None = None) -> Iterator[float]:
-    """Like core.tool.ticks (seconds since start at each interval, then once more at the end), but
-    SIGINT and SIGTERM only end the wait, as in core.stream: a signal that arrives while the tool reads
-    its maps or prints cannot cut the output short, and the last, partial interval is always shown.
-
-    ``note`` ("Tracing ...") goes to stderr once the signals are caught, so that whoever waits for it
-    may stop the tool at once.
-    """
-    import select
-    import time
-
-    from bpfscope.core.stream import stop_requests
-
-    with stop_requests() as stop:
-        opts.output.note(note)
-        start = time.monotonic()
-        interval = opts.interval or default_interval
-        deadline = start + opts.duration if opts.duration else None
-        next_tick = start + interval if interval else None
-        done = 0
-        while True:
-            wakes = [t for t in (next_tick, deadline) if t is not None]
-            timeout = max(0.0, min(wakes) - time.monotonic()) if wakes else None
-            if select.select([stop.wake_fd], [], [], timeout)[0] and not stop:
-                # Woken by another signal's byte: take it out, or the next wait would not wait.
-                os.read(stop.wake_fd, 512)
-            now = time.monotonic()
-            if stop or (deadline is not None and now >= deadline - 1e-3):
-                yield now - start
-                return
-            if next_tick is not None and now >= next_tick:
-                done += 1
-                yield now - start
-                if opts.count and done >= opts.count:
-                    return
-                next_tick += interval or 0.0

@@ -6,6 +6,7 @@ final summary. The kernel-side filters for -p and --cgroup live in bpfscope.bpf.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -110,31 +111,42 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def ticks(opts: RunOptions, default_interval: float | None = None) -> Iterator[float]:
-    """Yield at each interval (seconds since start) until count, duration, Ctrl-C or SIGTERM.
+def ticks(
+    opts: RunOptions, note: str | None = None, default_interval: float | None = None
+) -> Iterator[float]:
+    """Yield seconds since start at each interval until count, then once more at the end (duration over,
+    Ctrl-C or SIGTERM), so the last, partial interval is always shown. With no interval it yields once,
+    at the end.
 
-    With no interval the tool runs until the duration ends or it is stopped, then yields once.
+    SIGINT and SIGTERM only end the wait (as in core.stream): a signal that arrives while the tool reads
+    its maps or prints cannot cut the output short. ``note`` ("Tracing ...") goes to stderr once the
+    signals are caught, so that whoever waits for it may stop the tool at once.
     """
-    start = time.monotonic()
-    interval = opts.interval or default_interval
-    deadline = start + opts.duration if opts.duration else None
-    n = 0
-    try:
+    import select
+
+    from bpfscope.core.stream import stop_requests
+
+    with stop_requests() as stop:
+        if note:
+            opts.output.note(note)
+        start = time.monotonic()
+        interval = opts.interval or default_interval
+        deadline = start + opts.duration if opts.duration else None
+        next_tick = start + interval if interval else None
+        done = 0
         while True:
+            wakes = [t for t in (next_tick, deadline) if t is not None]
+            timeout = max(0.0, min(wakes) - time.monotonic()) if wakes else None
+            if select.select([stop.wake_fd], [], [], timeout)[0] and not stop:
+                # Woken by another signal's byte: take it out, or the next wait would not wait.
+                os.read(stop.wake_fd, 512)
             now = time.monotonic()
-            step = interval if interval else (deadline - now if deadline else 3600.0)
-            wake = now + step
-            if deadline is not None:
-                wake = min(wake, deadline)
-            time.sleep(max(0.0, wake - time.monotonic()))
-            n += 1
-            last = deadline is not None and time.monotonic() >= deadline - 1e-3
-            if opts.count is not None and n >= opts.count:
-                last = True
-            if interval or last:
-                yield time.monotonic() - start
-            if last:
+            if stop or (deadline is not None and now >= deadline - 1e-3):
+                yield now - start
                 return
-    except (KeyboardInterrupt, Stop):
-        # One last tick so the tool prints what it has (the partial interval, or the whole run).
-        yield time.monotonic() - start
+            if next_tick is not None and now >= next_tick:
+                done += 1
+                yield now - start
+                if opts.count and done >= opts.count:
+                    return
+                next_tick += interval or 0.0

@@ -18,7 +18,7 @@ import numpy as np
 from bpfscope.core import block
 from bpfscope.core.bpf import BpfObject, require, tool_object
 from bpfscope.core.hist import Histogram, log2_slot
-from bpfscope.core.tool import RunOptions, tool_options
+from bpfscope.core.tool import RunOptions, ticks, tool_options
 
 # BTF tracepoints are BPF_PROG_TYPE_TRACING, which libbpf cannot probe alone: raw tracepoints stand in.
 REQUIRES = ("raw_tracepoint",)
@@ -195,7 +195,7 @@ def command(
     with BpfObject(tool_object("biolatency"), rodata=rodata, autoload=autoload) as obj:
         obj.attach()
         before: dict[Key, Entry] = {}
-        for elapsed in block.interval_ticks(opts, "Tracing block device I/O... Ctrl-C to end."):
+        for elapsed in ticks(opts, "Tracing block device I/O... Ctrl-C to end."):
             now = snapshot(obj)
             if opts.interval:
                 report.show(delta(now, before), f"{elapsed:.1f}s")

@@ -18,7 +18,7 @@ import click
 from bpfscope.core import block
 from bpfscope.core.bpf import BpfObject, require, tool_object
 from bpfscope.core.hist import Histogram
-from bpfscope.core.tool import RunOptions, tool_options
+from bpfscope.core.tool import RunOptions, ticks, tool_options
 
 # BTF tracepoints are BPF_PROG_TYPE_TRACING, which libbpf cannot probe alone: raw tracepoints stand in.
 REQUIRES = ("raw_tracepoint",)
@@ -223,7 +223,7 @@ def command(opts: RunOptions, disk: str | None, sort: str, max_rows: int, noclea
         obj.attach()
         before: dict[Key, Row] = {}
         note = "Tracing block I/O... Ctrl-C to end."
-        for elapsed in block.interval_ticks(opts, note, DEFAULT_INTERVAL):
+        for elapsed in ticks(opts, note, DEFAULT_INTERVAL):
             now = snapshot(obj)
             screen.show(delta(now, before), elapsed)
             evict_exited(obj, now, before)

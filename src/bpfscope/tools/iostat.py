@@ -51,7 +51,7 @@ import click
 
 from bpfscope.core import block
 from bpfscope.core.bpf import BpfObject, require, tool_object
-from bpfscope.core.tool import RunOptions, tool_options
+from bpfscope.core.tool import RunOptions, ticks, tool_options
 from bpfscope.errors import BpfscopeError
 
 if TYPE_CHECKING:
@@ -638,8 +638,8 @@ def command(opts: RunOptions, disk: str | None, top: int) -> None:
         sampler.start()
         # The note follows the first reading at once: a peer sampling alongside (as the tests run
         # sysstat) can start on it with interval boundaries a few milliseconds apart.
-        ticks = block.interval_ticks(opts, "Tracing block I/O... Ctrl-C to end.")
-        for n, _elapsed in enumerate(ticks, 1):
+        intervals = ticks(opts, "Tracing block I/O... Ctrl-C to end.")
+        for n, _elapsed in enumerate(intervals, 1):
             sample = sampler.sample()
             show = [d for d in sample.disks.values() if d.used or disk]
             show.sort(key=lambda d: d.name)
