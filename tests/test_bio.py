@@ -221,7 +221,11 @@ def test_biosnoop_sees_every_io(saturated: Traced) -> None:
     assert {e["pid"] for e in events} == {saturated.pids[0]}
     assert {e["comm"] for e in events} == {"fio"}
     assert {e["disk"] for e in events} == {DISK}
-    assert {e["task"] for e in events} == {"submitter"}
+    # Attributed to the task that submitted each I/O, except where the kernel ran no program at
+    # block_io_start (the same rare skips as at completion): then the issuing task, here fio too.
+    issuer = sum(e["task"] == "issuer" for e in events)
+    assert {e["task"] for e in events} <= {"submitter", "issuer"}
+    assert issuer <= 0.01 * len(events), issuer
     # O_DIRECT I/O is synchronous: R or W, then S.
     assert {e["rwbs"] for e in reads} == {"RS"}
     assert {e["rwbs"][0] for e in writes} == {"W"}
