@@ -607,10 +607,11 @@ class BpfObject:
 
     def losses(self) -> str:
         """One line for a tool's summary: nothing is lost silently."""
-        dropped, missed = (self.dropped() if self._has_bss() else 0), self.missed()
-        return (
-            f"{dropped} events lost (ring buffer full), {missed} events missed (kernel skipped the program)"
-        )
+        missed = f"{self.missed()} events missed (kernel skipped the program)"
+        if not any(m.type == libbpf.MAP_TYPE_RINGBUF for m in self.maps.values()):
+            return missed  # counts in maps: nothing to lose to a full buffer
+        dropped = self.dropped() if self._has_bss() else 0
+        return f"{dropped} events lost (ring buffer full), {missed}"
 
     def _has_bss(self) -> bool:
         return any(m.name.endswith(".bss") for m in self.maps.values())
