@@ -1,0 +1,258 @@
+/* Page-cache accounting from tracepoints alone (no kprobes), shared by cachestat and cachetop.
+ *
+ * Per row (a process, or with cache_by_file a process and a file) the kernel counts:
+ *   read_pages   pages asked of the page cache by read(2)-family calls: filemap:mm_filemap_get_pages
+ *                covers index..last_index. filemap_read() calls filemap_get_pages() once per batch of
+ *                folios and each call reports the whole rest of the request, so a call that continues
+ *                the same request (same task, file and last_index, a later index) adds nothing.
+ *   fault_pages  pages asked through mmap: filemap:mm_filemap_map_pages (fault-around: the range it
+ *                mapped from the cache) plus filemap:mm_filemap_fault (a page fault-around did not find).
+ *   added        pages added to the page cache: filemap:mm_filemap_add_to_page_cache fires once per
+ *                folio, worth 1 << order pages. Reads, readahead, faults and writes all add pages.
+ *   write_added  the part of `added` that writes created: a folio the same task marks dirty right after
+ *                adding it (writeback:writeback_dirty_folio with the same inode and index). A page a write
+ *                creates was never looked up, so it is no miss.
+ *   dirtied      pages marked dirty (writeback_dirty_folio, tp_btf to learn the folio's size).
+ * Misses are added - write_added; user space derives hits and the ratio (core/cache.py).
+ *
+ * Include after vmlinux.h, <bpf/bpf_helpers.h>, <bpf/bpf_tracing.h>, <bpf/bpf_core_read.h> and
+ * bpfscope.bpf.h.
+ */
+#ifndef BPFSCOPE_CACHE_BPF_H
+#define BPFSCOPE_CACHE_BPF_H
+
+#define CACHE_MAX_ROWS 65536
+#define CACHE_MAX_TASKS 16384
+
+/* Rows per process, and per file too when set (cachetop). */
+const volatile bool cache_by_file = false;
+
+struct cache_key {
+	__u32 tgid;
+	__u32 dev; /* the superblock's s_dev, kernel encoding (major << 20 | minor); 0 unless by file */
+	__u64 ino; /* 0 unless by file */
+	char comm[16];
+};
+
+struct cache_counts {
+	__u64 read_pages;
+	__u64 fault_pages;
+	__u64 added;
+	__u64 write_added;
+	__u64 dirtied;
+};
+
+/* What one task did last: the read request in progress, the folio it added last. */
+struct cache_task {
+	__u64 read_ino;
+	__u64 read_index;
+	__u64 read_last;
+	__u32 read_dev;
+	__u32 added_pages;
+	__u64 added_ino;
+	__u64 added_index;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CACHE_MAX_ROWS);
+	__type(key, struct cache_key);
+	__type(value, struct cache_counts);
+} cache_rows SEC(".maps");
+
+/* Totals, never evicted: the system-wide (or filtered) figures do not depend on the rows map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cache_counts);
+} cache_total SEC(".maps");
+
+/* Short-lived per-task state: an LRU map, so that exited tasks make room by themselves. Losing one only
+ * means a continued read counted twice or a write-created folio counted as a miss. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CACHE_MAX_TASKS);
+	__type(key, __u32);
+	__type(value, struct cache_task);
+} cache_tasks SEC(".maps");
+
+/* Events whose row did not fit in cache_rows (counted in cache_total all the same). */
+__u64 cache_rows_dropped = 0;
+
+enum cache_field { CACHE_READ, CACHE_FAULT, CACHE_ADDED, CACHE_WRITE_ADDED, CACHE_DIRTIED };
+
+static __always_inline void cache_add_to(struct cache_counts *c, enum cache_field field, __u64 pages)
+{
+	switch (field) {
+	case CACHE_READ:
+		__sync_fetch_and_add(&c->read_pages, pages);
+		break;
+	case CACHE_FAULT:
+		__sync_fetch_and_add(&c->fault_pages, pages);
+		break;
+	case CACHE_ADDED:
+		__sync_fetch_and_add(&c->added, pages);
+		break;
+	case CACHE_WRITE_ADDED:
+		__sync_fetch_and_add(&c->write_added, pages);
+		break;
+	case CACHE_DIRTIED:
+		__sync_fetch_and_add(&c->dirtied, pages);
+		break;
+	}
+}
+
+static __always_inline void cache_count(__u32 dev, __u64 ino, enum cache_field field, __u64 pages)
+{
+	struct cache_counts *c, zero = {};
+	struct cache_key key = {};
+	__u32 idx = 0;
+
+	c = bpf_map_lookup_elem(&cache_total, &idx);
+	if (c)
+		cache_add_to(c, field, pages); /* per-CPU: no other writer, but the helper keeps one path */
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	if (cache_by_file) {
+		key.dev = dev;
+		key.ino = ino;
+	}
+	bpf_get_current_comm(key.comm, sizeof(key.comm));
+	c = bpf_map_lookup_elem(&cache_rows, &key);
+	if (!c) {
+		bpf_map_update_elem(&cache_rows, &key, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&cache_rows, &key);
+		if (!c) {
+			__sync_fetch_and_add(&cache_rows_dropped, 1);
+			return;
+		}
+	}
+	cache_add_to(c, field, pages);
+}
+
+static __always_inline struct cache_task *cache_task_state(void)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct cache_task *t = bpf_map_lookup_elem(&cache_tasks, &tid);
+	struct cache_task zero = {};
+
+	if (t)
+		return t;
+	bpf_map_update_elem(&cache_tasks, &tid, &zero, BPF_ANY);
+	return bpf_map_lookup_elem(&cache_tasks, &tid);
+}
+
+SEC("tracepoint/filemap/mm_filemap_get_pages")
+int cache_get_pages(struct trace_event_raw_mm_filemap_op_page_cache_range *ctx)
+{
+	__u64 ino = ctx->i_ino, index = ctx->index, last = ctx->last_index;
+	__u32 dev = ctx->s_dev;
+	struct cache_task *t;
+
+	if (!bs_task_selected() || last < index)
+		return 0;
+	t = cache_task_state();
+	if (t) {
+		bool continued = t->read_ino == ino && t->read_dev == dev && t->read_last == last &&
+				 index > t->read_index;
+		t->read_ino = ino;
+		t->read_dev = dev;
+		t->read_last = last;
+		t->read_index = index;
+		if (continued)
+			return 0;
+	}
+	cache_count(dev, ino, CACHE_READ, last - index + 1);
+	return 0;
+}
+
+SEC("tracepoint/filemap/mm_filemap_map_pages")
+int cache_map_pages(struct trace_event_raw_mm_filemap_op_page_cache_range *ctx)
+{
+	__u64 ino = ctx->i_ino, index = ctx->index, last = ctx->last_index;
+	__u32 dev = ctx->s_dev;
+
+	if (!bs_task_selected() || last < index)
+		return 0;
+	cache_count(dev, ino, CACHE_FAULT, last - index + 1);
+	return 0;
+}
+
+SEC("tracepoint/filemap/mm_filemap_fault")
+int cache_fault(struct trace_event_raw_mm_filemap_fault *ctx)
+{
+	__u64 ino = ctx->i_ino;
+	__u32 dev = ctx->s_dev;
+
+	if (!bs_task_selected())
+		return 0;
+	cache_count(dev, ino, CACHE_FAULT, 1);
+	return 0;
+}
+
+SEC("tracepoint/filemap/mm_filemap_add_to_page_cache")
+int cache_add(struct trace_event_raw_mm_filemap_op_page_cache *ctx)
+{
+	/* Fields read once into locals: the verifier rejects a ctx pointer the compiler offsets. */
+	__u64 ino = ctx->i_ino, index = ctx->index;
+	__u32 dev = ctx->s_dev, pages = 1U << (ctx->order & 31);
+	struct cache_task *t;
+
+	if (!bs_task_selected())
+		return 0;
+	t = cache_task_state();
+	if (t) {
+		t->added_ino = ino;
+		t->added_index = index;
+		t->added_pages = pages;
+	}
+	cache_count(dev, ino, CACHE_ADDED, pages);
+	return 0;
+}
+
+/* memdesc_flags_t wraps the flags word since 6.18; before, folio->flags was the word itself. */
+struct folio___flags_word {
+	unsigned long flags;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u32 cache_folio_pages(struct folio *folio)
+{
+	unsigned long flags;
+
+	if (bpf_core_type_exists(memdesc_flags_t))
+		flags = BPF_CORE_READ(folio, flags.f);
+	else
+		flags = BPF_CORE_READ((struct folio___flags_word *)folio, flags);
+	if (!(flags & (1UL << bpf_core_enum_value(enum pageflags, PG_head))))
+		return 1;
+	/* A large folio keeps its order in the low byte of _flags_1 (folio_large_order()). */
+	return 1U << (BPF_CORE_READ(folio, _flags_1) & 31);
+}
+
+SEC("tp_btf/writeback_dirty_folio")
+int BPF_PROG(cache_dirty, struct folio *folio, struct address_space *mapping)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct cache_task *t;
+	struct inode *host;
+	__u64 ino, index;
+	__u32 dev, pages;
+
+	/* The verifier knows both may be NULL and allows no arithmetic on them before a check. */
+	if (!folio || !mapping || !bs_task_selected())
+		return 0;
+	host = BPF_CORE_READ(mapping, host);
+	ino = BPF_CORE_READ(host, i_ino);
+	dev = BPF_CORE_READ(host, i_sb, s_dev);
+	index = BPF_CORE_READ(folio, index);
+	pages = cache_folio_pages(folio);
+	cache_count(dev, ino, CACHE_DIRTIED, pages);
+	t = bpf_map_lookup_elem(&cache_tasks, &tid);
+	if (t && t->added_pages && t->added_ino == ino && t->added_index == index) {
+		cache_count(dev, ino, CACHE_WRITE_ADDED, t->added_pages);
+		t->added_pages = 0;
+	}
+	return 0;
+}
+
+#endif

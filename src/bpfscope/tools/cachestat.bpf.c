@@ -1,0 +1,11 @@
+/* cachestat: page-cache lookups, misses and dirtied pages per process, from tracepoints only.
+ * The counting is cache.bpf.h's, shared with cachetop (which keys rows by file too).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "bpfscope.bpf.h"
+#include "cache.bpf.h"
+
+char LICENSE[] SEC("license") = "GPL";
