@@ -1,0 +1,419 @@
+"""bpfscope sockstat against the kernel's own accounts of the same sockets.
+
+Every workload runs in a network namespace of its own (``bsbt<pid>``), so that its sockets, ports and
+per-namespace counters (/proc/net/snmp, nstat) belong to it alone while other work runs on the machine:
+queues and buffers are compared with ``ss -tnm`` run in that namespace, drop counts with the namespace's
+SNMP counters and the socket's own drop counter, tracepoint counts with bpftrace on the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bpfscope.check import Verdict, run_check
+from bpfscope.tools.sockstat import SocketBufferProvider, SocketRow, SocketSampler
+
+IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "ip"
+PORT = 42010
+MEMCG_V1 = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"bsbt{os.getpid()}"
+    subprocess.run([IP, "netns", "add", name], check=True)
+    try:
+        subprocess.run([IP, "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run([IP, "netns", "del", name], check=False)
+
+
+class Peer:
+    """Python code run inside a namespace. It prints one JSON line when its sockets are set up (its facts:
+    pid, ports, ...) and keeps them open until told to end."""
+
+    PRELUDE = "import json, os, socket, sys, time\n"
+    EPILOGUE = "\nprint(json.dumps(facts), flush=True)\nsys.stdin.readline()\n"
+
+    def __init__(self, ns: str, code: str, wrapper: list[str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *(wrapper or []),
+                IP,
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-c",
+                self.PRELUDE + code + self.EPILOGUE,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.end()
+            raise AssertionError("the workload did not start")
+        self.facts = json.loads(line)
+
+    def end(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("end\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+
+# A server that accepts and never reads, and a client that writes FILL bytes without blocking (as much
+# as fits when FILL is more than fits).
+TCP_FILL = """
+srv = socket.socket()
+srv.bind(("127.0.0.1", {port}))
+srv.listen()
+cli = socket.create_connection(("127.0.0.1", {port}))
+conn, _ = srv.accept()
+cli.setblocking(False)
+sent = 0
+try:
+    while sent < {fill}:
+        sent += cli.send(b"x" * min(65536, {fill} - sent))
+except BlockingIOError:
+    pass
+time.sleep(0.3)  # the last segments reach the receiver, or its window closes
+facts = {{"pid": os.getpid(), "sent": sent, "client_port": cli.getsockname()[1]}}
+"""
+
+
+def ss(ns: str, *filters: str) -> list[dict[str, int | str]]:
+    """``ss -tnm`` in ``ns``: Recv-Q, Send-Q, ports and the skmem fields of each socket."""
+    out = subprocess.run(
+        [IP, "netns", "exec", ns, "ss", "-tnmH", *filters], capture_output=True, text=True, check=True
+    ).stdout
+    sockets = []
+    for head, mem in zip(*[iter(out.strip().splitlines())] * 2, strict=True):
+        parts = head.split()
+        if not parts[0].isdigit():
+            parts = parts[1:]  # the State column, there unless a state filter was given
+        skmem = dict(re.findall(r"([a-z]+)(\d+)", mem.split("skmem:(")[1].split(")")[0]))
+        sockets.append(
+            {
+                "recv_q": int(parts[0]),
+                "send_q": int(parts[1]),
+                "local": parts[2],
+                "remote": parts[3],
+                **{k: int(v) for k, v in skmem.items()},
+            }
+        )
+    return sockets
+
+
+def ns_rows(rows: list[SocketRow], ns: str) -> list[SocketRow]:
+    return [r for r in rows if r.netns_name == ns]
+
+
+def test_queues_and_saturation_are_what_ss_shows(netns: str) -> None:
+    """50,000 bytes fit in the receive buffer: the receive queue is exactly that, as ss shows it; the
+    process and namespace are those of the server, in a namespace other than ours."""
+    with SocketSampler(bpf=False) as sampler, Peer(netns, TCP_FILL.format(port=PORT, fill=50_000)) as peer:
+        sampler.start()
+        rows = ns_rows(sampler.sample().rows, netns)
+        kernel = ss(netns, "state", "established", f"sport = :{PORT}")
+    [server] = [r for r in rows if r.sport == PORT and r.state == "ESTAB"]
+    [truth] = kernel
+    assert server.recv_q == peer.facts["sent"] == 50_000 == truth["recv_q"]
+    assert (server.rmem_alloc, server.rcvbuf) == (truth["r"], truth["rb"])
+    assert server.recv_pct == pytest.approx(100 * truth["r"] / truth["rb"])
+    assert 0 < server.recv_pct < 90  # it fits
+    assert server.dport == peer.facts["client_port"] and server.daddr == "127.0.0.1"
+    assert server.pid == peer.facts["pid"] and server.comm.startswith("python")
+    assert server.netns != os.stat("/proc/self/ns/net").st_ino
+    [listener] = [r for r in rows if r.state == "LISTEN"]
+    assert listener.pid == peer.facts["pid"] and listener.recv_q == 0 and listener.recv_pct == 0
+
+
+def test_full_buffers_on_both_sides(netns: str) -> None:
+    """More than fits: the receiver's buffer is full and the sender's send queue holds the rest."""
+    with SocketSampler(bpf=False) as sampler, Peer(netns, TCP_FILL.format(port=PORT, fill=50 << 20)) as peer:
+        sampler.start()
+        rows = ns_rows(sampler.sample().rows, netns)
+        receiver_ss = ss(netns, "state", "established", f"sport = :{PORT}")[0]
+        sender_ss = ss(netns, "state", "established", f"dport = :{PORT}")[0]
+    receiver = next(r for r in rows if r.sport == PORT and r.state == "ESTAB")
+    sender = next(r for r in rows if r.dport == PORT)
+    # A stalled connection does not move: both reads see the same numbers.
+    assert (receiver.recv_q, receiver.rmem_alloc, receiver.rcvbuf) == (
+        receiver_ss["recv_q"],
+        receiver_ss["r"],
+        receiver_ss["rb"],
+    )
+    assert (sender.send_q, sender.wmem_queued, sender.sndbuf) == (
+        sender_ss["send_q"],
+        sender_ss["w"],
+        sender_ss["tb"],
+    )
+    # Everything written is either in the receiver's queue or in the sender's.
+    assert receiver.recv_q + sender.send_q == peer.facts["sent"]
+    # The window closes when what is left of the buffer is smaller than a segment: at least 90% full.
+    assert receiver.recv_pct >= 90
+    assert sender.send_pct == pytest.approx(100 * sender_ss["w"] / sender_ss["tb"]) and sender.send_pct > 50
+
+
+def snmp(ns: str, path: str = "/proc/net/snmp") -> dict[str, int]:
+    """The namespace's counters, as "Udp.RcvbufErrors" -> value (also /proc/net/netstat's TcpExt)."""
+    text = subprocess.run([IP, "netns", "exec", ns, "cat", path], capture_output=True, text=True).stdout
+    lines = text.splitlines()
+    counters = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        group = names.split(":")[0]
+        for name, value in zip(names.split()[1:], values.split()[1:], strict=True):
+            counters[f"{group}.{name}"] = int(value)
+    return counters
+
+
+UDP_FLOOD = """
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+rx.bind(("127.0.0.1", {port}))
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range({count}):
+    tx.sendto(b"y" * 1000, ("127.0.0.1", {port}))
+facts = {{"pid": os.getpid()}}
+"""
+
+
+def test_udp_overflow_counted_per_socket(netns: str) -> None:
+    """1000 datagrams of 1000 bytes into a 4 KiB receive buffer that nobody reads: all but the few that
+    fit are dropped. Each drop is a SOCKET_RCVBUFF drop counted on the receiving socket, as many as the
+    namespace's Udp RcvbufErrors and the socket's own drop counter (ss -m's d)."""
+    before = snmp(netns)
+    with SocketSampler() as sampler:
+        sampler.start()
+        with Peer(netns, UDP_FLOOD.format(port=PORT, count=1000)) as peer:
+            rows = ns_rows(sampler.sample().rows, netns)
+            after = snmp(netns)
+    [rx] = [r for r in rows if r.proto == "udp" and r.sport == PORT]
+    errors = after["Udp.RcvbufErrors"] - before["Udp.RcvbufErrors"]
+    assert 900 < errors < 1000
+    assert rx.events["drop_rcvbuf"] == errors == rx.drops == rx.full_events
+    assert rx.events["rcvqueue_full"] == 0  # UDP checks its buffer itself
+    assert rx.pid == peer.facts["pid"]
+    assert rx.recv_pct > 50  # a few datagrams fill 4 KiB (twice that, as the kernel doubles it)
+
+
+def bpftrace_count(program: str) -> subprocess.Popen[str]:
+    tracer = subprocess.Popen(
+        ["bpftrace", "-e", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert tracer.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = tracer.stdout.readline()
+        if line.startswith("Attaching"):
+            return tracer
+        if not line and tracer.poll() is not None:
+            break
+    tracer.kill()
+    raise AssertionError("bpftrace did not attach")
+
+
+def bpftrace_result(tracer: subprocess.Popen[str]) -> dict[str, int]:
+    tracer.send_signal(signal.SIGINT)  # bpftrace prints its maps as it exits
+    out, _ = tracer.communicate(timeout=30)
+    # "@name: N" or "@name[key]: N" -> {"name": N} or {"name[key]": N}
+    return {m[0]: int(m[1]) for m in re.findall(r"^@(\w+(?:\[\d+\])?): (\d+)$", out, re.MULTILINE)}
+
+
+# ICMP echo replies to a ping socket whose 2345-byte receive buffer (4690 once doubled) nobody reads:
+# ping sockets queue through sock_queue_rcv_skb, which fires sock_rcvqueue_full. The odd size lets bpftrace
+# pick out this socket's events among any others on the machine.
+PING_FLOOD = """
+open("/proc/sys/net/ipv4/ping_group_range", "w").write("0 0")
+ping = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+ping.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2345)
+for seq in range(500):
+    ping.sendto(bytes([8, 0, 0, 0, 0, 0, seq >> 8, seq & 255]) + b"z" * 200, ("127.0.0.1", 0))
+time.sleep(0.2)
+facts = {"pid": os.getpid(), "rcvbuf": ping.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+         "inode": os.fstat(ping.fileno()).st_ino}
+"""
+
+
+def test_rcvqueue_full_matches_bpftrace(netns: str) -> None:
+    tracer = bpftrace_count(
+        "tracepoint:sock:sock_rcvqueue_full /args->sk_rcvbuf == 4690/ { @full = count(); }"
+    )
+    try:
+        with SocketSampler() as sampler:
+            sampler.start()
+            with Peer(netns, PING_FLOOD) as peer:
+                rows = sampler.sample().rows
+    finally:
+        counted = bpftrace_result(tracer)
+    assert peer.facts["rcvbuf"] == 4690
+    # Not a TCP or UDP socket: known from the BPF side alone, named through /proc/PID/fd.
+    [ping] = [r for r in rows if r.inode == peer.facts["inode"]]
+    assert ping.proto == "icmp" and not ping.in_diag
+    assert ping.pid == peer.facts["pid"] and ping.netns_name == netns
+    assert 400 < ping.events["rcvqueue_full"] == counted["full"]
+    # Each refused reply is also dropped as SOCKET_RCVBUFF, and counted once in the total.
+    assert ping.events["drop_rcvbuf"] == ping.full_events == counted["full"]
+
+
+TCP_MANY_FILLS = """
+srv = socket.socket()
+srv.bind(("127.0.0.1", {port}))
+srv.listen()
+pairs = []
+for _ in range(4):
+    cli = socket.create_connection(("127.0.0.1", {port}))
+    pairs.append((cli, srv.accept()[0]))
+    cli.setblocking(False)
+for cli, _ in pairs:
+    try:
+        while True:
+            cli.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+time.sleep(0.5)
+facts = {{"pid": os.getpid()}}
+"""
+
+
+@pytest.mark.skipif(
+    not (MEMCG_V1 / "memory.kmem.tcp.limit_in_bytes").exists(), reason="no cgroup v1 TCP memory limit"
+)
+def test_memory_limit_events(netns: str) -> None:
+    """Four stalled connections in a memory cgroup whose TCP memory is limited to 256 KiB: the receivers
+    run into the limit (sock_exceed_buf_limit, receive side) and segments are dropped for want of memory
+    (PROTO_MEM drops, which the namespace counts as TcpExt TCPRcvQDrop, or TCPOFODrop out of order)."""
+    cgroup = MEMCG_V1 / f"bsbmem{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "memory.kmem.tcp.limit_in_bytes").write_text(str(256 << 10))
+        join = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "join"]
+        # No other socket on the machine is near a memory limit: bpftrace's global count is this run's.
+        tracer = bpftrace_count("tracepoint:sock:sock_exceed_buf_limit { @exceed[args->kind] = count(); }")
+        before = snmp(netns, "/proc/net/netstat")
+        try:
+            with SocketSampler() as sampler:
+                sampler.start()
+                with Peer(netns, TCP_MANY_FILLS.format(port=PORT), wrapper=join) as peer:
+                    rows = ns_rows(sampler.sample().rows, netns)
+                    after = snmp(netns, "/proc/net/netstat")
+        finally:
+            counted = bpftrace_result(tracer)
+    finally:
+        for _ in range(50):
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    mine = [r for r in rows if r.pid == peer.facts["pid"]]
+    exceed_recv = sum(r.events.get("exceed_recv", 0) for r in mine)
+    exceed_send = sum(r.events.get("exceed_send", 0) for r in mine)
+    # The tracepoint's kind: 0 is SK_MEM_SEND, 1 SK_MEM_RECV.
+    assert exceed_recv > 0 and exceed_recv == counted.get("exceed[1]", -1), counted
+    assert exceed_send == counted.get("exceed[0]", 0)
+    drops = sum(r.events.get("drop_mem", 0) for r in mine)
+    kernel = sum(after[k] - before[k] for k in ("TcpExt.TCPRcvQDrop", "TcpExt.TCPOFODrop"))
+    assert drops == kernel
+
+
+def test_cli_json_and_filters(netns: str, run_cli) -> None:
+    with Peer(netns, TCP_FILL.format(port=PORT, fill=50 << 20)) as peer:
+        result = run_cli("sockstat", "--json", "--port", str(PORT), "-p", str(peer.facts["pid"]), "0.5", "1")
+        full = run_cli("sockstat", "--json", "--min-pct", "90", "--no-listen", "0.5", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    # The listener, the server's end and the client's end: all three sockets of the workload, no others.
+    assert len(rows) == 3 and {r["pid"] for r in rows} == {peer.facts["pid"]}
+    assert {r["state"] for r in rows} == {"LISTEN", "ESTAB"}
+    assert all(r["netns_name"] == netns for r in rows)
+    assert rows[0]["recv_pct"] >= 90 and rows[0]["sport"] == PORT  # sorted: the full one first
+    keys = {"pid", "comm", "netns", "saddr", "sport", "daddr", "dport", "recv_q", "recv_pct", "send_pct"}
+    assert keys <= set(rows[0])
+    over = [json.loads(line) for line in full.stdout.splitlines()]
+    assert over and all(max(r["recv_pct"], r["send_pct"]) >= 90 or r["full_events"] for r in over)
+    assert any(r["pid"] == peer.facts["pid"] and r["sport"] == PORT for r in over)
+
+
+def test_table_for_people(run_cli) -> None:
+    result = run_cli("sockstat", "-C", "--duration", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "Tracing socket buffers" in result.stderr
+    assert "RECV%" in result.stdout and "network namespaces" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "0"], "--port"),
+        (["--min-pct", "101"], "--min-pct"),
+        (["-P", "sctp"], "--proto"),
+        (["-p", "999999999"], "no process"),
+        (["--cgroup", "/bsb-no-such-cgroup"], "no cgroup v2 directory"),
+        (["-s", "nonsense"], "--sort"),
+    ],
+)
+def test_bad_input(run_cli, args: list[str], message: str) -> None:
+    result = run_cli("sockstat", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_health_check_names_the_full_socket(netns: str) -> None:
+    """A reader that stopped reading is a PROBLEM on the receive buffer, named by process and namespace;
+    a UDP flood during the window shows as buffer-full events per second."""
+    stalled = Peer(netns, TCP_FILL.format(port=PORT, fill=50 << 20))
+    try:
+        flood = UDP_FLOOD.format(port=PORT + 1, count=3000)
+        # The flood starts once the provider is ready (loading its programs takes well under 1.5 s), inside
+        # the 3 s window.
+        code = "import time; time.sleep(1.5)\n" + flood
+        flooder = subprocess.Popen(
+            [IP, "netns", "exec", netns, sys.executable, "-c", "import os, socket, time\n" + code],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            report = run_check(3, providers=[SocketBufferProvider])
+        finally:
+            flooder.wait(timeout=30)
+    finally:
+        stalled.end()
+    rows = {r.metric: r for r in report.rows}
+    recv = rows["recv buffer"]
+    assert recv.verdict is Verdict.PROBLEM and recv.value is not None and recv.value >= 90
+    assert f"[{stalled.facts['pid']}]" in recv.detail and f"netns {netns}" in recv.detail
+    assert "90%" in recv.threshold
+    assert rows["send buffer"].verdict in (Verdict.OK, Verdict.WARN)  # never PROBLEM alone
+    events = rows["full events"]
+    # 3000 datagrams into a 4 KiB buffer in a 3 s window: far more than 50 drops a second.
+    assert events.value is not None and events.value > 50 and events.verdict is Verdict.PROBLEM
+    assert "drop_rcvbuf" in events.detail
+    assert report.problem
