@@ -1,0 +1,162 @@
+"""writeback against a known amount of dirty data flushed by syncfs, on a file system of the test's own.
+
+The file system is ext4 on a loop device made for the test, so its backing device (bdi "7:N") is
+nobody else's: whatever other tests write to the machine's disks, the flushes of this bdi are ours.
+Written with buffered writes and flushed with `sync -f` (syncfs), the data is written back by the
+flusher threads with reason "sync": the pages they report must be the pages written, plus at most a few
+pages of file system metadata that ext4 keeps in the block device's page cache (bitmaps, inode tables),
+which go to the same bdi. Measured here: exactly the data pages (4096 for 16 MiB), with the device
+taking 6 more pages of journal and metadata that jbd2 writes without the flusher.
+
+Two independent counts of the same run bound it from the other side: the loop device's sectors written
+(/sys/block/loopN/stat, data + journal + metadata) and /proc/vmstat nr_written (every page written back on
+the machine, the loop's backing file on the real disk included) are at least the flushed pages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import RunCli, trace_workload
+
+from bpfscope.check import Verdict, run_check
+from bpfscope.tools.writeback import PAGE_SIZE, WritebackProvider, WritebackSampler, reason_names
+
+DATA_MIB = 16
+DATA_PAGES = DATA_MIB * (1 << 20) // PAGE_SIZE
+# ext4 metadata the flusher may write to the same bdi with the data: 64 pages (256 KiB) is many times the
+# block and inode bitmaps and inode table blocks one file touches.
+METADATA_PAGES = 64
+
+
+@dataclass
+class LoopFs:
+    mount: Path
+    device: str  # loopN
+    bdi: str  # major:minor, the bdi's name
+
+    def sectors_written(self) -> int:
+        return int(Path(f"/sys/block/{self.device}/stat").read_text().split()[6])
+
+
+@pytest.fixture(scope="module")
+def loop_fs() -> Iterator[LoopFs]:
+    base = Path(f"/var/tmp/bsd-wb-{os.getpid()}")
+    image, mount = base.with_suffix(".img"), base.with_suffix(".mnt")
+    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
+    device = ""
+    try:
+        device = subprocess.run(
+            ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
+        mount.mkdir()
+        subprocess.run(["mount", device, str(mount)], check=True)
+        name = Path(device).name
+        yield LoopFs(mount, name, Path(f"/sys/block/{name}/dev").read_text().strip())
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+        if device:
+            subprocess.run(["losetup", "-d", device], capture_output=True)
+        if mount.exists():
+            mount.rmdir()
+        image.unlink(missing_ok=True)
+
+
+def write_and_syncfs(path: Path, mib: int) -> None:
+    with path.open("wb") as f:
+        for _ in range(mib):
+            f.write(b"w" * (1 << 20))
+    subprocess.run(["sync", "-f", str(path)], check=True)
+
+
+def test_reason_names_from_the_tracepoint_format() -> None:
+    names = reason_names()
+    assert {"background", "vmscan", "sync", "periodic"} <= set(names.values()), names
+
+
+def test_syncfs_pages_are_the_data_written(loop_fs: LoopFs) -> None:
+    with WritebackSampler() as sampler:
+        sampler.start()
+        sectors = loop_fs.sectors_written()
+        write_and_syncfs(loop_fs.mount / "sync.dat", DATA_MIB)
+        sample = sampler.sample()
+        sectors = loop_fs.sectors_written() - sectors
+    ours = [f for f in sample.flushes if f.bdi == loop_fs.bdi]
+    pages = {f.reason: f.pages for f in ours}
+    assert DATA_PAGES <= pages.get("sync", 0) <= DATA_PAGES + METADATA_PAGES, ours
+    # No other reason wrote our data (a periodic flush may run, with nothing old enough to write).
+    assert sum(pages.values()) <= DATA_PAGES + METADATA_PAGES, ours
+    assert sectors * 512 >= pages["sync"] * PAGE_SIZE, (sectors, pages)
+    assert sample.written_pages >= pages["sync"], sample.written_pages
+    assert sample.dirtied_pages >= DATA_PAGES, sample.dirtied_pages
+
+
+def test_cli_json(loop_fs: LoopFs) -> None:
+    path = loop_fs.mount / "cli.dat"
+    workload = f"""
+with open({str(path)!r}, "wb") as f:
+    for _ in range({DATA_MIB}):
+        f.write(b"c" * (1 << 20))
+os.system("sync -f {path}")
+"""
+    out, err = trace_workload(["writeback", "--json", "0.5"], workload)
+    lines = [json.loads(line) for line in out.splitlines()]
+    summaries = [r for r in lines if r["kind"] == "summary"]
+    assert summaries and all(r["dirty_limit_mb"] >= r["background_limit_mb"] > 0 for r in summaries)
+    sync_pages = sum(
+        r["pages"]
+        for r in lines
+        if r["kind"] == "flush" and r["bdi"] == loop_fs.bdi and r["reason"] == "sync"
+    )
+    assert DATA_PAGES <= sync_pages <= DATA_PAGES + METADATA_PAGES, lines
+    assert "writeback:" in err and "flushes" in err
+
+
+def test_table(loop_fs: LoopFs, run_cli: RunCli) -> None:
+    result = run_cli("writeback", "0.3", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("dirty ") == 2 and "limit" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["writeback", "-p", "999999999"], ["writeback", "--cgroup", "/bsd-no-such"], ["writeback", "1", "0"]],
+)
+def test_bad_input(run_cli: RunCli, args: list[str]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_check_provider(loop_fs: LoopFs) -> None:
+    path = loop_fs.mount / "check.dat"
+
+    class WriterInWindow(WritebackProvider):
+        """Starts a writer as the window opens and waits for it before the rows: its flush is inside."""
+
+        def start(self) -> None:
+            super().start()
+            self.writer = subprocess.Popen(
+                ["sh", "-c", f"dd if=/dev/zero of={path} bs=1M count={DATA_MIB} status=none; sync -f {path}"]
+            )
+
+        def rows(self, window_s: float) -> list:
+            assert self.writer.wait(timeout=60) == 0
+            return super().rows(window_s)
+
+    report = run_check(1, providers=[WriterInWindow])
+    rows = {r.metric: r for r in report.rows}
+    assert set(rows) == {"dirty", "writers throttled"}
+    # A writer flushing its own 16 MiB is no fault: dirty stays far below the limits (GiBs here).
+    dirty = rows["dirty"]
+    assert dirty.verdict is Verdict.OK and dirty.value is not None and dirty.value >= 0
+    assert "sync" in dirty.detail and "MB (limit)" in dirty.threshold, dirty
+    throttled = rows["writers throttled"]
+    assert throttled.verdict is Verdict.OK and throttled.value is not None, throttled
