@@ -152,6 +152,8 @@ def test_cli_interval_records_and_null_ratio(run_cli) -> None:
         ["cachestat", "-p", "999999999"],
         ["cachestat", "-T", "-1"],
         ["cachestat", "0"],
+        ["cachetop", "-s", "nonsense"],
+        ["cachetop", "--cgroup", "relative/nowhere"],
         ["fincore"],
     ],
 )
@@ -324,3 +326,35 @@ def test_health_check_row(data_file: Path, cold: bool) -> None:
     else:
         # Every page is cached: the reader's hits dwarf what other work misses meanwhile.
         assert row.verdict is Verdict.OK and row.value is not None and row.value >= 90, row
+
+
+# --- cachetop -------------------------------------------------------------------------------------------
+
+
+def test_cachetop_files_and_paths(tmp_path: Path) -> None:
+    """Two files read cold by one process: one it keeps open (its path comes from /proc/PID/fd), one it
+    closes before the interval ends (its path comes from the dentry names the kernel recorded)."""
+    from conftest import trace_workload
+
+    kept = make_file(WORK_DIR / f"bsc-cachetop-kept-{os.getpid()}.dat", 16 * MIB)
+    closed = make_file(WORK_DIR / f"bsc-cachetop-closed-{os.getpid()}.dat", 8 * MIB)
+    workload = (
+        f"kept = open({str(kept)!r}, 'rb', buffering=0)\nwhile kept.read(1 << 20): pass\n"
+        f"with open({str(closed)!r}, 'rb', buffering=0) as f:\n    while f.read(1 << 20): pass\n"
+    )
+    try:
+        # One interval long enough for the whole run: one record per file.
+        out, _ = trace_workload(["cachetop", "--json", "-p", "{pid}", "-r", "50", "60"], workload)
+    finally:
+        kept.unlink(missing_ok=True)
+        closed.unlink(missing_ok=True)
+    records = {r["path"]: r for r in map(json.loads, out.splitlines())}
+    for path in (kept, closed):
+        assert str(path) in records, records.keys()
+        rec = records[str(path)]
+        pages = (16 if path == kept else 8) * MIB // PAGE_SIZE
+        # 2%: as in test_cold_then_warm_read.
+        assert abs(rec["misses"] - pages) <= 0.02 * pages and rec["hit_ratio"] <= 2.0, rec
+        assert rec["comm"] == "python" and rec["ino"] > 0, rec
+    ordered = [json.loads(line)["path"] for line in out.splitlines()]
+    assert ordered.index(str(kept)) < ordered.index(str(closed))  # most misses first

@@ -21,9 +21,9 @@ Method (the kernel side is include/cache.bpf.h):
 Limits: direct I/O (O_DIRECT) bypasses the page cache and is neither a lookup nor a miss. shmem and tmpfs
 files (and so /dev/shm, memfd, SysV shared memory) have a page cache of their own without these
 tracepoints: invisible. Pages an mmap'ed program touches after fault-around mapped them are not lookups
-the kernel sees (no fault), so for mmap, lookups count pages made available, not accesses; a page
-fault-around could not find is counted in its range and again at its fault, so a cold mmap read reads a
-little above 0% misses of lookups. Reads served by a file system that keeps no page cache (FUSE with
+the kernel sees (no fault), so for mmap, lookups count pages made available, not accesses: reading a cold
+32 MiB file through mmap, one byte a page, gave 6892 lookups for its 8192 pages (0% hits, the rest
+``ahead``), and warm 6704 lookups, all hits. Reads served by a file system that keeps no page cache (FUSE with
 direct_io, some network file systems in direct mode) are not seen. Attribution is to the task in whose
 context the kernel ran: synchronous and asynchronous read-ahead run in the reader's context, so misses are
 charged to the reader.
@@ -213,7 +213,14 @@ class CacheSampler:
             "cache_by_file": by_file,
         }
         self.by_file = by_file
-        self._obj = BpfObject(tool_object("cachetop" if by_file else "cachestat"), rodata=rodata)
+        programs = {"cache_get_pages", "cache_map_pages", "cache_fault", "cache_add", "cache_dirty"}
+        self._obj = BpfObject(
+            tool_object("cachetop" if by_file else "cachestat"),
+            rodata=rodata,
+            autoload=programs | {"cache_name_file"} if by_file else programs,
+            # Names are cachetop's alone: without them one slot is all the map needs.
+            max_entries=None if by_file else {"cache_names": 1, "cache_name_scratch": 1},
+        )
         try:
             self._obj.attach()
             self._snapshot()  # the first read builds the maps' numpy layouts: not inside an interval
@@ -280,6 +287,20 @@ class CacheSampler:
             counts=total,
             rows=rows,
         )
+
+    def file_names(self) -> dict[tuple[int, int], tuple[list[str], bool]]:
+        """(st_dev, ino) -> (names from the file system's root down, whether the root was reached), from the
+        dentry chains the kernel recorded (cachetop only)."""
+        out = {}
+        keys, values = self._obj.maps["cache_names"].items()
+        for k, v in zip(keys, values, strict=True):
+            depth = int(v["depth"])
+            names = [bytes(n).split(b"\0", 1)[0].decode(errors="replace") for n in v["names"][:depth]]
+            complete = bool(v["complete"])
+            if complete:
+                names = names[:-1]  # the root's own name, "/"
+            out[(kernel_dev_to_user(int(k["dev"])), int(k["ino"]))] = (names[::-1], complete)
+        return out
 
     def _evict_exited(self, cur: _Snapshot, prev: _Snapshot) -> None:
         """Rows of processes that exited and did nothing since the last sample make room in the map: such

@@ -255,4 +255,82 @@ int BPF_PROG(cache_dirty, struct folio *folio, struct address_space *mapping)
 	return 0;
 }
 
+/* cachetop's names: the first time a file gets a page, its dentry chain up to the file system's root,
+ * leaf first, CACHE_NAME_DEPTH names at most. User space joins them under the mount point of s_dev, and
+ * prefers the path of a descriptor a process holds open; this is the fallback for files already closed
+ * (a deeper path shows its last CACHE_NAME_DEPTH names). Loaded by cachetop only. */
+#define CACHE_NAME_DEPTH 12
+#define CACHE_NAME_LEN 64
+
+struct cache_file {
+	__u32 dev;
+	__u32 pad;
+	__u64 ino;
+};
+
+struct cache_name {
+	__u32 depth; /* names filled in */
+	__u32 complete; /* reached the file system's root */
+	char names[CACHE_NAME_DEPTH][CACHE_NAME_LEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct cache_file);
+	__type(value, struct cache_name);
+} cache_names SEC(".maps");
+
+/* Too big for the BPF stack: built in a per-CPU scratch slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cache_name);
+} cache_name_scratch SEC(".maps");
+
+SEC("tp_btf/mm_filemap_add_to_page_cache")
+int BPF_PROG(cache_name_file, struct folio *folio)
+{
+	struct cache_file key = {};
+	struct cache_name *name;
+	struct dentry *d, *parent;
+	struct hlist_node *alias;
+	struct inode *host;
+	__u32 zero = 0;
+	int i;
+
+	if (!folio || !bs_task_selected())
+		return 0;
+	host = BPF_CORE_READ(folio, mapping, host);
+	if (!host)
+		return 0;
+	key.dev = BPF_CORE_READ(host, i_sb, s_dev);
+	key.ino = BPF_CORE_READ(host, i_ino);
+	if (bpf_map_lookup_elem(&cache_names, &key))
+		return 0;
+	name = bpf_map_lookup_elem(&cache_name_scratch, &zero);
+	if (!name)
+		return 0;
+	name->depth = 0;
+	name->complete = 0;
+	/* Any one of the inode's names will do (a hard-linked file has several). */
+	alias = BPF_CORE_READ(host, i_dentry.first);
+	if (!alias)
+		return 0;
+	d = (void *)alias - bpf_core_field_offset(struct dentry, d_u.d_alias);
+	for (i = 0; i < CACHE_NAME_DEPTH; i++) {
+		bpf_probe_read_kernel_str(name->names[i], CACHE_NAME_LEN, BPF_CORE_READ(d, d_name.name));
+		name->depth = i + 1;
+		parent = BPF_CORE_READ(d, d_parent);
+		if (!parent || parent == d) {
+			name->complete = 1;
+			break;
+		}
+		d = parent;
+	}
+	bpf_map_update_elem(&cache_names, &key, name, BPF_NOEXIST);
+	return 0;
+}
+
 #endif

@@ -168,9 +168,9 @@ Method and limits: lookups are pages asked by reads (filemap:mm_filemap_get_page
 request) and by mmap faults (filemap:mm_filemap_map_pages, filemap:mm_filemap_fault); misses are pages
 added to the page cache for them (filemap:mm_filemap_add_to_page_cache, 1 << order pages per folio, less
 folios writes created). Read-ahead counts as a miss when read: a cold sequential read is 0% hits. Pages
-read ahead beyond the interval's lookups are not misses yet: they show as AHEAD. Direct I/O bypasses the
-cache (not counted); shmem/tmpfs files are not seen; for mmap, lookups are the pages the kernel mapped,
-not every access. DIRTIES are pages newly marked dirty (writeback:writeback_dirty_folio).
+read ahead beyond the interval's lookups show as AHEAD (asked later, they are hits then). Direct I/O
+bypasses the cache (not counted); shmem/tmpfs files are not seen; for mmap, lookups are the pages the
+kernel mapped, not every access. DIRTIES are pages newly marked dirty (writeback:writeback_dirty_folio).
 """
 
 
