@@ -23,11 +23,11 @@ files (and so /dev/shm, memfd, SysV shared memory) have a page cache of their ow
 tracepoints: invisible. Pages an mmap'ed program touches after fault-around mapped them are not lookups
 the kernel sees (no fault), so for mmap, lookups count pages made available, not accesses: reading a cold
 32 MiB file through mmap, one byte a page, gave 6892 lookups for its 8192 pages (0% hits, the rest
-``ahead``), and warm 6704 lookups, all hits (fault-around maps pages of large folios beyond the
-range its tracepoint reports). Reads served by a file system that keeps no page cache (FUSE with
-direct_io, some network file systems in direct mode) are not seen. Attribution is to the task in whose
-context the kernel ran: synchronous and asynchronous read-ahead run in the reader's context, so misses are
-charged to the reader.
+``ahead``), and warm 6704 lookups, all hits: through mmap, lookups undercount the pages touched (by about
+a fifth there), while the hit ratio holds. Reads served by a file system that keeps no page cache (FUSE
+with direct_io, some network file systems in direct mode) are not seen. Attribution is to the task in
+whose context the kernel ran: synchronous and asynchronous read-ahead run in the reader's context, so
+misses are charged to the reader.
 """
 
 from __future__ import annotations
