@@ -41,6 +41,14 @@ class LoopFs:
     device: str  # loopN
     bdi: str  # major:minor, the bdi's name
 
+    def set_limits(self, strict: bool, max_ratio: int | None = None, max_bytes: int | None = None) -> None:
+        bdi = Path(f"/sys/class/bdi/{self.bdi}")
+        (bdi / "strict_limit").write_text("1" if strict else "0")
+        if max_ratio is not None:
+            (bdi / "max_ratio").write_text(str(max_ratio))
+        if max_bytes is not None:
+            (bdi / "max_bytes").write_text(str(max_bytes))
+
     def sectors_written(self) -> int:
         return int(Path(f"/sys/block/{self.device}/stat").read_text().split()[6])
 
@@ -59,7 +67,10 @@ def loop_fs() -> Iterator[LoopFs]:
         mount.mkdir()
         subprocess.run(["mount", device, str(mount)], check=True)
         name = Path(device).name
-        yield LoopFs(mount, name, Path(f"/sys/block/{name}/dev").read_text().strip())
+        fs = LoopFs(mount, name, Path(f"/sys/block/{name}/dev").read_text().strip())
+        # A loop disk keeps its bdi's limits from one attachment to the next: start from the defaults.
+        fs.set_limits(strict=False, max_ratio=100)
+        yield fs
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
         if device:
@@ -135,23 +146,25 @@ def test_bad_input(run_cli: RunCli, args: list[str]) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_check_provider(loop_fs: LoopFs) -> None:
-    path = loop_fs.mount / "check.dat"
+def writer_in_window(path: Path, mib: int) -> type[WritebackProvider]:
+    """The provider, with dd writing ``mib`` MiB to ``path`` and syncfs as the window opens; the rows wait
+    for it, so its flushes and pauses are all inside the window."""
 
     class WriterInWindow(WritebackProvider):
-        """Starts a writer as the window opens and waits for it before the rows: its flush is inside."""
-
         def start(self) -> None:
             super().start()
-            self.writer = subprocess.Popen(
-                ["sh", "-c", f"dd if=/dev/zero of={path} bs=1M count={DATA_MIB} status=none; sync -f {path}"]
-            )
+            command = f"dd if=/dev/zero of={path} bs=1M count={mib} status=none; sync -f {path}"
+            self.writer = subprocess.Popen(["sh", "-c", command])
 
         def rows(self, window_s: float) -> list:
             assert self.writer.wait(timeout=60) == 0
             return super().rows(window_s)
 
-    report = run_check(1, providers=[WriterInWindow])
+    return WriterInWindow
+
+
+def test_check_provider(loop_fs: LoopFs) -> None:
+    report = run_check(1, providers=[writer_in_window(loop_fs.mount / "check.dat", DATA_MIB)])
     rows = {r.metric: r for r in report.rows}
     assert set(rows) == {"dirty", "writers throttled"}
     # A writer flushing its own 16 MiB is no fault: dirty stays far below the limits (GiBs here).
@@ -160,3 +173,68 @@ def test_check_provider(loop_fs: LoopFs) -> None:
     assert "sync" in dirty.detail and "MB (limit)" in dirty.threshold, dirty
     throttled = rows["writers throttled"]
     assert throttled.verdict is Verdict.OK and throttled.value is not None, throttled
+
+
+def test_check_provider_throttled_writer(throttled_bdi: LoopFs) -> None:
+    # Measured: dd asleep about 300 ms of a 1 s window (30%): a PROBLEM, dd named.
+    report = run_check(0.2, providers=[writer_in_window(throttled_bdi.mount / "slow.dat", DATA_MIB)])
+    throttled = next(r for r in report.rows if r.metric == "writers throttled")
+    assert throttled.verdict in (Verdict.WARN, Verdict.PROBLEM), throttled
+    assert throttled.detail.startswith("most: dd ("), throttled
+
+
+@pytest.fixture
+def throttled_bdi(loop_fs: LoopFs) -> Iterator[LoopFs]:
+    """The loop's bdi held to 1 MiB of dirty pages (strict_limit: even far below the global limits), so
+    that balance_dirty_pages() throttles whoever writes to it, and only them."""
+    loop_fs.set_limits(strict=True, max_bytes=1 << 20)
+    try:
+        yield loop_fs
+    finally:
+        loop_fs.set_limits(strict=False, max_ratio=100)  # max_ratio 100 clears max_bytes
+
+
+def jiffy_ms() -> float:
+    """The kernel's tick (CONFIG_HZ), or the longest usual one (HZ=100) when the config is not readable."""
+    config = Path(f"/boot/config-{os.uname().release}")
+    text = config.read_text() if config.exists() else ""
+    hz = next((int(line[10:]) for line in text.splitlines() if line.startswith("CONFIG_HZ=")), 100)
+    return 1000 / hz
+
+
+THROTTLED_WORKLOAD = """
+import json
+start, cpu = time.monotonic(), os.times()
+with open({path!r}, "wb") as f:
+    for _ in range({mib}):
+        f.write(b"t" * (1 << 20))
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+cpu_after = os.times()
+json.dump({{
+    "wall_ms": (time.monotonic() - start) * 1000,
+    "cpu_ms": (cpu_after.user + cpu_after.system - cpu.user - cpu.system) * 1000,
+    "voluntary_switches": int(status["voluntary_ctxt_switches"]),
+}}, open({report!r}, "w"))
+"""
+
+
+def test_throttled_writer(throttled_bdi: LoopFs, tmp_path: Path) -> None:
+    """The writer's own clock and scheduler counts bound what the tool reports: each pause is a sleep (a
+    voluntary context switch), and the time asleep in them fits in the writer's wall time minus its
+    CPU time, give or take the CPU time's ticks and a jiffy per pause (a pause of n jiffies sleeps
+    between n - 1 and n of them)."""
+    report = tmp_path / "writer.json"
+    workload = THROTTLED_WORKLOAD.format(path=str(throttled_bdi.mount / "t.dat"), mib=64, report=str(report))
+    out, _ = trace_workload(["writeback", "--json", "-p", "{pid}", "0.5"], workload)
+    writer = json.loads(report.read_text())
+    throttled = [json.loads(line) for line in out.splitlines() if '"throttled"' in line]
+    pauses = sum(r["pauses"] for r in throttled)
+    pause_ms = sum(r["pause_ms"] for r in throttled)
+    assert pauses > 0 and all(r["comm"].startswith("python") for r in throttled), throttled
+    assert pauses <= writer["voluntary_switches"], (pauses, writer)
+    # Measured: 63 pauses, 964 ms reported, the writer 1244 ms wall and 50 ms CPU, 66 voluntary switches.
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    slack_ms = 2 * tick_ms + pauses * jiffy_ms()
+    assert pause_ms <= writer["wall_ms"] - writer["cpu_ms"] + slack_ms, (pause_ms, writer)
+    summaries = [json.loads(line) for line in out.splitlines() if '"summary"' in line]
+    assert sum(r["throttled_pauses"] for r in summaries) == pauses
