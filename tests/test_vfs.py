@@ -227,3 +227,13 @@ def test_vfs_check_provider(work_dir: Path) -> None:
     assert row.resource == "VFS" and row.verdict is Verdict.OK
     assert row.value is not None and row.value > 0  # bpfscope's own reads at start-up at least
     assert "reads" in row.text and "top:" in row.detail
+
+
+def test_tables_for_people(run_cli: RunCli, file_pair: tuple[Path, Path]) -> None:
+    result = run_cli("vfsstat", "-P", "0.3", "1")
+    assert result.returncode == 0, result.stderr
+    assert "total: reads" in result.stdout
+    # filetop, piped: one table per interval, never a screen clear.
+    result = run_cli("filetop", "0.3", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("sorted by bytes") == 2 and "\033[" not in result.stdout

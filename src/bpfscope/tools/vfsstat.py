@@ -38,6 +38,8 @@ DEFAULT_INTERVAL = 1.0
 def present_tracepoints_only(obj: BpfObject) -> None:
     """Load only the programs whose syscall tracepoint this kernel has: arm64 has no open, creat or
     unlink (only their *at forms), and a kernel may lack a recent syscall such as openat2."""
+    # A kernel without syscall tracepoints (CONFIG_FTRACE_SYSCALLS off) gets the one-line error here.
+    system.require_tracepoint("syscalls", "sys_enter_read")
     have = system.tracepoints()
     for program in obj.programs.values():
         kind, _, target = program.section.partition("/")
