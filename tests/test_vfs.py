@@ -26,7 +26,7 @@ from bpfscope.check import Verdict, run_check
 # Calls of each kind the workload makes.
 READS = {"read": 11, "pread": 7, "readv": 3}
 WRITES = {"write": 13, "pwrite": 5, "writev": 2}
-CREATES = 4  # os.open with O_CREAT
+CREATES = 4  # os.open with O_CREAT of new files
 FSYNCS = {"fsync": 3, "fdatasync": 2}
 
 # The harness's own calls after the work: print("done") and the readline that waits to exit.
@@ -47,7 +47,7 @@ for _ in range({fsync}):
     os.fsync(fd)
 for _ in range({fdatasync}):
     os.fdatasync(fd)
-rd = os.open(f"{{d}}/f0", os.O_RDONLY)
+rd = os.open(f"{{d}}/f0", os.O_CREAT | os.O_RDONLY)  # O_CREAT on an existing file: not a create
 for _ in range({read}):
     os.read(rd, 10)
 for _ in range({pread}):

@@ -15,6 +15,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include "bpfscope.bpf.h"
+#include "vfs.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -95,20 +96,6 @@ struct {
 __u64 rows_dropped = 0;
 __u64 calls_dropped = 0;
 
-static __always_inline struct file *fd_file(unsigned long fd)
-{
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	struct file **fds;
-	struct file *file = NULL;
-
-	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
-		return NULL;
-	fds = BPF_CORE_READ(fdt, fd);
-	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
-	return file;
-}
-
 static __always_inline int on_enter(unsigned long fd, __u32 write)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
@@ -118,7 +105,7 @@ static __always_inline int on_enter(unsigned long fd, __u32 write)
 
 	if (!bs_task_selected())
 		return 0;
-	file = fd_file(fd);
+	file = bs_fd_file(fd);
 	if (!file)
 		return 0; /* not an open fd: the call fails with EBADF */
 	mode = BPF_CORE_READ(file, f_inode, i_mode);

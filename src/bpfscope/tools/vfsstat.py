@@ -4,7 +4,8 @@ system-wide and per process.
 Counted in the kernel (vfsstat.bpf.c) at the entry of each system call, from the syscall tracepoints:
 failed calls count, as attempts. What each column counts is listed in vfsstat.bpf.c; in short, the
 read and write families (read, pread64, readv, preadv, preadv2 and their write twins), every open
-(open, openat, openat2, creat, open_by_handle_at), creates as the opens that ask for O_CREAT, fsyncs as
+(open, openat, openat2, creat, open_by_handle_at), creates as the opens that created their file (asked
+for O_CREAT and marked FMODE_CREATED by the kernel at the call's exit), fsyncs as
 fsync, fdatasync, sync_file_range, syncfs, sync and msync(MS_SYNC), unlinks of files. io_uring
 operations and page faults on mmap()ed files are not system calls and are not seen.
 
@@ -251,10 +252,10 @@ Examples:
 )
 @tool_options
 def command(opts: RunOptions, per_process: bool, rows: int) -> None:
-    """File system calls per second (1 s intervals by default): reads, writes, opens, creates (opens with
-    O_CREAT), fsyncs (fsync, fdatasync, sync_file_range, syncfs, sync, msync MS_SYNC) and unlinks, counted
-    in the kernel at each system call. Failed calls count. io_uring and mmap() page faults are not system
-    calls and are not seen; sendfile, splice and copy_file_range are not counted.
+    """File system calls per second (1 s intervals by default): reads, writes, opens, creates (opens that
+    created their file), fsyncs (fsync, fdatasync, sync_file_range, syncfs, sync, msync MS_SYNC) and
+    unlinks, counted in the kernel at each system call. Failed calls count. io_uring and mmap() page
+    faults are not system calls and are not seen; sendfile, splice and copy_file_range are not counted.
     """
     with VfsSampler(opts.filters()) as sampler:
         sampler.start()
