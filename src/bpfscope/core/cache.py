@@ -44,8 +44,8 @@ from bpfscope.core.tool import cgroup_id
 if TYPE_CHECKING:
     import numpy as np
 
-# tp_btf (writeback_dirty_folio) is BPF_PROG_TYPE_TRACING, which libbpf cannot probe alone: raw
-# tracepoints stand in; the filemap programs are classic tracepoints.
+# The lookup and dirtying programs are BTF tracepoints (BPF_PROG_TYPE_TRACING, which libbpf cannot probe
+# alone: raw tracepoints stand in); page additions a classic one, whose record carries the folio's order.
 REQUIRES = ("tracepoint", "raw_tracepoint")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MEMINFO = Path("/proc/meminfo")

@@ -4,7 +4,9 @@
  *   read_pages   pages asked of the page cache by read(2)-family calls: filemap:mm_filemap_get_pages
  *                covers index..last_index. filemap_read() calls filemap_get_pages() once per batch of
  *                folios and each call reports the whole rest of the request, so a call that continues
- *                the same request (same task, file and last_index, a later index) adds nothing.
+ *                the same request (same task, file and last_index, a later index) adds nothing. (A
+ *                new read that ends on the page the previous one ended on, starting later, is taken for
+ *                a continuation: rare outside backward scans.)
  *   fault_pages  pages asked through mmap: filemap:mm_filemap_map_pages (fault-around: the range it
  *                mapped from the cache) plus filemap:mm_filemap_fault (a page fault-around did not find).
  *   added        pages added to the page cache: filemap:mm_filemap_add_to_page_cache fires once per
@@ -22,7 +24,6 @@
 #define BPFSCOPE_CACHE_BPF_H
 
 #define CACHE_MAX_ROWS 65536
-#define CACHE_MAX_TASKS 16384
 
 /* Rows per process, and per file too when set (cachetop). */
 const volatile bool cache_by_file = false;
@@ -68,12 +69,11 @@ struct {
 	__type(value, struct cache_counts);
 } cache_total SEC(".maps");
 
-/* Short-lived per-task state: an LRU map, so that exited tasks make room by themselves. Losing one only
- * means a continued read counted twice or a write-created folio counted as a miss. */
+/* Per-task state in task-local storage: found without hashing or locks, and freed with the task. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, CACHE_MAX_TASKS);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct cache_task);
 } cache_tasks SEC(".maps");
 
@@ -132,25 +132,33 @@ static __always_inline void cache_count(__u32 dev, __u64 ino, enum cache_field f
 
 static __always_inline struct cache_task *cache_task_state(void)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct cache_task *t = bpf_map_lookup_elem(&cache_tasks, &tid);
-	struct cache_task zero = {};
-
-	if (t)
-		return t;
-	bpf_map_update_elem(&cache_tasks, &tid, &zero, BPF_ANY);
-	return bpf_map_lookup_elem(&cache_tasks, &tid);
+	return bpf_task_storage_get(&cache_tasks, bpf_get_current_task_btf(), 0,
+				    BPF_LOCAL_STORAGE_GET_F_CREATE);
 }
 
-SEC("tracepoint/filemap/mm_filemap_get_pages")
-int cache_get_pages(struct trace_event_raw_mm_filemap_op_page_cache_range *ctx)
+/* The file a mapping belongs to, as the filemap tracepoints name it: i_ino and the superblock's s_dev
+ * (a block device's inode, without a superblock of its own, by its i_rdev). BTF tracepoints hand over
+ * the kernel's pointers, which spares the kernel from formatting a trace record at every read. */
+static __always_inline void cache_file_of(struct address_space *mapping, __u32 *dev, __u64 *ino)
 {
-	__u64 ino = ctx->i_ino, index = ctx->index, last = ctx->last_index;
-	__u32 dev = ctx->s_dev;
-	struct cache_task *t;
+	struct inode *host = BPF_CORE_READ(mapping, host);
+	struct super_block *sb = BPF_CORE_READ(host, i_sb);
 
-	if (!bs_task_selected() || last < index)
+	*ino = BPF_CORE_READ(host, i_ino);
+	*dev = sb ? BPF_CORE_READ(sb, s_dev) : BPF_CORE_READ(host, i_rdev);
+}
+
+SEC("tp_btf/mm_filemap_get_pages")
+int BPF_PROG(cache_get_pages, struct address_space *mapping, unsigned long index, unsigned long last)
+{
+	struct cache_task *t;
+	__u64 ino;
+	__u32 dev;
+
+	/* The kernel passes last_index already inclusive, as the classic record shows it. */
+	if (!mapping || last < index || !bs_task_selected())
 		return 0;
+	cache_file_of(mapping, &dev, &ino);
 	t = cache_task_state();
 	if (t) {
 		bool continued = t->read_ino == ino && t->read_dev == dev && t->read_last == last &&
@@ -166,30 +174,34 @@ int cache_get_pages(struct trace_event_raw_mm_filemap_op_page_cache_range *ctx)
 	return 0;
 }
 
-SEC("tracepoint/filemap/mm_filemap_map_pages")
-int cache_map_pages(struct trace_event_raw_mm_filemap_op_page_cache_range *ctx)
+SEC("tp_btf/mm_filemap_map_pages")
+int BPF_PROG(cache_map_pages, struct address_space *mapping, unsigned long index, unsigned long last)
 {
-	__u64 ino = ctx->i_ino, index = ctx->index, last = ctx->last_index;
-	__u32 dev = ctx->s_dev;
+	__u64 ino;
+	__u32 dev;
 
-	if (!bs_task_selected() || last < index)
+	if (!mapping || last < index || !bs_task_selected())
 		return 0;
+	cache_file_of(mapping, &dev, &ino);
 	cache_count(dev, ino, CACHE_FAULT, last - index + 1);
 	return 0;
 }
 
-SEC("tracepoint/filemap/mm_filemap_fault")
-int cache_fault(struct trace_event_raw_mm_filemap_fault *ctx)
+SEC("tp_btf/mm_filemap_fault")
+int BPF_PROG(cache_fault, struct address_space *mapping, unsigned long index)
 {
-	__u64 ino = ctx->i_ino;
-	__u32 dev = ctx->s_dev;
+	__u64 ino;
+	__u32 dev;
 
-	if (!bs_task_selected())
+	if (!mapping || !bs_task_selected())
 		return 0;
+	cache_file_of(mapping, &dev, &ino);
 	cache_count(dev, ino, CACHE_FAULT, 1);
 	return 0;
 }
 
+/* Kept a classic tracepoint: the record carries the folio's order, and additions are rare next to reads
+ * (one per folio brought in, at disk speed). */
 SEC("tracepoint/filemap/mm_filemap_add_to_page_cache")
 int cache_add(struct trace_event_raw_mm_filemap_op_page_cache *ctx)
 {
@@ -232,7 +244,6 @@ static __always_inline __u32 cache_folio_pages(struct folio *folio)
 SEC("tp_btf/writeback_dirty_folio")
 int BPF_PROG(cache_dirty, struct folio *folio, struct address_space *mapping)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct cache_task *t;
 	struct inode *host;
 	__u64 ino, index;
@@ -247,7 +258,7 @@ int BPF_PROG(cache_dirty, struct folio *folio, struct address_space *mapping)
 	index = BPF_CORE_READ(folio, index);
 	pages = cache_folio_pages(folio);
 	cache_count(dev, ino, CACHE_DIRTIED, pages);
-	t = bpf_map_lookup_elem(&cache_tasks, &tid);
+	t = bpf_task_storage_get(&cache_tasks, bpf_get_current_task_btf(), 0, 0);
 	if (t && t->added_pages && t->added_ino == ino && t->added_index == index) {
 		cache_count(dev, ino, CACHE_WRITE_ADDED, t->added_pages);
 		t->added_pages = 0;
