@@ -1,0 +1,217 @@
+"""The experiment's report: Markdown, a picture of TPS and hit ratio against RAM, and the point where adding
+RAM stops paying, all from the measurements in results (run.py's dictionary, also results.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+PAGE = 4096
+# Where adding RAM stops paying: the cache holds (nearly) everything the workload reads...
+PLATEAU_HIT_RATIO = 99.0
+# ...and no further step of RAM buys 10% more throughput (below what run-to-run noise on a shared
+# 2-CPU machine already moves).
+PLATEAU_GAIN = 0.10
+
+
+def hit_ratio(setting: dict[str, Any]) -> float | None:
+    """bpfscope cachestat's hit ratio where it ran, else the independent one."""
+    value = setting.get("cache", {}).get("hit_ratio")
+    return float(value) if value is not None else setting.get("truth_hit_ratio")
+
+
+def per_second(setting: dict[str, Any], value: float | None) -> float:
+    return (value or 0) / setting["seconds"] if setting["seconds"] else 0.0
+
+
+def disk_reads_per_1k_tx(setting: dict[str, Any]) -> float:
+    transactions = setting["tps"] * setting["seconds"]
+    return 1000 * setting["cgroup_read_ios"] / transactions if transactions else 0.0
+
+
+def plateau(settings: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The smallest RAM limit whose hit ratio is at least PLATEAU_HIT_RATIO and past which no larger limit
+    beats the best TPS measured up to it by PLATEAU_GAIN or more; with the sentence that states it. The
+    best so far, rather than the previous step alone, keeps one window slowed by other programs from
+    passing for a gain at the next step."""
+    ordered = sorted(settings, key=lambda s: s["limit_mb"])
+    criterion = (
+        f"hit ratio >= {PLATEAU_HIT_RATIO:.0f}%, and no larger limit {100 * PLATEAU_GAIN:.0f}% faster than "
+        "the best up to it"
+    )
+    for i, setting in enumerate(ordered):
+        ratio = hit_ratio(setting)
+        if ratio is None or ratio < PLATEAU_HIT_RATIO:
+            continue
+        best = max(s["tps"] for s in ordered[: i + 1])
+        later = ordered[i + 1 :]
+        gain = max((s["tps"] / best - 1 for s in later), default=None) if best else None
+        if gain is None:
+            return setting, (
+                f"Adding RAM stops paying at **{setting['limit_mb']} MB**, the largest limit tried: its hit "
+                f"ratio is {ratio:.1f}%, so the cache already holds what the workload reads ({criterion})."
+            )
+        if gain < PLATEAU_GAIN:
+            return setting, (
+                f"Adding RAM stops paying at **{setting['limit_mb']} MB**: the hit ratio is {ratio:.1f}% "
+                f"there, and no larger limit was more than {max(gain, 0.0) * 100:.0f}% faster ({criterion})."
+            )
+    last = ordered[-1]
+    return None, (
+        f"Adding RAM still paid at the largest limit tried ({last['limit_mb']} MB, hit ratio "
+        f"{_pct(hit_ratio(last))}): the plateau ({criterion}) lies beyond it."
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def picture(results: dict[str, Any], knee: dict[str, Any] | None, path: Path) -> None:
+    settings = sorted(results["settings"], key=lambda s: s["limit_mb"])
+    limits = [s["limit_mb"] for s in settings]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    top.plot(limits, [s["tps"] for s in settings], "o-", color="tab:blue", label="TPS (pgbench -S)")
+    top.set_ylabel("transactions per second", color="tab:blue")
+    top.set_ylim(bottom=0)
+    ratio_axis = top.twinx()
+    if results["tools"]["cachestat"]:
+        ratios = [s["cache"].get("hit_ratio") for s in settings]
+        ratio_axis.plot(limits, ratios, "s-", color="tab:red", label="hit ratio (bpfscope cachestat)")
+    truths = [s["truth_hit_ratio"] for s in settings]
+    ratio_axis.plot(limits, truths, "x--", color="tab:orange", label="hit ratio (/proc/PID/io and blkio)")
+    ratio_axis.set_ylabel("page-cache hit ratio (%)", color="tab:red")
+    ratio_axis.set_ylim(0, 105)
+    for axis in (top, bottom):
+        axis.axvline(results["data_mb"], color="grey", linestyle=":")
+        if knee is not None:
+            axis.axvline(knee["limit_mb"], color="green", linestyle="--")
+    top.text(results["data_mb"], 0, " data set", color="grey", va="bottom")
+    if knee is not None:
+        top.text(knee["limit_mb"], top.get_ylim()[1] * 0.5, " more RAM stops paying", color="green")
+    handles = top.get_legend_handles_labels()[0] + ratio_axis.get_legend_handles_labels()[0]
+    top.legend(handles=handles, loc="lower right", fontsize="small")
+    top.set_title("PostgreSQL select-only workload against the RAM its cgroup may use")
+
+    def per_tx(setting: dict[str, Any], value: float | None) -> float:
+        transactions = setting["tps"] * setting["seconds"]
+        return (value or 0) / transactions if transactions else 0.0
+
+    if results["tools"]["vfsstat"]:
+        vfs = [per_tx(s, s["vfs_reads"]) for s in settings]
+        bottom.plot(limits, vfs, "s-", label="VFS reads (bpfscope vfsstat)")
+    if results["tools"]["cachestat"]:
+        lookups = [per_tx(s, s["cache"].get("lookups")) for s in settings]
+        bottom.plot(limits, lookups, "D-", label="page-cache lookups, pages (bpfscope cachestat)")
+        misses = [per_tx(s, s["cache"].get("misses")) for s in settings]
+        bottom.plot(limits, misses, "^-", label="page-cache misses, pages (bpfscope cachestat)")
+    disk = [per_tx(s, s["cgroup_read_ios"]) for s in settings]
+    bottom.plot(limits, disk, "o-", label="disk reads (cgroup blkio)")
+    bottom.set_ylabel("per transaction")
+    bottom.set_xlabel("RAM limit of the server's memory cgroup (MB)")
+    bottom.set_ylim(bottom=0)
+    bottom.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _service_table(settings: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| RAM limit | TPS | latency avg | hit ratio | disk reads/s | disk reads per 1000 tx | "
+        "VFS reads/s | CPU busy (of it, other programs) | RAM used (system) | server's cgroup used |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in settings:
+        full = 100 * s["memory_after"]["usage_in_bytes"] / (s["limit_mb"] << 20)
+        ram = f"{s['ram_used_pct']:.0f}% ({s['ram_available_gb']:.1f} GiB available)"
+        vfs = "-" if s["vfs_reads"] is None else f"{per_second(s, s['vfs_reads']):.0f}"
+        cpu = f"{s['cpu_busy_pct']:.0f}% ({s['cpu_others_pct']:.0f}%)"
+        lines.append(
+            f"| {s['limit_mb']} MB | {s['tps']:.0f} | {s['pgbench'].get('latency_ms', 0):.3f} ms | "
+            f"{_pct(hit_ratio(s))} | {per_second(s, s['cgroup_read_ios']):.0f} | "
+            f"{disk_reads_per_1k_tx(s):.0f} | {vfs} | {cpu} | {ram} | {full:.0f}% |"
+        )
+    return lines
+
+
+def _agreement_table(settings: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| RAM limit | lookups/s (bpfscope) | pages read calls returned/s (rchar) | misses/s (bpfscope) | "
+        "pages read from disk/s (blkio) | hit ratio (bpfscope) | hit ratio (independent) | difference | "
+        "VFS reads/s (bpfscope) | read calls/s (syscr) | cgroup cache |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in settings:
+        cache = s.get("cache", {})
+        ours, truth = cache.get("hit_ratio"), s["truth_hit_ratio"]
+        diff = f"{ours - truth:+.2f} pts" if ours is not None and truth is not None else "-"
+        vfs = "-" if s["vfs_reads"] is None else f"{per_second(s, s['vfs_reads']):.0f}"
+        lines.append(
+            f"| {s['limit_mb']} MB | {per_second(s, cache.get('lookups')):.0f} | "
+            f"{per_second(s, s['proc_io']['rchar'] / PAGE):.0f} | {per_second(s, cache.get('misses')):.0f} | "
+            f"{per_second(s, s['cgroup_read_bytes'] / PAGE):.0f} | {_pct(ours)} | {_pct(truth)} | {diff} | "
+            f"{vfs} | {per_second(s, s['proc_io']['syscr']):.0f} | "
+            f"{s['memory_after'].get('cache', 0) / (1 << 20):.0f} MB |"
+        )
+    return lines
+
+
+def write_report(out: Path, results: dict[str, Any]) -> Path:
+    settings = sorted(results["settings"], key=lambda s: s["limit_mb"])
+    knee, knee_sentence = plateau(settings)
+    picture(results, knee, out / "tps_hit_ratio_vs_ram.png")
+    small, large = settings[0], settings[-1]
+    mode = results["mode"]
+    lines = [
+        "# Cache analysis: a database slowed by a page cache too small for its data",
+        "",
+        "Made by `experiments/cache-analysis/run.py`; every number below was measured in that run.",
+        "",
+        f"PostgreSQL 15 with shared_buffers {results['shared_buffers']}, pgbench select-only (`-S`, "
+        f"{results['clients']} clients) on pgbench's tables at scale {mode['scale']}: "
+        f"{results['data_mb']:.0f} MB of table and index. The server runs in a memory cgroup; each row is "
+        f"one RAM limit, with the cache emptied, refilled and warmed ({mode['warmup']} s) before a "
+        f"{mode['seconds']} s window measured in the middle of a pgbench run.",
+        "",
+        "## What the service and a dashboard see",
+        "",
+        *_service_table(settings),
+        "",
+        knee_sentence,
+        "",
+        f"From {small['limit_mb']} MB to {large['limit_mb']} MB of RAM, TPS went from {small['tps']:.0f} to "
+        f"{large['tps']:.0f} ({large['tps'] / max(small['tps'], 1e-9):.1f}x), the hit ratio from "
+        f"{_pct(hit_ratio(small))} to {_pct(hit_ratio(large))}, and disk reads per 1000 transactions from "
+        f"{disk_reads_per_1k_tx(small):.0f} to {disk_reads_per_1k_tx(large):.0f}. The machine's RAM used "
+        f"stayed at {small['ram_used_pct']:.0f}-{large['ram_used_pct']:.0f}% with "
+        f"{small['ram_available_gb']:.0f} GiB available: a dashboard shows plenty of free memory while the "
+        "server's own cgroup is full of cache and misses.",
+        "",
+        "## bpfscope against the independent truth",
+        "",
+        "bpfscope counts page-cache lookups and misses (cachestat) and read calls (vfsstat) in the kernel, "
+        "for the server's cgroup alone, over the same window as the independent counters, which need no "
+        "BPF: each server process's I/O accounting in /proc/PID/io (rchar: bytes its read calls returned; "
+        "syscr: its read calls) and the bytes the cgroup read from disk (blkio). The independent hit ratio "
+        "is 100 * (1 - disk bytes / rchar). `cgroup cache` is the page cache charged to the server "
+        "(memory.stat).",
+        "",
+        *_agreement_table(settings),
+        "",
+        "## Picture",
+        "",
+        "![TPS and hit ratio against RAM](tps_hit_ratio_vs_ram.png)",
+        "",
+    ]
+    missing = [tool for tool, present in results["tools"].items() if not present]
+    if missing:
+        lines += [f"Not measured in this run: bpfscope {', '.join(missing)} (not in this bpfscope).", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
