@@ -114,10 +114,16 @@ def test_vfsstat_system_wide_holds_the_process(work_dir: Path) -> None:
     assert all(total[k] >= v for k, v in EXPECTED.items()), total
 
 
-def test_vfsstat_cgroup_filter_excludes_others(work_dir: Path, cgroup: Path) -> None:
-    # Nobody runs in the fresh cgroup: the workload outside it must not be counted.
-    out, _ = trace_workload(["vfsstat", "--json", "--cgroup", str(cgroup)], vfs_workload(work_dir))
-    assert summed(records(out), "total") == dict.fromkeys(EXPECTED, 0)
+def test_vfsstat_cgroup_filter(work_dir: Path, cgroup: Path) -> None:
+    # Calls made before the child joins the cgroup (the join's own open and write included: they enter
+    # outside it) are not counted; the known work after it is, exactly.
+    join = f"""
+os.close(os.open({str(work_dir / "outside")!r}, os.O_CREAT | os.O_WRONLY, 0o600))
+with open({str(cgroup / "cgroup.procs")!r}, "w") as procs:
+    procs.write(str(os.getpid()))
+"""
+    out, _ = trace_workload(["vfsstat", "--json", "--cgroup", str(cgroup)], join + vfs_workload(work_dir))
+    assert summed(records(out), "total") == EXPECTED
 
 
 def test_vfsstat_table(run_cli: RunCli) -> None:
@@ -237,3 +243,23 @@ def test_tables_for_people(run_cli: RunCli, file_pair: tuple[Path, Path]) -> Non
     result = run_cli("filetop", "0.3", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("sorted by bytes") == 2 and "\033[" not in result.stdout
+
+
+def test_filetop_cgroup_filter(file_pair: tuple[Path, Path], cgroup: Path) -> None:
+    # The child writes a file, then joins the cgroup and does the known work: only that is counted.
+    a, b = file_pair
+    outside = a.with_suffix(".outside")
+    workload = f"""
+os.write(os.open({str(outside)!r}, os.O_CREAT | os.O_WRONLY, 0o600), b"o" * 77)
+with open({str(cgroup / "cgroup.procs")!r}, "w") as procs:
+    procs.write(str(os.getpid()))
+"""
+    workload += FILETOP_WORKLOAD.format(a=str(a), b=str(b), writes=A_WRITES, pwrites=A_PWRITES, reads=B_READS)
+    out, _ = trace_workload(["filetop", "--json", "--cgroup", str(cgroup), "0.5"], workload)
+    written: dict[str, int] = {}
+    read: dict[str, int] = {}
+    for r in records(out):
+        written[r["path"]] = written.get(r["path"], 0) + r["write_bytes"]
+        read[r["path"]] = read.get(r["path"], 0) + r["read_bytes"]
+    assert written == {str(a): sum(A_WRITES) + sum(A_PWRITES), str(b): 0}, written
+    assert read[str(b)] == B_SIZE
