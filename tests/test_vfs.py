@@ -263,3 +263,14 @@ with open({str(cgroup / "cgroup.procs")!r}, "w") as procs:
         read[r["path"]] = read.get(r["path"], 0) + r["read_bytes"]
     assert written == {str(a): sum(A_WRITES) + sum(A_PWRITES), str(b): 0}, written
     assert read[str(b)] == B_SIZE
+
+
+def test_filetop_deep_path_is_marked_truncated(work_dir: Path) -> None:
+    # 24 names: deeper than the 16 the kernel walks, so the path shows its last 16 after "...".
+    deep = work_dir.joinpath(*(f"d{i}" for i in range(20)), "f.dat")
+    deep.parent.mkdir(parents=True)
+    workload = f"os.write(os.open({str(deep)!r}, os.O_CREAT | os.O_WRONLY, 0o600), b'z' * 3)"
+    out, _ = trace_workload(["filetop", "--json", "-p", "{pid}", "0.5"], workload)
+    rows = records(out)
+    assert [r["path"] for r in rows] == [".../" + "/".join(deep.parts[-16:])], rows
+    assert rows[0]["write_bytes"] == 3
