@@ -9,6 +9,7 @@ import ctypes
 import json
 import mmap
 import os
+import platform
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -160,3 +161,41 @@ def test_errors_are_one_line_each(files: list[Path], run_cli) -> None:
     unreadable = run_cli("fincore", str(files[1]), preexec=as_nobody)
     assert unreadable.returncode == 2
     assert unreadable.stderr.strip() == f"bpfscope: error: {files[1]}: Permission denied"
+
+
+def deny_cachestat() -> None:
+    """In the child, before exec: a seccomp filter makes cachestat() fail with ENOSYS, as on a kernel
+    older than 6.5, and lets every other system call through."""
+    load_nr, jump_eq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    program = (SockFilter * 4)(
+        SockFilter(load_nr, 0, 0, 0),  # seccomp_data.nr
+        SockFilter(jump_eq, 0, 1, 451),  # cachestat?
+        SockFilter(ret, 0, 0, 0x00050000 | 38),  # SECCOMP_RET_ERRNO | ENOSYS
+        SockFilter(ret, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+    )
+    fprog = SockFprog(4, program)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+    assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the filter does not check the architecture")
+def test_mincore_where_cachestat_is_missing(files: list[Path], run_cli) -> None:
+    want = read_pages(files[0], [(100, 300)])
+    result = run_cli("fincore", "--json", str(files[0]), preexec=deny_cachestat)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["method"] == "mincore" and record["cached"] == want == residency(str(files[0])).cached
+    assert record["dirty"] is None and record["writeback"] is None
