@@ -1,0 +1,177 @@
+"""bpfscope tcptop: the TCP connections moving the most bytes, per interval, like top.
+
+The kernel side (tcptop.bpf.c) adds up the bytes each send and receive call returned, per socket and
+process, IPv4 and IPv6, in every network namespace. Each interval reads the counters and shows their
+differences, so nothing falls between two reads; rows of closed sockets are removed once shown.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bpfscope.core import net
+from bpfscope.core.bpf import BpfObject, require, tool_object
+from bpfscope.core.tool import RunOptions, ticks, tool_options
+
+REQUIRES = ("raw_tracepoint",)
+DEFAULT_INTERVAL = 1.0
+CLEAR = "\033[H\033[2J"
+
+Key = bytes  # the raw struct row_key: unique, hashable, and what a map delete takes
+
+
+@dataclass
+class Row:
+    pid: int
+    comm: str
+    conn: net.Conn
+    rx_bytes: int
+    tx_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "comm": self.comm,
+            **self.conn.to_dict(),
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+        }
+
+
+SORTS = {
+    "all": lambda r: r.rx_bytes + r.tx_bytes,
+    "rx": lambda r: r.rx_bytes,
+    "tx": lambda r: r.tx_bytes,
+}
+
+
+class ConnectionBytes:
+    """Bytes per connection and process since the last call, read from a loaded tcptop object."""
+
+    def __init__(self, obj: BpfObject) -> None:
+        self.obj = obj
+        self.before: dict[Key, tuple[int, int]] = {}
+
+    def interval(self) -> list[Row]:
+        keys, values = self.obj.maps["rows"].items()
+        now: dict[Key, tuple[int, int]] = {}
+        out = []
+        for k, v in zip(keys, values, strict=True):
+            raw = k.tobytes()
+            counts = (int(v["rx_bytes"]), int(v["tx_bytes"]))
+            now[raw] = counts
+            rx0, tx0 = self.before.get(raw, (0, 0))
+            if counts != (rx0, tx0):
+                out.append(
+                    Row(
+                        int(k["tgid"]),
+                        net.comm_text(k["comm"]),
+                        net.Conn.from_record(k["conn"]),
+                        counts[0] - rx0,
+                        counts[1] - tx0,
+                    )
+                )
+        self._forget_closed(keys, now)
+        self.before = now
+        return out
+
+    def _forget_closed(self, keys: Any, now: dict[Key, tuple[int, int]]) -> None:
+        """Delete the rows of closed sockets that did not change this interval: all their bytes have
+        been shown, and a closed socket sends and receives no more."""
+        closed = self.obj.maps["closed"]
+        gone = set()
+        for k in keys:
+            raw = k.tobytes()
+            if now[raw] == self.before.get(raw) and closed.lookup_bytes(int(k["sk"])) is not None:
+                self.obj.maps["rows"].delete(raw)
+                gone.add(int(k["sk"]))
+                del now[raw]
+        for sk in gone:
+            closed.delete(sk)
+
+
+class Screen:
+    def __init__(self, opts: RunOptions, sort: str, max_rows: int, clear: bool) -> None:
+        self.opts = opts
+        self.sort = sort
+        self.max_rows = max_rows
+        self.clear = clear and not opts.as_json and sys.stdout.isatty()
+        self.netns = net.NetnsNames()
+
+    def show(self, rows: list[Row], elapsed: float) -> None:
+        out = self.opts.output
+        rows = sorted(rows, key=SORTS[self.sort], reverse=True)
+        if self.opts.as_json:
+            for r in rows:
+                out.record({"interval": round(elapsed, 3), **r.to_dict()})
+            return
+        rows = rows[: self.max_rows]
+        if self.clear:
+            out.stream.write(CLEAR)
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        rx = sum(r.rx_bytes for r in rows) / 1024
+        tx = sum(r.tx_bytes for r in rows) / 1024
+        out.heading(f"{elapsed:.1f}s  loadavg: {load}  RX {rx:.0f} kB  TX {tx:.0f} kB  sorted by {self.sort}")
+        table = [
+            [
+                r.pid,
+                r.comm,
+                self.netns(r.conn.netns),
+                r.conn.local,
+                r.conn.remote,
+                round(r.rx_bytes / 1024, 1),
+                round(r.tx_bytes / 1024, 1),
+            ]
+            for r in rows
+        ]
+        if table:
+            out.table(["PID", "COMM", "NETNS", "LADDR", "RADDR", "RX kB", "TX kB"], table)
+        else:
+            out.line("no TCP traffic")
+        out.stream.flush()
+
+
+EXAMPLES = """
+\b
+Examples:
+  bpfscope tcptop                   # refresh every second until Ctrl-C
+  bpfscope tcptop -C 5 3            # every 5 seconds, 3 times, no screen clearing
+  bpfscope tcptop -s rx -L 5432     # connections to local port 5432, by bytes received
+  bpfscope tcptop -p 1234 --json    # one process's connections, JSON lines
+"""
+
+
+@click.command(name="tcptop", epilog=EXAMPLES)
+@click.option(
+    "-s", "--sort", type=click.Choice(sorted(SORTS)), default="all", show_default=True, help="Sort by."
+)
+@click.option(
+    "-r", "--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True, help="Rows shown."
+)
+@click.option("-C", "--noclear", is_flag=True, help="Do not clear the screen between intervals.")
+@net.port_options
+@tool_options
+def command(
+    opts: RunOptions, sort: str, max_rows: int, noclear: bool, lport: int | None, dport: int | None
+) -> None:
+    """Top TCP connections by throughput, per interval (1 s by default): process, addresses, RX and TX kB.
+
+    Bytes are what send and receive calls returned to the process (what the application moved, as
+    iperf3 counts it), in every network namespace. The process is the one that made the call.
+    """
+    rodata = {**opts.filters(), **net.port_filters(lport, dport)}
+    require(*REQUIRES)
+    screen = Screen(opts, sort, max_rows, clear=not noclear)
+    with BpfObject(tool_object("tcptop"), rodata=rodata) as obj:
+        obj.attach()
+        counter = ConnectionBytes(obj)
+        for elapsed in ticks(opts, "Tracing TCP sends and receives... Ctrl-C to end.", DEFAULT_INTERVAL):
+            screen.show(counter.interval(), elapsed)
+        dropped = int(obj.bss["rows_dropped"])
+        extra = f"; {dropped} bytes not counted (too many connections)" if dropped else ""
+        opts.output.note(f"tcptop: {obj.losses()}{extra}")

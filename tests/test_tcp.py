@@ -1,0 +1,287 @@
+"""The TCP tools against independent truths, on traffic between two network namespaces of our own:
+tcptop against iperf3's byte counts, tcpretrans against the namespace's /proc/net/snmp RetransSegs and
+`ss -ti`, tcplife against transfers of known size and length, tcpconn against known connects."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import nethelpers as nh
+import pytest
+
+from bpfscope.check import Verdict, run_check
+from bpfscope.tools.tcpretrans import TcpProvider
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[nh.NetnsPair]:
+    yield from nh.netns_pair()
+
+
+class Tool:
+    """A bpfscope tool running in the background until stop(); waits for its "Tracing" line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bpfscope", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert line.startswith("Tracing"), line + self.proc.stderr.read()
+
+    def stop(self) -> list[dict]:
+        time.sleep(0.3)  # the last events reach the ring buffer
+        self.proc.send_signal(signal.SIGINT)
+        out, self.stderr = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, self.stderr
+        return [json.loads(line) for line in out.splitlines()]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.parametrize(("reverse", "ipv6"), [(False, False), (True, True)], ids=["ipv4", "ipv6-reverse"])
+def test_tcptop_matches_iperf3(pair: nh.NetnsPair, reverse: bool, ipv6: bool) -> None:
+    port = 41001
+    tool = Tool("tcptop", "--json", "1", "-L", str(port))
+    tool_remote = Tool("tcptop", "--json", "1", "-D", str(port))
+    try:
+        report, client_pid = nh.iperf3(pair, port, 2, reverse=reverse, ipv6=ipv6)
+        records = tool.stop() + tool_remote.stop()
+    finally:
+        tool.kill()
+        tool_remote.kill()
+    # The data connection is the one that moved the most bytes; iperf3's control connection is tiny.
+    per_conn: dict[tuple, list[int]] = {}
+    for r in records:
+        key = (r["pid"], r["netns"], r["saddr"], r["sport"], r["daddr"], r["dport"])
+        totals = per_conn.setdefault(key, [0, 0])
+        totals[0] += r["rx_bytes"]
+        totals[1] += r["tx_bytes"]
+    client_ns = nh.netns_inode(pair.client)
+    client = max((k for k in per_conn if k[1] == client_ns), key=lambda k: sum(per_conn[k]))
+    server = max((k for k in per_conn if k[1] != client_ns), key=lambda k: sum(per_conn[k]))
+    assert client[0] == client_pid and client[5] == port and server[3] == port
+    assert ":" in client[2] if ipv6 else "." in client[2]
+    sent = report["end"]["sum_sent"]["bytes"]
+    received = report["end"]["sum_received"]["bytes"]
+    sender, receiver = (server, client) if reverse else (client, server)
+    # iperf3 counts its own sends and receives within its test time; the tools count every byte the
+    # calls returned on that connection. They differ by iperf3's handshake cookie and, on the receiver,
+    # by what arrives after iperf3 stops its clock: far below 1%.
+    for ours, theirs in ((per_conn[sender][1], sent), (per_conn[receiver][0], received)):
+        assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
+    ours_sent, ours_received = per_conn[sender][1], per_conn[receiver][0]
+    print(f"tcptop vs iperf3: sent {ours_sent} vs {sent}, received {ours_received} vs {received}")
+
+
+SS_RETRANS = re.compile(r"retrans:\d+/(\d+)")
+
+
+def test_tcpretrans_equals_snmp_and_ss(pair: nh.NetnsPair) -> None:
+    port = 41002
+    pair.set_loss(3, port)
+    server = nh.start_server(pair.server, nh.SERVER_IP, port)
+    counting = Tool("tcpretrans", "-c", "--json", "1", "-D", str(port))
+    events = Tool("tcpretrans", "--json", "-D", str(port))
+    client = None
+    try:
+        before = pair.retrans_segs(pair.client)
+        client = subprocess.Popen(
+            nh.in_ns(
+                pair.client,
+                sys.executable,
+                "-c",
+                nh.CLIENT,
+                nh.SERVER_IP,
+                str(port),
+                "1",
+                str(40 << 20),
+                "0",
+                "0",
+                "1",
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None and client.stdin is not None
+        client_pid = int(client.stdout.readline())
+        assert client.stdout.readline().strip() == "sent"
+        # The connection's own total (retrans:N/TOTAL), read while it is still open.
+        ss = nh.sh(*nh.in_ns(pair.client, "ss", "-tiH", "state", "established", f"dport = :{port}")).stdout
+        ss_total = int(SS_RETRANS.search(ss).group(1)) if SS_RETRANS.search(ss) else 0
+        client.stdin.write("close\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "done"
+        client.wait(timeout=10)
+        after = pair.retrans_segs(pair.client)
+        counted = counting.stop()
+        streamed = events.stop()
+    finally:
+        pair.clear_loss()
+        counting.kill()
+        events.kill()
+        server.kill()
+        if client is not None and client.poll() is None:
+            client.kill()
+    snmp = after - before
+    conns = [r for r in counted if r["scope"] == "connection"]
+    by_tool = sum(r["retrans"] for r in conns)
+    by_events = sum(e["segs"] for e in streamed)
+    print(f"retransmitted segments: snmp {snmp}, ss {ss_total}, tcpretrans -c {by_tool}, events {by_events}")
+    # 3% loss over 40 MiB (~29k segments): hundreds of retransmissions, not a handful.
+    assert snmp > 100
+    # Nothing else runs in this namespace: its counter is this connection's.
+    assert by_tool == snmp == ss_total == by_events, counting.stderr + events.stderr
+    assert {r["pid"] for r in conns if r["retrans"]} == {client_pid}
+    for key in (
+        "pid",
+        "comm",
+        "netns",
+        "saddr",
+        "sport",
+        "daddr",
+        "dport",
+        "retrans",
+        "segs_out",
+        "retrans_pct",
+    ):
+        assert key in conns[0]
+    segs = sum(r["segs_out"] for r in conns)
+    pct = 100.0 * by_tool / segs
+    # 3% of the data segments are dropped (and some retransmissions dropped again): the rate is near 3%.
+    assert 1.5 < pct < 6, pct
+    kinds = {e["kind"] for e in streamed}
+    assert "fast" in kinds, kinds
+
+
+def test_tcplife_known_transfers(pair: nh.NetnsPair) -> None:
+    port = 41003
+    send, reply, hold, n = 3_000_000, 54_321, 0.4, 3
+    server = nh.start_server(pair.server, nh.SERVER_IP6, port, reply=reply)
+    clients = Tool("tcplife", "--json", "-D", str(port))
+    servers = Tool("tcplife", "--json", "-L", str(port))
+    hist = Tool("tcplife", "--hist", "--json", "-L", str(port))
+    try:
+        client_pid = nh.run_client(pair.client, nh.SERVER_IP6, port, n=n, send=send, reply=reply, hold=hold)
+        active, passive, lifespans = clients.stop(), servers.stop(), hist.stop()
+    finally:
+        for tool in (clients, servers, hist):
+            tool.kill()
+        server.kill()
+    assert len(active) == n and len(passive) == n
+    for r in active:
+        assert (r["pid"], r["comm"], r["tx_bytes"], r["rx_bytes"]) == (client_pid, "python", send, reply)
+        assert r["daddr"] == nh.SERVER_IP6 and r["dport"] == port
+    for r in passive:
+        assert (r["pid"], r["tx_bytes"], r["rx_bytes"]) == (server.pid, reply, send)
+    # The client holds each connection `hold` seconds after its transfer (a few ms on a veth); allow
+    # 300 ms more for scheduling delays on a busy 2-CPU machine.
+    for r in active + passive:
+        assert hold * 1000 <= r["duration_ms"] <= hold * 1000 + 300, r
+    (row,) = lifespans
+    assert row["service"] == f"local port {port}" and row["count"] == n
+    assert hold * 1000 <= row["p50_ms"] <= hold * 1000 + 300
+
+
+def test_tcpconn_known_connects(pair: nh.NetnsPair) -> None:
+    port, closed_port = 41004, 41005
+    server = nh.start_server(pair.server, nh.SERVER_IP, port)
+    events = Tool("tcpconn", "--json")
+    counts = Tool("tcpconn", "-c", "--json")
+    refused = (
+        "import socket\n"
+        "for _ in range(3):\n"
+        "    try:\n"
+        f"        socket.create_connection(('{nh.SERVER_IP}', {closed_port}))\n"
+        "    except ConnectionRefusedError:\n"
+        "        pass\n"
+    )
+    try:
+        ok_pid = nh.run_client(pair.client, nh.SERVER_IP, port, n=5)
+        fail = subprocess.run(nh.in_ns(pair.client, sys.executable, "-c", refused), check=True, timeout=30)
+        assert fail.returncode == 0
+        streamed, counted = events.stop(), counts.stop()
+    finally:
+        events.kill()
+        counts.kill()
+        server.kill()
+    ours = [e for e in streamed if e["dport"] in (port, closed_port) or e["sport"] == port]
+    connects = [e for e in ours if e["kind"] == "connect"]
+    accepts = [e for e in ours if e["kind"] == "accept"]
+    fails = [e for e in ours if e["kind"] == "fail"]
+    assert len(connects) == 5 and {e["pid"] for e in connects} == {ok_pid}
+    assert len(accepts) == 5 and {e["pid"] for e in accepts} == {server.pid}
+    assert len(fails) == 3 and {e["error"] for e in fails} == {"ECONNREFUSED"}
+    to_server = [r for r in counted if r["daddr"] == nh.SERVER_IP]
+    assert sum(r["count"] for r in to_server if r["kind"] == "connect") == 5
+    assert sum(r["count"] for r in to_server if r["kind"] == "fail" and r["error"] == "ECONNREFUSED") == 3
+
+
+@pytest.fixture(scope="module")
+def provider(pair: nh.NetnsPair) -> type[TcpProvider]:
+    """The TCP provider judging only our namespaces: other work on this machine may lose packets."""
+
+    class OurTcp(TcpProvider):
+        only_netns = frozenset({nh.netns_inode(pair.client), nh.netns_inode(pair.server)})
+
+    return OurTcp
+
+
+def _bulk(pair: nh.NetnsPair, port: int, seconds: float) -> threading.Thread:
+    thread = threading.Thread(target=nh.iperf3, args=(pair, port, seconds), daemon=True)
+    thread.start()
+    nh.wait_listening(pair.server, port)
+    time.sleep(0.5)  # the transfer is under way when the window opens
+    return thread
+
+
+def test_provider_names_lossy_connection(pair: nh.NetnsPair, provider: type[TcpProvider]) -> None:
+    port = 41006
+    pair.set_loss(10, port)
+    try:
+        thread = _bulk(pair, port, 5)
+        report = run_check(3, providers=[provider])
+        thread.join(timeout=30)
+    finally:
+        pair.clear_loss()
+    row = next(r for r in report.rows if r.metric == "retransmits")
+    assert row.verdict is Verdict.PROBLEM, row
+    assert f"{nh.SERVER_IP}:{port}" in row.detail and "iperf3" in row.detail, row.detail
+
+
+def test_provider_ok_without_loss(pair: nh.NetnsPair, provider: type[TcpProvider]) -> None:
+    thread = _bulk(pair, 41007, 4)
+    report = run_check(2, providers=[provider])
+    thread.join(timeout=30)
+    rows = {r.metric: r for r in report.rows}
+    assert rows["retransmits"].verdict is Verdict.OK, rows["retransmits"]
+    assert rows["connections"].verdict is Verdict.OK
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["tcptop", "-L", "70000"],
+        ["tcpretrans", "-D", "0"],
+        ["tcplife", "-p", "999999999"],
+        ["tcpconn", "-c", "-1"],
+    ],
+)
+def test_bad_input_one_line(run_cli, args: list[str]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
