@@ -4,7 +4,7 @@ Each resource gives rows: a metric, its value, a verdict (ok, warn, PROBLEM) aga
 on the row, and the context that explains it. A last line names the resource at fault, or says no problem
 was found; the exit status is 1 when any row is a PROBLEM.
 
-Rows come from providers, kept in :data:`PROVIDERS`. A provider declares the requirements it cannot run
+Rows come from providers, listed in :data:`PROVIDER_PATHS`. A provider declares the requirements it cannot run
 without, gets ready (loads its BPF programs) before the window, takes its starting snapshot when the
 window opens and returns its rows when it closes. Adding a resource (network, page cache) is adding a
 provider class to the list::
@@ -415,8 +415,32 @@ class IoPressureProvider(Provider):
         ]
 
 
-# The providers `bpfscope check` runs, in the order their rows are shown.
-PROVIDERS: list[type[Provider]] = [CpuProvider, MemoryProvider, DiskProvider, IoPressureProvider]
+# The providers `bpfscope check` runs, in the order their rows are shown: "module:Class". Providers of
+# other resources live beside the tools whose collectors they share, and those modules import this one,
+# so the list is resolved on first use (``PROVIDERS``, through the module's __getattr__).
+PROVIDER_PATHS = [
+    "bpfscope.check:CpuProvider",
+    "bpfscope.check:MemoryProvider",
+    "bpfscope.check:DiskProvider",
+    "bpfscope.check:IoPressureProvider",
+    "bpfscope.tools.cachestat:PageCacheProvider",
+]
+
+
+def default_providers() -> list[type[Provider]]:
+    import importlib
+
+    classes = []
+    for path in PROVIDER_PATHS:
+        module, name = path.split(":")
+        classes.append(getattr(importlib.import_module(module), name))
+    return classes
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PROVIDERS":
+        return default_providers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -461,7 +485,7 @@ def run_check(
 ) -> Report:
     """Run every provider over one window of ``duration_s`` seconds (Ctrl-C or SIGTERM ends it early, with
     the rows of the window so far). Rows keep the providers' order."""
-    classes = PROVIDERS if providers is None else providers
+    classes = default_providers() if providers is None else providers
     # One slot per provider: a row saying why it could not run, or the provider itself.
     slots: list[Row | Provider] = []
     try:
