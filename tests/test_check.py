@@ -137,6 +137,17 @@ def test_summary_names_causes_before_symptoms() -> None:
     assert report.exit_code() == 1
     only_symptom = Report([_row("PSI io", "some", Verdict.PROBLEM, symptom=True)], 3.0)
     assert "no disk is slow" in only_symptom.summary()
+    # A stall with nothing past its PROBLEM level names what warns instead (a page cache that misses).
+    with_suspect = Report(
+        [
+            _row("Page cache", "hit ratio", Verdict.WARN),
+            _row("PSI io", "some", Verdict.PROBLEM, symptom=True),
+        ],
+        3.0,
+    )
+    assert with_suspect.summary() == (
+        "PROBLEM: PSI io some 1; nothing else past its PROBLEM level, but Page cache hit ratio 1 warns (why)"
+    )
     warned = Report([_row("Disk sdb", "%util", Verdict.WARN)], 3.0)
     assert warned.summary() == "no problem found (warnings: Disk sdb %util)" and warned.exit_code() == 0
 

@@ -422,8 +422,10 @@ PROVIDER_PATHS = [
     "bpfscope.check:CpuProvider",
     "bpfscope.check:MemoryProvider",
     "bpfscope.check:DiskProvider",
-    "bpfscope.check:IoPressureProvider",
     "bpfscope.tools.cachestat:PageCacheProvider",
+    "bpfscope.tools.vfsstat:VfsProvider",
+    "bpfscope.tools.writeback:WritebackProvider",
+    "bpfscope.check:IoPressureProvider",
 ]
 
 
@@ -462,6 +464,15 @@ class Report:
         symptoms = [r for r in bad if r.symptom]
         if not causes:
             worst = symptoms[0]
+            # Nothing is past its PROBLEM level, but what warns (a page cache that misses, a busy disk)
+            # adds up to the stall: name it rather than guess at causes out of sight.
+            suspects = [r for r in self.rows if r.verdict is Verdict.WARN and not r.symptom]
+            if suspects:
+                return f"PROBLEM: {worst.name} {worst.text}; nothing else past its PROBLEM level, but " + (
+                    ", ".join(
+                        f"{r.name} {r.text} warns" + (f" ({r.detail})" if r.detail else "") for r in suspects
+                    )
+                )
             return (
                 f"PROBLEM: {worst.name} {worst.text}, but no disk is slow: tasks wait on I/O elsewhere "
                 "(an I/O throttle such as io.max or blkio.throttle, network storage, or swap)"
