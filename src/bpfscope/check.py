@@ -37,6 +37,7 @@ from bpfscope.core.tool import Stop
 from bpfscope.errors import BpfscopeError
 
 if TYPE_CHECKING:
+    from bpfscope.core.sampler import Sampler
     from bpfscope.tools.iostat import DiskSample, DiskSampler, PressureSnapshot
 
 DEFAULT_DURATION_S = 10.0
@@ -150,6 +151,31 @@ class Provider:
 
     def close(self) -> None:
         """Release what prepare() took; called on every path."""
+
+
+class SamplerProvider(Provider):
+    """A ``bpfscope check`` provider on a sampler: loaded and attached before the window, sampled at its
+    start (what came before is dropped) and at its end."""
+
+    sampler_class: ClassVar[type[Sampler]]
+
+    def __init__(self) -> None:
+        self._sampler: Sampler | None = None
+
+    def prepare(self) -> None:
+        self._sampler = self.sampler_class()
+        self._sampler.obj.attach()
+
+    def sample(self) -> Any:
+        assert self._sampler is not None
+        return self._sampler.sample()
+
+    def start(self) -> None:
+        self.sample()
+
+    def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.close()
 
 
 def _require_bpf() -> str | None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bpfscope.core.bpf import BpfObject, require, tool_object
+from bpfscope.core.sampler import Counts
 from bpfscope.core.tool import cgroup_id
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 REQUIRES = ("tracepoint", "raw_tracepoint")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MEMINFO = Path("/proc/meminfo")
-COUNT_FIELDS = ("read_pages", "fault_pages", "added", "write_added", "dirtied")
 
 
 def kernel_dev_to_user(s_dev: int) -> int:
@@ -58,7 +58,7 @@ def kernel_dev_to_user(s_dev: int) -> int:
 
 
 @dataclass(frozen=True)
-class CacheCounts:
+class CacheCounts(Counts):
     """Cumulative page counts of one row (or the total), as the kernel keeps them."""
 
     read_pages: int = 0
@@ -66,16 +66,6 @@ class CacheCounts:
     added: int = 0
     write_added: int = 0
     dirtied: int = 0
-
-    @classmethod
-    def from_record(cls, record: Any) -> CacheCounts:
-        return cls(*(int(record[f]) for f in COUNT_FIELDS))
-
-    def __sub__(self, other: CacheCounts) -> CacheCounts:
-        return CacheCounts(*(getattr(self, f) - getattr(other, f) for f in COUNT_FIELDS))
-
-    def __add__(self, other: CacheCounts) -> CacheCounts:
-        return CacheCounts(*(getattr(self, f) + getattr(other, f) for f in COUNT_FIELDS))
 
     @property
     def lookups(self) -> int:
@@ -105,7 +95,7 @@ class CacheCounts:
 
     @property
     def active(self) -> bool:
-        return any(getattr(self, f) for f in COUNT_FIELDS)
+        return any(self.to_dict().values())
 
 
 @dataclass(frozen=True)
@@ -249,7 +239,8 @@ class CacheSampler:
     def _snapshot(self) -> _Snapshot:
         t_ns = time.monotonic_ns()
         total_values = self._obj.maps["cache_total"].lookup(0)
-        total = CacheCounts(*(int(total_values[f].sum()) for f in COUNT_FIELDS))
+        # Per-CPU counters: one value per CPU, summed.
+        total = CacheCounts.from_record({f: total_values[f].sum() for f in CacheCounts.__dataclass_fields__})
         keys, values = self._obj.maps["cache_rows"].items()
         rows = {}
         for k, v in zip(keys, values, strict=True):

@@ -22,8 +22,9 @@ from typing import Any
 import click
 
 from bpfscope.core.bpf import BpfObject, require, tool_object
+from bpfscope.core.sampler import Sampler
 from bpfscope.core.tool import RunOptions, ticks, tool_options
-from bpfscope.tools.vfsstat import Sampler, present_tracepoints_only
+from bpfscope.tools.vfsstat import present_tracepoints_only
 
 REQUIRES = ("tracepoint",)
 DEFAULT_INTERVAL = 1.0

@@ -23,13 +23,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any
 
 import click
 
-from bpfscope.check import Provider, Row, Verdict
+from bpfscope.check import Row, SamplerProvider, Verdict
 from bpfscope.core import system
 from bpfscope.core.bpf import BpfObject, require, tool_object
+from bpfscope.core.sampler import Counts, Sampler
 from bpfscope.core.tool import RunOptions, ticks, tool_options
 
 REQUIRES = ("tracepoint",)
@@ -48,33 +49,8 @@ def present_tracepoints_only(obj: BpfObject) -> None:
             program.autoload = target.replace("/", ":", 1) in have
 
 
-class Sampler:
-    """What the samplers of vfsstat, filetop and writeback share: one BPF object, closed with them, and
-    the one-line loss summary from their .bss counters."""
-
-    obj: BpfObject
-
-    def sample(self) -> Any:
-        """What happened since the previous sample."""
-        raise NotImplementedError
-
-    def losses(self, counters: dict[str, str]) -> str:
-        """``counters``: .bss counter -> what its count means, shown when it is not zero."""
-        lost = [f"{self.obj.bss[name]} {what}" for name, what in counters.items() if self.obj.bss[name]]
-        return "; ".join([self.obj.losses(), *lost])
-
-    def close(self) -> None:
-        self.obj.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 @dataclass
-class VfsCounts:
+class VfsCounts(Counts):
     """Calls of each kind (see the module docstring for what each counts)."""
 
     reads: int = 0
@@ -84,27 +60,10 @@ class VfsCounts:
     fsyncs: int = 0
     unlinks: int = 0
 
-    @classmethod
-    def from_record(cls, record: Any) -> VfsCounts:
-        return cls(**{f.name: int(record[f.name]) for f in fields(cls)})
-
-    def __add__(self, other: VfsCounts) -> VfsCounts:
-        return VfsCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-    def __sub__(self, other: VfsCounts) -> VfsCounts:
-        return VfsCounts(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
-
     @property
     def ops(self) -> int:
         """Every counted call (creates are opens already, so they are not added again)."""
         return self.reads + self.writes + self.opens + self.fsyncs + self.unlinks
-
-    def per_second(self, seconds: float) -> dict[str, float]:
-        s = max(seconds, 1e-9)
-        return {f.name: getattr(self, f.name) / s for f in fields(self)}
-
-    def to_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -270,31 +229,6 @@ def command(opts: RunOptions, per_process: bool, rows: int) -> None:
         losses = sampler.losses({"processes_dropped": "calls not attributed (too many processes)"})
         counts = ", ".join(f"{c} {v}" for c, v in grand.to_dict().items())
         opts.output.note(f"vfsstat: {seconds:.1f} s, {counts}; {losses}")
-
-
-class SamplerProvider(Provider):
-    """A ``bpfscope check`` provider on a sampler: loaded and attached before the window, sampled at its
-    start (what came before is dropped) and at its end."""
-
-    sampler_class: ClassVar[type[Sampler]]
-
-    def __init__(self) -> None:
-        self._sampler: Sampler | None = None
-
-    def prepare(self) -> None:
-        self._sampler = self.sampler_class()
-        self._sampler.obj.attach()
-
-    def sample(self) -> Any:
-        assert self._sampler is not None
-        return self._sampler.sample()
-
-    def start(self) -> None:
-        self.sample()
-
-    def close(self) -> None:
-        if self._sampler is not None:
-            self._sampler.close()
 
 
 class VfsProvider(SamplerProvider):

@@ -37,11 +37,11 @@ from typing import Any
 
 import click
 
-from bpfscope.check import Row, Threshold
+from bpfscope.check import Row, SamplerProvider, Threshold
 from bpfscope.core import system
 from bpfscope.core.bpf import BpfObject, require, tool_object
+from bpfscope.core.sampler import Sampler
 from bpfscope.core.tool import RunOptions, ticks, tool_options
-from bpfscope.tools.vfsstat import Sampler, SamplerProvider
 
 REQUIRES = ("tracepoint",)
 DEFAULT_INTERVAL = 1.0
