@@ -8,14 +8,13 @@ one table per interval.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bpfscope.core import block
+from bpfscope.core import block, top
 from bpfscope.core.bpf import BpfObject, require, tool_object
 from bpfscope.core.hist import Histogram
 from bpfscope.core.tool import RunOptions, ticks, tool_options
@@ -23,7 +22,6 @@ from bpfscope.core.tool import RunOptions, ticks, tool_options
 # BTF tracepoints are BPF_PROG_TYPE_TRACING, which libbpf cannot probe alone: raw tracepoints stand in.
 REQUIRES = ("raw_tracepoint",)
 DEFAULT_INTERVAL = 1.0
-CLEAR = "\033[H\033[2J"
 
 Key = tuple[int, int, bytes]  # (tgid, dev, comm)
 
@@ -142,16 +140,15 @@ def _key_bytes(obj: BpfObject, key: Key) -> bytes:
     return record.tobytes()
 
 
-class Screen:
-    def __init__(self, opts: RunOptions, sort: str, max_rows: int, clear: bool) -> None:
+class Screen(top.Screen):
+    def __init__(self, opts: RunOptions, sort: str, max_rows: int, noclear: bool) -> None:
+        super().__init__(opts, noclear)
         self.opts = opts
         self.sort = sort
         self.max_rows = max_rows
-        self.clear = clear and not opts.as_json and sys.stdout.isatty()
         self.disk_name = block.DiskNames()
 
     def show(self, rows: list[Row], elapsed: float) -> None:
-        out = self.opts.output
         rows = sorted(rows, key=SORTS[self.sort], reverse=True)[: self.max_rows]
         columns = ["PID", "COMM", "DISK", "READS", "WRITES", "R kB", "W kB", "AVG ms", "P99 ms"]
         keys = ["pid", "comm", "disk", "reads", "writes", "read_kb", "write_kb", "avg_ms", "p99_ms"]
@@ -172,17 +169,9 @@ class Screen:
                 ]
             )
         if self.opts.as_json:
-            out.table(columns, table, keys=keys, extra={"interval": f"{elapsed:.1f}s"})
+            self.out.table(columns, table, keys=keys, extra={"interval": f"{elapsed:.1f}s"})
             return
-        if self.clear:
-            out.stream.write(CLEAR)
-        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-        out.heading(f"{elapsed:.1f}s  loadavg: {load}  sorted by {self.sort}")
-        if table:
-            out.table(columns, table)
-        else:
-            out.line("no block I/O")
-        out.stream.flush()
+        self.frame(f"{elapsed:.1f}s  {top.loadavg()}  sorted by {self.sort}", columns, table, "no block I/O")
 
 
 EXAMPLES = """
@@ -197,18 +186,7 @@ Examples:
 
 @click.command(name="biotop", epilog=EXAMPLES)
 @click.option("-d", "--disk", metavar="DISK", help="Only this disk (vda, /dev/vda or major:minor).")
-@click.option(
-    "-s",
-    "--sort",
-    type=click.Choice(sorted(SORTS)),
-    default="ios",
-    show_default=True,
-    help="Sort by I/O count, kB moved, average or p99 device latency.",
-)
-@click.option(
-    "-r", "--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True, help="Rows shown."
-)
-@click.option("-C", "--noclear", is_flag=True, help="Do not clear the screen between intervals.")
+@top.top_options(sorted(SORTS), "ios", "Sort by I/O count, kB moved, average or p99 device latency.")
 @tool_options
 def command(opts: RunOptions, disk: str | None, sort: str, max_rows: int, noclear: bool) -> None:
     """Top processes by block I/O, per interval (1 s by default): reads, writes, kB, device latency.
@@ -218,7 +196,7 @@ def command(opts: RunOptions, disk: str | None, sort: str, max_rows: int, noclea
     """
     rodata = {**opts.filters(), **block.device_filter(disk)}
     require(*REQUIRES)
-    screen = Screen(opts, sort, max_rows, clear=not noclear)
+    screen = Screen(opts, sort, max_rows, noclear)
     with BpfObject(tool_object("biotop"), rodata=rodata, autoload=block.programs(queue_time=False)) as obj:
         obj.attach()
         before: dict[Key, Row] = {}

@@ -18,18 +18,17 @@ Paths are found in two ways, the first that answers wins:
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
+from bpfscope.core import top
 from bpfscope.core.cache import CacheCounts, CacheRow, CacheSample, CacheSampler
 from bpfscope.core.tool import RunOptions, ticks, tool_options
 
 DEFAULT_INTERVAL = 1.0
-CLEAR = "\033[H\033[2J"
 
 
 @dataclass
@@ -143,13 +142,21 @@ class PathResolver:
         return f"[{os.major(group.dev)}:{os.minor(group.dev)} inode {group.ino}]"
 
 
-class Screen:
-    def __init__(self, opts: RunOptions, sampler: CacheSampler, processes: bool, sort: str, max_rows: int):
+class Screen(top.Screen):
+    def __init__(
+        self,
+        opts: RunOptions,
+        sampler: CacheSampler,
+        processes: bool,
+        sort: str,
+        max_rows: int,
+        noclear: bool,
+    ) -> None:
+        super().__init__(opts, noclear)
         self.opts = opts
         self.processes = processes
         self.sort = sort
         self.max_rows = max_rows
-        self.clear = not opts.as_json and sys.stdout.isatty()
         self.resolver = PathResolver(sampler)
         self.sampler = sampler
 
@@ -181,18 +188,12 @@ class Screen:
             columns = ["PID", "COMM", "FILES", "LOOKUPS", "MISSES", "HIT%", "DIRTIED"]
         else:
             columns = ["LOOKUPS", "MISSES", "HIT%", "DIRTIED", "PROCESS", "FILE"]
-        if self.clear:
-            out.stream.write(CLEAR)
         ratio = "-" if sample.hit_ratio is None else f"{sample.hit_ratio:.1f}%"
-        out.heading(
+        heading = (
             f"{elapsed:.1f}s  lookups {sample.lookups}  misses {sample.misses}  hit ratio {ratio}  "
             f"cached {sample.cached_mb:.0f} MB  sorted by {self.sort}"
         )
-        if table:
-            out.table(columns, [["-" if v is None else v for v in row] for row in table])
-        else:
-            out.line("no page-cache activity")
-        out.stream.flush()
+        self.frame(heading, columns, table, "no page-cache activity")
 
 
 EXAMPLES = """
@@ -211,26 +212,16 @@ else [major:minor inode N]. Read-ahead counts as a miss when read; direct I/O an
 
 @click.command(name="cachetop", epilog=EXAMPLES)
 @click.option("-P", "--processes", is_flag=True, help="One row per process instead of per file.")
-@click.option(
-    "-s",
-    "--sort",
-    type=click.Choice(sorted(SORTS)),
-    default="misses",
-    show_default=True,
-    help="Sort by misses, lookups, dirtied pages, or lowest hit ratio first.",
+@top.top_options(
+    sorted(SORTS), "misses", "Sort by misses, lookups, dirtied pages, or lowest hit ratio first."
 )
-@click.option(
-    "-r", "--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True, help="Rows shown."
-)
-@click.option("-C", "--noclear", is_flag=True, help="Do not clear the screen between intervals.")
 @tool_options
 def command(opts: RunOptions, processes: bool, sort: str, max_rows: int, noclear: bool) -> None:
     """Files (or processes, -P) that miss the page cache most, per interval (1 s by default): lookups,
     misses, hit ratio and dirtied pages, with the file's path and the process missing most on it.
     """
     with CacheSampler(pid=opts.pid, cgroup=opts.cgroup, by_file=True) as sampler:
-        screen = Screen(opts, sampler, processes, sort, max_rows)
-        screen.clear = screen.clear and not noclear
+        screen = Screen(opts, sampler, processes, sort, max_rows, noclear)
         for elapsed in ticks(opts, "Tracing page cache by file... Ctrl-C to end.", DEFAULT_INTERVAL):
             screen.show(sampler.sample(), elapsed)
         opts.output.note(f"cachetop: {sampler.losses()}")

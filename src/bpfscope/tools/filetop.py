@@ -14,13 +14,13 @@ splice and copy_file_range are not seen.
 from __future__ import annotations
 
 import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
+from bpfscope.core import top
 from bpfscope.core.bpf import BpfObject, require, tool_object
 from bpfscope.core.sampler import Sampler
 from bpfscope.core.tool import RunOptions, ticks, tool_options
@@ -28,7 +28,6 @@ from bpfscope.tools.vfsstat import present_tracepoints_only
 
 REQUIRES = ("tracepoint",)
 DEFAULT_INTERVAL = 1.0
-CLEAR = "\033[H\033[2J"
 
 Key = tuple[int, int, int]  # (tgid, dev, ino)
 
@@ -204,27 +203,20 @@ def _kib(n: int) -> float:
 
 
 def show(
-    opts: RunOptions, rows: list[FileRow], elapsed: float, sort: str, max_rows: int, clear: bool
+    opts: RunOptions, screen: top.Screen, rows: list[FileRow], elapsed: float, sort: str, max_rows: int
 ) -> None:
-    out = opts.output
     rows = sorted(rows, key=SORTS[sort], reverse=True)[:max_rows]
     if opts.as_json:
         for r in rows:
-            out.record({"interval": round(elapsed, 3), **r.to_dict()})
+            opts.output.record({"interval": round(elapsed, 3), **r.to_dict()})
         return
-    if clear:
-        out.stream.write(CLEAR)
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    out.heading(f"{elapsed:.1f}s  loadavg: {load}  sorted by {sort}")
     table = [
         [r.pid, r.comm, r.reads, r.writes, _kib(r.read_bytes), _kib(r.write_bytes), r.kind, r.path]
         for r in rows
     ]
-    if table:
-        out.table(["PID", "COMM", "READS", "WRITES", "R kB", "W kB", "T", "FILE"], table)
-    else:
-        out.line("no file reads or writes")
-    out.stream.flush()
+    columns = ["PID", "COMM", "READS", "WRITES", "R kB", "W kB", "T", "FILE"]
+    heading = f"{elapsed:.1f}s  {top.loadavg()}  sorted by {sort}"
+    screen.frame(heading, columns, table, "no file reads or writes")
 
 
 EXAMPLES = """
@@ -239,18 +231,9 @@ Examples:
 
 @click.command(name="filetop", epilog=EXAMPLES)
 @click.option("-a", "--all-files", is_flag=True, help="All files, not only regular ones.")
-@click.option(
-    "-s",
-    "--sort",
-    type=click.Choice(list(SORTS)),
-    default="bytes",
-    show_default=True,
-    help="Sort by bytes (read + written), bytes read or written, calls, reads or writes.",
+@top.top_options(
+    list(SORTS), "bytes", "Sort by bytes (read + written), bytes read or written, calls, reads or writes."
 )
-@click.option(
-    "-r", "--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True, help="Rows shown."
-)
-@click.option("-C", "--noclear", is_flag=True, help="Do not clear the screen between intervals.")
 @tool_options
 def command(opts: RunOptions, all_files: bool, sort: str, max_rows: int, noclear: bool) -> None:
     """Top files by bytes read and written, per process, per interval (1 s by default), with their paths.
@@ -259,10 +242,10 @@ def command(opts: RunOptions, all_files: bool, sort: str, max_rows: int, noclear
     write ones) and the bytes they returned: page-cache hits included, mmap(), io_uring, sendfile and
     splice not seen. Regular files only, unless -a.
     """
-    clear = not noclear and not opts.as_json and sys.stdout.isatty()
+    screen = top.Screen(opts, noclear)
     with FileSampler({**opts.filters(), "all_files": all_files}) as sampler:
         sampler.start()
         note = "Tracing file reads and writes... Ctrl-C to end."
         for elapsed in ticks(opts, note, DEFAULT_INTERVAL):
-            show(opts, sampler.sample(), elapsed, sort, max_rows, clear)
+            show(opts, screen, sampler.sample(), elapsed, sort, max_rows)
         opts.output.note(f"filetop: {sampler.losses(LOSSES)}")
