@@ -9,10 +9,12 @@ without touching the host.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 CLIENT_NS = "bsa-cli"
 SERVER_NS = "bsa-srv"
@@ -40,11 +42,17 @@ class NetnsPair:
         """Drop ``percent``% of the segments arriving at the server's ``port`` (data, not the ACKs the
         client receives): the client retransmits them. Inside the server netns only. SYNs, FINs and RSTs
         pass, so that every retransmission is of data, while the connection is open."""
-        rules = (
-            f"table inet {LOSS_TABLE} {{\n chain input {{\n type filter hook input priority 0;\n"
-            f" tcp dport {port} tcp flags & (fin | syn | rst) == 0 numgen random mod 100 < {percent} drop\n"
-            " }\n}\n"
+        self._drop(
+            f"tcp dport {port} tcp flags & (fin | syn | rst) == 0 numgen random mod 100 < {percent} drop"
         )
+
+    def drop_syns(self, port: int) -> None:
+        """Drop every SYN to the server's ``port``: connects to it time out."""
+        self._drop(f"tcp dport {port} tcp flags & (syn | ack) == syn drop")
+
+    def _drop(self, rule: str) -> None:
+        chain = f"chain input {{\n type filter hook input priority 0;\n {rule}\n }}"
+        rules = f"table inet {LOSS_TABLE} {{\n {chain}\n}}\n"
         self.clear_loss()
         subprocess.run(in_ns(self.server, "nft", "-f", "-"), input=rules, text=True, check=True)
 
@@ -103,8 +111,6 @@ def netns_pair() -> Iterator[NetnsPair]:
 
 
 def netns_inode(ns: str) -> int:
-    import os
-
     return os.stat(f"/run/netns/{ns}").st_ino
 
 
@@ -198,14 +204,29 @@ def start_server(ns: str, host: str, port: int, reply: int = 0) -> subprocess.Po
 
 
 def run_client(
-    ns: str, host: str, port: int, n: int = 1, send: int = 0, reply: int = 0, hold: float = 0.0
+    ns: str,
+    host: str,
+    port: int,
+    n: int = 1,
+    send: int = 0,
+    reply: int = 0,
+    hold: float = 0.0,
+    cgroup: Path | None = None,
 ) -> int:
-    """Run the client to its end; its pid."""
+    """Run the client to its end (in ``cgroup`` if given); its pid."""
     import sys
+
+    def enter_cgroup() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
     args = [str(a) for a in (host, port, n, send, reply, hold, 0)]
     out = subprocess.run(
-        in_ns(ns, sys.executable, "-c", CLIENT, *args), capture_output=True, text=True, timeout=120
+        in_ns(ns, sys.executable, "-c", CLIENT, *args),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=enter_cgroup,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()

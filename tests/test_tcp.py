@@ -145,7 +145,7 @@ def test_tcpretrans_equals_snmp_and_ss(pair: nh.NetnsPair) -> None:
     # 3% loss over 40 MiB (~29k segments): hundreds of retransmissions, not a handful.
     assert snmp > 100
     # Nothing else runs in this namespace: its counter is this connection's.
-    assert by_tool == snmp == ss_total == by_events, counting.stderr + events.stderr
+    assert by_tool == snmp == ss_total == by_events, (counting.stderr, events.stderr, counted)
     assert {r["pid"] for r in conns if r["retrans"]} == {client_pid}
     for key in (
         "pid",
@@ -285,3 +285,61 @@ def test_bad_input_one_line(run_cli, args: list[str]) -> None:
     result = run_cli(*args)
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
+
+
+SYN_TIMEOUT = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)  # ETIMEDOUT after ~3 s of backoff
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+except TimeoutError:
+    print("timed out")
+"""
+
+
+def test_connect_timeout_and_syn_retransmit(pair: nh.NetnsPair) -> None:
+    port = 41008
+    pair.drop_syns(port)
+    conns = Tool("tcpconn", "--json", "-D", str(port))
+    retrans = Tool("tcpretrans", "--json", "-D", str(port))
+    try:
+        before = pair.retrans_segs(pair.client)
+        client = subprocess.run(
+            nh.in_ns(pair.client, sys.executable, "-c", SYN_TIMEOUT, nh.SERVER_IP, str(port)),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert client.stdout.strip() == "timed out", client
+        snmp = pair.retrans_segs(pair.client) - before
+        failed, retransmitted = conns.stop(), retrans.stop()
+    finally:
+        pair.clear_loss()
+        conns.kill()
+        retrans.kill()
+    assert [(e["kind"], e["error"]) for e in failed] == [("fail", "ETIMEDOUT")]
+    # TCP_SYNCNT bounds the time (the sum of the backoffs), so the SYN may be retransmitted once or twice.
+    assert {(e["kind"], e["state"], e["segs"]) for e in retransmitted} == {("syn", "SYN_SENT", 1)}
+    assert len(retransmitted) == snmp >= 1
+    assert {e["pid"] for e in retransmitted} == {failed[0]["pid"]} != {0}
+
+
+def test_pid_and_cgroup_filters(pair: nh.NetnsPair, cgroup) -> None:
+    port = 41009
+    server = nh.start_server(pair.server, nh.SERVER_IP, port, reply=1000)
+    by_pid = Tool("tcpconn", "--json", "-p", str(server.pid))
+    by_cgroup = Tool("tcptop", "--json", "1", "--cgroup", str(cgroup))
+    try:
+        client_pid = nh.run_client(pair.client, nh.SERVER_IP, port, n=2, send=5000, reply=1000, cgroup=cgroup)
+        accepts, rows = by_pid.stop(), by_cgroup.stop()
+    finally:
+        by_pid.kill()
+        by_cgroup.kill()
+        server.kill()
+    # -p: the server's accepts only, not the client's connects (another process).
+    assert [(e["kind"], e["pid"]) for e in accepts] == [("accept", server.pid)] * 2
+    # --cgroup: the client's two connections only, not the server's side of them.
+    assert {r["pid"] for r in rows} == {client_pid}
+    assert sum(r["tx_bytes"] for r in rows) == 2 * 5000 and sum(r["rx_bytes"] for r in rows) == 2 * 1000
+    assert {r["cgroup"] for r in rows} == {cgroup.stat().st_ino}

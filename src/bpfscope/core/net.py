@@ -110,6 +110,9 @@ class Owner:
         """From a numpy record of struct bs_owner; pid 0 means not known (see net.bpf.h)."""
         return cls(int(owner["tgid"]), comm_text(owner["comm"]), int(owner["cgroup"]))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "comm": self.comm, "cgroup": self.cgroup}
+
 
 def comm_text(raw: Any) -> str:
     data = raw.tobytes() if hasattr(raw, "tobytes") else bytes(raw)
@@ -198,7 +201,7 @@ class EventLines:
             extra, text = self.fields(record)
             seconds = (ts - self.start_ns) / 1e9
             if self.as_json:
-                fields = {"time": round(seconds, 6), "pid": owner.pid, "comm": owner.comm, **conn.to_dict()}
+                fields = {"time": round(seconds, 6), **owner.to_dict(), **conn.to_dict()}
                 yield ts, json.dumps({**fields, **extra})
                 continue
             yield (

@@ -27,13 +27,12 @@ struct event {
 };
 
 struct row_key {
-	__u32 tgid;
+	struct bs_owner owner;
 	__u32 kind;
 	__s32 err;
 	__u16 family;
-	__u16 pad;
+	__u16 pad[3];
 	__u8 raddr[16];
-	char comm[BS_COMM_LEN];
 };
 
 const volatile bool count_mode = false;
@@ -67,10 +66,8 @@ static __always_inline void record(const struct sock *sk, const struct bs_owner 
 		key.err = err;
 		key.family = conn.family;
 		__builtin_memcpy(key.raddr, conn.daddr, sizeof(key.raddr));
-		if (owner) {
-			key.tgid = owner->tgid;
-			__builtin_memcpy(key.comm, owner->comm, sizeof(key.comm));
-		}
+		if (owner)
+			key.owner = *owner;
 		n = bpf_map_lookup_elem(&counts, &key);
 		if (n)
 			__sync_fetch_and_add(n, 1);

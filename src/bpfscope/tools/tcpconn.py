@@ -55,8 +55,7 @@ class ConnCounts:
             if n:
                 out.append(
                     {
-                        "pid": int(k["tgid"]),
-                        "comm": net.comm_text(k["comm"]),
+                        **net.Owner.from_record(k["owner"]).to_dict(),
                         "kind": KINDS[int(k["kind"])],
                         "error": errno_name(int(k["err"])),
                         "daddr": net.address(int(k["family"]), k["raddr"]),

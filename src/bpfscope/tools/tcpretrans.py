@@ -56,8 +56,7 @@ class ConnRetrans:
     def to_dict(self) -> dict[str, Any]:
         pct = self.retrans_pct
         return {
-            "pid": self.owner.pid,
-            "comm": self.owner.comm,
+            **self.owner.to_dict(),
             **self.conn.to_dict(),
             "retrans": self.retrans,
             "segs_out": self.segs_out,
@@ -335,6 +334,9 @@ def command(opts: RunOptions, count_mode: bool, max_rows: int, lport: int | None
             )
         bss = obj.bss
         notes = [obj.losses()]
+        if int(bss["not_sent"]):
+            # Not a loss: the kernel did not count these either (see tcpretrans.bpf.c).
+            notes.append(f"{int(bss['not_sent'])} retransmission attempts not sent (host queue busy, ...)")
         if int(bss["conns_dropped"]):
             notes.append(f"{int(bss['conns_dropped'])} segments not counted (too many connections)")
         opts.output.note("tcpretrans: " + "; ".join(notes))

@@ -19,8 +19,7 @@ char LICENSE[] SEC("license") = "GPL";
 struct row_key {
 	__u64 sk;
 	struct bs_conn conn;
-	__u32 tgid;
-	char comm[BS_COMM_LEN];
+	struct bs_owner owner; /* the calling process */
 };
 
 struct row_bytes {
@@ -56,8 +55,7 @@ static __always_inline void count(struct sock *sk, int ret, bool tx)
 	if (!bs_conn_selected(&key.conn))
 		return;
 	key.sk = (__u64)sk;
-	key.tgid = bpf_get_current_pid_tgid() >> 32;
-	bpf_get_current_comm(key.comm, sizeof(key.comm));
+	bs_owner_current(&key.owner);
 	b = bpf_map_lookup_elem(&rows, &key);
 	if (!b) {
 		bpf_map_update_elem(&rows, &key, &zero, BPF_NOEXIST);

@@ -27,16 +27,14 @@ Key = bytes  # the raw struct row_key: unique, hashable, and what a map delete t
 
 @dataclass
 class Row:
-    pid: int
-    comm: str
+    owner: net.Owner
     conn: net.Conn
     rx_bytes: int
     tx_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "pid": self.pid,
-            "comm": self.comm,
+            **self.owner.to_dict(),
             **self.conn.to_dict(),
             "rx_bytes": self.rx_bytes,
             "tx_bytes": self.tx_bytes,
@@ -69,8 +67,7 @@ class ConnectionBytes:
             if counts != (rx0, tx0):
                 out.append(
                     Row(
-                        int(k["tgid"]),
-                        net.comm_text(k["comm"]),
+                        net.Owner.from_record(k["owner"]),
                         net.Conn.from_record(k["conn"]),
                         counts[0] - rx0,
                         counts[1] - tx0,
@@ -119,8 +116,8 @@ class Screen:
         out.heading(f"{elapsed:.1f}s  loadavg: {load}  RX {rx:.0f} kB  TX {tx:.0f} kB  sorted by {self.sort}")
         table = [
             [
-                r.pid,
-                r.comm,
+                r.owner.pid,
+                r.owner.comm,
                 self.netns(r.conn.netns),
                 r.conn.local,
                 r.conn.remote,
