@@ -39,44 +39,56 @@ def by_limit(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(results["settings"], key=lambda s: s["limit_mb"])
 
 
+def own_cpu_pct(setting: dict[str, Any]) -> float:
+    """The CPU the experiment used (server and pgbench), in percent of the machine."""
+    return setting["cpu_busy_pct"] - setting["cpu_others_pct"]
+
+
 def test_less_ram_fewer_hits_more_disk_reads_lower_tps(results: tuple[Path, dict[str, Any]]) -> None:
     _, data = results
     settings = by_limit(data)
     assert data["tools"] == {"cachestat": True, "vfsstat": True}
     ratios = [s["cache"]["hit_ratio"] for s in settings]
-    disk_reads = [s["cgroup_read_ios"] / s["seconds"] for s in settings]
+    # Disk reads per transaction: per second they are capped by the volume's IOPS limit whenever the
+    # cache misses, so what grows as RAM shrinks is how many each query costs.
+    disk_per_tx = [s["cgroup_read_ios"] / (s["tps"] * s["seconds"]) for s in settings]
     # The smallest limit holds about a third of the data set, the middle one two thirds, the largest all
     # of it: uniform random lookups make the hit ratio follow, steps far apart from any noise.
     assert ratios[0] + 10 < ratios[1] < ratios[2] - 10, ratios
     assert ratios[0] < 60 and ratios[-1] > 99, ratios
-    assert disk_reads[0] > disk_reads[1] > disk_reads[2], disk_reads
-    assert disk_reads[-1] < disk_reads[0] / 100, disk_reads
-    # TPS rises with RAM: about 2.5x from the smallest to the largest limit on a quiet machine. Other
-    # programs on this 2-CPU machine can take a third of it in a window, hence only 1.3x asserted.
+    assert disk_per_tx[0] > 1.3 * disk_per_tx[1] > 1.3 * disk_per_tx[2], disk_per_tx
+    assert disk_per_tx[-1] < 0.01, disk_per_tx
+    # TPS rises with RAM: starved, each query waits for the volume (about 3000 TPS at 3000 reads/s);
+    # cached, it runs at CPU speed (about 50000 TPS alone on this machine). Other programs on this 2-CPU
+    # machine can take half of it in a window, hence only 3x asserted.
     tps = [s["tps"] for s in settings]
-    assert tps[-1] > 1.3 * tps[0], tps
-    # Meanwhile the machine's RAM looks unremarkable to a dashboard, while the server's own cgroup is full.
+    assert tps[0] < tps[1] and tps[-1] > 3 * tps[0], tps
+    assert data["read_iops"] and disk_per_tx[0] * tps[0] <= 1.05 * data["read_iops"], "the throttle held"
+    # Meanwhile the machine's RAM looks unremarkable to a dashboard, while the server's own cgroup is full;
+    # so does the CPU the starved server uses (its own share: the machine's busy time less other programs').
     for s in settings:
         assert s["ram_used_pct"] < RAM_WARN_PCT, s
+    assert own_cpu_pct(settings[0]) < 50, settings[0]
     smallest = settings[0]
     assert smallest["memory_after"]["usage_in_bytes"] > 0.9 * smallest["limit_mb"] * (1 << 20)
 
 
 def test_bpfscope_agrees_with_the_kernels_accounting(results: tuple[Path, dict[str, Any]]) -> None:
-    """bpfscope and the independent counters are read at the same moments, a few milliseconds apart, at
-    the window's start and end; tens of thousands of pages a second pass in that time at most, out of
-    hundreds of thousands in the window: a 2% tolerance on counts and 2 points on the ratio hold that
-    with room (measured here: within 0.1%)."""
+    """bpfscope and the independent counters are read back to back at the window's start and end; tens of
+    thousands of pages a second pass in the few milliseconds between, out of hundreds of thousands in the
+    window: a 2% tolerance on counts holds that with room (measured: within 1%)."""
     _, data = results
     for s in by_limit(data):
         cache, io = s["cache"], s["proc_io"]
-        # Lookups: pages asked by the server's read calls, against the bytes those calls returned.
+        # Lookups by read calls, against the bytes those calls returned.
         assert cache["read_pages"] == pytest.approx(io["rchar"] / PAGE, rel=0.02), s
-        # Nothing but reads asks the cache inside the window: the backends started before it.
-        assert cache["fault_pages"] < 0.01 * cache["lookups"], s
-        # Misses: pages brought in, against the bytes the cgroup read from disk.
+        # Misses (pages brought in, for reads and faults), against the bytes the cgroup read from disk.
         assert cache["misses"] == pytest.approx(s["cgroup_read_bytes"] / PAGE, rel=0.02, abs=200), s
-        assert cache["hit_ratio"] == pytest.approx(s["truth_hit_ratio"], abs=2.0), s
+        # The independent hit ratio counts read calls only; bpfscope's also counts the server's page faults
+        # on its mapped binary and libraries, which the cgroup's limit evicts and brings back (mostly hits).
+        # Their share of the lookups bounds the difference, beside the counts' 2%.
+        faults = 100.0 * cache["fault_pages"] / cache["lookups"]
+        assert abs(cache["hit_ratio"] - s["truth_hit_ratio"]) <= 2.0 + faults, s
         # VFS reads: read calls counted by vfsstat, against the processes' own read-call counters.
         assert s["vfs_reads"] == pytest.approx(io["syscr"], rel=0.02), s
 

@@ -93,9 +93,11 @@ def picture(results: dict[str, Any], knee: dict[str, Any] | None, path: Path) ->
             axis.axvline(knee["limit_mb"], color="green", linestyle="--")
     top.text(results["data_mb"], 0, " data set", color="grey", va="bottom")
     if knee is not None:
-        top.text(knee["limit_mb"], top.get_ylim()[1] * 0.5, " more RAM stops paying", color="green")
+        top.text(
+            knee["limit_mb"], top.get_ylim()[1] * 0.5, "more RAM stops paying ", color="green", ha="right"
+        )
     handles = top.get_legend_handles_labels()[0] + ratio_axis.get_legend_handles_labels()[0]
-    top.legend(handles=handles, loc="lower right", fontsize="small")
+    top.legend(handles=handles, loc="upper left", fontsize="small")
     top.set_title("PostgreSQL select-only workload against the RAM its cgroup may use")
 
     def per_tx(setting: dict[str, Any], value: float | None) -> float:
@@ -115,7 +117,7 @@ def picture(results: dict[str, Any], knee: dict[str, Any] | None, path: Path) ->
     bottom.set_ylabel("per transaction")
     bottom.set_xlabel("RAM limit of the server's memory cgroup (MB)")
     bottom.set_ylim(bottom=0)
-    bottom.legend(fontsize="small")
+    bottom.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -142,23 +144,40 @@ def _service_table(settings: list[dict[str, Any]]) -> list[str]:
 
 def _agreement_table(settings: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| RAM limit | lookups/s (bpfscope) | pages read calls returned/s (rchar) | misses/s (bpfscope) | "
+        "| RAM limit | lookups/s (bpfscope) | of which page faults | pages read calls returned/s (rchar) | "
+        "misses/s (bpfscope) | "
         "pages read from disk/s (blkio) | hit ratio (bpfscope) | hit ratio (independent) | difference | "
         "VFS reads/s (bpfscope) | read calls/s (syscr) | cgroup cache |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in settings:
         cache = s.get("cache", {})
+        faults = per_second(s, cache.get("fault_pages"))
         ours, truth = cache.get("hit_ratio"), s["truth_hit_ratio"]
         diff = f"{ours - truth:+.2f} pts" if ours is not None and truth is not None else "-"
         vfs = "-" if s["vfs_reads"] is None else f"{per_second(s, s['vfs_reads']):.0f}"
         lines.append(
-            f"| {s['limit_mb']} MB | {per_second(s, cache.get('lookups')):.0f} | "
+            f"| {s['limit_mb']} MB | {per_second(s, cache.get('lookups')):.0f} | {faults:.0f} | "
             f"{per_second(s, s['proc_io']['rchar'] / PAGE):.0f} | {per_second(s, cache.get('misses')):.0f} | "
             f"{per_second(s, s['cgroup_read_bytes'] / PAGE):.0f} | {_pct(ours)} | {_pct(truth)} | {diff} | "
             f"{vfs} | {per_second(s, s['proc_io']['syscr']):.0f} | "
             f"{s['memory_after'].get('cache', 0) / (1 << 20):.0f} MB |"
         )
+    return lines
+
+
+def _check_table(settings: list[dict[str, Any]]) -> list[str]:
+    """bpfscope check over each window: CPU, RAM and the page cache beside each other, and its summary."""
+    shown = (("CPU", "busy"), ("RAM", "used"), ("Page cache", "hit ratio"))
+    lines = [
+        "| RAM limit | " + " | ".join(f"{r} {m}" for r, m in shown) + " | summary |",
+        "|---:|" + "---|" * (len(shown) + 1),
+    ]
+    for s in settings:
+        rows = {(r["resource"], r["metric"]): r for r in s["check"] if r.get("kind") == "row"}
+        cells = [f"{rows[k]['text']} {rows[k]['verdict']}" if k in rows else "-" for k in shown]
+        summary = next((r["summary"] for r in s["check"] if r.get("kind") == "summary"), "")
+        lines.append(f"| {s['limit_mb']} MB | " + " | ".join(cells) + f" | {summary} |")
     return lines
 
 
@@ -193,14 +212,22 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         f"{small['ram_available_gb']:.0f} GiB available: a dashboard shows plenty of free memory while the "
         "server's own cgroup is full of cache and misses.",
         "",
+        "## What `bpfscope check` says over the same windows",
+        "",
+        "System-wide, as a person on the machine would run it (`bpfscope check --duration "
+        f"{mode['seconds']}`), with the page cache beside CPU and RAM.",
+        "",
+        *_check_table(settings),
+        "",
         "## bpfscope against the independent truth",
         "",
         "bpfscope counts page-cache lookups and misses (cachestat) and read calls (vfsstat) in the kernel, "
         "for the server's cgroup alone, over the same window as the independent counters, which need no "
         "BPF: each server process's I/O accounting in /proc/PID/io (rchar: bytes its read calls returned; "
         "syscr: its read calls) and the bytes the cgroup read from disk (blkio). The independent hit ratio "
-        "is 100 * (1 - disk bytes / rchar). `cgroup cache` is the page cache charged to the server "
-        "(memory.stat).",
+        "is 100 * (1 - disk bytes / rchar): it counts read calls only, where bpfscope also counts the pages "
+        "the server's page faults look up (its binary and libraries, evicted under a small limit and mapped "
+        "again). `cgroup cache` is the page cache charged to the server (memory.stat).",
         "",
         *_agreement_table(settings),
         "",
@@ -215,3 +242,14 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+if __name__ == "__main__":
+    # Render again from a run's results.json (run.py --json), into the same directory.
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: report.py RESULTS_JSON")
+    results_path = Path(sys.argv[1])
+    print(write_report(results_path.parent, json.loads(results_path.read_text())))

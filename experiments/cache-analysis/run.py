@@ -56,6 +56,10 @@ MB = 1 << 20
 # Small, so that the operating system's page cache, not PostgreSQL's buffers, decides the hit ratio.
 SHARED_BUFFERS = "16MB"
 CLIENTS = 4
+# The server's disk serves at most this many reads per second, as a cloud volume does (3000 is the
+# baseline of AWS gp3 volumes): on this machine's local disk a miss costs 0.1 ms, less than the CPU the
+# kernel spends on it, so a starved cache would show as CPU rather than as waiting.
+DEFAULT_READ_IOPS = 3000
 
 # The other experiment's helpers: the postgres user's commands and pgbench's report parser.
 _spec = importlib.util.spec_from_file_location("io_bottleneck_run", HERE.parent / "io-bottleneck" / "run.py")
@@ -157,6 +161,12 @@ class ServerCgroups:
 
     def set_limit(self, limit_bytes: int) -> None:
         (self.memory / "memory.limit_in_bytes").write_text(str(limit_bytes))
+
+    def limit_read_iops(self, disk: str, iops: int) -> None:
+        """At most this many read requests per second to the disk, as a cloud volume's provisioned IOPS
+        allow; 0 lifts the limit."""
+        dev = (Path("/sys/block") / disk / "dev").read_text().strip()
+        (self.blkio / "blkio.throttle.read_iops_device").write_text(f"{dev} {iops}")
 
     def empty(self) -> None:
         """Uncharge (reclaim) everything charged to the memory cgroup: only allowed with no task inside."""
@@ -382,6 +392,7 @@ class Setting:
     cpu_others_pct: float = 0.0
     ram_used_pct: float = 0.0
     ram_available_gb: float = 0.0
+    check: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tps(self) -> float:
@@ -411,6 +422,53 @@ def bpfscope_samplers() -> tuple[type | None, type | None]:
     except ImportError:
         VfsSampler = None
     return CacheSampler, VfsSampler
+
+
+class CheckWindow:
+    """bpfscope check's providers (with the page cache's, registered or not) over the measured window:
+    the verdicts and the summary line a person running `bpfscope check` then would read."""
+
+    def __init__(self) -> None:
+        from bpfscope.check import PROVIDERS
+
+        classes = list(PROVIDERS)
+        with contextlib.suppress(ImportError):
+            from bpfscope.tools.cachestat import PageCacheProvider
+
+            if PageCacheProvider not in classes:
+                classes.append(PageCacheProvider)
+        self.providers: list[Any] = []
+        try:
+            for cls in classes:
+                self.providers.append(cls())
+                self.providers[-1].prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> CheckWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        for provider in self.providers:
+            provider.start()
+
+    def finish(self, window_s: float) -> list[dict[str, Any]]:
+        """The rows, then the summary, as `bpfscope check --json` prints them."""
+        from bpfscope.check import Report
+
+        rows = [row for provider in self.providers for row in provider.rows(window_s)]
+        return [
+            *(row.to_dict() for row in rows),
+            {"kind": "summary", "summary": Report(rows, window_s).summary()},
+        ]
+
+    def close(self) -> None:
+        for provider in self.providers:
+            provider.close()
 
 
 def cpu_busy_pct(before: Any, after: Any) -> float:
@@ -454,6 +512,7 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
 
             vfs = stack.enter_context(VfsSampler({"bs_targ_tgid": 0, "bs_targ_cgroup": cgroup_id(cgroup)}))
             vfs.start()
+        check = stack.enter_context(CheckWindow())
         progress = stack.enter_context(tempfile.TemporaryFile("w+"))
         # Started as the postgres user directly (not through runuser), so that killing it kills pgbench.
         bench = subprocess.Popen(
@@ -466,15 +525,17 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
         t0 = time.monotonic()
         time.sleep(mode.warmup)
 
-        # The window: every counter read at its start and at its end, bpfscope's and the truths alike.
+        # The window: every counter read at its start and at its end, bpfscope's and the truths alike, in
+        # the same order and back to back at both ends, so that they count the same events.
+        check.start()
+        disk_before, cpu_before = diskstats_reads(disk), psutil.cpu_times()
+        ours_before = cpu_seconds([*cgroups.tasks(), bench.pid])
+        setting.memory_before = cgroups.memory_stat()
         if cache:
             cache.restart()
         if vfs:
             vfs.sample()
         io_before, blk_before = cgroup_io(cgroups.tasks()), cgroups.disk_reads()
-        disk_before, cpu_before = diskstats_reads(disk), psutil.cpu_times()
-        ours_before = cpu_seconds([*cgroups.tasks(), bench.pid])
-        setting.memory_before = cgroups.memory_stat()
         start = time.monotonic()
         time.sleep(mode.seconds)
         end = time.monotonic()
@@ -485,6 +546,7 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
         ours = cpu_seconds([*cgroups.tasks(), bench.pid]) - ours_before
         setting.memory_after = cgroups.memory_stat()
         vm = psutil.virtual_memory()
+        setting.check = check.finish(end - start)
 
         out, _ = bench.communicate(timeout=60)
         if bench.returncode != 0:
@@ -532,7 +594,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(mode: Mode, port: int) -> dict[str, Any]:
+def run(mode: Mode, port: int, read_iops: int) -> dict[str, Any]:
     name = f"bse-cache-{os.getpid()}"
     samplers = bpfscope_samplers()
     tools = {"cachestat": samplers[0] is not None, "vfsstat": samplers[1] is not None}
@@ -543,6 +605,7 @@ def run(mode: Mode, port: int) -> dict[str, Any]:
         cgroups = ServerCgroups(name)
         stack.callback(cgroups.remove)
         cgroups.create()
+        cgroups.limit_read_iops(disk_of(workdir), read_iops)
         server = Server(workdir / "pg", port, cgroups)
         server.workdir.mkdir()
         stack.callback(server.stop)
@@ -576,6 +639,7 @@ def run(mode: Mode, port: int) -> dict[str, Any]:
     return {
         "mode": dataclasses.asdict(mode),
         "clients": CLIENTS,
+        "read_iops": read_iops,
         "shared_buffers": SHARED_BUFFERS,
         "relations": relations,
         "data_mb": sum(relations.values()) / MB,
@@ -590,6 +654,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=HERE / "report", help="Where the report goes.")
     parser.add_argument("--short", action="store_true", help="Small data set, 3 RAM limits (about a minute).")
+    parser.add_argument(
+        "--read-iops",
+        type=int,
+        default=DEFAULT_READ_IOPS,
+        help="Read requests per second the server's disk serves (blkio throttle); 0: the bare disk.",
+    )
     parser.add_argument("--port", type=int, default=45432, help="The server's port (its Unix socket's name).")
     parser.add_argument("--json", action="store_true", help="Also write every measurement to results.json.")
     args = parser.parse_args()
@@ -597,7 +667,7 @@ def main() -> None:
     mode = SHORT if args.short else FULL
     try:
         with sigterm_as_interrupt():
-            results = run(mode, args.port)
+            results = run(mode, args.port, args.read_iops)
     except KeyboardInterrupt:
         fail("interrupted; the server, its cgroups and its files are removed")
     except (RuntimeError, subprocess.CalledProcessError, OSError) as error:
