@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""The network analysis experiment: a service mesh slows down, CPU and RAM look fine, one hop loses packets.
+
+One command, as root, after ./setup.sh:
+
+    .venv/bin/python experiments/network-analysis/run.py [--out DIR] [--seconds S] [--loss PCT] [--json]
+
+It builds the mesh of mesh.py (client -> gateway nginx -> sidecar haproxy -> app nginx -> PostgreSQL, each
+in its own network namespace), drives large responses through it at a steady rate while the app queries
+its database, and runs two phases: healthy, then with packet loss injected on one link (the app's
+responses to the sidecar, by default). bpfscope watches the whole time: sockstat (socket buffers in every
+namespace), tcpretrans -c (retransmits per connection), tcptop (bytes per connection) and the health check
+(CPU, RAM, socket buffers, TCP). Each namespace's /proc/net/snmp and each veth's byte counters are read at
+the phase boundaries as the independent truth. The report (Markdown with pictures) goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+import mesh  # noqa: E402
+
+# Offered load: 12 responses of 4 MiB a second (about 50 MB/s through three proxies), 8 client workers.
+# Well within what two CPUs move through veths (the mesh's own processes use about a third of one CPU for
+# it), so that CPU stays unremarkable and the fault is the network.
+RATE = 12.0
+WORKERS = 8
+# The app's database traffic: pgbench's read-only transactions at a steady 100 a second.
+DB_RATE = 100
+SOCKSTAT_INTERVAL = 0.5
+DEFAULT_LOSS_PCT = 5
+DEFAULT_LINK = "sidecar->app"
+
+
+def bpfscope_cmd() -> list[str]:
+    """bpfscope as this Python has it (run the experiment with the environment's Python)."""
+    return [sys.executable, "-m", "bpfscope"]
+
+
+def have_tool(name: str) -> bool:
+    """Whether this bpfscope has the tool (tcpretrans and tcptop come with the network tools)."""
+    result = subprocess.run([*bpfscope_cmd(), name, "--help"], capture_output=True, timeout=60)
+    return result.returncode == 0
+
+
+class Watcher:
+    """A bpfscope tool in the background with --json, writing to a file; its records, each stamped with
+    the time since the experiment began (the tool's own interval clock plus when it attached)."""
+
+    def __init__(self, t0: float, *args: str) -> None:
+        self.t0 = t0
+        self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*bpfscope_cmd(), *args, "--json"],
+            stdout=self.output,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        if not line.startswith("Tracing"):
+            self.proc.kill()
+            raise RuntimeError(f"bpfscope {args[0]} did not start: {line}{self.proc.stderr.read()}")
+        self.started = time.time() - t0
+
+    def stop(self) -> list[dict[str, Any]]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        self.proc.communicate(timeout=120)
+        self.output.seek(0)
+        records = []
+        for line in self.output:
+            if line.startswith("{"):
+                record = json.loads(line)
+                interval = record.get("interval")
+                if isinstance(interval, str):  # "1.0s"
+                    interval = float(interval.rstrip("s"))
+                record["t"] = round(self.started + (interval or 0.0), 3)
+                records.append(record)
+        self.output.close()
+        return records
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def watching(t0: float, *args: str) -> Iterator[Watcher]:
+    watcher = Watcher(t0, *args)
+    try:
+        yield watcher
+    finally:
+        watcher.kill()  # on an error elsewhere the tool must not outlive the experiment
+
+
+@dataclass
+class Phase:
+    name: str
+    start: float = 0.0
+    end: float = 0.0
+    snmp: dict[str, dict[str, int]] = field(default_factory=dict)  # service -> counter deltas
+    link_bytes: dict[str, int] = field(default_factory=dict)  # link -> bytes both ways on its veth
+    check: list[dict[str, Any]] = field(default_factory=list)
+    loss_dropped: int = 0  # packets the nftables loss rule dropped
+    mesh_cpu_pct: float = 0.0  # CPU used by the mesh's own processes, in % of one CPU
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def check_in_background(seconds: float) -> tuple[threading.Thread, list[dict[str, Any]]]:
+    """bpfscope's health check over the phase, through the Python API: CPU, RAM, socket buffers, and
+    TCP where this bpfscope has it."""
+    from bpfscope.check import PROVIDERS, CpuProvider, MemoryProvider
+    from bpfscope.tools.sockstat import SocketBufferProvider
+
+    providers = [CpuProvider, MemoryProvider, SocketBufferProvider]
+    with contextlib.suppress(ImportError):
+        from bpfscope.tools.tcpretrans import TcpProvider
+
+        providers.append(TcpProvider)
+    # Providers registered since (the lead's list) join in, once each.
+    providers += [p for p in PROVIDERS if p not in providers and p.name in ("TCP", "Socket buffers")]
+    rows: list[dict[str, Any]] = []
+
+    def work() -> None:
+        from bpfscope.check import run_check
+
+        report = run_check(seconds, providers=providers)
+        rows.extend(r.to_dict() for r in report.rows)
+        rows.append({"kind": "summary", "summary": report.summary(), "problem": report.problem})
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread, rows
+
+
+def run_phase(phase: Phase, t0: float, seconds: float) -> None:
+    phase.start = time.time() - t0
+    snmp_before = {s: mesh.snmp(s) for s in mesh.SERVICES}
+    bytes_before = {link.name: mesh.link_bytes(link) for link in mesh.LINKS}
+    cpu_before = mesh.cpu_seconds()
+    # The check's window sits inside the phase, clear of its edges.
+    thread, rows = check_in_background(max(1.0, seconds - 2.0))
+    time.sleep(seconds)
+    thread.join(timeout=60)
+    phase.check = rows
+    cpu_after = mesh.cpu_seconds()
+    phase.end = time.time() - t0
+    used = sum(t - cpu_before[pid] for pid, t in cpu_after.items() if pid in cpu_before)
+    phase.mesh_cpu_pct = 100.0 * used / phase.seconds
+    for s in mesh.SERVICES:
+        after = mesh.snmp(s)
+        phase.snmp[s] = {k: after[k] - snmp_before[s].get(k, 0) for k in after if k.startswith("Tcp.")}
+    phase.link_bytes = {link.name: mesh.link_bytes(link) - bytes_before[link.name] for link in mesh.LINKS}
+
+
+def run_experiment(work: Path, seconds: float, loss_pct: int, lossy: mesh.Link) -> dict[str, Any]:
+    tools = {name: have_tool(name) for name in ("tcpretrans", "tcptop")}
+    results: dict[str, Any] = {
+        "config": {
+            "seconds": seconds,
+            "loss_pct": loss_pct,
+            "lossy_link": lossy.name,
+            "rate": RATE,
+            "workers": WORKERS,
+            "response_bytes": mesh.RESPONSE_BYTES,
+            "db_rate": DB_RATE,
+            "links": {link.name: {"left": link.left_ip, "right": link.right_ip} for link in mesh.LINKS},
+            "netns": mesh.NETNS,
+            "tools": tools,
+        }
+    }
+    with mesh.topology(), mesh.servers(work) as group, contextlib.ExitStack() as stack:
+        print("mesh up: " + ", ".join(f"{k} pid {v}" for k, v in group.pids().items()), file=sys.stderr)
+        init = mesh.pgbench("-i", "-s", "2", "-q")
+        init.communicate(timeout=120)
+        t0 = time.time()
+        total = 2 * seconds + 2
+        # Twice a second: a transfer's send buffer fills and drains within a second or two.
+        watchers = {"sockstat": stack.enter_context(watching(t0, "sockstat", "-C", str(SOCKSTAT_INTERVAL)))}
+        if tools["tcpretrans"]:
+            watchers["tcpretrans"] = stack.enter_context(watching(t0, "tcpretrans", "-c", "1"))
+        if tools["tcptop"]:
+            watchers["tcptop"] = stack.enter_context(watching(t0, "tcptop", "-C", "1"))
+        snmp_start = {s: mesh.snmp(s) for s in mesh.SERVICES}
+        db = mesh.pgbench("-S", "-c", "2", "-j", "1", "-R", str(DB_RATE), "-T", str(int(total)))
+        stack.callback(lambda: db.poll() is None and os.killpg(db.pid, signal.SIGKILL))
+        client = subprocess.Popen(
+            mesh.in_ns(
+                "client",
+                sys.executable,
+                str(HERE / "client.py"),
+                f"http://{mesh.LINKS[0].right_ip}:{mesh.PORTS['gateway']}/big",
+                str(RATE),
+                str(WORKERS),
+                str(total),
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        stack.callback(lambda: client.poll() is None and os.killpg(client.pid, signal.SIGKILL))
+        results["start_gap"] = time.time() - t0
+        time.sleep(1)
+        healthy = Phase("healthy")
+        print(f"phase 1: healthy mesh, {seconds:g} s", file=sys.stderr)
+        run_phase(healthy, t0, seconds)
+        print(f"phase 2: {loss_pct}% loss on {lossy.name}, {seconds:g} s", file=sys.stderr)
+        mesh.set_loss(lossy, loss_pct)
+        lossy_phase = Phase(f"{loss_pct}% loss on {lossy.name}")
+        try:
+            run_phase(lossy_phase, t0, seconds)
+            lossy_phase.loss_dropped = mesh.loss_dropped(lossy)
+        finally:
+            mesh.clear_loss(lossy)
+        out, _ = client.communicate(timeout=120)
+        results["client"] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        for r in results["client"]:
+            r["t"] = round(r["t"] - t0, 3)
+        db_out, db_err = db.communicate(timeout=60)
+        results["db"] = db_out[-600:] + db_err[-300:]
+        # The load is over: from here to the tools' last interval nothing is retransmitted, so the whole
+        # run's counts must agree exactly.
+        results["run_snmp"] = {}
+        for s in mesh.SERVICES:
+            end = mesh.snmp(s)
+            deltas = {k: end[k] - snmp_start[s].get(k, 0) for k in end if k.startswith("Tcp.")}
+            results["run_snmp"][s] = deltas
+        for name, watcher in watchers.items():
+            results[name] = watcher.stop()
+        results["phases"] = [asdict(p) for p in (healthy, lossy_phase)]
+        results["pids"] = group.pids()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "report", help="Where the report goes.")
+    parser.add_argument("--seconds", type=float, default=30, help="Length of each phase.")
+    parser.add_argument("--loss", type=int, default=DEFAULT_LOSS_PCT, help="Packet loss in percent.")
+    parser.add_argument(
+        "--link", default=DEFAULT_LINK, choices=sorted(mesh.LINK_BY_NAME), help="The link that loses packets."
+    )
+    parser.add_argument("--json", action="store_true", help="Also write every measurement to results.json.")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run it as root: it creates network namespaces, starts servers and loads BPF programs")
+    for tool in ("nginx", "haproxy", "nft", "pgbench", str(mesh.PG_BIN / "initdb")):
+        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
+            sys.exit(f"{tool} is missing: run ./setup.sh test (it installs nginx, haproxy, nftables)")
+    if not 0 < args.loss < 100:
+        sys.exit("--loss is a percentage between 1 and 99")
+    mesh.on_signals()
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bsb-mesh-", dir="/var/tmp") as tmp:
+            results = run_experiment(Path(tmp), args.seconds, args.loss, mesh.LINK_BY_NAME[args.link])
+    except KeyboardInterrupt:
+        # Every context above has unwound by now: servers stopped, namespaces (and their veths) removed.
+        print("interrupted: the mesh is removed, no report written", file=sys.stderr)
+        sys.exit(130)
+    from report import analyse, write_report
+
+    results["analysis"] = analyse(results)
+    report = write_report(args.out, results)
+    if args.json:
+        (args.out / "results.json").write_text(json.dumps(results))
+    print(f"report: {report}", file=sys.stderr)
+    print(results["analysis"]["conclusion"], file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
