@@ -19,11 +19,9 @@ Two sources, joined by the socket's inode:
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
 import socket
 import struct
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -34,13 +32,14 @@ from typing import Any
 import click
 
 from bpfscope.check import Provider, Row, Threshold, Verdict
+from bpfscope.core import net
 from bpfscope.core.bpf import BpfObject, require, tool_object
 from bpfscope.core.tool import RunOptions, cgroup_id, ticks, tool_options
+from bpfscope.core.top import Screen, top_options
 from bpfscope.errors import BpfscopeError
 
 REQUIRES = ("raw_tracepoint",)
 DEFAULT_INTERVAL = 1.0
-CLEAR = "\033[H\033[2J"
 NAMED_NETNS_DIR = Path("/var/run/netns")
 CLONE_NEWNET = 0x40000000
 
@@ -255,11 +254,11 @@ class SocketRow:
 
     @property
     def local(self) -> str:
-        return _endpoint(self.saddr, self.sport)
+        return net.endpoint(self.saddr, self.sport)
 
     @property
     def remote(self) -> str:
-        return _endpoint(self.daddr, self.dport)
+        return net.endpoint(self.daddr, self.dport)
 
     def who(self) -> str:
         """The socket for people: process, addresses, namespace."""
@@ -294,10 +293,6 @@ class SocketRow:
             "full_events": self.full_events,
             **self.events,
         }
-
-
-def _endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def _skmeminfo(value: str) -> dict[str, int]:
@@ -339,9 +334,9 @@ def _diag_row(ns: NetNamespace, proto: str, msg: Any) -> SocketRow:
         netns_name=ns.name,
         proto=proto,
         state=TCP_STATES.get(state, str(state)) if proto == "tcp" else TCP_STATES.get(state, "-"),
-        saddr=msg["idiag_src"],
+        saddr=_unmapped(msg["idiag_src"]),
         sport=msg["idiag_sport"],
-        daddr=msg["idiag_dst"],
+        daddr=_unmapped(msg["idiag_dst"]),
         dport=msg["idiag_dport"],
         inode=msg["idiag_inode"],
         cgroup=msg.get_attr("INET_DIAG_CGROUP_ID") or 0,
@@ -353,6 +348,13 @@ def _diag_row(ns: NetNamespace, proto: str, msg: Any) -> SocketRow:
         sndbuf=mem.get("sndbuf", 0),
         drops=mem.get("drops", 0),
     )
+
+
+def _unmapped(addr: str) -> str:
+    """An IPv4-mapped IPv6 address (a dual-stack socket talking IPv4) as the IPv4 address, as ss shows it."""
+    if addr.startswith("::ffff:") and "." in addr:
+        return addr[7:]
+    return addr
 
 
 @dataclass
@@ -479,9 +481,9 @@ class SocketSampler:
             netns_name=names.get(netns, str(netns)),
             proto=PROTOCOL_NAMES.get(int(value["protocol"]), str(int(value["protocol"]))),
             state="-",
-            saddr=_address(family, value["saddr"]),
+            saddr=net.address(family, value["saddr"]) if family in (net.AF_INET, net.AF_INET6) else "-",
             sport=int(value["sport"]),
-            daddr=_address(family, value["daddr"]),
+            daddr=net.address(family, value["daddr"]) if family in (net.AF_INET, net.AF_INET6) else "-",
             dport=int(value["dport"]),
             inode=inode,
             owners=owners.get(inode, []),
@@ -505,16 +507,6 @@ class SocketSampler:
             key["ino"] = inode
             self._obj.maps["events"].delete(key.tobytes())
             del counters[inode]
-
-
-def _address(family: int, field: Any) -> str:
-    # numpy gives a u8[16] as fixed-size bytes with the trailing zeros cut off (0.0.0.0 is b"").
-    raw = bytes(field).ljust(16, b"\0")
-    if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == socket.AF_INET6:
-        return str(ipaddress.IPv6Address(raw[:16]))
-    return "-"
 
 
 # --- selection and display ----------------------------------------------------------------------------
@@ -571,42 +563,30 @@ COLUMNS = [
 ]
 
 
-class Screen:
-    def __init__(self, opts: RunOptions, sort: str, max_rows: int, clear: bool) -> None:
-        self.opts = opts
-        self.sort = sort
-        self.max_rows = max_rows
-        self.clear = clear and not opts.as_json and sys.stdout.isatty()
-
-    def show(self, rows: list[SocketRow], sample: SocketSample, elapsed: float) -> None:
-        out = self.opts.output
-        rows = sorted(rows, key=SORTS[self.sort], reverse=True)
-        if self.opts.as_json:
-            for r in rows:
-                out.record({"interval": f"{elapsed:.1f}s", **r.to_dict()})
-            return
-        if self.clear:
-            out.stream.write(CLEAR)
-        shown = rows[: self.max_rows]
-        out.heading(
-            f"{elapsed:.1f}s  {len(rows)} sockets in {len(sample.namespaces)} network namespaces"
-            + (f"; {sample.events_per_s():.1f} buffer-full events/s" if sample.bpf else "")
-            + f"  sorted by {self.sort}"
-        )
-        if not shown:
-            out.line("no socket selected")
-        else:
-            table = []
-            for r in shown:
-                cells = []
-                for _, attr in COLUMNS:
-                    value = getattr(r, attr)
-                    if isinstance(value, float):
-                        value = round(value, 1)
-                    cells.append("-" if value is None else value)
-                table.append(cells)
-            out.table([c for c, _ in COLUMNS], table)
-        out.stream.flush()
+def show(
+    opts: RunOptions,
+    screen: Screen,
+    rows: list[SocketRow],
+    sample: SocketSample,
+    sort: str,
+    max_rows: int,
+    elapsed: float,
+) -> None:
+    rows = sorted(rows, key=SORTS[sort], reverse=True)
+    if opts.as_json:
+        for r in rows:
+            opts.output.record({"interval": round(elapsed, 3), **r.to_dict()})
+        return
+    heading = (
+        f"{elapsed:.1f}s  {len(rows)} sockets in {len(sample.namespaces)} network namespaces"
+        + (f"; {sample.events_per_s():.1f} buffer-full events/s" if sample.bpf else "")
+        + f"  sorted by {sort}"
+    )
+    table = [
+        [round(v, 1) if isinstance(v := getattr(r, attr), float) else v for _, attr in COLUMNS]
+        for r in rows[:max_rows]
+    ]
+    screen.frame(heading, [c for c, _ in COLUMNS], table, "no socket selected")
 
 
 EXAMPLES = """
@@ -621,13 +601,8 @@ Examples:
 
 
 @click.command(name="sockstat", epilog=EXAMPLES)
-@click.option(
-    "-s",
-    "--sort",
-    type=click.Choice(list(SORTS)),
-    default="saturation",
-    show_default=True,
-    help="Sort by the fuller buffer, the receive or send buffer, or buffer-full events.",
+@top_options(
+    SORTS, "saturation", "Sort by the fuller buffer, the receive or send buffer, or buffer-full events."
 )
 @click.option(
     "-P",
@@ -646,10 +621,6 @@ Examples:
     help="Only sockets whose fuller buffer is at least this full (or that overflowed).",
 )
 @click.option("--no-listen", is_flag=True, help="Leave out listening sockets.")
-@click.option(
-    "-r", "--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True, help="Rows shown."
-)
-@click.option("-C", "--noclear", is_flag=True, help="Do not clear the screen between intervals.")
 @tool_options
 def command(
     opts: RunOptions,
@@ -686,13 +657,13 @@ def command(
         listening=not no_listen,
         protocols=protocols,
     )
-    screen = Screen(opts, sort, max_rows, clear=not noclear)
+    screen = Screen(opts, noclear)
     with SocketSampler(protocols or ("tcp", "udp")) as sampler:
         sampler.start()
         note = "Tracing socket buffers... Ctrl-C to end."
         for elapsed in ticks(opts, note, DEFAULT_INTERVAL):
             sample = sampler.sample()
-            screen.show([r for r in sample.rows if selection(r)], sample, elapsed)
+            show(opts, screen, [r for r in sample.rows if selection(r)], sample, sort, max_rows, elapsed)
         opts.output.note(f"sockstat: {sampler.losses()}")
 
 
