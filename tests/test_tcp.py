@@ -183,6 +183,8 @@ def test_tcplife_known_transfers(pair: nh.NetnsPair) -> None:
             tool.kill()
         server.kill()
     assert len(active) == n and len(passive) == n
+    contract = {"pid", "comm", "saddr", "sport", "daddr", "dport", "tx_bytes", "rx_bytes", "duration_ms"}
+    assert contract <= set(active[0])
     for r in active:
         assert (r["pid"], r["comm"], r["tx_bytes"], r["rx_bytes"]) == (client_pid, "python", send, reply)
         assert r["daddr"] == nh.SERVER_IP6 and r["dport"] == port
