@@ -42,15 +42,16 @@ class NetnsPair:
         """Drop ``percent``% of the segments arriving at the server's ``port`` (data, not the ACKs the
         client receives): the client retransmits them. Inside the server netns only. SYNs, FINs and RSTs
         pass, so that every retransmission is of data, while the connection is open."""
-        self._drop(
+        self.drop(
             f"tcp dport {port} tcp flags & (fin | syn | rst) == 0 numgen random mod 100 < {percent} drop"
         )
 
     def drop_syns(self, port: int) -> None:
         """Drop every SYN to the server's ``port``: connects to it time out."""
-        self._drop(f"tcp dport {port} tcp flags & (syn | ack) == syn drop")
+        self.drop(f"tcp dport {port} tcp flags & (syn | ack) == syn drop")
 
-    def _drop(self, rule: str) -> None:
+    def drop(self, rule: str) -> None:
+        """An nftables rule (a drop) on the server's input path, in its own table, replacing the last."""
         chain = f"chain input {{\n type filter hook input priority 0;\n {rule}\n }}"
         rules = f"table inet {LOSS_TABLE} {{\n {chain}\n}}\n"
         self.clear_loss()

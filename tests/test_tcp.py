@@ -345,3 +345,33 @@ def test_pid_and_cgroup_filters(pair: nh.NetnsPair, cgroup) -> None:
     assert {r["pid"] for r in rows} == {client_pid}
     assert sum(r["tx_bytes"] for r in rows) == 2 * 5000 and sum(r["rx_bytes"] for r in rows) == 2 * 1000
     assert {r["cgroup"] for r in rows} == {cgroup.stat().st_ino}
+
+
+def test_synack_retransmit_owned_by_listener(pair: nh.NetnsPair) -> None:
+    port = 41010
+    # Started before the server: the listener's owner is learnt at listen().
+    retrans = Tool("tcpretrans", "--json", "-L", str(port))
+    server = nh.start_server(pair.server, nh.SERVER_IP, port)
+    # The client's half of the handshake (its ACK) and its data are dropped: the server, still waiting
+    # for the ACK, retransmits its SYN-ACK (after 1 s); then the path heals and the connection completes.
+    pair.drop(f"tcp dport {port} tcp flags & syn == 0 drop")
+    try:
+        before = pair.retrans_segs(pair.server)
+        client = threading.Thread(target=nh.run_client, args=(pair.client, nh.SERVER_IP, port, 1, 1000))
+        client.start()
+        time.sleep(1.6)
+        pair.clear_loss()
+        client.join(timeout=30)
+        snmp = pair.retrans_segs(pair.server) - before
+        events = retrans.stop()
+    finally:
+        pair.clear_loss()
+        retrans.kill()
+        server.kill()
+    synacks = [e for e in events if e["kind"] == "synack"]
+    assert synacks and {(e["pid"], e["sport"], e["state"]) for e in synacks} == {
+        (server.pid, port, "NEW_SYN_RECV")
+    }
+    assert {e["daddr"] for e in synacks} == {nh.CLIENT_IP}
+    # Everything the server's namespace retransmitted was seen (the server sends nothing else).
+    assert sum(e["segs"] for e in events) == snmp

@@ -74,20 +74,28 @@ static __always_inline __u32 bs_sk_netns(const struct sock *sk)
 	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 }
 
+/* The connection of anything that begins with a struct sock_common: a full socket, or the request sock
+ * of a half-open connection (struct request_sock), whose local port is skc_num. */
+static __always_inline void bs_conn_of_common(const struct sock_common *skc, struct bs_conn *c)
+{
+	c->family = BPF_CORE_READ(skc, skc_family);
+	c->sport = BPF_CORE_READ(skc, skc_num);
+	c->dport = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
+	c->netns = BPF_CORE_READ(skc, skc_net.net, ns.inum);
+	if (c->family == BS_AF_INET6) {
+		BPF_CORE_READ_INTO(&c->saddr, skc, skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&c->daddr, skc, skc_v6_daddr.in6_u.u6_addr8);
+	} else {
+		BPF_CORE_READ_INTO((__u32 *)c->saddr, skc, skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)c->daddr, skc, skc_daddr);
+	}
+}
+
 static __always_inline void bs_conn_of(const struct sock *sk, struct bs_conn *c)
 {
-	c->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	bs_conn_of_common(&sk->__sk_common, c);
 	/* inet_sport, not skc_num: the change to CLOSE is reported after the port was released. */
 	c->sport = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
-	c->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	c->netns = bs_sk_netns(sk);
-	if (c->family == BS_AF_INET6) {
-		BPF_CORE_READ_INTO(&c->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&c->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
-	} else {
-		BPF_CORE_READ_INTO((__u32 *)c->saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__u32 *)c->daddr, sk, __sk_common.skc_daddr);
-	}
 }
 
 static __always_inline bool bs_is_tcp(const struct sock *sk)

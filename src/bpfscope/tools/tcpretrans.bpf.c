@@ -227,7 +227,8 @@ int BPF_PROG(retransmit_skb, const struct sock *sk, const struct sk_buff *skb, i
 SEC("tp_btf/tcp_retransmit_synack")
 int BPF_PROG(retransmit_synack, const struct sock *sk, const struct request_sock *req)
 {
-	/* A request sock begins with a struct sock_common: the half-open connection's addresses. */
+	/* A request sock begins with a struct sock_common: the half-open connection's addresses. It is
+	 * not a full socket: only its sock_common may be read. */
 	const struct sock *half_open = (const struct sock *)req;
 	struct bs_owner *owner = bs_owner_of(sk); /* the listener's */
 	__u64 key = (__u64)req;
@@ -235,7 +236,7 @@ int BPF_PROG(retransmit_synack, const struct sock *sk, const struct request_sock
 
 	if (!bs_owner_selected(owner))
 		return 0;
-	bs_conn_of(half_open, &fresh.conn);
+	bs_conn_of_common(&req->__req_common, &fresh.conn);
 	if (!bs_conn_selected(&fresh.conn))
 		return 0;
 	st = bpf_map_lookup_elem(&conns, &key);
