@@ -78,10 +78,14 @@ int BPF_PROG(send_length, struct sock *sk, int ret, int flags)
 	return 0;
 }
 
+#define MSG_PEEK 2
+
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(recv_length, struct sock *sk, int ret, int flags)
 {
-	count(sk, ret, false);
+	/* Peeked bytes stay in the queue and are received again. */
+	if (!(flags & MSG_PEEK))
+		count(sk, ret, false);
 	return 0;
 }
 
