@@ -375,3 +375,34 @@ def test_synack_retransmit_owned_by_listener(pair: nh.NetnsPair) -> None:
     assert {e["daddr"] for e in synacks} == {nh.CLIENT_IP}
     # Everything the server's namespace retransmitted was seen (the server sends nothing else).
     assert sum(e["segs"] for e in events) == snmp
+
+
+def test_tcptop_peek_once_and_tcpconn_reset() -> None:
+    """On loopback, in this process: peeked bytes are received once (tcptop); a connection closed by its
+    peer with SO_LINGER 0 (a RST) is a RESET of this process, with ECONNRESET (tcpconn)."""
+    import os
+    import socket
+    import struct
+
+    port = 41011
+    top = Tool("tcptop", "--json", "1", "-L", str(port))
+    conns = Tool("tcpconn", "--json", "-D", str(port))
+    try:
+        with socket.create_server(("127.0.0.1", port)) as server:
+            client = socket.create_connection(("127.0.0.1", port))
+            accepted, _ = server.accept()
+            client.sendall(b"x" * 1000)
+            assert len(accepted.recv(1000, socket.MSG_PEEK)) == 1000
+            assert len(accepted.recv(1000)) == 1000
+            accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            accepted.close()
+            with pytest.raises(ConnectionResetError):
+                client.recv(10)
+            client.close()
+        rows, events = top.stop(), conns.stop()
+    finally:
+        top.kill()
+        conns.kill()
+    assert sum(r["rx_bytes"] for r in rows) == 1000
+    kinds = [(e["kind"], e["pid"], e["error"]) for e in events]
+    assert kinds == [("connect", os.getpid(), ""), ("reset", os.getpid(), "ECONNRESET")]
