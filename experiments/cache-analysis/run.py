@@ -13,12 +13,12 @@ measure pgbench's select-only workload (-S: one random primary-key lookup per tr
 watches the server's cgroup. Page cache is charged to the memory cgroup, so the limit bounds how much of
 the data the server keeps cached.
 
-At each setting: TPS and latency (pgbench), page-cache lookups, misses and hit ratio (bpfscope cachestat),
-VFS reads per second (bpfscope vfsstat, or syscount's read calls where vfsstat is missing), and beside them
-independent truths: the server's own reads from the kernel (pg_stat_database), the bytes its cgroup read
-from disk (blkio), its memory.stat, and CPU and RAM as a dashboard sees them (system-wide). The report
-(--out) has a table per setting, a picture of TPS and hit ratio against RAM, and the point where adding
-RAM stops paying.
+At each setting, over one window in the middle of a pgbench run: TPS and latency (pgbench), page-cache
+lookups, misses and hit ratio (bpfscope cachestat's sampler, on the server's cgroup), VFS reads (vfsstat's),
+bpfscope check's verdicts, and beside them independent truths: each server process's I/O accounting
+(/proc/PID/io), the bytes its cgroup read from disk (blkio), its memory.stat, and CPU and RAM as a
+dashboard sees them (system-wide). The report (--out) has a table per setting, a picture of TPS and hit
+ratio against RAM, and the point where adding RAM stops paying.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import pwd
 import shutil
 import signal
 import statistics
@@ -100,17 +101,19 @@ def v1_mount(controller: str) -> Path | None:
 
 
 def cgroup2_mount() -> Path | None:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) > 2 and parts[2] == "cgroup2":
-            return Path(parts[1])
-    return None
+    from bpfscope.core.tool import cgroup2_mounts
+
+    return next(iter(cgroup2_mounts()), None)
 
 
 def preflight() -> None:
     """Everything the experiment needs, each missing piece named in one line."""
     if os.geteuid() != 0:
         fail("run it as root: it starts PostgreSQL in cgroups and loads BPF programs")
+    try:
+        import bpfscope  # noqa: F401
+    except ImportError:
+        fail("bpfscope is not installed: run ./setup.sh first")
     for tool in (PG_BIN / "initdb", PG_BIN / "pg_ctl", PG_BIN / "pgbench", PG_BIN / "psql"):
         if not tool.exists():
             fail(f"{tool} is missing: install Debian's postgresql-15")
@@ -119,8 +122,6 @@ def preflight() -> None:
     if shutil.which("runuser") is None:
         fail("runuser is missing (util-linux)")
     try:
-        import pwd
-
         pwd.getpwnam("postgres")
     except KeyError:
         fail("no postgres user: install Debian's postgresql-15")
@@ -128,10 +129,6 @@ def preflight() -> None:
         fail("needs the cgroup v1 memory and blkio controllers (a hybrid cgroup layout)")
     if cgroup2_mount() is None:
         fail("no cgroup v2 mount: bpfscope's --cgroup filter needs one")
-    try:
-        import bpfscope  # noqa: F401
-    except ImportError:
-        fail("bpfscope is not installed: run ./setup.sh first")
 
 
 class ServerCgroups:
@@ -310,13 +307,12 @@ def disk_of(path: Path) -> str:
     return sysfs.parent.name if (sysfs / "partition").exists() else sysfs.name
 
 
-def diskstats_reads(disk: str) -> tuple[int, int]:
-    """(read requests, sectors read) of one disk from /proc/diskstats: every process's reads."""
-    for line in Path("/proc/diskstats").read_text().splitlines():
-        parts = line.split()
-        if parts[2] == disk:
-            return int(parts[3]), int(parts[5])
-    return 0, 0
+def diskstats_reads(disk: str) -> int:
+    """Read requests completed by one disk (/proc/diskstats): every process's reads."""
+    from bpfscope.tools.iostat import read_diskstats
+
+    counters = read_diskstats().get(disk)
+    return counters["rd_ios"] if counters else 0
 
 
 def cgroup_io(pids: list[int]) -> dict[int, dict[str, int]]:
@@ -572,7 +568,7 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
     setting.proc_io = io_delta(io_before, io_after)
     setting.cgroup_read_bytes = blk_after[0] - blk_before[0]
     setting.cgroup_read_ios = blk_after[1] - blk_before[1]
-    setting.disk_read_ios = disk_after[0] - disk_before[0]
+    setting.disk_read_ios = disk_after - disk_before
     setting.cpu_busy_pct = cpu_busy_pct(cpu_before, cpu_after)
     ours_pct = 100.0 * ours / (setting.seconds * (psutil.cpu_count() or 1))
     setting.cpu_others_pct = max(0.0, setting.cpu_busy_pct - ours_pct)
@@ -612,22 +608,7 @@ def run(mode: Mode, port: int, read_iops: int) -> dict[str, Any]:
         server.initdb()
         server.start()
         print(f"loading pgbench tables (scale {mode.scale})...", file=sys.stderr)
-        load = as_postgres(
-            [
-                str(PG_BIN / "pgbench"),
-                "-h",
-                str(server.workdir),
-                "-p",
-                str(port),
-                "-i",
-                "-q",
-                "-s",
-                str(mode.scale),
-                "postgres",
-            ]
-        )
-        if load.returncode != 0:
-            raise RuntimeError(f"pgbench -i failed: {load.stderr.strip()[-500:]}")
+        server.pgbench("-i", "-q", "-s", str(mode.scale))
         relations = server.relation_bytes()
         for limit in mode.limits_mb:
             setting = measure(server, cgroups, mode, limit)
