@@ -297,6 +297,46 @@ def loss_dropped(link: Link) -> int:
     return int(match.group(1)) if match else 0
 
 
+def set_rate(link: Link, mbit: int) -> None:
+    """Limit what the right side of ``link`` sends to the left to ``mbit`` Mbit/s: a token bucket (tc tbf)
+    on its veth, with 50 ms of queue before it drops."""
+    dev = link.veths[1]
+    run(*in_ns(link.right, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
+              "burst", "64kb", "latency", "50ms"))  # fmt: skip
+
+
+def clear_rate(link: Link) -> None:
+    run(*in_ns(link.right, "tc", "qdisc", "del", "dev", link.veths[1], "root"), check=False)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What goes wrong on one link: packet loss (percent) or a rate limit (Mbit/s)."""
+
+    kind: str  # "loss" or "rate"
+    value: int
+    link: Link
+
+    @property
+    def name(self) -> str:
+        what = f"{self.value}% loss" if self.kind == "loss" else f"rate limit {self.value} Mbit/s"
+        return f"{what} on {self.link.name}"
+
+    def apply(self) -> None:
+        (set_loss if self.kind == "loss" else set_rate)(self.link, self.value)
+
+    def clear(self) -> None:
+        (clear_loss if self.kind == "loss" else clear_rate)(self.link)
+
+    def dropped(self) -> int:
+        """Packets the fault dropped: the loss rule's counter, or the token bucket's drops."""
+        if self.kind == "loss":
+            return loss_dropped(self.link)
+        out = run(*in_ns(self.link.right, "tc", "-s", "qdisc", "show", "dev", self.link.veths[1])).stdout
+        match = re.search(r"dropped (\d+)", out)
+        return int(match.group(1)) if match else 0
+
+
 def snmp(service: str) -> dict[str, int]:
     """The namespace's own TCP counters (/proc/net/snmp is per network namespace)."""
     lines = run(*in_ns(service, "cat", "/proc/net/snmp")).stdout.splitlines()

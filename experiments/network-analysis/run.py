@@ -3,14 +3,16 @@
 
 One command, as root, after ./setup.sh:
 
-    .venv/bin/python experiments/network-analysis/run.py [--out DIR] [--seconds S] [--loss PCT] [--json]
+    .venv/bin/python experiments/network-analysis/run.py [--out DIR] [--seconds S] [--loss PCT | --rate MBIT]
+        [--link LINK] [--json]
 
 It builds the mesh of mesh.py (client -> gateway nginx -> sidecar haproxy -> app nginx -> PostgreSQL, each
 in its own network namespace), drives large responses through it at a steady rate while the app queries
 its database, and runs two phases: healthy, then with packet loss injected on one link (the app's
-responses to the sidecar, by default). bpfscope watches the whole time: sockstat (socket buffers in every
-namespace), tcpretrans -c (retransmits per connection), tcptop (bytes per connection) and the health check
-(CPU, RAM, socket buffers, TCP). Each namespace's /proc/net/snmp and each veth's byte counters are read at
+responses to the sidecar, by default), or with --rate that link limited to a rate below the load.
+bpfscope watches the whole time: sockstat (socket buffers in every namespace), tcpretrans -c
+(retransmits per connection), tcptop (bytes per connection) and the health check (CPU, RAM, socket
+buffers, TCP). Each namespace's /proc/net/snmp and each veth's byte counters are read at
 the phase boundaries as the independent truth. The report (Markdown with pictures) goes to --out.
 """
 
@@ -122,7 +124,7 @@ class Phase:
     snmp: dict[str, dict[str, int]] = field(default_factory=dict)  # service -> counter deltas
     link_bytes: dict[str, int] = field(default_factory=dict)  # link -> bytes both ways on its veth
     check: list[dict[str, Any]] = field(default_factory=list)
-    loss_dropped: int = 0  # packets the nftables loss rule dropped
+    fault_dropped: int = 0  # packets the fault dropped (the nftables rule's or the token bucket's count)
     mesh_cpu_pct: float = 0.0  # CPU used by the mesh's own processes, in % of one CPU
 
     @property
@@ -177,13 +179,12 @@ def run_phase(phase: Phase, t0: float, seconds: float) -> None:
     phase.link_bytes = {link.name: mesh.link_bytes(link) - bytes_before[link.name] for link in mesh.LINKS}
 
 
-def run_experiment(work: Path, seconds: float, loss_pct: int, lossy: mesh.Link) -> dict[str, Any]:
+def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, Any]:
     tools = {name: have_tool(name) for name in ("tcpretrans", "tcptop")}
     results: dict[str, Any] = {
         "config": {
             "seconds": seconds,
-            "loss_pct": loss_pct,
-            "lossy_link": lossy.name,
+            "fault": {"kind": fault.kind, "value": fault.value, "link": fault.link.name, "name": fault.name},
             "rate": RATE,
             "workers": WORKERS,
             "response_bytes": mesh.RESPONSE_BYTES,
@@ -228,14 +229,14 @@ def run_experiment(work: Path, seconds: float, loss_pct: int, lossy: mesh.Link) 
         healthy = Phase("healthy")
         print(f"phase 1: healthy mesh, {seconds:g} s", file=sys.stderr)
         run_phase(healthy, t0, seconds)
-        print(f"phase 2: {loss_pct}% loss on {lossy.name}, {seconds:g} s", file=sys.stderr)
-        mesh.set_loss(lossy, loss_pct)
-        lossy_phase = Phase(f"{loss_pct}% loss on {lossy.name}")
+        print(f"phase 2: {fault.name}, {seconds:g} s", file=sys.stderr)
+        fault.apply()
+        faulty = Phase(fault.name)
         try:
-            run_phase(lossy_phase, t0, seconds)
-            lossy_phase.loss_dropped = mesh.loss_dropped(lossy)
+            run_phase(faulty, t0, seconds)
+            faulty.fault_dropped = fault.dropped()
         finally:
-            mesh.clear_loss(lossy)
+            fault.clear()
         out, _ = client.communicate(timeout=120)
         results["client"] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         for r in results["client"]:
@@ -251,7 +252,7 @@ def run_experiment(work: Path, seconds: float, loss_pct: int, lossy: mesh.Link) 
             results["run_snmp"][s] = deltas
         for name, watcher in watchers.items():
             results[name] = watcher.stop()
-        results["phases"] = [asdict(p) for p in (healthy, lossy_phase)]
+        results["phases"] = [asdict(p) for p in (healthy, faulty)]
         results["pids"] = group.pids()
     return results
 
@@ -262,9 +263,11 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=HERE / "report", help="Where the report goes.")
     parser.add_argument("--seconds", type=float, default=30, help="Length of each phase.")
-    parser.add_argument("--loss", type=int, default=DEFAULT_LOSS_PCT, help="Packet loss in percent.")
+    fault = parser.add_mutually_exclusive_group()
+    fault.add_argument("--loss", type=int, help=f"Packet loss in percent (default {DEFAULT_LOSS_PCT}).")
+    fault.add_argument("--rate", type=int, metavar="MBIT", help="A rate limit instead of loss, in Mbit/s.")
     parser.add_argument(
-        "--link", default=DEFAULT_LINK, choices=sorted(mesh.LINK_BY_NAME), help="The link that loses packets."
+        "--link", default=DEFAULT_LINK, choices=sorted(mesh.LINK_BY_NAME), help="The link that goes wrong."
     )
     parser.add_argument("--json", action="store_true", help="Also write every measurement to results.json.")
     args = parser.parse_args()
@@ -273,13 +276,20 @@ def main() -> None:
     for tool in ("nginx", "haproxy", "nft", "pgbench", str(mesh.PG_BIN / "initdb")):
         if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
             sys.exit(f"{tool} is missing: run ./setup.sh test (it installs nginx, haproxy, nftables)")
-    if not 0 < args.loss < 100:
+    if args.loss is not None and not 0 < args.loss < 100:
         sys.exit("--loss is a percentage between 1 and 99")
+    if args.rate is not None and args.rate <= 0:
+        sys.exit("--rate is in Mbit/s, more than 0")
+    link = mesh.LINK_BY_NAME[args.link]
+    if args.rate:
+        fault = mesh.Fault("rate", args.rate, link)
+    else:
+        fault = mesh.Fault("loss", args.loss or DEFAULT_LOSS_PCT, link)
     mesh.on_signals()
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(prefix="bsb-mesh-", dir="/var/tmp") as tmp:
-            results = run_experiment(Path(tmp), args.seconds, args.loss, mesh.LINK_BY_NAME[args.link])
+            results = run_experiment(Path(tmp), args.seconds, fault)
     except KeyboardInterrupt:
         # Every context above has unwound by now: servers stopped, namespaces (and their veths) removed.
         print("interrupted: the mesh is removed, no report written", file=sys.stderr)
