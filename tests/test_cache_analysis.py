@@ -107,8 +107,10 @@ def leftovers(pid: int) -> list[str]:
     return found
 
 
-def test_ctrl_c_cleans_up(tmp_path: Path) -> None:
-    """Ctrl-C in the middle of a measurement: the server stops, its cgroups and files go, one line said."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_run_cleans_up(tmp_path: Path, how: str) -> None:
+    """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) or SIGTERM (to the experiment
+    alone) in the middle of a measurement: the server stops, its cgroups and files go, one line says so."""
     proc = subprocess.Popen(
         [sys.executable, str(EXPERIMENT), "--short", "--out", str(tmp_path)],
         stderr=subprocess.PIPE,
@@ -121,7 +123,10 @@ def test_ctrl_c_cleans_up(tmp_path: Path) -> None:
         assert ready and proc.stderr.readline().startswith("loading"), "the experiment did not start"
         time.sleep(8)  # past the load, inside the first setting
         assert leftovers(proc.pid), "the experiment's cgroups and directory should exist while it runs"
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -130,6 +135,22 @@ def test_ctrl_c_cleans_up(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert err.strip().splitlines()[-1].startswith("cache-analysis: interrupted"), err
     assert leftovers(proc.pid) == []
+
+
+def test_failure_cleans_up(tmp_path: Path) -> None:
+    """A RAM limit too small for the server: the memory cgroup's OOM killer stops it from starting; one
+    line says why, and nothing is left behind."""
+    run = subprocess.Popen(
+        [sys.executable, str(EXPERIMENT), "--scale", "1", "--limits", "4", "--out", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1
+    assert err.strip().splitlines()[-1] == (
+        "cache-analysis: PostgreSQL did not start: the RAM limit is too small for the server itself"
+    ), err
+    assert leftovers(run.pid) == []
 
 
 def test_not_root_is_one_line() -> None:

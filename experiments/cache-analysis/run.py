@@ -165,6 +165,14 @@ class ServerCgroups:
         dev = (Path("/sys/block") / disk / "dev").read_text().strip()
         (self.blkio / "blkio.throttle.read_iops_device").write_text(f"{dev} {iops}")
 
+    def oom_kills(self) -> int:
+        """Processes the memory cgroup's OOM killer has killed so far."""
+        for line in (self.memory / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
     def empty(self) -> None:
         """Uncharge (reclaim) everything charged to the memory cgroup: only allowed with no task inside."""
         (self.memory / "memory.force_empty").write_text("0")
@@ -238,10 +246,16 @@ class Server:
             "-l",
             str(self.workdir / "log"),
         ]
+        kills_before = self.cgroups.oom_kills()
         started = as_postgres([*command, "-w", "start"], preexec_fn=self.cgroups.enter)
         if started.returncode != 0:
-            log = (self.workdir / "log").read_text()[-1000:] if (self.workdir / "log").exists() else ""
-            raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()} {log}")
+            if self.cgroups.oom_kills() > kills_before:
+                raise RuntimeError(
+                    "PostgreSQL did not start: the RAM limit is too small for the server itself"
+                )
+            log = self.workdir / "log"
+            lines = log.read_text().strip().splitlines() if log.exists() else []
+            raise RuntimeError(f"PostgreSQL did not start: {lines[-1] if lines else started.stderr.strip()}")
         self.running = True
 
     def stop(self) -> None:
@@ -629,6 +643,20 @@ def run(mode: Mode, port: int, read_iops: int) -> dict[str, Any]:
     }
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def limits_mb(text: str) -> tuple[int, ...]:
+    limits = tuple(sorted({positive(part) for part in text.split(",") if part.strip()}))
+    if not limits:
+        raise argparse.ArgumentTypeError("no RAM limit given")
+    return limits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -641,11 +669,22 @@ def main() -> None:
         default=DEFAULT_READ_IOPS,
         help="Read requests per second the server's disk serves (blkio throttle); 0: the bare disk.",
     )
+    parser.add_argument("--scale", type=positive, help="pgbench's scale (about 15 MB of data per unit).")
+    parser.add_argument(
+        "--limits", type=limits_mb, help="RAM limits in MB, comma-separated (e.g. 256,512,1024)."
+    )
+    parser.add_argument("--seconds", type=positive, help="The measured window at each limit.")
     parser.add_argument("--port", type=int, default=45432, help="The server's port (its Unix socket's name).")
     parser.add_argument("--json", action="store_true", help="Also write every measurement to results.json.")
     args = parser.parse_args()
     preflight()
     mode = SHORT if args.short else FULL
+    mode = dataclasses.replace(
+        mode,
+        scale=args.scale or mode.scale,
+        limits_mb=args.limits or mode.limits_mb,
+        seconds=args.seconds or mode.seconds,
+    )
     try:
         with sigterm_as_interrupt():
             results = run(mode, args.port, args.read_iops)
