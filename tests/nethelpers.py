@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,6 +74,21 @@ class NetnsPair:
         return self.snmp(ns)["Tcp"]["RetransSegs"]
 
 
+# Connects to a closed port until one is refused (a RST came back): the path works both ways.
+WARM_UP = """
+import socket, sys, time
+for host in sys.argv[1:]:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((host, 9), timeout=0.2).close()
+        except ConnectionRefusedError:
+            break
+        except OSError:
+            assert time.monotonic() < deadline, host + " unreachable"
+"""
+
+
 def _cleanup() -> None:
     for ns in (CLIENT_NS, SERVER_NS):
         sh("ip", "netns", "del", ns, check=False)
@@ -106,6 +122,9 @@ def netns_pair() -> Iterator[NetnsPair]:
             sh(*in_ns(ns, "ip", "addr", "add", f"{ip4}/24", "dev", dev))
             sh(*in_ns(ns, "ip", "-6", "addr", "add", f"{ip6}/64", "dev", dev, "nodad"))
             sh(*in_ns(ns, "ip", "link", "set", dev, "up"))
+        # Until the veth carrier is up and the neighbours are resolved, a first SYN can be lost (and
+        # retransmitted a second later): a connection's duration would then include that second.
+        sh(*in_ns(CLIENT_NS, sys.executable, "-c", WARM_UP, SERVER_IP, SERVER_IP6))
         yield NetnsPair()
     finally:
         _cleanup()
@@ -193,8 +212,6 @@ print("done", flush=True)
 
 
 def start_server(ns: str, host: str, port: int, reply: int = 0) -> subprocess.Popen[str]:
-    import sys
-
     server = subprocess.Popen(
         in_ns(ns, sys.executable, "-c", SERVER, host, str(port), str(reply)),
         stdout=subprocess.PIPE,
@@ -215,7 +232,6 @@ def run_client(
     cgroup: Path | None = None,
 ) -> int:
     """Run the client to its end (in ``cgroup`` if given); its pid."""
-    import sys
 
     def enter_cgroup() -> None:
         if cgroup is not None:
