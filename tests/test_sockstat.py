@@ -363,6 +363,17 @@ def test_cli_json_and_filters(netns: str, run_cli) -> None:
     assert any(r["pid"] == peer.facts["pid"] and r["sport"] == PORT for r in over)
 
 
+def test_cgroup_filter(netns: str, cgroup: Path, run_cli) -> None:
+    """--cgroup selects the sockets created in that cgroup (v2), whichever namespace they are in."""
+    join = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "join"]
+    with Peer(netns, TCP_FILL.format(port=PORT, fill=50_000), wrapper=join) as peer:
+        result = run_cli("sockstat", "--json", "--cgroup", str(cgroup), "0.5", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 3 and {r["pid"] for r in rows} == {peer.facts["pid"]}
+    assert {r["cgroup"] for r in rows} == {cgroup.stat().st_ino}
+
+
 def test_table_for_people(run_cli) -> None:
     result = run_cli("sockstat", "-C", "--duration", "0.5")
     assert result.returncode == 0, result.stderr
