@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -704,6 +704,9 @@ class SocketBufferProvider(Provider):
     a queue that stayed full is seen, and one full only in between is not (its events are)."""
 
     name = "Socket buffers"
+    # Network namespaces (inodes) to judge; empty: all. A subclass narrows the check to some namespaces
+    # (a container's, a test's own), as TcpProvider does.
+    only_netns: ClassVar[frozenset[int]] = frozenset()
 
     def __init__(self) -> None:
         self._sampler: SocketSampler | None = None
@@ -726,6 +729,9 @@ class SocketBufferProvider(Provider):
     def rows(self, window_s: float) -> list[Row]:
         assert self._sampler is not None and self._first is not None
         last = self._sampler.sample()
+        if self.only_netns:
+            for sample in (self._first, last):
+                sample.rows = [r for r in sample.rows if r.netns in self.only_netns]
         looks = [self._first.rows, last.rows]
         connected = [[r for r in rows if not r.listening] for rows in looks]
         listening = [[r for r in rows if r.listening and r.proto == "tcp"] for rows in looks]
