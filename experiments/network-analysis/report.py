@@ -117,11 +117,14 @@ def netns_truth(results: dict[str, Any], phase: dict[str, Any]) -> dict[str, dic
         if r["netns_name"] in names:
             inode_to_service[r["netns"]] = names[r["netns_name"]]
     counted: dict[str, int] = defaultdict(int)
+    went_down: dict[str, int] = defaultdict(int)
     for r in results.get("tcpretrans", []):
         if r.get("scope") == "connection" and in_phase(r, phase):
             service = inode_to_service.get(r["netns"])
             if service:
                 counted[service] += r["retrans"]
+                # A count cannot go down: such a row is the tool's error (a reused socket address).
+                went_down[service] += r["retrans"] < 0
     out = {}
     for service, deltas in phase["snmp"].items():
         out[service] = {
@@ -129,6 +132,7 @@ def netns_truth(results: dict[str, Any], phase: dict[str, Any]) -> dict[str, dic
             "snmp_out": deltas.get("Tcp.OutSegs", 0),
             "snmp_retrans_pct": _pct(deltas.get("Tcp.RetransSegs", 0), deltas.get("Tcp.OutSegs", 0)),
             "tcpretrans": counted.get(service, 0) if results.get("tcpretrans") is not None else None,
+            "tcpretrans_rows_down": went_down.get(service, 0),
         }
     return out
 
@@ -137,7 +141,7 @@ def whole_run_truth(results: dict[str, Any]) -> dict[str, dict[str, int | None]]
     """Over the whole run, per namespace: the kernel's RetransSegs against every tcpretrans interval."""
     whole = {"start": -1e9, "end": 1e9, "snmp": results.get("run_snmp", {})}
     return {
-        s: {"snmp_retrans": row["snmp_retrans"], "tcpretrans": row["tcpretrans"]}
+        s: {k: row[k] for k in ("snmp_retrans", "tcpretrans", "tcpretrans_rows_down")}
         for s, row in netns_truth(results, whole).items()
     }
 
@@ -387,12 +391,14 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         "Each namespace's RetransSegs (/proc/net/snmp, read before the load started and after it ended)",
         "against the sum of every tcpretrans interval over that namespace's connections:",
         "",
-        "| namespace | RetransSegs (/proc/net/snmp) | tcpretrans |",
-        "|---|---|---|",
+        "| namespace | RetransSegs (/proc/net/snmp) | tcpretrans | tcpretrans rows whose count went down |",
+        "|---|---|---|---|",
     ]
     for service, row in analysis["whole_run"].items():
         counted = "-" if row["tcpretrans"] is None else row["tcpretrans"]
-        lines.append(f"| {mesh.NETNS[service]} | {row['snmp_retrans']} | {counted} |")
+        lines.append(
+            f"| {mesh.NETNS[service]} | {row['snmp_retrans']} | {counted} | {row['tcpretrans_rows_down']} |"
+        )
     lines.append("")
     if not results["config"]["tools"].get("tcpretrans"):
         lines += ["tcpretrans was not available in this bpfscope: hops are judged on /proc/net/snmp.", ""]
