@@ -34,6 +34,7 @@ import click
 from bpfscope.check import Provider, Row, Threshold, Verdict
 from bpfscope.core import net
 from bpfscope.core.bpf import BpfObject, require, tool_object
+from bpfscope.core.sampler import Sampler
 from bpfscope.core.tool import RunOptions, cgroup_id, ticks, tool_options
 from bpfscope.core.top import Screen, top_options
 from bpfscope.errors import BpfscopeError
@@ -372,7 +373,7 @@ class SocketSample:
         return self.full_events / self.window_s if self.window_s > 0 else 0.0
 
 
-class SocketSampler:
+class SocketSampler(Sampler):
     """Each ``sample()`` lists every TCP and UDP socket of every network namespace with its queues and
     buffers now, and the buffer-full events counted since the previous call (or ``start()``).
 
@@ -407,23 +408,20 @@ class SocketSampler:
         self._prev_t = time.monotonic()
         return self
 
+    @property
+    def obj(self) -> BpfObject:
+        assert self._obj is not None, "no BPF object: started without bpf"
+        return self._obj
+
     def close(self) -> None:
         if self._obj is not None:
             self._obj.close()
             self._obj = None
 
-    def __enter__(self) -> SocketSampler:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def losses(self) -> str | None:
+    def losses(self) -> str:
         if self._obj is None:
-            return None
-        dropped = int(self._obj.bss["events_dropped"])
-        extra = f"; {dropped} events not counted (too many sockets)" if dropped else ""
-        return self._obj.losses() + extra
+            return "no events counted (no BPF)"
+        return super().losses({"events_dropped": "events not counted (too many sockets)"})
 
     def _read_events(self) -> tuple[dict[int, dict[str, int]], dict[int, Any]]:
         """Cumulative counters per socket inode, and what BPF recorded about each socket."""
