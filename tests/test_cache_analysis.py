@@ -93,6 +93,18 @@ def test_bpfscope_agrees_with_the_kernels_accounting(results: tuple[Path, dict[s
         assert s["vfs_reads"] == pytest.approx(io["syscr"], rel=0.02), s
 
 
+def test_cachestat_command_shows_the_same(results: tuple[Path, dict[str, Any]]) -> None:
+    """`bpfscope cachestat --json --cgroup PATH 1` beside the sampler: its whole seconds inside the window
+    give the same hit ratio. They cover most of the window but not all of it, and one second's ratio
+    moves by a few points at the smallest limit (25-30% measured), hence 5 points."""
+    _, data = results
+    for s in by_limit(data):
+        records = s["cachestat_cli"]
+        assert sum(r["interval_s"] for r in records) >= s["seconds"] / 2, s
+        lookups, misses = sum(r["lookups"] for r in records), sum(r["misses"] for r in records)
+        assert 100.0 * (lookups - misses) / lookups == pytest.approx(s["cache"]["hit_ratio"], abs=5.0), s
+
+
 def test_report_states_where_more_ram_stops_paying(results: tuple[Path, dict[str, Any]]) -> None:
     out, data = results
     report = (out / "report.md").read_text()

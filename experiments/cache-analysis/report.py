@@ -3,6 +3,7 @@ RAM stops paying, all from the measurements in results (run.py's dictionary, als
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,46 @@ def _check_table(settings: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _cli_table(settings: list[dict[str, Any]]) -> list[str]:
+    """The seconds `bpfscope cachestat --json --cgroup PATH 1` printed inside each window, added up,
+    beside the sampler's figure for the whole window."""
+    lines = [
+        "| RAM limit | seconds | lookups/s | misses/s | hit ratio (CLI) | hit ratio (whole window) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in settings:
+        records = s.get("cachestat_cli", [])
+        seconds = sum(r["interval_s"] for r in records)
+        lookups, misses = sum(r["lookups"] for r in records), sum(r["misses"] for r in records)
+        ratio = 100.0 * (lookups - misses) / lookups if lookups else None
+        rate = 1 / seconds if seconds else 0.0
+        lines.append(
+            f"| {s['limit_mb']} MB | {seconds:.1f} | {lookups * rate:.0f} | {misses * rate:.0f} | "
+            f"{_pct(ratio)} | {_pct(s['cache'].get('hit_ratio'))} |"
+        )
+    return lines
+
+
+def _cli_section(settings: list[dict[str, Any]]) -> list[str]:
+    keys = ("lookups", "hits", "misses", "hit_ratio", "cached_mb")
+    first = [{k: r[k] for k in keys} for r in settings[0].get("cachestat_cli", [])[:3]]
+    return [
+        "## `bpfscope cachestat --cgroup` as a person runs it",
+        "",
+        "`bpfscope cachestat --json --cgroup CGROUP 1` ran beside the sampler, on the server's cgroup v2 "
+        f"directory, one line a second. Its first lines at {settings[0]['limit_mb']} MB:",
+        "",
+        "```",
+        *(json.dumps(r) for r in first),
+        "```",
+        "",
+        "Its seconds inside each window, added up:",
+        "",
+        *_cli_table(settings),
+        "",
+    ]
+
+
 def write_report(out: Path, results: dict[str, Any]) -> Path:
     settings = sorted(results["settings"], key=lambda s: s["limit_mb"])
     knee, knee_sentence = plateau(settings)
@@ -239,6 +280,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         "",
         *_agreement_table(settings),
         "",
+        *(_cli_section(settings) if results["tools"]["cachestat"] else []),
         "## Picture",
         "",
         "![TPS and hit ratio against RAM](tps_hit_ratio_vs_ram.png)",
@@ -254,7 +296,6 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
 
 if __name__ == "__main__":
     # Render again from a run's results.json (run.py --json), into the same directory.
-    import json
     import sys
 
     if len(sys.argv) != 2:

@@ -70,6 +70,7 @@ sys.modules[_spec.name] = _io  # its dataclasses look their module up there
 _spec.loader.exec_module(_io)
 as_postgres: Callable[..., subprocess.CompletedProcess[str]] = _io.as_postgres
 parse_pgbench: Callable[[str], dict[str, float]] = _io.parse_pgbench
+Watcher = _io.Watcher  # a bpfscope command in the background, its --json records once stopped
 
 
 @dataclass(frozen=True)
@@ -368,6 +369,16 @@ def parse_progress(text: str, start: float, end: float) -> dict[str, Any]:
     }
 
 
+def seconds_within(records: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
+    """cachestat's interval records that lie inside [start, end] (seconds since it attached); 50 ms of
+    slack for the time it takes to print "Tracing" and to be read."""
+    return [
+        r
+        for r in records
+        if r["elapsed_s"] - r["interval_s"] >= start - 0.05 and r["elapsed_s"] <= end + 0.05
+    ]
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User and system CPU time the processes have used so far."""
     total = 0.0
@@ -403,6 +414,8 @@ class Setting:
     ram_used_pct: float = 0.0
     ram_available_gb: float = 0.0
     check: list[dict[str, Any]] = field(default_factory=list)
+    # `bpfscope cachestat --json --cgroup PATH 1`, as a person would run it: its seconds inside the window
+    cachestat_cli: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tps(self) -> float:
@@ -516,6 +529,8 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
     disk = disk_of(server.data)
     with contextlib.ExitStack() as stack:
         cache = stack.enter_context(CacheSampler(cgroup=cgroup)) if CacheSampler else None
+        cli = stack.enter_context(Watcher("cachestat", "--cgroup", cgroup, "1")) if CacheSampler else None
+        cli_start = time.monotonic()
         vfs = None
         if VfsSampler:
             from bpfscope.core.tool import cgroup_id
@@ -557,6 +572,8 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
         setting.memory_after = cgroups.memory_stat()
         vm = psutil.virtual_memory()
         setting.check = check.finish(end - start)
+        if cli:
+            setting.cachestat_cli = seconds_within(cli.stop(), start - cli_start, end - cli_start)
 
         out, _ = bench.communicate(timeout=60)
         if bench.returncode != 0:
