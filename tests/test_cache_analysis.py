@@ -68,6 +68,8 @@ def test_less_ram_fewer_hits_more_disk_reads_lower_tps(results: tuple[Path, dict
     # so does the CPU the starved server uses (its own share: the machine's busy time less other programs').
     for s in settings:
         assert s["ram_used_pct"] < RAM_WARN_PCT, s
+        ram = next(r for r in s["check"] if r.get("resource") == "RAM" and r.get("metric") == "used")
+        assert ram["verdict"] == "ok", ram  # and so bpfscope check says, over the same window
     assert own_cpu_pct(settings[0]) < 50, settings[0]
     smallest = settings[0]
     assert smallest["memory_after"]["usage_in_bytes"] > 0.9 * smallest["limit_mb"] * (1 << 20)
