@@ -452,6 +452,8 @@ PROVIDER_PATHS = [
     "bpfscope.tools.vfsstat:VfsProvider",
     "bpfscope.tools.writeback:WritebackProvider",
     "bpfscope.check:IoPressureProvider",
+    "bpfscope.tools.tcpretrans:TcpProvider",
+    "bpfscope.tools.sockstat:SocketBufferProvider",
 ]
 
 
