@@ -533,9 +533,9 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
         cli_start = time.monotonic()
         vfs = None
         if VfsSampler:
-            from bpfscope.core.tool import cgroup_id
+            from bpfscope.core.tool import RunOptions
 
-            vfs = stack.enter_context(VfsSampler({"bs_targ_tgid": 0, "bs_targ_cgroup": cgroup_id(cgroup)}))
+            vfs = stack.enter_context(VfsSampler(RunOptions(cgroup=cgroup).filters()))
             vfs.start()
         check = stack.enter_context(CheckWindow())
         progress = stack.enter_context(tempfile.TemporaryFile("w+"))
@@ -667,6 +667,13 @@ def positive(text: str) -> int:
     return value
 
 
+def not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def limits_mb(text: str) -> tuple[int, ...]:
     limits = tuple(sorted({positive(part) for part in text.split(",") if part.strip()}))
     if not limits:
@@ -682,7 +689,7 @@ def main() -> None:
     parser.add_argument("--short", action="store_true", help="Small data set, 3 RAM limits (about a minute).")
     parser.add_argument(
         "--read-iops",
-        type=int,
+        type=not_negative,
         default=DEFAULT_READ_IOPS,
         help="Read requests per second the server's disk serves (blkio throttle); 0: the bare disk.",
     )
@@ -702,12 +709,14 @@ def main() -> None:
         limits_mb=args.limits or mode.limits_mb,
         seconds=args.seconds or mode.seconds,
     )
+    from bpfscope.errors import BpfscopeError
+
     try:
         with sigterm_as_interrupt():
             results = run(mode, args.port, args.read_iops)
     except KeyboardInterrupt:
         fail("interrupted; the server, its cgroups and its files are removed")
-    except (RuntimeError, subprocess.CalledProcessError, OSError) as error:
+    except (RuntimeError, subprocess.CalledProcessError, OSError, BpfscopeError) as error:
         fail(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     from report import write_report
 
