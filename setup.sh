@@ -20,10 +20,11 @@ fi
 
 # Debian packages: build (clang, libbpf-dev, bpftool), run (libbpf1), the Python environment, and for
 # the tests, benchmarks and experiments the peers we compare against (bpftrace, fio, iostat from sysstat,
-# iperf3) and the servers and tools the scenarios run (nginx, haproxy, nftables, iproute2).
+# iperf3) and the servers and tools the scenarios run (nginx, haproxy, PostgreSQL, nftables, iproute2,
+# mkfs.ext4 for a private file system).
 packages=(clang libbpf-dev libbpf1 bpftool linux-libc-dev python3 python3-venv python3-pip mount util-linux)
 if [ "$mode" = test ]; then
-    packages+=(bpftrace fio sysstat libcap2-bin procps iproute2 iperf3 nftables nginx haproxy)
+    packages+=(bpftrace fio sysstat libcap2-bin procps iproute2 iperf3 nftables nginx haproxy postgresql-15 e2fsprogs)
 fi
 missing=()
 for p in "${packages[@]}"; do
