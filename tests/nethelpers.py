@@ -144,16 +144,22 @@ def wait_listening(ns: str, port: int, timeout: float = 10.0) -> None:
 
 
 def iperf3(
-    pair: NetnsPair, port: int, seconds: float, reverse: bool = False, ipv6: bool = False
+    pair: NetnsPair,
+    port: int,
+    seconds: float,
+    reverse: bool = False,
+    ipv6: bool = False,
+    bitrate: str | None = None,
 ) -> tuple[dict, int]:
-    """One iperf3 test from the client netns to a one-off server in the server netns: (its -J report,
-    the client's pid)."""
+    """One iperf3 test from the client netns to a one-off server in the server netns, at ``bitrate``
+    (iperf3 -b) if given: (its -J report, the client's pid)."""
     server = subprocess.Popen(
         in_ns(pair.server, "iperf3", "-s", "-1", "-p", str(port)), stdout=subprocess.DEVNULL
     )
     try:
         wait_listening(pair.server, port)
         args = ["iperf3", "-J", "-c", SERVER_IP6 if ipv6 else SERVER_IP, "-p", str(port), "-t", str(seconds)]
+        args += ["-b", bitrate] if bitrate else []
         client = subprocess.Popen(
             in_ns(pair.client, *args, *(["-R"] if reverse else [])), stdout=subprocess.PIPE
         )

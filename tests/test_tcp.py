@@ -247,7 +247,9 @@ def provider(pair: nh.NetnsPair) -> type[TcpProvider]:
 
 
 def _bulk(pair: nh.NetnsPair, port: int, seconds: float) -> threading.Thread:
-    thread = threading.Thread(target=nh.iperf3, args=(pair, port, seconds), daemon=True)
+    """An iperf3 transfer in the background, at 200 Mbit/s: unlimited, it fills the veth's receive
+    backlog on a busy machine and the kernel drops (and TCP retransmits) without any rule of ours."""
+    thread = threading.Thread(target=nh.iperf3, args=(pair, port, seconds, False, False, "200M"), daemon=True)
     thread.start()
     nh.wait_listening(pair.server, port)
     time.sleep(0.5)  # the transfer is under way when the window opens

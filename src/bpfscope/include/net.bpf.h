@@ -69,6 +69,15 @@ struct {
 	__type(value, struct bs_owner);
 } bs_owners SEC(".maps");
 
+/* A socket's cookie: unique for as long as the machine runs, where its address is reused as soon as it
+ * is freed. Keys of rows that outlive the socket (until user space has read them) must be cookies: a new
+ * socket at the same address would otherwise take over, or wipe, a closed one's counts. BTF (tp_btf)
+ * programs only: the helper wants a typed socket pointer. */
+static __always_inline __u64 bs_sk_cookie(const struct sock *sk)
+{
+	return bpf_get_socket_cookie((void *)sk);
+}
+
 static __always_inline __u32 bs_sk_netns(const struct sock *sk)
 {
 	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
@@ -165,11 +174,15 @@ static __always_inline bool bs_owner_selected(const struct bs_owner *o)
 	return true;
 }
 
-/* connect() moves a socket from CLOSE to SYN_SENT in the caller's context. */
+/* connect() moves a socket from CLOSE to SYN_SENT in the caller's context. A passive open's socket is
+ * new when its handshake completes (in softirq): an owner left at its address by a socket freed there
+ * before is not its owner. */
 static __always_inline void bs_owner_learn_on_state(const struct sock *sk, int oldstate, int newstate)
 {
 	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT)
 		bs_owner_learn(sk);
+	else if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)
+		bs_owner_forget(sk);
 }
 
 /* The sock behind file descriptor fd of the current task, or NULL (not a socket, or not TCP). */

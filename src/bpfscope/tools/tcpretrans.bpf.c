@@ -9,7 +9,10 @@
  * total_retrans seen, and an event counts the difference: exactly what the kernel counted, whatever the
  * err. A connection first seen at a retransmission (opened before the tool) counts tcp_skb_pcount when
  * err is 0 and nothing otherwise. SYN-ACK retransmissions (tcp_retransmit_synack, one segment each, on
- * a half-open connection) are keyed by their request sock.
+ * a half-open connection) are keyed by their request sock's cookie.
+ *
+ * Connections are keyed by the socket's cookie (never reused, where its address is at once): a closed
+ * connection's counts stay until user space has read them, whatever socket takes its address.
  *
  * Segments sent (tcp_sock->segs_out, data_segs_out) are read at each retransmission, at every segment
  * received on an established connection (tcp_probe), and at close; in counting mode every connection
@@ -36,7 +39,7 @@ enum kind {
 
 struct event {
 	__u64 ts;
-	__u64 sk;
+	__u64 cookie;
 	struct bs_conn conn;
 	struct bs_owner owner;
 	__u32 state;
@@ -82,7 +85,7 @@ __u64 opened_passive = 0;
 
 static __always_inline struct conn_stats *track(const struct sock *sk, __u32 retrans_base, __u32 segs_base)
 {
-	__u64 key = (__u64)sk;
+	__u64 key = bs_sk_cookie(sk);
 	struct conn_stats *st = bpf_map_lookup_elem(&conns, &key), fresh = {};
 	struct bs_owner *owner;
 
@@ -154,7 +157,7 @@ static __always_inline void emit(const struct sock *sk, struct conn_stats *st, s
 	if (!e)
 		return;
 	e->ts = bpf_ktime_get_ns();
-	e->sk = (__u64)sk;
+	e->cookie = kind == KIND_SYNACK ? 0 : bs_sk_cookie(sk);
 	if (st) {
 		e->conn = st->conn;
 		e->owner = st->owner;
@@ -185,7 +188,7 @@ int BPF_PROG(retransmit_skb, const struct sock *sk, const struct sk_buff *skb, i
 {
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	__u32 total = BPF_CORE_READ(tp, total_retrans);
-	__u64 key = (__u64)sk;
+	__u64 key = bs_sk_cookie(sk);
 	struct conn_stats *st = bpf_map_lookup_elem(&conns, &key);
 	struct bs_conn conn = {};
 	__u32 segs, kind;
@@ -231,7 +234,7 @@ int BPF_PROG(retransmit_synack, const struct sock *sk, const struct request_sock
 	 * not a full socket: only its sock_common may be read. */
 	const struct sock *half_open = (const struct sock *)req;
 	struct bs_owner *owner = bs_owner_of(sk); /* the listener's */
-	__u64 key = (__u64)req;
+	__u64 key = bs_sk_cookie(half_open);
 	struct conn_stats *st, fresh = {};
 
 	if (!bs_owner_selected(owner))
@@ -265,7 +268,7 @@ SEC("tp_btf/tcp_probe")
 int BPF_PROG(probe, const struct sock *sk, const struct sk_buff *skb)
 {
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-	__u64 key = (__u64)sk;
+	__u64 key = bs_sk_cookie(sk);
 	struct conn_stats *st = bpf_map_lookup_elem(&conns, &key);
 
 	if (!st) {
@@ -283,28 +286,26 @@ SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int newstate)
 {
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-	__u64 key = (__u64)sk;
 	struct conn_stats *st;
+	__u64 key;
 
 	if (sk->sk_protocol != BS_IPPROTO_TCP)
 		return 0;
 	bs_owner_learn_on_state(sk, oldstate, newstate);
 	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
 		__sync_fetch_and_add(&opened_active, 1);
-		/* A new socket: a stale entry at this address (its close unseen) would carry old counts. */
-		bpf_map_delete_elem(&conns, &key);
 		if (count_mode)
 			track(sk, 0, 0);
 		return 0;
 	}
 	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
 		__sync_fetch_and_add(&opened_passive, 1);
-		bpf_map_delete_elem(&conns, &key);
 		/* SYN-ACK retransmissions were counted on the request sock: start from the child's count. */
 		if (count_mode)
 			track(sk, BPF_CORE_READ(tp, total_retrans), BPF_CORE_READ(tp, segs_out));
 		return 0;
 	}
+	key = bs_sk_cookie(sk);
 	if (oldstate == TCP_SYN_SENT) {
 		st = bpf_map_lookup_elem(&conns, &key);
 		if (st)

@@ -6,7 +6,8 @@
  * its connection and the process; counters only grow, and user space shows each interval's difference.
  *
  * A socket's rows can go once it closed and user space has read them: the CLOSE state change leaves
- * a mark in `closed`, which user space checks before deleting a row that did not change.
+ * a mark in `closed`, which user space checks before deleting a row that did not change. Both are keyed
+ * by the socket's cookie, never reused (its address is, at once).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -17,7 +18,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define MAX_ROWS 16384
 
 struct row_key {
-	__u64 sk;
+	__u64 cookie;
 	struct bs_conn conn;
 	struct bs_owner owner; /* the calling process */
 };
@@ -54,7 +55,7 @@ static __always_inline void count(struct sock *sk, int ret, bool tx)
 	bs_conn_of(sk, &key.conn);
 	if (!bs_conn_selected(&key.conn))
 		return;
-	key.sk = (__u64)sk;
+	key.cookie = bs_sk_cookie(sk);
 	bs_owner_current(&key.owner);
 	b = bpf_map_lookup_elem(&rows, &key);
 	if (!b) {
@@ -92,14 +93,12 @@ int BPF_PROG(recv_length, struct sock *sk, int ret, int flags)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int newstate)
 {
-	__u64 key = (__u64)sk;
+	__u64 key;
 	__u8 one = 1;
 
-	if (sk->sk_protocol != BS_IPPROTO_TCP)
+	if (sk->sk_protocol != BS_IPPROTO_TCP || newstate != TCP_CLOSE)
 		return 0;
-	if (newstate == TCP_CLOSE)
-		bpf_map_update_elem(&closed, &key, &one, BPF_ANY);
-	else if (newstate == TCP_SYN_SENT || newstate == TCP_ESTABLISHED)
-		bpf_map_delete_elem(&closed, &key); /* the address is a new socket now */
+	key = bs_sk_cookie(sk);
+	bpf_map_update_elem(&closed, &key, &one, BPF_ANY);
 	return 0;
 }

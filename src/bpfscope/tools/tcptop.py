@@ -84,9 +84,9 @@ class ConnectionBytes:
         gone = set()
         for k in keys:
             raw = k.tobytes()
-            if now[raw] == self.before.get(raw) and closed.lookup_bytes(int(k["sk"])) is not None:
+            if now[raw] == self.before.get(raw) and closed.lookup_bytes(int(k["cookie"])) is not None:
                 self.obj.maps["rows"].delete(raw)
-                gone.add(int(k["sk"]))
+                gone.add(int(k["cookie"]))
                 del now[raw]
         for sk in gone:
             closed.delete(sk)
