@@ -127,6 +127,8 @@ def test_tcpretrans_equals_snmp_and_ss(pair: nh.NetnsPair) -> None:
         client.stdin.flush()
         assert client.stdout.readline().strip() == "done"
         client.wait(timeout=10)
+        # New sockets soon take the freed one's address: its counts must survive until they are read.
+        nh.run_client(pair.client, nh.SERVER_IP, port, n=100)
         after = pair.retrans_segs(pair.client)
         counted = counting.stop()
         streamed = events.stop()
@@ -147,6 +149,7 @@ def test_tcpretrans_equals_snmp_and_ss(pair: nh.NetnsPair) -> None:
     # Nothing else runs in this namespace: its counter is this connection's.
     assert by_tool == snmp == ss_total == by_events, (counting.stderr, events.stderr, counted)
     assert {r["pid"] for r in conns if r["retrans"]} == {client_pid}
+    assert sum(1 for r in conns if r["pid"] != client_pid) >= 100  # the churn was seen
     for key in (
         "pid",
         "comm",
