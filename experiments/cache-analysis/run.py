@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import pwd
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,9 @@ try:
     import psutil
 except ImportError:
     sys.exit("cache-analysis: psutil is missing: run ./setup.sh first")
+sys.path.insert(0, str(HERE.parent))
+from scenario import Watcher, as_postgres, parse_pgbench  # noqa: E402 - after its directory is on the path
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 MB = 1 << 20
 # Small, so that the operating system's page cache, not PostgreSQL's buffers, decides the hit ratio.
@@ -61,16 +63,6 @@ CLIENTS = 4
 # baseline of AWS gp3 volumes): on this machine's local disk a miss costs 0.1 ms, less than the CPU the
 # kernel spends on it, so a starved cache would show as CPU rather than as waiting.
 DEFAULT_READ_IOPS = 3000
-
-# The other experiment's helpers: the postgres user's commands and pgbench's report parser.
-_spec = importlib.util.spec_from_file_location("io_bottleneck_run", HERE.parent / "io-bottleneck" / "run.py")
-assert _spec is not None and _spec.loader is not None
-_io = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _io  # its dataclasses look their module up there
-_spec.loader.exec_module(_io)
-as_postgres: Callable[..., subprocess.CompletedProcess[str]] = _io.as_postgres
-parse_pgbench: Callable[[str], dict[str, float]] = _io.parse_pgbench
-Watcher = _io.Watcher  # a bpfscope command in the background, its --json records once stopped
 
 
 @dataclass(frozen=True)

@@ -32,27 +32,15 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+from scenario import Watcher, as_postgres, parse_pgbench  # noqa: E402 - after its directory is on the path
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PORT = 5499
 PGBENCH_SCALE = 20
 PGBENCH_CLIENTS = 4
 # Transactions per second offered: well within what the disk and CPUs sustain alone.
 PGBENCH_RATE = 800
-
-
-def bpfscope_cmd() -> list[str]:
-    venv = REPO / ".venv" / "bin" / "bpfscope"
-    if venv.exists():
-        return [str(venv)]
-    found = shutil.which("bpfscope")
-    if found is None:
-        sys.exit("bpfscope is not installed: run ./setup.sh first")
-    return [found]
-
-
-def as_postgres(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], text=True, capture_output=True, **kwargs)
 
 
 def cgroup2_root() -> Path:
@@ -92,18 +80,6 @@ def pgbench(socket_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return as_postgres(["pgbench", "-h", str(socket_dir), "-p", str(PORT), *args, "postgres"], check=True)
 
 
-def parse_pgbench(output: str) -> dict[str, float]:
-    result: dict[str, float] = {}
-    for line in output.splitlines():
-        if line.startswith("tps = "):
-            result["tps"] = float(line.split()[2])
-        elif line.startswith("latency average = "):
-            result["latency_ms"] = float(line.split()[3])
-        elif line.startswith("latency stddev = "):
-            result["latency_stddev_ms"] = float(line.split()[3])
-    return result
-
-
 @contextlib.contextmanager
 def backup_job(path: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
     """The noisy neighbour: 1 MiB direct sequential writes at queue depth 4, as a backup or a bulk copy
@@ -134,43 +110,6 @@ def backup_job(path: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
             proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
         path.unlink(missing_ok=True)
-
-
-class Watcher:
-    """A bpfscope tool running in the background with --json, writing to a file (a pipe nobody reads
-    would block it); its records once it has stopped."""
-
-    def __init__(self, *args: str, attached: str | None = "Tracing") -> None:
-        self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in wait(), after the tool
-        self.proc = subprocess.Popen(
-            [*bpfscope_cmd(), *args, "--json"], stdout=self.output, stderr=subprocess.PIPE, text=True
-        )
-        assert self.proc.stderr is not None
-        if attached is not None:
-            line = self.proc.stderr.readline()
-            if not line.startswith(attached):
-                raise RuntimeError(f"bpfscope {args[0]} did not start: {line}{self.proc.stderr.read()}")
-
-    def __enter__(self) -> Watcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # On an error elsewhere the tool must not outlive the experiment.
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> list[dict[str, Any]]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        return self.wait()
-
-    def wait(self) -> list[dict[str, Any]]:
-        self.proc.communicate(timeout=300)
-        self.output.seek(0)
-        records = [json.loads(line) for line in self.output if line.startswith("{")]
-        self.output.close()
-        return records
 
 
 @dataclass

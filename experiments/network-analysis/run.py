@@ -29,16 +29,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import mesh  # noqa: E402
+from scenario import Watcher, bpfscope_cmd  # noqa: E402
 
 # Offered load: 12 responses of 4 MiB a second (about 50 MB/s through three proxies), 8 client workers.
 # Well within what two CPUs move through veths (the mesh's own processes use about a third of one CPU for
@@ -52,68 +51,10 @@ DEFAULT_LOSS_PCT = 5
 DEFAULT_LINK = "sidecar->app"
 
 
-def bpfscope_cmd() -> list[str]:
-    """bpfscope as this Python has it (run the experiment with the environment's Python)."""
-    return [sys.executable, "-m", "bpfscope"]
-
-
 def have_tool(name: str) -> bool:
     """Whether this bpfscope has the tool (tcpretrans and tcptop come with the network tools)."""
     result = subprocess.run([*bpfscope_cmd(), name, "--help"], capture_output=True, timeout=60)
     return result.returncode == 0
-
-
-class Watcher:
-    """A bpfscope tool in the background with --json, writing to a file; its records, each stamped with
-    the time since the experiment began (the tool's own interval clock plus when it attached)."""
-
-    def __init__(self, t0: float, *args: str) -> None:
-        self.t0 = t0
-        self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*bpfscope_cmd(), *args, "--json"],
-            stdout=self.output,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        if not line.startswith("Tracing"):
-            self.proc.kill()
-            raise RuntimeError(f"bpfscope {args[0]} did not start: {line}{self.proc.stderr.read()}")
-        self.started = time.time() - t0
-
-    def stop(self) -> list[dict[str, Any]]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        self.proc.communicate(timeout=120)
-        self.output.seek(0)
-        records = []
-        for line in self.output:
-            if line.startswith("{"):
-                record = json.loads(line)
-                interval = record.get("interval")
-                if isinstance(interval, str):  # "1.0s"
-                    interval = float(interval.rstrip("s"))
-                record["t"] = round(self.started + (interval or 0.0), 3)
-                records.append(record)
-        self.output.close()
-        return records
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@contextlib.contextmanager
-def watching(t0: float, *args: str) -> Iterator[Watcher]:
-    watcher = Watcher(t0, *args)
-    try:
-        yield watcher
-    finally:
-        watcher.kill()  # on an error elsewhere the tool must not outlive the experiment
 
 
 @dataclass
@@ -201,11 +142,11 @@ def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, A
         t0 = time.time()
         total = 2 * seconds + 2
         # Twice a second: a transfer's send buffer fills and drains within a second or two.
-        watchers = {"sockstat": stack.enter_context(watching(t0, "sockstat", "-C", str(SOCKSTAT_INTERVAL)))}
+        watchers = {"sockstat": stack.enter_context(Watcher("sockstat", "-C", str(SOCKSTAT_INTERVAL), t0=t0))}
         if tools["tcpretrans"]:
-            watchers["tcpretrans"] = stack.enter_context(watching(t0, "tcpretrans", "-c", "1"))
+            watchers["tcpretrans"] = stack.enter_context(Watcher("tcpretrans", "-c", "1", t0=t0))
         if tools["tcptop"]:
-            watchers["tcptop"] = stack.enter_context(watching(t0, "tcptop", "-C", "1"))
+            watchers["tcptop"] = stack.enter_context(Watcher("tcptop", "-C", "1", t0=t0))
         snmp_start = {s: mesh.snmp(s) for s in mesh.SERVICES}
         db = mesh.pgbench("-S", "-c", "2", "-j", "1", "-R", str(DB_RATE), "-T", str(int(total)))
         stack.callback(lambda: db.poll() is None and os.killpg(db.pid, signal.SIGKILL))

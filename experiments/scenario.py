@@ -1,0 +1,110 @@
+"""What the experiments share: bpfscope tools run in the background as a person would run them (with
+--json), and PostgreSQL driven as its own user with pgbench's report read back.
+
+Each experiment's run.py puts this directory on sys.path and imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Self
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bpfscope_cmd() -> list[str]:
+    """bpfscope as this Python has it, else the project's environment, else the PATH."""
+    if importlib.util.find_spec("bpfscope") is not None:
+        return [sys.executable, "-m", "bpfscope"]
+    venv = REPO / ".venv" / "bin" / "bpfscope"
+    if venv.exists():
+        return [str(venv)]
+    found = shutil.which("bpfscope")
+    if found is None:
+        sys.exit("bpfscope is not installed: run ./setup.sh first")
+    return [found]
+
+
+def as_postgres(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], text=True, capture_output=True, **kwargs)
+
+
+def parse_pgbench(output: str) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for line in output.splitlines():
+        if line.startswith("tps = "):
+            result["tps"] = float(line.split()[2])
+        elif line.startswith("latency average = "):
+            result["latency_ms"] = float(line.split()[3])
+        elif line.startswith("latency stddev = "):
+            result["latency_stddev_ms"] = float(line.split()[3])
+    return result
+
+
+class Watcher:
+    """A bpfscope tool running in the background with --json, writing to a file (a pipe nobody reads
+    would block it); its records once it has stopped.
+
+    It is started once ``attached`` shows on its stderr (None: at once). With ``t0`` (a time.time()),
+    each record gets ``t``: seconds from t0 to the end of its interval (when the tool attached plus the
+    record's "interval", the tool's own clock).
+    """
+
+    def __init__(self, *args: str, attached: str | None = "Tracing", t0: float | None = None) -> None:
+        self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in wait(), after the tool
+        # Its own session: a Ctrl-C at the terminal reaches the experiment, which stops its tools in order.
+        self.proc = subprocess.Popen(
+            [*bpfscope_cmd(), *args, "--json"],
+            stdout=self.output,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stderr is not None
+        if attached is not None:
+            line = self.proc.stderr.readline()
+            if not line.startswith(attached):
+                self.kill()
+                raise RuntimeError(f"bpfscope {args[0]} did not start: {line}{self.proc.stderr.read()}")
+        self.t0 = t0
+        self.started = time.time() - t0 if t0 is not None else 0.0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # On an error elsewhere the tool must not outlive the experiment.
+        self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> list[dict[str, Any]]:
+        """SIGINT, as Ctrl-C: the tool prints what it has, then its records."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.wait()
+
+    def wait(self) -> list[dict[str, Any]]:
+        """The records of a tool that ends by itself (a count or a duration)."""
+        self.proc.communicate(timeout=300)
+        self.output.seek(0)
+        records = [json.loads(line) for line in self.output if line.startswith("{")]
+        self.output.close()
+        if self.t0 is not None:
+            for record in records:
+                interval = record.get("interval")
+                if isinstance(interval, str):  # "1.0s"
+                    interval = float(interval.rstrip("s"))
+                record["t"] = round(self.started + (interval or 0.0), 3)
+        return records
