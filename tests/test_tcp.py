@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import nethelpers as nh
@@ -59,10 +60,16 @@ def test_tcptop_matches_iperf3(pair: nh.NetnsPair, reverse: bool, ipv6: bool) ->
     tool_remote = Tool("tcptop", "--json", "1", "-D", str(port))
     try:
         report, client_pid = nh.iperf3(pair, port, 2, reverse=reverse, ipv6=ipv6)
-        records = tool.stop() + tool_remote.stop()
+        local, remote = tool.stop(), tool_remote.stop()
     finally:
         tool.kill()
         tool_remote.kill()
+    records = local + remote
+    # One row per connection and process in each interval: a key with stray bytes (padding) would split
+    # a connection over rows, each showing its cumulative bytes as one interval's.
+    for recs in (local, remote):
+        rows = Counter((r["interval"], r["pid"], r["sport"], r["dport"], r["netns"]) for r in recs)
+        assert max(rows.values()) == 1, rows.most_common(1)
     # The data connection is the one that moved the most bytes; iperf3's control connection is tiny.
     per_conn: dict[tuple, list[int]] = {}
     for r in records:

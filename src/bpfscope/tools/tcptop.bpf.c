@@ -20,6 +20,9 @@ char LICENSE[] SEC("license") = "GPL";
 struct row_key {
 	__u64 cookie;
 	struct bs_conn conn;
+	/* Named, so that `= {}` zeroes it: the hash compares keys byte by byte, and padding left to the
+	 * compiler keeps stack garbage that splits one connection over several rows. */
+	__u32 pad;
 	struct bs_owner owner; /* the calling process */
 };
 
