@@ -48,14 +48,10 @@ def test_experiment_names_the_lossy_hop(tmp_path: Path) -> None:
             if name != "sidecar->app":
                 assert hop["retrans_pct"] < 1, (name, hop)
         assert all(hop["retrans_pct"] < 1 for hop in healthy["hops"].values()), healthy["hops"]
-        # Over the whole run, tcpretrans's count is the kernel's, namespace by namespace. Known defect of
-        # tcpretrans -c: it keys connections by socket address, and when a closed socket's address is
-        # reused by a new connection (haproxy's to the app, which churn under loss) before its row was
-        # read, the row's count goes down and the namespace's sum is wrong. Such a namespace is reported
-        # (its rows that went down) and left out of the comparison until that is fixed; every other
-        # namespace must agree exactly.
-        compared = {s: r for s, r in analysis["whole_run"].items() if not r["tcpretrans_rows_down"]}
-        for service, row in compared.items():
+        # Over the whole run, tcpretrans's count is the kernel's, namespace by namespace, exactly; a row
+        # whose count went down (a connection's count lost to another's) would be a defect.
+        for service, row in analysis["whole_run"].items():
+            assert row["tcpretrans_rows_down"] == 0, (service, row)
             assert row["tcpretrans"] == row["snmp_retrans"], (service, row)
     # The namespaces' own counters say the same, whatever the tools: the app's namespace (the sender on
     # the lossy link) retransmits far more than any other.
