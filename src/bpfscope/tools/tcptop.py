@@ -7,20 +7,17 @@ differences, so nothing falls between two reads; rows of closed sockets are remo
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import click
 
-from bpfscope.core import net
+from bpfscope.core import net, top
 from bpfscope.core.bpf import BpfObject, require, tool_object
 from bpfscope.core.tool import RunOptions, ticks, tool_options
 
 REQUIRES = ("raw_tracepoint",)
 DEFAULT_INTERVAL = 1.0
-CLEAR = "\033[H\033[2J"
 
 Key = bytes  # the raw struct row_key: unique, hashable, and what a map delete takes
 
@@ -92,28 +89,24 @@ class ConnectionBytes:
             closed.delete(sk)
 
 
-class Screen:
-    def __init__(self, opts: RunOptions, sort: str, max_rows: int, clear: bool) -> None:
+class Screen(top.Screen):
+    def __init__(self, opts: RunOptions, sort: str, max_rows: int, noclear: bool) -> None:
+        super().__init__(opts, noclear)
         self.opts = opts
         self.sort = sort
         self.max_rows = max_rows
-        self.clear = clear and not opts.as_json and sys.stdout.isatty()
         self.netns = net.NetnsNames()
 
     def show(self, rows: list[Row], elapsed: float) -> None:
-        out = self.opts.output
         rows = sorted(rows, key=SORTS[self.sort], reverse=True)
         if self.opts.as_json:
             for r in rows:
-                out.record({"interval": round(elapsed, 3), **r.to_dict()})
+                self.out.record({"interval": round(elapsed, 3), **r.to_dict()})
             return
         rows = rows[: self.max_rows]
-        if self.clear:
-            out.stream.write(CLEAR)
-        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         rx = sum(r.rx_bytes for r in rows) / 1024
         tx = sum(r.tx_bytes for r in rows) / 1024
-        out.heading(f"{elapsed:.1f}s  loadavg: {load}  RX {rx:.0f} kB  TX {tx:.0f} kB  sorted by {self.sort}")
+        heading = f"{elapsed:.1f}s  {top.loadavg()}  RX {rx:.0f} kB  TX {tx:.0f} kB  sorted by {self.sort}"
         table = [
             [
                 r.owner.pid,
@@ -126,11 +119,8 @@ class Screen:
             ]
             for r in rows
         ]
-        if table:
-            out.table(["PID", "COMM", "NETNS", "LADDR", "RADDR", "RX kB", "TX kB"], table)
-        else:
-            out.line("no TCP traffic")
-        out.stream.flush()
+        columns = ["PID", "COMM", "NETNS", "LADDR", "RADDR", "RX kB", "TX kB"]
+        self.frame(heading, columns, table, "no TCP traffic")
 
 
 EXAMPLES = """
@@ -144,13 +134,7 @@ Examples:
 
 
 @click.command(name="tcptop", epilog=EXAMPLES)
-@click.option(
-    "-s", "--sort", type=click.Choice(sorted(SORTS)), default="all", show_default=True, help="Sort by."
-)
-@click.option(
-    "-r", "--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True, help="Rows shown."
-)
-@click.option("-C", "--noclear", is_flag=True, help="Do not clear the screen between intervals.")
+@top.top_options(sorted(SORTS), "all", "Sort by bytes moved (all), received or sent.")
 @net.port_options
 @tool_options
 def command(
@@ -163,7 +147,7 @@ def command(
     """
     rodata = {**opts.filters(), **net.port_filters(lport, dport)}
     require(*REQUIRES)
-    screen = Screen(opts, sort, max_rows, clear=not noclear)
+    screen = Screen(opts, sort, max_rows, noclear)
     with BpfObject(tool_object("tcptop"), rodata=rodata) as obj:
         obj.attach()
         counter = ConnectionBytes(obj)
