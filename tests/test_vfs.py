@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,11 +229,29 @@ def test_bad_input(run_cli: RunCli, args: list[str]) -> None:
 def test_vfs_check_provider(work_dir: Path) -> None:
     from bpfscope.tools.vfsstat import VfsProvider
 
-    report = run_check(1, providers=[VfsProvider])
-    (row,) = report.rows
+    # The provider's window, driven by hand so that known work falls inside it: 2000 reads from here.
+    path = work_dir / "bsd-check.dat"
+    path.write_bytes(b"x" * 4096)
+    provider = VfsProvider()
+    try:
+        provider.prepare()
+        start = time.monotonic()
+        provider.start()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for _ in range(2000):
+                os.pread(fd, 16, 0)
+        finally:
+            os.close(fd)
+        (row,) = provider.rows(time.monotonic() - start)
+        window = time.monotonic() - start  # at least the sampler's own interval, over which it divides
+    finally:
+        provider.close()
     assert row.resource == "VFS" and row.verdict is Verdict.OK
-    assert row.value is not None and row.value > 0  # bpfscope's own reads at start-up at least
-    assert "reads" in row.text and "top:" in row.detail
+    # Calls per second over the window: at least this process's reads, and the process is named.
+    assert row.value is not None and row.value * window >= 2000, (row.value, window)
+    assert "reads" in row.text and f"({os.getpid()})" in row.detail, row.detail
+    assert run_check(0.2, providers=[VfsProvider]).rows[0].verdict is Verdict.OK
 
 
 def test_tables_for_people(run_cli: RunCli, file_pair: tuple[Path, Path]) -> None:
