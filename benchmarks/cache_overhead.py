@@ -10,14 +10,10 @@ Reported: reads per second per case and as a fraction of the untraced run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import statistics
-import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import common
@@ -46,38 +42,25 @@ BPFTRACE_FILETOP = (
 
 
 def fio_reads_per_s(path: Path, seconds: int) -> float:
-    result = subprocess.run(
-        [
-            "fio",
-            "--name=cached",
-            f"--filename={path}",
-            f"--size={FILE_SIZE}",
-            "--rw=randread",
-            "--bs=4k",
-            "--ioengine=psync",
-            f"--numjobs={os.cpu_count() or 1}",
-            "--group_reporting",
-            "--time_based",
-            f"--runtime={seconds}",
-            "--output-format=json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    job = common.fio(
+        "--name=cached",
+        f"--filename={path}",
+        f"--size={FILE_SIZE}",
+        "--rw=randread",
+        "--bs=4k",
+        "--ioengine=psync",
+        f"--numjobs={os.cpu_count() or 1}",
+        "--group_reporting",
+        "--time_based",
+        f"--runtime={seconds}",
     )
-    return float(json.loads(result.stdout)["jobs"][0]["read"]["iops"])
+    return float(job["read"]["iops"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = common.overhead_parser(__doc__, seconds=5).parse_args()
     bpfscope, bpftrace = common.bpfscope(), common.bpftrace()
-    cases: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    cases: dict[str, common.Case] = {
         "none": contextlib.nullcontext,
         "bpfscope cachestat": lambda: common.tracer([bpfscope, "cachestat", "1"], "Tracing"),
         "bpftrace cachestat": lambda: common.tracer([bpftrace, "-e", BPFTRACE_CACHESTAT], "attached"),
@@ -90,24 +73,19 @@ def main() -> None:
         path = Path(tmp) / "cached.dat"
         path.write_bytes(os.urandom(1 << 20) * 256)
         fio_reads_per_s(path, 1)  # every page in the cache before the first measured case
-        samples: dict[str, list[float]] = {name: [] for name in cases}
-        # Rounds alternate the cases so that drift on the machine touches every case alike.
-        for _ in range(args.rounds):
-            for name, case in cases.items():
-                with case():
-                    samples[name].append(fio_reads_per_s(path, args.seconds))
-    rate = {name: statistics.median(v) for name, v in samples.items()}
-    fraction = {name: v / rate["none"] for name, v in rate.items()}
+        result = common.alternate(
+            cases, args.rounds, lambda: {"reads_per_s": fio_reads_per_s(path, args.seconds)}
+        )
     if args.json:
-        print(json.dumps({"reads_per_s": rate, "fraction": fraction}))
+        print(json.dumps(result))
         return
     print(
         f"fio 4k buffered random reads from the page cache, {os.cpu_count()} jobs, {args.seconds} s x "
         f"{args.rounds} rounds (medians)"
     )
     print(f"{'case':20} {'reads/s':>12} {'of none':>8}")
-    for name in cases:
-        print(f"{name:20} {rate[name]:12.0f} {fraction[name]:8.1%}")
+    for name, r in result.items():
+        print(f"{name:20} {r['reads_per_s']:12.0f} {r['reads_per_s_of_none']:8.1%}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def bpfscope() -> str:
@@ -62,3 +66,44 @@ def tracer(cmd: list[str], marker: str, output: list[str] | None = None) -> Iter
 def marker_on_stderr(cmd: list[str]) -> bool:
     """bpfscope says "Tracing ..." on stderr; bpftrace's BEGIN prints on stdout."""
     return Path(cmd[0]).name == "bpfscope"
+
+
+Case = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+def overhead_parser(doc: str | None, seconds: int) -> argparse.ArgumentParser:
+    """The options every overhead benchmark takes: --seconds per measurement, --rounds, --json."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=seconds, help="Length of each measurement.")
+    parser.add_argument("--rounds", type=int, default=3, help="Measurements per case (the median is kept).")
+    parser.add_argument("--json", action="store_true", help="One JSON object instead of the table.")
+    return parser
+
+
+Measure = Callable[[], dict[str, float]]
+
+
+def alternate(cases: dict[str, Case], rounds: int, measure: Measure) -> dict[str, dict[str, float]]:
+    """Each case's median of ``measure()`` (metric -> value) over ``rounds``, with the fraction of the
+    first case ("none") as ``METRIC_of_none``. Rounds alternate the cases so that drift on the machine
+    touches every case alike."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, case in cases.items():
+            with case():
+                samples[name].append(measure())
+    medians = {
+        name: {metric: statistics.median(s[metric] for s in runs) for metric in runs[0]}
+        for name, runs in samples.items()
+    }
+    baseline = next(iter(medians.values()))
+    for values in medians.values():
+        values.update({f"{m}_of_none": values[m] / baseline[m] for m in list(values) if baseline[m]})
+    return medians
+
+
+def fio(*args: str) -> dict[str, Any]:
+    """fio's JSON report of its first job (or of all jobs, with --group_reporting)."""
+    cmd = ["fio", *args, "--output-format=json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)["jobs"][0]

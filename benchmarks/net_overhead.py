@@ -1,8 +1,9 @@
 """Network tracing overhead: iperf3 throughput over loopback and a connection-churn load (many short
-connections, conn_churn.c) with nothing attached, with every bpfscope network tool running at once
-(tcptop, tcpretrans -c, tcplife, tcpconn, sockstat), and with one bpftrace program doing the same work
-(bytes per socket, retransmits per connection, connection lifetimes, buffer-full events), each case in
-the same run.
+connections, conn_churn.c) with nothing attached, with every bpfscope network tool running at once in
+its counting mode (tcptop, tcpretrans -c, tcplife --hist, tcpconn -c, sockstat), with one bpftrace program
+doing the same work (bytes per socket, retransmits per connection, connection lifetimes, connects and
+accepts, buffer-full events), and with tcplife and tcpconn printing every connection as it happens,
+each case in the same run.
 
 Reported: per case, iperf3 Gbit/s and connections per second, as a fraction of the untraced run.
 
@@ -11,14 +12,12 @@ Reported: per case, iperf3 Gbit/s and connections per second, as a fraction of t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import common
@@ -48,19 +47,22 @@ tracepoint:sock:sock_exceed_buf_limit { @buf_limit = count(); }
 BEGIN { printf("attached\\n"); }
 """
 
-BPFSCOPE_TOOLS = [
+# The same work in bpfscope: every tool in its counting mode, as the bpftrace program counts.
+BPFSCOPE_COUNTING = [
     ["tcptop", "1"],
     ["tcpretrans", "-c", "1"],
-    ["tcplife"],
-    ["tcpconn"],
+    ["tcplife", "--hist"],
+    ["tcpconn", "-c", "1"],
     ["sockstat", "1"],
 ]
+# One line per connection opened, accepted and closed, printed as it happens (as BCC's tools do).
+BPFSCOPE_PER_EVENT = [["tcplife"], ["tcpconn"]]
 
 
 @contextlib.contextmanager
-def all_tools(bpfscope: str) -> Iterator[None]:
+def tools(bpfscope: str, commands: list[list[str]]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        for args in BPFSCOPE_TOOLS:
+        for args in commands:
             stack.enter_context(common.tracer([bpfscope, *args], "Tracing"))
         yield
 
@@ -83,18 +85,13 @@ def churn_per_s(churn: Path, seconds: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = common.overhead_parser(__doc__, seconds=5).parse_args()
     bpfscope, bpftrace = common.bpfscope(), common.bpftrace()
-    cases: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    cases: dict[str, common.Case] = {
         "none": contextlib.nullcontext,
-        "bpfscope (5 tools)": lambda: all_tools(bpfscope),
+        "bpfscope (5 tools)": lambda: tools(bpfscope, BPFSCOPE_COUNTING),
         "bpftrace (same work)": lambda: common.tracer([bpftrace, "-e", BPFTRACE_PROGRAM], "attached"),
+        "bpfscope per event": lambda: tools(bpfscope, BPFSCOPE_PER_EVENT),
     }
     with tempfile.TemporaryDirectory(prefix="bpfscope-bench-") as tmp:
         churn = Path(tmp) / "conn_churn"
@@ -104,26 +101,14 @@ def main() -> None:
         )
         try:
             time.sleep(0.3)
-            gbps: dict[str, list[float]] = {name: [] for name in cases}
-            conns: dict[str, list[float]] = {name: [] for name in cases}
-            # Rounds alternate the cases so that drift on the machine touches every case alike.
-            for _ in range(args.rounds):
-                for name, case in cases.items():
-                    with case():
-                        gbps[name].append(iperf3_gbps(args.seconds))
-                        conns[name].append(churn_per_s(churn, args.seconds))
+            result = common.alternate(
+                cases,
+                args.rounds,
+                lambda: {"gbps": iperf3_gbps(args.seconds), "conns_per_s": churn_per_s(churn, args.seconds)},
+            )
         finally:
             server.terminate()
             server.wait()
-    result = {
-        name: {
-            "gbps": statistics.median(gbps[name]),
-            "conns_per_s": statistics.median(conns[name]),
-            "gbps_of_none": statistics.median(gbps[name]) / statistics.median(gbps["none"]),
-            "conns_of_none": statistics.median(conns[name]) / statistics.median(conns["none"]),
-        }
-        for name in cases
-    }
     if args.json:
         print(json.dumps(result))
         return
@@ -132,7 +117,7 @@ def main() -> None:
     for name, r in result.items():
         print(
             f"{name:22} {r['gbps']:8.2f} {r['gbps_of_none']:8.1%} {r['conns_per_s']:9.0f} "
-            f"{r['conns_of_none']:8.1%}"
+            f"{r['conns_per_s_of_none']:8.1%}"
         )
 
 
