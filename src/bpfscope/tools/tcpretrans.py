@@ -188,10 +188,10 @@ class TcpProvider(Provider):
             "connections",
             new_per_s,
             "/s",
-            f"{new_per_s:.1f} new/s",
+            f"{len(active)} active, {new_per_s:.1f} new/s",
             Verdict.OK,
             "no threshold: normal rates depend on the service",
-            f"{len(active)} connections sent segments; {iv.opened_active} connect(), "
+            f"active: sent segments in the window; {iv.opened_active} connect(), "
             f"{iv.opened_passive} accepted in {window_s:.1f} s",
         )
         limit = Threshold(RETRANS_WARN_PCT, RETRANS_PROBLEM_PCT, "%")
