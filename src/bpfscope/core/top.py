@@ -51,8 +51,11 @@ def loadavg() -> str:
 class Screen:
     """One frame per interval: cleared first on a terminal (unless -C), a heading, then the table."""
 
-    def __init__(self, opts: RunOptions, noclear: bool = False) -> None:
+    def __init__(self, opts: RunOptions, noclear: bool = False, sort: str = "", max_rows: int = DEFAULT_ROWS):
+        self.opts = opts
         self.out = opts.output
+        self.sort = sort
+        self.max_rows = max_rows
         self.clear = not noclear and not opts.as_json and sys.stdout.isatty()
 
     def frame(self, heading: str, columns: Sequence[str], table: Sequence[Sequence[Any]], empty: str) -> None:

@@ -142,10 +142,7 @@ def _key_bytes(obj: BpfObject, key: Key) -> bytes:
 
 class Screen(top.Screen):
     def __init__(self, opts: RunOptions, sort: str, max_rows: int, noclear: bool) -> None:
-        super().__init__(opts, noclear)
-        self.opts = opts
-        self.sort = sort
-        self.max_rows = max_rows
+        super().__init__(opts, noclear, sort, max_rows)
         self.disk_name = block.DiskNames()
 
     def show(self, rows: list[Row], elapsed: float) -> None:

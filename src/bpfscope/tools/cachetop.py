@@ -152,11 +152,8 @@ class Screen(top.Screen):
         max_rows: int,
         noclear: bool,
     ) -> None:
-        super().__init__(opts, noclear)
-        self.opts = opts
+        super().__init__(opts, noclear, sort, max_rows)
         self.processes = processes
-        self.sort = sort
-        self.max_rows = max_rows
         self.resolver = PathResolver(sampler)
         self.sampler = sampler
 
