@@ -698,8 +698,10 @@ class SocketBufferProvider(Provider):
     """Health-check rows: the fullest receive buffer, send buffer and accept queue (each naming its
     socket and process), and the buffer-full events per second over the window.
 
-    Queues are looked at when the window opens and when it closes; the worse of the two looks counts, so
-    a queue that stayed full is seen, and one full only in between is not (its events are)."""
+    Queues are looked at when the window opens and when it closes. A socket seen both times is judged by
+    the lesser of its two looks, so a queue that stayed full is a PROBLEM and one full for a moment (a
+    bulk reader a little behind at one look) is not; a socket seen once (opened or closed within the
+    window) can only warn. A queue full only in between is not seen (its events are)."""
 
     name = "Socket buffers"
     # Network namespaces (inodes) to judge; empty: all. A subclass narrows the check to some namespaces
@@ -753,22 +755,31 @@ class SocketBufferProvider(Provider):
         warn: float,
         problem: float | None,
     ) -> Row:
-        every = [r for rows in looks for r in rows]
+        first, last = ({r.inode: r for r in rows} for rows in looks)
+        # Per socket: the lesser of its two looks, and whether it was seen both times.
+        sustained: list[tuple[float, bool, SocketRow]] = []
+        for inode, row in {**first, **last}.items():
+            both = inode in first and inode in last
+            value = min(pct(first[inode]), pct(last[inode])) if both else pct(row)
+            sustained.append((value, both, row))
         sockets = max(len(rows) for rows in looks)
-        full = {r.inode for r in every if pct(r) >= SATURATED_PCT}
+        full = sum(1 for value, _, _ in sustained if value >= SATURATED_PCT)
         if problem is None:
             rule = f"warn >= {warn:g}%, never PROBLEM alone"
             judge = Threshold(warn, float("inf"), "%").judge
         else:
             judge = Threshold(warn, problem, "%").judge
-            rule = Threshold(warn, problem, "%").describe()
+            rule = Threshold(warn, problem, "%").describe() + " at both looks"
         name = "accept queue" if metric == "accept queue" else f"{metric} buffer"
-        if not every:
+        if not sustained:
             return Row(res, name, None, "%", "no sockets", Verdict.OK, rule)
-        worst = max(every, key=pct)
-        value = pct(worst)
-        detail = f"{worst.who()}; {len(full)} of {sockets} sockets >= {SATURATED_PCT:g}%"
-        return Row(res, name, value, "%", _pct(value), judge(value), rule, detail)
+        value, both, worst = max(sustained, key=lambda v: (v[0], v[1]))
+        verdict = judge(value)
+        if not both and verdict is Verdict.PROBLEM:
+            verdict = Verdict.WARN
+        seen = "" if both else " (seen once)"
+        detail = f"{worst.who()}{seen}; {full} of {sockets} sockets >= {SATURATED_PCT:g}%"
+        return Row(res, name, value, "%", _pct(value), verdict, rule, detail)
 
     @staticmethod
     def _events_row(res: str, sample: SocketSample, window_s: float) -> Row:
