@@ -184,11 +184,22 @@ def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, A
             r["t"] = round(r["t"] - t0, 3)
         db_out, db_err = db.communicate(timeout=60)
         results["db"] = db_out[-600:] + db_err[-300:]
-        # The load is over: from here to the tools' last interval nothing is retransmitted, so the whole
-        # run's counts must agree exactly.
+        # The load is over, but a segment lost just before the loss rule went can still wait for its
+        # retransmission timer, backed off to a second or more: wait until no namespace's counters have
+        # moved for 3 s (15 s at most), so that nothing is retransmitted between this reading and the
+        # tools' last interval and the whole run's counts agree exactly.
+        ends = {s: mesh.snmp(s) for s in mesh.SERVICES}
+        quiet_since = time.monotonic()
+        deadline = quiet_since + 15
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 3:
+            time.sleep(0.5)
+            now = {s: mesh.snmp(s) for s in mesh.SERVICES}
+            if any(now[s].get("Tcp.RetransSegs") != ends[s].get("Tcp.RetransSegs") for s in now):
+                quiet_since = time.monotonic()
+            ends = now
         results["run_snmp"] = {}
         for s in mesh.SERVICES:
-            end = mesh.snmp(s)
+            end = ends[s]
             deltas = {k: end[k] - snmp_start[s].get(k, 0) for k in end if k.startswith("Tcp.")}
             results["run_snmp"][s] = deltas
         for name, watcher in watchers.items():
