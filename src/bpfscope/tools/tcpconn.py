@@ -127,5 +127,8 @@ def command(opts: RunOptions, count_mode: bool, lport: int | None, dport: int | 
                 header=fmt.header(),
             )
         dropped = int(obj.bss["rows_dropped"])
-        extra = f"; {dropped} not counted (too many rows)" if dropped else ""
-        opts.output.note(f"tcpconn: {obj.losses()}{extra}")
+        notes = [obj.losses()] if count_mode else []  # the stream's own summary has said it otherwise
+        if dropped:
+            notes.append(f"{dropped} not counted (too many rows)")
+        if notes:
+            opts.output.note("tcpconn: " + "; ".join(notes))

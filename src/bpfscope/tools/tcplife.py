@@ -112,5 +112,8 @@ def command(opts: RunOptions, hist: bool, lport: int | None, dport: int | None) 
             )
         bss = obj.bss
         lost = int(bss["births_dropped"]) + int(bss["services_dropped"])
-        extra = f"; {lost} connections not followed (maps full)" if lost else ""
-        opts.output.note(f"tcplife: {obj.losses()}{extra}")
+        notes = [obj.losses()] if hist else []  # the stream's own summary has said it otherwise
+        if lost:
+            notes.append(f"{lost} connections not followed (maps full)")
+        if notes:
+            opts.output.note("tcplife: " + "; ".join(notes))

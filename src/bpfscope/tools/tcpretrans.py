@@ -333,10 +333,13 @@ def command(opts: RunOptions, count_mode: bool, max_rows: int, lport: int | None
                 header=fmt.header(),
             )
         bss = obj.bss
-        notes = [obj.losses()]
+        notes = []
         if int(bss["not_sent"]):
             # Not a loss: the kernel did not count these either (see tcpretrans.bpf.c).
             notes.append(f"{int(bss['not_sent'])} retransmission attempts not sent (host queue busy, ...)")
         if int(bss["conns_dropped"]):
             notes.append(f"{int(bss['conns_dropped'])} segments not counted (too many connections)")
-        opts.output.note("tcpretrans: " + "; ".join(notes))
+        if count_mode:
+            notes.insert(0, obj.losses())  # the stream's own summary has said it otherwise
+        if notes:
+            opts.output.note("tcpretrans: " + "; ".join(notes))
