@@ -58,7 +58,15 @@ class Watcher:
     record's "interval", the tool's own clock).
     """
 
-    def __init__(self, *args: str, attached: str | None = "Tracing", t0: float | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        attached: str | None = "Tracing",
+        t0: float | None = None,
+        exit_codes: tuple[int, ...] = (0,),
+    ) -> None:
+        self.args = args
+        self.exit_codes = exit_codes  # what a run that went well ends with (check: 1 on a PROBLEM)
         self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in wait(), after the tool
         # Its own session: a Ctrl-C at the terminal reaches the experiment, which stops its tools in order.
         self.proc = subprocess.Popen(
@@ -97,7 +105,13 @@ class Watcher:
 
     def wait(self) -> list[dict[str, Any]]:
         """The records of a tool that ends by itself (a count or a duration)."""
-        self.proc.communicate(timeout=300)
+        _, err = self.proc.communicate(timeout=300)
+        if self.proc.returncode not in self.exit_codes:
+            # A tool that failed has measured nothing: no empty list standing for zeros.
+            self.output.close()
+            tail = " | ".join(err.strip().splitlines()[-3:])
+            command = " ".join(self.args)
+            raise RuntimeError(f"bpfscope {command} exited with {self.proc.returncode}: {tail}")
         self.output.seek(0)
         records = [json.loads(line) for line in self.output if line.startswith("{")]
         self.output.close()

@@ -130,7 +130,7 @@ def run_phase(name: str, socket_dir: Path, cgroup: Path, seconds: int, t0: float
         snoop = stack.enter_context(Watcher("biosnoop", "--cgroup", str(cgroup)))
         latency = stack.enter_context(Watcher("biolatency", "-d", "vda", "-Q", window, "1"))
         top = stack.enter_context(Watcher("biotop", "-C", window, "1"))
-        check = stack.enter_context(Watcher("check", "--duration", window, attached=None))
+        check = stack.enter_context(Watcher("check", "--duration", window, attached=None, exit_codes=(0, 1)))
         # A steady offered load, as clients of a service make: the latency shows what the disk does to it.
         bench = pgbench(
             socket_dir, "-c", str(PGBENCH_CLIENTS), "-j", "2", "-R", str(PGBENCH_RATE), "-T", str(seconds)

@@ -59,8 +59,12 @@ def main() -> None:
         n += 1
     # Requests still waiting for a worker when the time is up were never sent: said so, not waited for.
     with lock:
-        while not jobs.empty():
-            out.append(json.dumps({"t": jobs.get_nowait(), "latency_s": None, "bytes": 0, "status": 0}))
+        while True:
+            try:  # a worker may take the last one between a check and the get: ask once
+                due = jobs.get_nowait()
+            except queue.Empty:
+                break
+            out.append(json.dumps({"t": due, "latency_s": None, "bytes": 0, "status": 0}))
     for _ in threads:
         jobs.put(None)
     for t in threads:

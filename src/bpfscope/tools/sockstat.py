@@ -310,8 +310,10 @@ def diag_sockets(ns: NetNamespace, protocols: Iterable[str]) -> list[SocketRow]:
     try:
         with entered(ns):
             diag = DiagSocket()
-    except (FileNotFoundError, ProcessLookupError):
-        return []  # the namespace went away
+    except OSError:
+        # The namespace went away, or this process may not enter it (EPERM, EACCES): its sockets are
+        # not listed, the others are.
+        return []
     rows = []
     with diag:
         diag.bind()
@@ -743,7 +745,7 @@ class SocketBufferProvider(Provider):
                 res, "accept queue", listening, lambda r: r.recv_pct, ACCEPT_WARN_PCT, ACCEPT_PROBLEM_PCT
             ),
         ]
-        out.append(self._events_row(res, last, window_s))
+        out.append(self._events_row(res, last))
         return out
 
     @staticmethod
@@ -782,12 +784,13 @@ class SocketBufferProvider(Provider):
         return Row(res, name, value, "%", _pct(value), verdict, rule, detail)
 
     @staticmethod
-    def _events_row(res: str, sample: SocketSample, window_s: float) -> Row:
+    def _events_row(res: str, sample: SocketSample) -> Row:
         limit = Threshold(EVENTS_WARN_PER_S, EVENTS_PROBLEM_PER_S, "/s")
         if not sample.bpf:
             return Row(res, "full events", None, "/s", "-", Verdict.UNKNOWN, "needs BPF", "not counted")
-        rate = sample.full_events / window_s if window_s > 0 else 0.0
-        detail = f"{sample.full_events} in {window_s:.1f} s"
+        # Over the sampler's own interval, in which the events were counted.
+        rate = sample.events_per_s()
+        detail = f"{sample.full_events} in {sample.window_s:.1f} s"
         worst = max(sample.rows, key=lambda r: r.full_events, default=None)
         if worst is not None and worst.full_events:
             kinds = ", ".join(f"{k} {v}" for k, v in worst.events.items() if v)
