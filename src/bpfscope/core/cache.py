@@ -184,6 +184,7 @@ class _Snapshot:
     t_ns: int
     total: CacheCounts
     rows: dict[RowKey, CacheCounts]
+    raw_keys: dict[RowKey, bytes]  # each row's key as the map has it (comm bytes not always UTF-8)
 
 
 class CacheSampler:
@@ -242,10 +243,12 @@ class CacheSampler:
         # Per-CPU counters: one value per CPU, summed.
         total = CacheCounts.from_record({f: total_values[f].sum() for f in CacheCounts.__dataclass_fields__})
         keys, values = self._obj.maps["cache_rows"].items()
-        rows = {}
+        rows, raw_keys = {}, {}
         for k, v in zip(keys, values, strict=True):
-            rows[_row_key(k)] = CacheCounts.from_record(v)
-        return _Snapshot(t_ns, total, rows)
+            key = _row_key(k)
+            rows[key] = CacheCounts.from_record(v)
+            raw_keys[key] = k.tobytes()
+        return _Snapshot(t_ns, total, rows, raw_keys)
 
     def restart(self) -> None:
         """Forget what came before: the next sample starts now."""
@@ -297,26 +300,17 @@ class CacheSampler:
     def _evict_exited(self, cur: _Snapshot, prev: _Snapshot) -> None:
         """Rows of processes that exited and did nothing since the last sample make room in the map: such
         a process can add nothing more, and the totals do not depend on rows."""
-        import numpy as np
-
         cache_rows = self._obj.maps["cache_rows"]
         for key, counts in list(cur.rows.items()):
             if not key.tgid or prev.rows.get(key) != counts or Path(f"/proc/{key.tgid}").exists():
                 continue
-            record = np.zeros(1, dtype=cache_rows.key_dtype)
-            record["tgid"], record["comm"] = key.tgid, key.comm.encode()
-            if self.by_file:
-                record["dev"] = _user_dev_to_kernel(key.dev)
-                record["ino"] = key.ino
-            cache_rows.delete(record.tobytes())
-            del cur.rows[key]
+            # The key's own bytes: one rebuilt from the decoded comm would miss a name that is not UTF-8,
+            # and a row left in the map but dropped here would show all its counts again next time.
+            if cache_rows.delete(cur.raw_keys[key]):
+                del cur.rows[key]
 
 
 def _row_key(k: np.void) -> RowKey:
     comm = bytes(k["comm"]).split(b"\0", 1)[0].decode(errors="replace")
     s_dev = int(k["dev"])
     return RowKey(int(k["tgid"]), comm, kernel_dev_to_user(s_dev) if s_dev else 0, int(k["ino"]))
-
-
-def _user_dev_to_kernel(dev: int) -> int:
-    return (os.major(dev) << 20) | os.minor(dev)

@@ -45,10 +45,10 @@ struct cache_counts {
 
 /* What one task did last: the read request in progress, the folio it added last. */
 struct cache_task {
-	__u64 read_ino;
+	__u64 read_mapping; /* the file's address_space: one per file, as long as it is in memory */
 	__u64 read_index;
 	__u64 read_last;
-	__u32 read_dev;
+	__u32 read_pad;
 	__u32 added_pages;
 	__u64 added_ino;
 	__u64 added_index;
@@ -141,8 +141,15 @@ static __always_inline struct cache_task *cache_task_state(void)
  * the kernel's pointers, which spares the kernel from formatting a trace record at every read. */
 static __always_inline void cache_file_of(struct address_space *mapping, __u32 *dev, __u64 *ino)
 {
-	struct inode *host = BPF_CORE_READ(mapping, host);
-	struct super_block *sb = BPF_CORE_READ(host, i_sb);
+	struct super_block *sb;
+	struct inode *host;
+
+	*dev = 0;
+	*ino = 0;
+	if (!cache_by_file)
+		return; /* rows per process only: the file is no part of their key, spare each read */
+	host = BPF_CORE_READ(mapping, host);
+	sb = BPF_CORE_READ(host, i_sb);
 
 	*ino = BPF_CORE_READ(host, i_ino);
 	*dev = sb ? BPF_CORE_READ(sb, s_dev) : BPF_CORE_READ(host, i_rdev);
@@ -158,18 +165,17 @@ int BPF_PROG(cache_get_pages, struct address_space *mapping, unsigned long index
 	/* The kernel passes last_index already inclusive, as the classic record shows it. */
 	if (!mapping || last < index || !bs_task_selected())
 		return 0;
-	cache_file_of(mapping, &dev, &ino);
 	t = cache_task_state();
 	if (t) {
-		bool continued = t->read_ino == ino && t->read_dev == dev && t->read_last == last &&
+		bool continued = t->read_mapping == (__u64)mapping && t->read_last == last &&
 				 index > t->read_index;
-		t->read_ino = ino;
-		t->read_dev = dev;
+		t->read_mapping = (__u64)mapping;
 		t->read_last = last;
 		t->read_index = index;
 		if (continued)
 			return 0;
 	}
+	cache_file_of(mapping, &dev, &ino);
 	cache_count(dev, ino, CACHE_READ, last - index + 1);
 	return 0;
 }
