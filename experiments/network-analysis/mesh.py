@@ -37,6 +37,10 @@ SERVICES = ("client", "gateway", "sidecar", "app", "db")
 NETNS = {s: f"{PREFIX}{s}" for s in SERVICES}
 PORTS = {"gateway": 42080, "sidecar": 42081, "app": 42082, "db": 42543}
 LOSS_TABLE = "bsb_loss"
+# How often the tools report (seconds): tcpretrans and tcptop every second; sockstat twice a second,
+# since a transfer's send buffer fills and drains within a second or two.
+TOOL_INTERVAL = 1.0
+SOCKSTAT_INTERVAL = 0.5
 # Each response the client asks for: large enough that a transfer outlives a few round trips, so that its
 # socket buffers fill when the path slows down.
 RESPONSE_BYTES = 4 << 20

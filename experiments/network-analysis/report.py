@@ -32,9 +32,11 @@ def side_of(link: mesh.Link, addr: str) -> str:
     return link.left if addr == link.left_ip else link.right
 
 
-def in_phase(record: dict[str, Any], phase: dict[str, Any]) -> bool:
-    # An interval record at time t covers the second before it.
-    return phase["start"] < record["t"] <= phase["end"] + 0.5
+def in_phase(record: dict[str, Any], phase: dict[str, Any], length: float = mesh.TOOL_INTERVAL) -> bool:
+    """An interval record at time t covers the ``length`` seconds before it: it belongs to the phase that
+    holds its middle, so a record at a phase's edge counts in one phase, never in both."""
+    middle = record["t"] - length / 2
+    return phase["start"] <= middle < phase["end"]
 
 
 def _service_of_netns(name: str) -> str:
@@ -75,7 +77,7 @@ def hop_rows(results: dict[str, Any], phase: dict[str, Any]) -> dict[str, dict[s
     per_interval: dict[tuple[str, float], float] = defaultdict(float)
     for r in results.get("sockstat", []):
         link = link_of(r.get("saddr", ""))
-        if link is None or not in_phase(r, phase):
+        if link is None or not in_phase(r, phase, mesh.SOCKSTAT_INTERVAL):
             continue
         hop = hops[link.name]
         side = _service_of_netns(r["netns_name"])

@@ -46,7 +46,6 @@ RATE = 12.0
 WORKERS = 8
 # The app's database traffic: pgbench's read-only transactions at a steady 100 a second.
 DB_RATE = 100
-SOCKSTAT_INTERVAL = 0.5
 DEFAULT_LOSS_PCT = 5
 DEFAULT_LINK = "sidecar->app"
 
@@ -141,12 +140,14 @@ def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, A
         init.communicate(timeout=120)
         t0 = time.time()
         total = 2 * seconds + 2
-        # Twice a second: a transfer's send buffer fills and drains within a second or two.
-        watchers = {"sockstat": stack.enter_context(Watcher("sockstat", "-C", str(SOCKSTAT_INTERVAL), t0=t0))}
+        every = str(mesh.TOOL_INTERVAL)
+        watchers = {
+            "sockstat": stack.enter_context(Watcher("sockstat", "-C", str(mesh.SOCKSTAT_INTERVAL), t0=t0))
+        }
         if tools["tcpretrans"]:
-            watchers["tcpretrans"] = stack.enter_context(Watcher("tcpretrans", "-c", "1", t0=t0))
+            watchers["tcpretrans"] = stack.enter_context(Watcher("tcpretrans", "-c", every, t0=t0))
         if tools["tcptop"]:
-            watchers["tcptop"] = stack.enter_context(Watcher("tcptop", "-C", "1", t0=t0))
+            watchers["tcptop"] = stack.enter_context(Watcher("tcptop", "-C", every, t0=t0))
         snmp_start = {s: mesh.snmp(s) for s in mesh.SERVICES}
         db = mesh.pgbench("-S", "-c", "2", "-j", "1", "-R", str(DB_RATE), "-T", str(int(total)))
         stack.callback(lambda: db.poll() is None and os.killpg(db.pid, signal.SIGKILL))
