@@ -33,6 +33,20 @@ static __always_inline void *bs_reserve(void *ringbuf, __u64 size)
 	return event;
 }
 
+/* After a lookup found nothing: insert `init` at `key` and return the map's own copy, or NULL when the
+ * map is full (counted in *dropped, unless NULL). Another CPU may insert the same key first: BPF_NOEXIST
+ * then keeps its value, and the lookup returns that. */
+static __always_inline void *bs_insert(void *map, const void *key, const void *init, __u64 *dropped)
+{
+	void *value;
+
+	bpf_map_update_elem(map, key, init, BPF_NOEXIST);
+	value = bpf_map_lookup_elem(map, key);
+	if (!value && dropped)
+		__sync_fetch_and_add(dropped, 1);
+	return value;
+}
+
 /* A ring buffer of `record_type` events. The pointer global records the event type in the object's
  * BTF (clang emits no BTF for types only local variables use), which is how user space learns the
  * record layout without declaring it again. */

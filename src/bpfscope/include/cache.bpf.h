@@ -120,12 +120,9 @@ static __always_inline void cache_count(__u32 dev, __u64 ino, enum cache_field f
 	bpf_get_current_comm(key.comm, sizeof(key.comm));
 	c = bpf_map_lookup_elem(&cache_rows, &key);
 	if (!c) {
-		bpf_map_update_elem(&cache_rows, &key, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&cache_rows, &key);
-		if (!c) {
-			__sync_fetch_and_add(&cache_rows_dropped, 1);
+		c = bs_insert(&cache_rows, &key, &zero, &cache_rows_dropped);
+		if (!c)
 			return;
-		}
 	}
 	cache_add_to(c, field, pages);
 }

@@ -76,12 +76,9 @@ int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int n
 
 	st = bpf_map_lookup_elem(&rows, &key);
 	if (!st) {
-		bpf_map_update_elem(&rows, &key, &zero, BPF_NOEXIST);
-		st = bpf_map_lookup_elem(&rows, &key);
-		if (!st) {
-			__sync_fetch_and_add(&rows_dropped, 1);
+		st = bs_insert(&rows, &key, &zero, &rows_dropped);
+		if (!st)
 			goto forget;
-		}
 	}
 	op = bs_rq_op(rq);
 	if (op == BS_OP_READ) {

@@ -205,12 +205,9 @@ static __always_inline int on_exit(long ret)
 	if (!s) {
 		bpf_get_current_comm(zero.comm, sizeof(zero.comm));
 		zero.mode = BPF_CORE_READ(inode, i_mode);
-		bpf_map_update_elem(&files, &key, &zero, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&files, &key);
-		if (!s) {
-			__sync_fetch_and_add(&rows_dropped, 1);
+		s = bs_insert(&files, &key, &zero, &rows_dropped);
+		if (!s)
 			goto done;
-		}
 		pkey.dev = key.dev;
 		pkey.ino = key.ino;
 		if (!bpf_map_lookup_elem(&paths, &pkey))

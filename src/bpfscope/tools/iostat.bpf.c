@@ -207,8 +207,7 @@ int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int n
 	p = bpf_map_lookup_elem(&procs, &key);
 	if (!p) {
 		__builtin_memcpy(fresh.comm, s->comm, sizeof(fresh.comm));
-		bpf_map_update_elem(&procs, &key, &fresh, BPF_NOEXIST);
-		p = bpf_map_lookup_elem(&procs, &key);
+		p = bs_insert(&procs, &key, &fresh, NULL);
 		if (!p)
 			goto forget;
 	}

@@ -115,12 +115,9 @@ static __always_inline void count(struct sock *sk, enum event_kind kind)
 	e = bpf_map_lookup_elem(&events, &key);
 	if (!e) {
 		describe(&zero, sk);
-		bpf_map_update_elem(&events, &key, &zero, BPF_NOEXIST);
-		e = bpf_map_lookup_elem(&events, &key);
-		if (!e) {
-			__sync_fetch_and_add(&events_dropped, 1);
+		e = bs_insert(&events, &key, &zero, &events_dropped);
+		if (!e)
 			return;
-		}
 	}
 	switch (kind) {
 	case EV_RCVQUEUE_FULL:

@@ -90,8 +90,7 @@ int sys_exit(struct trace_event_raw_sys_exit *ctx)
 	if (!s) {
 		if (by_process)
 			bpf_get_current_comm(zero.comm, sizeof(zero.comm));
-		bpf_map_update_elem(&stats, &key, &zero, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&stats, &key);
+		s = bs_insert(&stats, &key, &zero, NULL);
 		if (!s)
 			return 0;
 	}

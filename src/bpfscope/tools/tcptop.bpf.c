@@ -62,10 +62,9 @@ static __always_inline void count(struct sock *sk, int ret, bool tx)
 	bs_owner_current(&key.owner);
 	b = bpf_map_lookup_elem(&rows, &key);
 	if (!b) {
-		bpf_map_update_elem(&rows, &key, &zero, BPF_NOEXIST);
-		b = bpf_map_lookup_elem(&rows, &key);
+		b = bs_insert(&rows, &key, &zero, NULL);
 		if (!b) {
-			__sync_fetch_and_add(&rows_dropped, ret);
+			__sync_fetch_and_add(&rows_dropped, ret); /* bytes, not rows */
 			return;
 		}
 	}

@@ -112,12 +112,9 @@ static __always_inline int count(enum vfs_op op)
 	p = bpf_map_lookup_elem(&processes, &key);
 	if (!p) {
 		bpf_get_current_comm(zero.comm, sizeof(zero.comm));
-		bpf_map_update_elem(&processes, &key, &zero, BPF_NOEXIST);
-		p = bpf_map_lookup_elem(&processes, &key);
-		if (!p) {
-			__sync_fetch_and_add(&processes_dropped, 1);
+		p = bs_insert(&processes, &key, &zero, &processes_dropped);
+		if (!p)
 			return 0;
-		}
 	}
 	add(&p->ops, op);
 	return 0;

@@ -104,12 +104,9 @@ int writeback_written(struct trace_event_raw_writeback_work_class *ctx)
 	}
 	s = bpf_map_lookup_elem(&flushes, &key);
 	if (!s) {
-		bpf_map_update_elem(&flushes, &key, &zero, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&flushes, &key);
-		if (!s) {
-			__sync_fetch_and_add(&flushes_dropped, 1);
+		s = bs_insert(&flushes, &key, &zero, &flushes_dropped);
+		if (!s)
 			return 0;
-		}
 	}
 	__sync_fetch_and_add(&s->flushes, 1);
 	if (pages > 0)
@@ -133,12 +130,9 @@ int balance_dirty_pages(struct trace_event_raw_balance_dirty_pages *ctx)
 	w = bpf_map_lookup_elem(&writers, &tgid);
 	if (!w) {
 		bpf_get_current_comm(zero.comm, sizeof(zero.comm));
-		bpf_map_update_elem(&writers, &tgid, &zero, BPF_NOEXIST);
-		w = bpf_map_lookup_elem(&writers, &tgid);
-		if (!w) {
-			__sync_fetch_and_add(&pauses_dropped, 1);
+		w = bs_insert(&writers, &tgid, &zero, &pauses_dropped);
+		if (!w)
 			return 0;
-		}
 	}
 	__sync_fetch_and_add(&w->pauses, 1);
 	__sync_fetch_and_add(&w->pause_ms, pause);
