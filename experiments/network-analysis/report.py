@@ -133,7 +133,7 @@ def netns_truth(results: dict[str, Any], phase: dict[str, Any]) -> dict[str, dic
             "snmp_retrans": deltas.get("Tcp.RetransSegs", 0),
             "snmp_out": deltas.get("Tcp.OutSegs", 0),
             "snmp_retrans_pct": _pct(deltas.get("Tcp.RetransSegs", 0), deltas.get("Tcp.OutSegs", 0)),
-            "tcpretrans": counted.get(service, 0) if results.get("tcpretrans") is not None else None,
+            "tcpretrans": counted.get(service, 0),
             "tcpretrans_rows_down": went_down.get(service, 0),
         }
     return out
@@ -186,23 +186,15 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     out["whole_run"] = whole_run_truth(results)
     last = out["phases"][-1]
     hops = last["hops"]
-    have_tcpretrans = bool(results.get("tcpretrans"))
-    lossy = have_tcpretrans and max(h["retrans_pct"] for h in hops.values()) >= RETRANS_NOTABLE_PCT
+    lossy = max(h["retrans_pct"] for h in hops.values()) >= RETRANS_NOTABLE_PCT
     if lossy:
         worst = max(hops.values(), key=lambda h: h["retrans_pct"])
         how = f"retransmits {worst['retrans_pct']:.2f}% of segments (tcpretrans)"
-    elif have_tcpretrans or max(v["snmp_retrans_pct"] for v in last["netns"].values()) < RETRANS_NOTABLE_PCT:
+    else:
         # No hop loses packets to speak of (a rate limit queues more than it drops): the hop whose
         # senders' buffers stay full is the one that cannot carry the load.
         worst = max(hops.values(), key=lambda h: (h["full_share_pct"], h["mean_max_send_pct"]))
         how = f"a send buffer >= {FULL_PCT:g}% full at {worst['full_share_pct']:.0f}% of sockstat's looks"
-    else:
-        # Without tcpretrans: the namespace with the most retransmits (snmp), and the link it sends on.
-        ns = max(last["netns"].items(), key=lambda kv: kv[1]["snmp_retrans_pct"])
-        worst = max(
-            (h for h in hops.values() if ns[0] in h["link"].split("->")), key=lambda h: h["max_send_pct"]
-        )
-        how = f"namespace {ns[0]} retransmits {ns[1]['snmp_retrans_pct']:.2f}% (/proc/net/snmp)"
     link = mesh.LINK_BY_NAME[worst["link"]]
     ends = [
         f"{', '.join(worst['services'].get(side, []) or ['?'])} ({mesh.NETNS[side]})"
@@ -323,10 +315,9 @@ def _netns_table(phase: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for service, row in phase["netns"].items():
-        counted = "-" if row["tcpretrans"] is None else row["tcpretrans"]
         lines.append(
             f"| {mesh.NETNS[service]} | {row['snmp_retrans']} | {row['snmp_out']} | "
-            f"{row['snmp_retrans_pct']:.2f} | {counted} |"
+            f"{row['snmp_retrans_pct']:.2f} | {row['tcpretrans']} |"
         )
     return lines
 
@@ -397,13 +388,11 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         "|---|---|---|---|",
     ]
     for service, row in analysis["whole_run"].items():
-        counted = "-" if row["tcpretrans"] is None else row["tcpretrans"]
         lines.append(
-            f"| {mesh.NETNS[service]} | {row['snmp_retrans']} | {counted} | {row['tcpretrans_rows_down']} |"
+            f"| {mesh.NETNS[service]} | {row['snmp_retrans']} | {row['tcpretrans']} | "
+            f"{row['tcpretrans_rows_down']} |"
         )
     lines.append("")
-    if not results["config"]["tools"].get("tcpretrans"):
-        lines += ["tcpretrans was not available in this bpfscope: hops are judged on /proc/net/snmp.", ""]
     lines += [
         "## Pictures",
         "",

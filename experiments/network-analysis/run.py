@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import mesh  # noqa: E402
-from scenario import Watcher, bpfscope_cmd  # noqa: E402
+from scenario import Watcher  # noqa: E402
 
 # Offered load: 12 responses of 4 MiB a second (about 50 MB/s through three proxies), 8 client workers.
 # Well within what two CPUs move through veths (the mesh's own processes use about a third of one CPU for
@@ -48,12 +48,6 @@ WORKERS = 8
 DB_RATE = 100
 DEFAULT_LOSS_PCT = 5
 DEFAULT_LINK = "sidecar->app"
-
-
-def have_tool(name: str) -> bool:
-    """Whether this bpfscope has the tool (tcpretrans and tcptop come with the network tools)."""
-    result = subprocess.run([*bpfscope_cmd(), name, "--help"], capture_output=True, timeout=60)
-    return result.returncode == 0
 
 
 @dataclass
@@ -120,7 +114,6 @@ def run_phase(phase: Phase, t0: float, seconds: float) -> None:
 
 
 def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, Any]:
-    tools = {name: have_tool(name) for name in ("tcpretrans", "tcptop")}
     results: dict[str, Any] = {
         "config": {
             "seconds": seconds,
@@ -131,7 +124,6 @@ def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, A
             "db_rate": DB_RATE,
             "links": {link.name: {"left": link.left_ip, "right": link.right_ip} for link in mesh.LINKS},
             "netns": mesh.NETNS,
-            "tools": tools,
         }
     }
     with mesh.topology(), mesh.servers(work) as group, contextlib.ExitStack() as stack:
@@ -142,12 +134,10 @@ def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, A
         total = 2 * seconds + 2
         every = str(mesh.TOOL_INTERVAL)
         watchers = {
-            "sockstat": stack.enter_context(Watcher("sockstat", "-C", str(mesh.SOCKSTAT_INTERVAL), t0=t0))
+            "sockstat": stack.enter_context(Watcher("sockstat", "-C", str(mesh.SOCKSTAT_INTERVAL), t0=t0)),
+            "tcpretrans": stack.enter_context(Watcher("tcpretrans", "-c", every, t0=t0)),
+            "tcptop": stack.enter_context(Watcher("tcptop", "-C", every, t0=t0)),
         }
-        if tools["tcpretrans"]:
-            watchers["tcpretrans"] = stack.enter_context(Watcher("tcpretrans", "-c", every, t0=t0))
-        if tools["tcptop"]:
-            watchers["tcptop"] = stack.enter_context(Watcher("tcptop", "-C", every, t0=t0))
         snmp_start = {s: mesh.snmp(s) for s in mesh.SERVICES}
         db = mesh.pgbench("-S", "-c", "2", "-j", "1", "-R", str(DB_RATE), "-T", str(int(total)))
         stack.callback(lambda: db.poll() is None and os.killpg(db.pid, signal.SIGKILL))
