@@ -30,7 +30,7 @@ from pathlib import Path
 import common
 
 from bpfscope.build import compile_bpf
-from bpfscope.core.bpf import BpfObject
+from bpfscope.engine.bpf import BpfObject
 
 HERE = Path(__file__).resolve().parent
 BPFTRACE_PROGRAM = 'tracepoint:raw_syscalls:sys_enter { @[pid] = count(); } BEGIN { printf("attached\\n"); }'

@@ -42,9 +42,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from bpfscope.build import compile_bpf
-from bpfscope.core import libbpf
-from bpfscope.core.bpf import BpfObject, Map
-from bpfscope.core.btf import Struct
+from bpfscope.engine import libbpf
+from bpfscope.engine.bpf import BpfObject, Map
+from bpfscope.engine.btf import Struct
 
 HERE = Path(__file__).resolve().parent
 BPF_SOURCE = HERE / "ringbuf_bench.bpf.c"

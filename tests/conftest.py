@@ -122,7 +122,7 @@ def trace_workload(tool_args: list[str], workload: str, timeout: float = 60.0) -
 @pytest.fixture
 def cgroup() -> Iterator[Path]:
     """A fresh cgroup v2 directory for the test's processes, removed afterwards."""
-    from bpfscope.core.tool import cgroup2_mounts
+    from bpfscope.cli.tool import cgroup2_mounts
 
     mounts = cgroup2_mounts()
     if not mounts:

@@ -10,7 +10,7 @@ from bpfscope import build
 
 
 def test_every_tool_has_a_compiled_object() -> None:
-    sources = sorted(build.TOOLS_DIR.glob("*.bpf.c"))
+    sources = sorted(build.DOMAINS_DIR.glob("*/*.bpf.c"))
     assert sources
     for source in sources:
         obj = source.with_suffix(".o")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.check import Verdict, run_check
-from bpfscope.core.cache import CacheSampler
-from bpfscope.tools.cachestat import PageCacheProvider
-from bpfscope.tools.fincore import PAGE_SIZE, residency
+from bpfscope.domains.cache.cachestat import PageCacheProvider
+from bpfscope.domains.cache.fincore import PAGE_SIZE, residency
+from bpfscope.domains.cache.pagecache import CacheSampler
+from bpfscope.health.check import Verdict, run_check
 
 MIB = 1 << 20
 WORK_DIR = Path("/var/tmp")

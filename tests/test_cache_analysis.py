@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bpfscope.check import RAM_WARN_PCT
+from bpfscope.health.check import RAM_WARN_PCT
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "cache-analysis" / "run.py"
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from test_iostat import fio_layout, go, start_fio, stop, throttled_loop
 
-from bpfscope import check
-from bpfscope.check import Provider, Report, Row, Threshold, Verdict, run_check
+from bpfscope.health import check
+from bpfscope.health.check import Provider, Report, Row, Threshold, Verdict, run_check
 
 VERDICTS = {"ok", "warn", "PROBLEM"}
 

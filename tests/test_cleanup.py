@@ -33,7 +33,7 @@ START_TIMEOUT = 30.0
 # Holds the object for its whole life and never closes it: only the kernel can clean up after kill -9.
 KILLED_CHILD = """
 import sys, time
-from bpfscope.core.bpf import BpfObject
+from bpfscope.engine.bpf import BpfObject
 
 obj = BpfObject(sys.argv[1])
 obj.attach()
@@ -48,8 +48,8 @@ while True:
 # stays alive (until its stdin closes) so that the test sees the cleanup was not the kernel's.
 STOPPED_CHILD = """
 import signal, sys, time
-from bpfscope.core.bpf import BpfObject
-from bpfscope.core.tool import Stop, install_signal_handlers
+from bpfscope.engine.bpf import BpfObject
+from bpfscope.cli.tool import Stop, install_signal_handlers
 
 install_signal_handlers()
 # Python only raises KeyboardInterrupt if SIGINT was not ignored when it started (as in a background job).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.core import bpf, libbpf
+from bpfscope.engine import bpf, libbpf
 from bpfscope.errors import MissingCapability
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bpfscope.core.bpf import BpfObject
-from bpfscope.core.hist import Histogram
+from bpfscope.engine.bpf import BpfObject
 from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.hist import Histogram
 
 
 @pytest.fixture

@@ -14,20 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.core import system
-from bpfscope.core.bpf import VERIFIER_TAIL, BpfObject
+from bpfscope.engine import system
+from bpfscope.engine.bpf import VERIFIER_TAIL, BpfObject
 from bpfscope.errors import BpfscopeError, MissingCapability
 
 NOBODY = 65534
 PREFIX = "bpfscope: error: "
 
-# A test-only tool run through the real `bpfscope.cli.main`: it loads and attaches the object given as
+# A test-only tool run through the real `bpfscope.cli.main.main`: it loads and attaches the object given as
 # argv[1], so an engine error reaches the user exactly as a tool's would.
 LOAD_TOOL = """
 import sys, types
 import click
-from bpfscope import cli
-from bpfscope.core.bpf import BpfObject
+import bpfscope.cli.main as cli
+from bpfscope.engine.bpf import BpfObject
 
 @click.command(name="load-test")
 @click.argument("path")
@@ -47,9 +47,9 @@ cli.main(["load-test", sys.argv[1]])
 DOCTOR_WITHOUT_BTF = """
 import sys
 from pathlib import Path
-from bpfscope.core import system
+from bpfscope.engine import system
 system.KERNEL_BTF = Path(sys.argv[1])
-from bpfscope.cli import main
+from bpfscope.cli.main import main
 main(["doctor"])
 """
 
@@ -69,7 +69,7 @@ NO_LIBBPF_IMPORT = (
     + """
 from bpfscope.errors import BpfscopeError
 try:
-    import bpfscope.core.libbpf
+    import bpfscope.engine.libbpf
 except BpfscopeError as exc:
     print(type(exc).__name__)
     print(exc.render())
@@ -81,7 +81,7 @@ else:
 NO_LIBBPF_DOCTOR = (
     NO_LIBBPF
     + """
-from bpfscope.cli import main
+from bpfscope.cli.main import main
 main(["doctor"])
 """
 )
@@ -180,7 +180,7 @@ def unmount_all(path: Path) -> None:
 
 def test_nobody_can_import_bpfscope() -> None:
     """The non-root cases below are only meaningful if nobody gets as far as bpfscope's own checks."""
-    result = run(as_nobody([sys.executable, "-c", "import os, bpfscope.cli; print(os.geteuid())"]))
+    result = run(as_nobody([sys.executable, "-c", "import os, bpfscope.cli.main; print(os.geteuid())"]))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(NOBODY)
 
@@ -208,7 +208,7 @@ def test_doctor_as_root_without_cap_bpf_names_only_it() -> None:
 
 
 def test_bpf_and_perfmon_are_enough_without_sys_admin() -> None:
-    code = "from bpfscope.core import system; system.require_privileges(); print('ok')"
+    code = "from bpfscope.engine import system; system.require_privileges(); print('ok')"
     result = run(as_root_without("cap_sys_admin", [sys.executable, "-c", code]))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ok\n"

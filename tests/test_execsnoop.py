@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.core.bpf import BpfObject, tool_object
+from bpfscope.engine.bpf import BpfObject, tool_object
 
 NOBODY = 65534
 TRUE = "/bin/true"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.tools.fincore import PAGE_SIZE, residency
+from bpfscope.domains.cache.fincore import PAGE_SIZE, residency
 
 MIB = 1 << 20
 _libc = ctypes.CDLL(None, use_errno=True)

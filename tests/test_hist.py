@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bpfscope.core import hist as hist_mod
-from bpfscope.core.hist import (
+from bpfscope.runtime import hist as hist_mod
+from bpfscope.runtime.hist import (
     Histogram,
     log2_bounds,
     log2_slot,

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.core import block
+from bpfscope.domains.block import disks as block
 
 DISK = "vda"
 FIO_FILE = Path("/var/tmp/bpfscope-test-iostat.dat")
@@ -283,7 +283,7 @@ def _blkio_cgroup(disk: block.Disk, read_iops: int, name: str) -> tuple[Path, Pa
         path.mkdir()
         (path / "blkio.throttle.read_iops_device").write_text(f"{disk.major}:{disk.minor} {read_iops}\n")
         return path, path / "cgroup.procs"
-    from bpfscope.core.tool import cgroup2_mounts
+    from bpfscope.cli.tool import cgroup2_mounts
 
     for root in cgroup2_mounts():
         if "io" in (root / "cgroup.controllers").read_text().split():

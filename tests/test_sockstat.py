@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.check import Row, Verdict, run_check
-from bpfscope.tools.sockstat import SocketBufferProvider, SocketRow, SocketSampler
+from bpfscope.domains.net.sockstat import SocketBufferProvider, SocketRow, SocketSampler
+from bpfscope.health.check import Row, Verdict, run_check
 
 IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "ip"
 PORT = 42010

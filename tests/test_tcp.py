@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import nethelpers as nh
 import pytest
 
-from bpfscope.check import Verdict, run_check
-from bpfscope.tools.tcpretrans import TcpProvider
+from bpfscope.domains.net.tcpretrans import TcpProvider
+from bpfscope.health.check import Verdict, run_check
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import RunCli, trace_workload
 
-from bpfscope.core.names import syscall_number
+from bpfscope.sources.syscalls import syscall_number
 
 GETPPID = syscall_number("getppid")
 GETPID = syscall_number("getpid")

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as k8s
 
-from bpfscope.core.hist import Histogram
+from bpfscope.runtime.hist import Histogram
 
 REPO = Path(__file__).resolve().parent.parent
 TUTORIAL = REPO / "experiments" / "ebpf-tutorial"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import RunCli, trace_workload
 
-from bpfscope.check import Verdict, run_check
+from bpfscope.health.check import Verdict, run_check
 
 # Calls of each kind the workload makes.
 READS = {"read": 11, "pread": 7, "readv": 3}
@@ -227,7 +227,7 @@ def test_bad_input(run_cli: RunCli, args: list[str]) -> None:
 
 
 def test_vfs_check_provider(work_dir: Path) -> None:
-    from bpfscope.tools.vfsstat import VfsProvider
+    from bpfscope.domains.cache.vfsstat import VfsProvider
 
     # The provider's window, driven by hand so that known work falls inside it: 2000 reads from here.
     path = work_dir / "bsd-check.dat"

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import RunCli, trace_workload
 
-from bpfscope.check import Verdict, run_check
-from bpfscope.tools.writeback import PAGE_SIZE, WritebackProvider, WritebackSampler, reason_names
+from bpfscope.domains.cache.writeback import PAGE_SIZE, WritebackProvider, WritebackSampler, reason_names
+from bpfscope.health.check import Verdict, run_check
 
 DATA_MIB = 16
 DATA_PAGES = DATA_MIB * (1 << 20) // PAGE_SIZE

@@ -94,7 +94,7 @@ def v1_mount(controller: str) -> Path | None:
 
 
 def cgroup2_mount() -> Path | None:
-    from bpfscope.core.tool import cgroup2_mounts
+    from bpfscope.cli.tool import cgroup2_mounts
 
     return next(iter(cgroup2_mounts()), None)
 
@@ -316,7 +316,7 @@ def disk_of(path: Path) -> str:
 
 def diskstats_reads(disk: str) -> int:
     """Read requests completed by one disk (/proc/diskstats): every process's reads."""
-    from bpfscope.tools.iostat import read_diskstats
+    from bpfscope.domains.block.iostat import read_diskstats
 
     counters = read_diskstats().get(disk)
     return counters["rd_ios"] if counters else 0
@@ -429,11 +429,11 @@ def bpfscope_samplers() -> tuple[type | None, type | None]:
     """bpfscope's page-cache and VFS samplers (cachestat's and vfsstat's Python API), where this bpfscope
     has them."""
     try:
-        from bpfscope.core.cache import CacheSampler
+        from bpfscope.domains.cache.pagecache import CacheSampler
     except ImportError:
         CacheSampler = None
     try:
-        from bpfscope.tools.vfsstat import VfsSampler
+        from bpfscope.domains.cache.vfsstat import VfsSampler
     except ImportError:
         VfsSampler = None
     return CacheSampler, VfsSampler
@@ -444,11 +444,11 @@ class CheckWindow:
     the verdicts and the summary line a person running `bpfscope check` then would read."""
 
     def __init__(self) -> None:
-        from bpfscope.check import PROVIDERS
+        from bpfscope.health.check import PROVIDERS
 
         classes = list(PROVIDERS)
         with contextlib.suppress(ImportError):
-            from bpfscope.tools.cachestat import PageCacheProvider
+            from bpfscope.domains.cache.cachestat import PageCacheProvider
 
             if PageCacheProvider not in classes:
                 classes.append(PageCacheProvider)
@@ -473,7 +473,7 @@ class CheckWindow:
 
     def finish(self, window_s: float) -> list[dict[str, Any]]:
         """The rows, then the summary, as `bpfscope check --json` prints them."""
-        from bpfscope.check import Report
+        from bpfscope.health.check import Report
 
         rows = [row for provider in self.providers for row in provider.rows(window_s)]
         return [
@@ -525,7 +525,7 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
         cli_start = time.monotonic()
         vfs = None
         if VfsSampler:
-            from bpfscope.core.tool import RunOptions
+            from bpfscope.cli.tool import RunOptions
 
             vfs = stack.enter_context(VfsSampler(RunOptions(cgroup=cgroup).filters()))
             vfs.start()

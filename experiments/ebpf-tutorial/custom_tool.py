@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from bpfscope.build import BuildError, compile_bpf
-from bpfscope.core.bpf import BpfObject, require
-from bpfscope.core.hist import Histogram
+from bpfscope.engine.bpf import BpfObject, require
 from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.hist import Histogram
 
 SOURCE = Path(__file__).resolve().with_name("custom_tool.bpf.c")
 PERCENTILES = (50, 99)

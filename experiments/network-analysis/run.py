@@ -69,12 +69,12 @@ class Phase:
 def check_in_background(seconds: float) -> tuple[threading.Thread, list[dict[str, Any]]]:
     """bpfscope's health check over the phase, through the Python API: CPU, RAM, socket buffers, and
     TCP where this bpfscope has it."""
-    from bpfscope.check import PROVIDERS, CpuProvider, MemoryProvider
-    from bpfscope.tools.sockstat import SocketBufferProvider
+    from bpfscope.domains.net.sockstat import SocketBufferProvider
+    from bpfscope.health.check import PROVIDERS, CpuProvider, MemoryProvider
 
     providers = [CpuProvider, MemoryProvider, SocketBufferProvider]
     with contextlib.suppress(ImportError):
-        from bpfscope.tools.tcpretrans import TcpProvider
+        from bpfscope.domains.net.tcpretrans import TcpProvider
 
         providers.append(TcpProvider)
     # Providers registered since (the lead's list) join in, once each.
@@ -82,7 +82,7 @@ def check_in_background(seconds: float) -> tuple[threading.Thread, list[dict[str
     rows: list[dict[str, Any]] = []
 
     def work() -> None:
-        from bpfscope.check import run_check
+        from bpfscope.health.check import run_check
 
         report = run_check(seconds, providers=providers)
         rows.extend(r.to_dict() for r in report.rows)

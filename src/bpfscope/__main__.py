@@ -1,3 +1,3 @@
-from bpfscope.cli import main
+from bpfscope.cli.main import main
 
 main()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = PACKAGE_DIR / "include"
-TOOLS_DIR = PACKAGE_DIR / "tools"
+DOMAINS_DIR = PACKAGE_DIR / "domains"
 KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
 
 # Debian package that provides each build requirement, for the error message.
@@ -82,7 +82,8 @@ def compile_bpf(source: Path, output: Path | None = None, include_dirs: tuple[Pa
     check_requirements()
     output = output or source.with_suffix(".o")
     header = vmlinux_header()
-    inputs = [source, header, *INCLUDE_DIR.glob("*.h")]
+    # A domain's own headers (block.bpf.h, net.bpf.h, ...) sit beside its programs.
+    inputs = [source, header, *INCLUDE_DIR.glob("*.h"), *source.parent.glob("*.h")]
     if output.exists() and all(output.stat().st_mtime >= p.stat().st_mtime for p in inputs):
         return output
     arch = _TARGET_ARCH.get(platform.machine(), platform.machine())
@@ -96,6 +97,7 @@ def compile_bpf(source: Path, output: Path | None = None, include_dirs: tuple[Pa
         "-Wall",
         "-Werror",
         f"-I{INCLUDE_DIR}",
+        f"-I{source.parent}",
         *(f"-I{d}" for d in include_dirs),
         "-c",
         str(source),
@@ -109,7 +111,7 @@ def compile_bpf(source: Path, output: Path | None = None, include_dirs: tuple[Pa
 
 
 def build_all() -> list[Path]:
-    return [compile_bpf(src) for src in sorted(TOOLS_DIR.glob("*.bpf.c"))]
+    return [compile_bpf(src) for src in sorted(DOMAINS_DIR.glob("*/*.bpf.c"))]
 
 
 if __name__ == "__main__":

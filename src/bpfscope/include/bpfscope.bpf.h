@@ -1,9 +1,12 @@
-/* What every bpfscope BPF program shares: the task filters the CLI sets (-p, --cgroup) and ring-buffer
- * reservation that counts what it could not reserve, so no loss is silent. Include after vmlinux.h and
- * <bpf/bpf_helpers.h>.
+/* What every bpfscope BPF program shares: the task filters a collector's configuration sets (-p,
+ * --cgroup, and bpfscope itself left out), ring-buffer output that counts what it could not send, so no
+ * loss is silent, and the macros that put record and enum types into BTF, where user space reads them.
+ * Include after vmlinux.h, <bpf/bpf_helpers.h> and <bpf/bpf_core_read.h>.
  */
 #ifndef BPFSCOPE_BPF_H
 #define BPFSCOPE_BPF_H
+
+#include <bpf/bpf_core_read.h>
 
 #include "hist.bpf.h"
 
@@ -11,15 +14,43 @@
  * branches of an unset filter. 0 means no filter. */
 const volatile __u32 bs_targ_tgid = 0;
 const volatile __u64 bs_targ_cgroup = 0;
+/* bpfscope's own process: it and its children are never measured unless asked (0: measure them). */
+const volatile __u32 bs_self_tgid = 0;
 
 /* Events a ring buffer had no room for; read by user space through .bss (BpfObject.dropped). */
 __u64 bs_dropped = 0;
+
+/* Whether the current task is bpfscope or one of its children (its own start-up, the helpers it runs):
+ * the tgid first, which costs nothing; the parent's only for other tasks, one CO-RE read. */
+static __always_inline bool bs_task_is_self(void)
+{
+	struct task_struct *task;
+
+	if (!bs_self_tgid)
+		return false;
+	if ((bpf_get_current_pid_tgid() >> 32) == bs_self_tgid)
+		return true;
+	task = (struct task_struct *)bpf_get_current_task();
+	return BPF_CORE_READ(task, real_parent, tgid) == bs_self_tgid;
+}
 
 static __always_inline bool bs_task_selected(void)
 {
 	if (bs_targ_tgid && (bpf_get_current_pid_tgid() >> 32) != bs_targ_tgid)
 		return false;
 	if (bs_targ_cgroup && bpf_get_current_cgroup_id() != bs_targ_cgroup)
+		return false;
+	return !bs_task_is_self();
+}
+
+/* For events attributed to a task recorded earlier (a request's submitter, a socket's owner), where the
+ * current task is whoever the kernel runs: the filters on the recorded tgid and cgroup. Record owners
+ * only where bs_task_selected() or !bs_task_is_self() held, so that bpfscope's own stay out. */
+static __always_inline bool bs_tgid_selected(__u32 tgid, __u64 cgroup)
+{
+	if (bs_targ_tgid && tgid != bs_targ_tgid)
+		return false;
+	if (bs_targ_cgroup && cgroup != bs_targ_cgroup)
 		return false;
 	return true;
 }
@@ -31,6 +62,18 @@ static __always_inline void *bs_reserve(void *ringbuf, __u64 size)
 	if (!event)
 		__sync_fetch_and_add(&bs_dropped, 1);
 	return event;
+}
+
+/* A record of variable length (a header and `size - header` bytes of payload), copied from `data`
+ * (per-CPU scratch space): bpf_ringbuf_reserve takes only constant sizes. The ring must be declared with
+ * BS_RINGBUF_VAR; user space gets each record zero-padded to the full struct with its length. */
+static __always_inline int bs_output(void *ringbuf, void *data, __u64 size)
+{
+	int err = bpf_ringbuf_output(ringbuf, data, size, 0);
+
+	if (err)
+		__sync_fetch_and_add(&bs_dropped, 1);
+	return err;
 }
 
 /* After a lookup found nothing: insert `init` at `key` and return the map's own copy, or NULL when the
@@ -56,5 +99,15 @@ static __always_inline void *bs_insert(void *map, const void *key, const void *i
 		__uint(max_entries, bytes);                                                          \
 	} name SEC(".maps");                                                                         \
 	record_type *bs_record__##name __attribute__((unused)) = 0
+
+/* A ring buffer of records of `record_type` cut short to their length (bs_output): the struct is the
+ * longest record; fixed-size rings keep their batch speed, these are decoded one record at a time. */
+#define BS_RINGBUF_VAR(name, bytes, record_type)                                                     \
+	BS_RINGBUF(name, bytes, record_type);                                                        \
+	record_type *bs_varlen__##name __attribute__((unused)) = 0
+
+/* Puts an enum into the object's BTF (clang emits no BTF for an enum only used as constants), where
+ * user space reads its names: no C enum is copied by hand into Python. */
+#define BS_ENUM(enum_name) enum enum_name *bs_enum__##enum_name __attribute__((unused)) = 0
 
 #endif

@@ -1,0 +1,42 @@
+"""The tools the ``bpfscope`` command knows, built from the domains' manifests (and the health check's),
+so that no list is kept by hand. Manifests import nothing, and a tool's module is imported only when it
+runs: start-up stays short."""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import click
+
+from bpfscope import domains, health
+from bpfscope.domains import ToolEntry
+
+_extra: dict[str, ToolEntry] = {}
+
+
+@cache
+def _known() -> dict[str, ToolEntry]:
+    tools = domains.tools()
+    for name, summary in health.TOOLS.items():
+        tools[name] = ToolEntry(name, f"{health.__name__}.{name}", summary, "health")
+    return tools
+
+
+def tools() -> dict[str, ToolEntry]:
+    return {**_known(), **_extra}
+
+
+def register(name: str, module: str, summary: str) -> None:
+    """Add a tool from outside the domains (tests, plug-ins)."""
+    _extra[name] = ToolEntry(name, module, summary, "extra")
+
+
+def command(name: str) -> click.Command | None:
+    entry = tools().get(name)
+    if entry is None:
+        return None
+    cmd = importlib.import_module(entry.module).command
+    # The manifest's summary is the one description of the tool: `bpfscope --help` lists it.
+    cmd.short_help = entry.summary
+    return cmd

@@ -1,0 +1,5 @@
+"""One-liners on any tracepoint: a precompiled program configured from the tracepoint's format."""
+
+TOOLS = {
+    "trace": "One-liners on any tracepoint: count, sum, histogram, print; kernel filters.",
+}

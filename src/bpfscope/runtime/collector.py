@@ -1,0 +1,230 @@
+"""The collector contract: one way to get data out of the kernel, for tools, check, experiments and the
+agent alike.
+
+A collector takes a typed configuration (a :class:`Config` dataclass: filters, interval, options), owns
+its BPF object(s), and produces :class:`Sample` objects: typed, for the code that uses them (views,
+health rules, experiments), and flattened into records of declared schemas for sinks (JSON lines, the
+store, exporters). It reports its :class:`~bpfscope.runtime.losses.Losses` and never prints.
+
+Two shapes, which one collector may combine:
+
+- **interval**: ``start()`` takes a baseline, each ``sample()`` returns what happened since the previous
+  one (counters read from maps, as differences). Intervals are exact: nothing falls between two reads.
+- **stream**: ``fds()`` are ring buffers to wait on, ``drain()`` returns what arrived (decoded in
+  batches, never one Python call per event).
+
+The lifecycle, driven by a :class:`~bpfscope.runtime.session.Session` (or by hand)::
+
+    collector = BiotopCollector(BiotopConfig(pid=1234))
+    collector.open()      # load and attach: the slow part, before any window opens
+    collector.start()     # baseline
+    sample = collector.sample()
+    collector.close()     # every path; also a context manager
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
+
+from bpfscope.runtime.losses import Losses, bpf_losses
+
+if TYPE_CHECKING:
+    from bpfscope.engine.bpf import BpfObject
+    from bpfscope.engine.ringbuf import RingBuffer
+    from bpfscope.runtime.schema import Schema
+
+
+@dataclass(kw_only=True)
+class Config:
+    """What every collector's configuration holds. A collector's own configuration subclasses it.
+
+    ``pid`` and ``cgroup`` select the tasks watched, in the kernel (bpfscope.bpf.h); ``include_self``
+    lets bpfscope watch its own process and its children, which every collector leaves out by default.
+    ``interval_s`` is how often an interval collector is sampled when a session runs it (None: the
+    session's interval, or once at the end).
+    """
+
+    pid: int | None = None
+    cgroup: str | None = None
+    include_self: bool = False
+    interval_s: float | None = None
+
+    def task_filter(self) -> dict[str, int]:
+        """The .rodata values of bpfscope.bpf.h's task filter."""
+        from bpfscope.sources.cgroups import cgroup_id
+
+        return {
+            "bs_targ_tgid": self.pid or 0,
+            "bs_targ_cgroup": cgroup_id(self.cgroup) if self.cgroup else 0,
+            "bs_self_tgid": 0 if self.include_self else os.getpid(),
+        }
+
+    def replace(self, **changes: Any) -> Self:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self)(**{**values, **changes})
+
+
+C = TypeVar("C", bound=Config)
+
+
+class Sample:
+    """What a collector produced at one sample or drain. Subclasses are typed for their users and say
+    how they flatten into records (:meth:`records`)."""
+
+    ts: float  # wall-clock seconds at the end of the interval (or of the batch)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Flat records of the collector's schemas, the discriminator first."""
+        return iter(())
+
+
+class Collector(Generic[C]):
+    """Base of every collector. Subclasses set ``name``, ``schemas`` (or override :meth:`schemas`),
+    ``requires`` (what `bpfscope.engine.bpf.require` checks before loading) and implement what their
+    shape needs."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    # Sampled every this many seconds when neither the configuration nor the session says otherwise
+    # (top-like tools refresh every second); None: once, at the end of the run.
+    default_interval_s: ClassVar[float | None] = None
+    _schemas: ClassVar[tuple[Schema, ...]] = ()
+
+    def __init__(self, config: C) -> None:
+        self.config = config
+
+    @classmethod
+    def schemas(cls) -> tuple[Schema, ...]:
+        """The kinds of record this collector emits (may read the BPF object's BTF: no privilege needed)."""
+        return cls._schemas
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Load and attach (the slow part). Raise BpfscopeError for what the user can fix."""
+
+    def start(self) -> None:
+        """Take the baseline: what happened before is not part of the first sample."""
+
+    def sample(self) -> Sample | None:
+        """Interval collectors: what happened since the previous sample (or start)."""
+        return None
+
+    def fds(self) -> list[int]:
+        """Stream collectors: file descriptors to wait on (ring buffers)."""
+        return []
+
+    def drain(self) -> Sample | None:
+        """Stream collectors: what has arrived; never blocks."""
+        return None
+
+    def losses(self) -> Losses:
+        return Losses()
+
+    def close(self) -> None:
+        """Release everything open() took; safe to call twice and after a failed open()."""
+
+    # --- conveniences --------------------------------------------------------------------------------
+    @property
+    def interval_s(self) -> float | None:
+        return self.config.interval_s or self.default_interval_s
+
+    @property
+    def streams(self) -> bool:
+        return bool(self.fds())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BpfCollector(Collector[C]):
+    """A collector on one BPF object of its domain: ``bpf_object`` names it (``NAME.bpf.o`` beside the
+    collector's module), ``loss_counters`` describes its .bss loss counters for :func:`bpf_losses`.
+
+    Subclasses implement :meth:`load` (or set ``rodata``/``autoload`` through it) and read ``self.obj``.
+    """
+
+    bpf_object: ClassVar[str] = ""
+    loss_counters: ClassVar[Mapping[str, tuple[str, str]]] = {}
+
+    def __init__(self, config: C) -> None:
+        super().__init__(config)
+        self.obj: BpfObject | None = None
+        self.rings: dict[str, RingBuffer] = {}
+
+    @classmethod
+    def object_path(cls) -> Path:
+        import sys
+
+        return Path(sys.modules[cls.__module__].__file__ or "").with_name(f"{cls.bpf_object}.bpf.o")
+
+    @classmethod
+    def btf(cls):
+        """The object's BTF, read from the file (no privilege, nothing loaded)."""
+        from bpfscope.engine.btf import object_btf
+
+        return object_btf(cls.object_path())
+
+    def rodata(self) -> dict[str, Any]:
+        """The object's configuration: the task filter, plus what a subclass adds."""
+        return self.config.task_filter()
+
+    def autoload(self) -> set[str] | None:
+        """The programs to load (None: all)."""
+        return None
+
+    def max_entries(self) -> dict[str, int]:
+        return {}
+
+    def open(self) -> None:
+        from bpfscope.engine.bpf import BpfObject, require
+
+        require(*self.requires)
+        self.obj = BpfObject(
+            self.object_path(),
+            rodata=self.rodata(),
+            autoload=self.autoload(),
+            max_entries=self.max_entries(),
+        )
+        try:
+            self.attach()
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self) -> None:
+        """Attach the programs (all autoattach ones by default) and open the rings."""
+        assert self.obj is not None
+        self.obj.attach()
+
+    def ring(self, name: str) -> RingBuffer:
+        assert self.obj is not None
+        ring = self.rings.get(name) or self.obj.ring_buffer(name)
+        self.rings[name] = ring
+        return ring
+
+    def fds(self) -> list[int]:
+        return [ring.fileno() for ring in self.rings.values()]
+
+    def losses(self) -> Losses:
+        if self.obj is None:
+            return Losses()
+        return bpf_losses(self.obj, self.loss_counters)
+
+    def close(self) -> None:
+        self.rings.clear()
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+
+def wall_clock_offset_ns() -> int:
+    """Add to a CLOCK_MONOTONIC time (bpf_ktime_get_ns) to get wall-clock nanoseconds."""
+    return time.time_ns() - time.monotonic_ns()
