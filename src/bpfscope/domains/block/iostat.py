@@ -31,36 +31,38 @@ From BPF (iostat.bpf.c, on block.bpf.h's request tracking), for request-based di
 And I/O pressure (PSI, /proc/pressure/io): the share of the interval in which some (or all) tasks were
 stalled on I/O, from the difference of its ``total``, and the kernel's own 10-second averages.
 
-The collector is a Python API, used by ``bpfscope check`` too::
+:class:`DiskCollector` is the collector, used by ``bpfscope check``'s disk rules too::
 
-    with DiskSampler() as sampler:
-        sampler.start()
+    with DiskCollector(DiskConfig()) as disks:
+        disks.open(); disks.start()
         time.sleep(5)
-        sample = sampler.sample()          # everything since start()
+        sample = disks.sample()            # everything since start()
         print(sample.disks["vda"].r_s, sample.disks["vda"].latency_us(99))
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from bpfscope.cli.tool import RunOptions, ticks, tool_options
+from bpfscope.cli.options import Run, common_options, option
 from bpfscope.domains.block import disks as block
-from bpfscope.engine.bpf import BpfObject, require, tool_object
 from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.collector import BpfCollector, Config, Sample
+from bpfscope.runtime.losses import Losses
+from bpfscope.runtime.schema import Field, Schema
+from bpfscope.sinks.terminal import Terminal, View
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from bpfscope.runtime.collector import Collector
     from bpfscope.runtime.hist import Histogram
-
-# BTF tracepoints are BPF_PROG_TYPE_TRACING, which libbpf cannot probe alone: raw tracepoints stand in.
-REQUIRES = ("raw_tracepoint",)
 
 DISKSTATS = Path("/proc/diskstats")
 PSI_IO = Path("/proc/pressure/io")
@@ -330,14 +332,58 @@ class DiskSample:
         return out
 
 
+DISK_SCHEMA = Schema(
+    "iostat",
+    (
+        Field("device", "str", label=True),
+        Field("r_s", "float", "/s", "reads completed"),
+        Field("w_s", "float", "/s", "writes completed"),
+        Field("d_s", "float", "/s", "discards completed"),
+        Field("f_s", "float", "/s", "flushes completed"),
+        Field("rkb_s", "float", "kB/s"),
+        Field("wkb_s", "float", "kB/s"),
+        Field("dkb_s", "float", "kB/s"),
+        Field("r_await", "float", "ms", "mean time per read, scheduler included (diskstats)"),
+        Field("w_await", "float", "ms", "mean time per write, scheduler included (diskstats)"),
+        Field("aqu_sz", "float", doc="time-average of requests in flight, scheduler included"),
+        Field("util", "float", "%", "share of the interval with a request in flight"),
+        Field("nr_requests", "int", nullable=True, doc="requests the queue lets in flight"),
+        Field("scheduler", "str", nullable=True),
+        Field("device_aqu_sz", "float", nullable=True, doc="time-average of requests on the device"),
+        Field("depth_mean", "float", nullable=True, doc="requests on the device at each issue, mean"),
+        Field("depth_max", "int", nullable=True),
+        Field("depth_samples", "int", nullable=True, doc="issues seen"),
+        Field("depth_hist", "dict", nullable=True, doc="depth at issue -> issues"),
+        Field("latency_count", "int", nullable=True, doc="requests timed on the device"),
+        Field("p50_us", "float", "us", nullable=True, doc="device time (issue to completion)"),
+        Field("p95_us", "float", "us", nullable=True),
+        Field("p99_us", "float", "us", nullable=True),
+        Field("top", "list", nullable=True, doc="processes doing the most I/O on the disk"),
+        Field("psi_io", "dict", nullable=True, doc="I/O pressure over the interval (machine-wide)"),
+    ),
+    doc="One disk over one interval: sysstat's iostat -x, and from BPF depth, latency and processes.",
+    interval=True,
+)
+
+
 @dataclass
-class Sample:
+class DiskInterval(Sample):
     """Every disk over one interval, and I/O pressure over the same interval."""
 
+    ts: float
     elapsed_s: float  # since start()
     interval_s: float
     disks: dict[str, DiskSample]
     io_pressure: IoPressure | None
+    shown: list[str] = field(default_factory=list)  # the disks a view lists (as iostat lists them)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        psi = self.io_pressure.to_dict() if self.io_pressure else None
+        for name in self.shown:
+            values = dict.fromkeys(DISK_SCHEMA.names)
+            values.update(self.disks[name].to_dict())
+            values.update(ts=self.ts, interval_s=round(self.interval_s, 6), psi_io=psi)
+            yield DISK_SCHEMA.record(values)
 
 
 @dataclass
@@ -350,68 +396,70 @@ class _Snapshot:
     procs: dict[tuple[int, int], Any] = field(default_factory=dict)  # (dev, tgid) -> map value record
 
 
-class DiskSampler:
-    """Samples every whole disk (or one, ``disk``) each time ``sample()`` is called: what changed since the
-    previous call (or since ``start()``).
+@dataclass(kw_only=True)
+class DiskConfig(Config):
+    disk: str | None = None  # only this disk (-d)
+    bpf: bool = True  # queue depth, device latency and processes from BPF; without, diskstats and PSI only
+    top: int = TOP_PROCESSES  # processes kept per disk
+
+
+class DiskCollector(BpfCollector[DiskConfig]):
+    """Every whole disk (or one, ``disk``) at each ``sample()``: what changed since the previous one (or
+    since ``start()``).
 
     With ``bpf`` (the default, as root) queue depth, device latency and processes come from the kernel;
-    without, only /proc/diskstats and PSI are read, which needs no privilege.
+    without, only /proc/diskstats and PSI are read, which needs no privilege. Disks are whole disks; the
+    task filters do not apply to them, but bpfscope's own I/O is never named among the processes.
     """
 
-    def __init__(self, disk: str | None = None, bpf: bool = True, top: int = TOP_PROCESSES) -> None:
-        self.disk = block.resolve_disk(disk) if disk else None
-        self.bpf = bpf
-        self.top = top
-        self._obj: BpfObject | None = None
+    name = "iostat"
+    bpf_object = "iostat"
+    # BTF tracepoints are BPF_PROG_TYPE_TRACING, which libbpf cannot probe alone: raw tracepoints stand in.
+    requires = ("raw_tracepoint",)
+    _schemas = (DISK_SCHEMA,)
+    loss_counters = {
+        "unseen_ends": ("unseen", "request ends unseen (depth corrected)"),
+        "bs_rq_unseen": ("unseen", "requests completed unseen (no program ran at completion)"),
+    }
+
+    def __init__(self, config: DiskConfig) -> None:
+        super().__init__(config)
+        self.disk = block.resolve_disk(config.disk) if config.disk else None
         self._prev: _Snapshot | None = None
         self._start_ns = 0
         self._whole = block.disks()
         self._limits: dict[str, block.QueueLimits | None] = {}
 
-    def start(self) -> DiskSampler:
+    def rodata(self) -> dict[str, Any]:
+        return {
+            "bs_targ_dev": self.disk.dev if self.disk else 0,
+            "bs_self_tgid": super().rodata()["bs_self_tgid"],
+        }
+
+    def autoload(self) -> set[str]:
+        return block.programs(queue_time=False) | {"rq_requeue"}
+
+    def open(self) -> None:
         # A bio-based disk (zram, device-mapper) has no requests for the programs to see.
-        wanted = self.bpf and (self.disk is None or block.request_based(self.disk.name))
-        if wanted and self._obj is None:
-            require(*REQUIRES)
-            autoload = block.programs(queue_time=False) | {"rq_requeue"}
-            rodata = {"bs_targ_dev": self.disk.dev if self.disk else 0}
-            self._obj = BpfObject(tool_object("iostat"), rodata=rodata, autoload=autoload)
-            try:
-                self._obj.attach()
-            except BaseException:
-                self.close()
-                raise
+        if self.config.bpf and (self.disk is None or block.request_based(self.disk.name)):
+            super().open()
             # The first read of a map builds its numpy layout from BTF: not inside the first interval.
             self._snapshot()
+
+    def start(self) -> None:
         self._prev = self._snapshot()
         self._start_ns = self._prev.t_ns
-        return self
 
-    def close(self) -> None:
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
-
-    def __enter__(self) -> DiskSampler:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def losses(self) -> str | None:
-        """The BPF side's losses for a tool's last line: events the kernel skipped, and request ends
-        that were never seen (those requests were taken off the queue depth when found out)."""
-        if self._obj is None:
-            return None
-        return f"{self._obj.losses()}, {self._obj.bss['unseen_ends']} request ends unseen (depth corrected)"
+    def losses(self) -> Losses:
+        return super().losses() if self.obj is not None else Losses()
 
     def _snapshot(self) -> _Snapshot:
         snap = _Snapshot(time.monotonic_ns(), read_diskstats(), read_io_pressure())
-        if self._obj is not None:
+        if self.obj is not None:
             snap.map_t_ns = time.monotonic_ns()
-            keys, values = self._obj.maps["disks"].items()
+            keys, values = self.obj.maps["disks"].items()
             snap.disk_maps = {int(k): v for k, v in zip(keys, values, strict=True)}
-            pkeys, pvalues = self._obj.maps["procs"].items()
+            pkeys, pvalues = self.obj.maps["procs"].items()
             snap.procs = {(int(k["dev"]), int(k["tgid"])): v for k, v in zip(pkeys, pvalues, strict=True)}
         return snap
 
@@ -423,10 +471,10 @@ class DiskSampler:
                 self._limits[name] = None
         return self._limits[name]
 
-    def sample(self) -> Sample:
+    def sample(self) -> DiskInterval:
         """What every disk did since the previous sample (or start())."""
         if self._prev is None:
-            raise RuntimeError("DiskSampler.sample() before start()")
+            raise RuntimeError("DiskCollector.sample() before start()")
         cur = self._snapshot()
         prev = self._prev
         self._prev = cur
@@ -442,7 +490,9 @@ class DiskSampler:
                 continue
             disks[name] = self._disk(name, counters, prev, cur, itv)
         psi = IoPressure.between(prev.psi, cur.psi, itv) if prev.psi and cur.psi else None
-        return Sample((cur.t_ns - self._start_ns) / 1e9, itv, disks, psi)
+        # The disks iostat lists: those with any I/O since boot, or the one -d names.
+        shown = sorted(name for name, d in disks.items() if d.used or self.disk is not None)
+        return DiskInterval(time.time(), (cur.t_ns - self._start_ns) / 1e9, itv, disks, psi, shown)
 
     def _disk(
         self, name: str, counters: DiskCounters, prev: _Snapshot, cur: _Snapshot, itv: float
@@ -478,7 +528,7 @@ class DiskSampler:
             nr_requests=limits.nr_requests if limits else None,
             scheduler=limits.scheduler if limits else None,
         )
-        if self._obj is not None and block.request_based(name):
+        if self.obj is not None and block.request_based(name):
             self._add_bpf(sample, prev, cur, itv)
         return sample
 
@@ -521,7 +571,7 @@ class DiskSampler:
                 comm = v["comm"].split(b"\0", 1)[0].decode(errors="replace")
                 procs.append(ProcessIO(tgid, comm, **counts, interval_s=itv))
         procs.sort(key=lambda p: (p.reads + p.writes, p.read_bytes + p.write_bytes), reverse=True)
-        sample.top = procs[: self.top]
+        sample.top = procs[: self.config.top]
 
 
 def _depth_integral(value: Any, t_ns: int) -> int:
@@ -539,20 +589,24 @@ def _fmt_ms(us: float | None) -> str | None:
     return None if us is None else f"{us / 1000:.3f}"
 
 
-def _report(opts: RunOptions, sample: Sample, show: list[DiskSample], interval: int | str) -> None:
-    out = opts.output
-    if opts.as_json:
-        psi = sample.io_pressure.to_dict() if sample.io_pressure else None
-        for disk in show:
-            out.record(
-                {
-                    "interval": interval,
-                    "elapsed_s": round(sample.elapsed_s, 3),
-                    **disk.to_dict(),
-                    "psi_io": psi,
-                }
-            )
-        return
+class IostatView(View):
+    """One table per interval; "total" when the run is one report (no interval given)."""
+
+    def __init__(self, intervals: bool) -> None:
+        self.intervals = intervals
+        self.shown = 0
+
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, DiskInterval)
+        self.shown += 1
+        label = self.shown if self.intervals else "total"
+        _report(term, sample, [sample.disks[name] for name in sample.shown], label)
+
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        return f"iostat: {losses.text()}"
+
+
+def _report(out: Terminal, sample: DiskInterval, show: list[DiskSample], interval: int | str) -> None:
     heading = f"interval {interval} ({sample.interval_s:.2f} s)"
     if sample.io_pressure:
         p = sample.io_pressure
@@ -609,17 +663,12 @@ Examples:
 
 
 @click.command(name="iostat", epilog=EXAMPLES)
-@click.option("-d", "--disk", metavar="DISK", help="Only this disk (vda, /dev/vda or major:minor).")
-@click.option(
-    "-T",
-    "--top",
-    type=click.IntRange(min=0),
-    default=TOP_PROCESSES,
-    show_default=True,
-    help="Processes listed per disk in --json (the table shows the first).",
+@option("disk")
+@option(
+    "rows", default=TOP_PROCESSES, help="Processes listed per disk in --json (the table shows the first)."
 )
-@tool_options
-def command(opts: RunOptions, disk: str | None, top: int) -> None:
+@common_options
+def command(run: Run, disk: str | None, max_rows: int) -> None:
     """Per disk and interval: sysstat's iostat -x figures (r/s, w/s, rkB/s, wkB/s, r_await, w_await,
     aqu-sz, %util, computed from /proc/diskstats exactly as iostat does), and from BPF what iostat cannot
     show: the queue depth on the device (dev-aqu, its time-average; depth and max, what each request found
@@ -629,21 +678,14 @@ def command(opts: RunOptions, disk: str | None, top: int) -> None:
     Disks are listed as iostat lists them: those with any I/O since boot, or the one -d names. -p and
     --cgroup do not apply: disks are shown whole.
     """
-    if opts.pid or opts.cgroup:
+    if run.pid or run.cgroup:
         raise BpfscopeError(
             "iostat reports whole disks, not processes",
             hint="for one process's I/O use biotop or biosnoop -p",
         )
-    with DiskSampler(disk, top=top) as sampler:
-        sampler.start()
-        # The note follows the first reading at once: a peer sampling alongside (as the tests run
-        # sysstat) can start on it with interval boundaries a few milliseconds apart.
-        intervals = ticks(opts, "Tracing block I/O... Ctrl-C to end.")
-        for n, _elapsed in enumerate(intervals, 1):
-            sample = sampler.sample()
-            show = [d for d in sample.disks.values() if d.used or disk]
-            show.sort(key=lambda d: d.name)
-            _report(opts, sample, show, n if opts.interval else "total")
-        losses = sampler.losses()
-        if losses:
-            opts.output.note(losses)
+    config = DiskConfig(disk=disk, top=max_rows, include_self=run.include_self)
+    # The note follows the first reading at once: a peer sampling alongside (as the tests run sysstat)
+    # can start on it with interval boundaries a few milliseconds apart.
+    run.run(
+        DiskCollector(config), IostatView(run.interval is not None), "Tracing block I/O... Ctrl-C to end."
+    )
