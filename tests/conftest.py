@@ -1,5 +1,8 @@
 """Shared fixtures: test BPF programs compiled once per session, and the ``bpfscope`` command run as a
-subprocess. The tests load programs into the running kernel, so they run as root or not at all."""
+subprocess.
+
+Two tiers: tests/unit/ is pure Python and runs anywhere, without root, in seconds; every other test loads
+programs into the running kernel, so it runs as root or not at all."""
 
 from __future__ import annotations
 
@@ -23,9 +26,18 @@ TEST_BPF_DIR = TESTS_DIR / "bpf"
 RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if os.geteuid() != 0:
-        pytest.exit("tests must run as root", returncode=2)
+UNIT_DIR = TESTS_DIR / "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    kernel_tier = [item for item in items if not Path(item.path).is_relative_to(UNIT_DIR)]
+    if kernel_tier:
+        pytest.exit(
+            f"{len(kernel_tier)} tests load BPF programs and must run as root (tests/unit runs without)",
+            returncode=2,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +134,7 @@ def trace_workload(tool_args: list[str], workload: str, timeout: float = 60.0) -
 @pytest.fixture
 def cgroup() -> Iterator[Path]:
     """A fresh cgroup v2 directory for the test's processes, removed afterwards."""
-    from bpfscope.cli.tool import cgroup2_mounts
+    from bpfscope.sources.cgroups import cgroup2_mounts
 
     mounts = cgroup2_mounts()
     if not mounts:

@@ -13,11 +13,13 @@ import time
 
 import click
 
-from bpfscope.health.verdict import SEVERITY, Report, Row, Verdict
+from bpfscope.health.verdict import ROW_SCHEMA, SEVERITY, SUMMARY_SCHEMA, Report, Row, Verdict
 from bpfscope.health.window import run_check
 from bpfscope.sinks.terminal import Terminal, note
 
 DEFAULT_DURATION_S = 10.0
+# What --json prints: one record per row, then the summary.
+SCHEMAS = (ROW_SCHEMA, SUMMARY_SCHEMA)
 # The compact view fits this many columns: name, value and verdict, then as much detail as fits.
 WIDTH = 100
 _NAME, _VALUE, _VERDICT = 16, 10, 8
