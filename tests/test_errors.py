@@ -21,12 +21,13 @@ from bpfscope.errors import BpfscopeError, MissingCapability
 NOBODY = 65534
 PREFIX = "bpfscope: error: "
 
-# A test-only tool run through the real `bpfscope.cli.main.main`: it loads and attaches the object given as
+# A test-only tool run through the real `bpfscope.cli.main.main` (registered as plug-ins are): it loads and attaches the object given as
 # argv[1], so an engine error reaches the user exactly as a tool's would.
 LOAD_TOOL = """
 import sys, types
 import click
-import bpfscope.cli.main as cli
+from bpfscope.cli import registry
+from bpfscope.cli.main import main
 from bpfscope.engine.bpf import BpfObject
 
 @click.command(name="load-test")
@@ -39,8 +40,8 @@ def command(path):
 module = types.ModuleType("bpfscope_load_test")
 module.command = command
 sys.modules[module.__name__] = module
-cli.TOOLS["load-test"] = (module.__name__, "Load and attach one BPF object.")
-cli.main(["load-test", sys.argv[1]])
+registry.register("load-test", module.__name__, "Load and attach one BPF object.")
+main(["load-test", sys.argv[1]])
 """
 
 # `bpfscope doctor` on a machine whose kernel BTF is missing (its path is argv[1]).
