@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.engine.bpf import BpfObject, tool_object
+from bpfscope.domains.process.execsnoop import ExecsnoopCollector, ExecsnoopConfig
 
 NOBODY = 65534
 TRUE = "/bin/true"
@@ -47,9 +47,14 @@ sys.stdin.readline()
 """
 
 
+EXEC = "execsnoop.exec"
+EXIT = "execsnoop.exit"
+
+
 @dataclass
 class Run:
-    events: list[dict]
+    events: list[dict]  # exec and exit records, in the order printed
+    losses: dict | None  # the losses record that ends the JSON stream
     stderr: str
     stdout: str
 
@@ -64,11 +69,11 @@ class Run:
         return [
             e
             for e in self.events
-            if e["event"] == "exec" and any(a.startswith(marker) for a in e["args"] or [])
+            if e["record"] == EXEC and any(a.startswith(marker) for a in e["args"] or [])
         ]
 
     def exits(self, pid: int) -> list[dict]:
-        return [e for e in self.events if e["event"] == "exit" and e["pid"] == pid]
+        return [e for e in self.events if e["record"] == EXIT and e["pid"] == pid]
 
 
 def _wait_for_note(tool: subprocess.Popen[str], timeout: float = 30.0) -> None:
@@ -108,8 +113,11 @@ def trace(args: list[str], workload: Callable[[], None], as_json: bool = True) -
             tool.kill()
             tool.wait()
     assert tool.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()] if as_json else []
-    return Run(events, err, out)
+    records = [json.loads(line) for line in out.splitlines()] if as_json else []
+    losses = records.pop() if records else None
+    if as_json:
+        assert losses is not None and losses["record"] == "losses", records[-1:]
+    return Run(records, losses, err, out)
 
 
 def _marker() -> str:
@@ -151,8 +159,9 @@ def test_burst_of_short_processes_every_one_seen_once() -> None:
     execs: dict[int, list[dict]] = {}
     exits: dict[int, list[dict]] = {}
     for e in run.events:
-        (execs if e["event"] == "exec" else exits).setdefault(e["pid"], []).append(e)
+        (execs if e["record"] == EXEC else exits).setdefault(e["pid"], []).append(e)
     assert run.lost == 0
+    assert run.losses is not None and run.losses["reasons"]["ring_full"] == 0
     assert set(execs) == set(spawned), "execs missed or extra"
     assert set(exits) == set(spawned), "exits missed or extra"
     for pid, argv1 in spawned.items():
@@ -164,7 +173,7 @@ def test_burst_of_short_processes_every_one_seen_once() -> None:
         assert e["comm"] == "true"
         (x,) = exits[pid]
         assert (x["exit_code"], x["signal"]) == (0, None)
-        assert x["elapsed"] >= e["elapsed"]
+        assert x["ts"] >= e["ts"]
     assert f"{n} execs, {n} exits traced, 0 events lost" in run.stderr
 
 
@@ -268,7 +277,7 @@ def test_exits_with_code_signal_and_duration() -> None:
     run = trace(["--exits", "--ppid", str(os.getpid())], workload)
     (x,) = run.exits(pids["code"])
     assert (x["exit_code"], x["signal"], x["core_dumped"]) == (3, None, False)
-    assert 0.3 <= x["duration"] <= 1.5
+    assert 0.3 <= x["duration_s"] <= 1.5
     assert x["comm"] == "sh"
     (x,) = run.exits(pids["killed"])
     assert (x["exit_code"], x["signal"]) == (None, "SIGKILL")
@@ -318,10 +327,9 @@ def test_name_filter_matches_part_of_the_new_comm(tmp_path: Path, start: int, en
 def test_every_name_length_loads() -> None:
     # The verifier explores the substring search once per name length, each a different program.
     for length in range(1, 16):
-        name = "abcdefghijklmno"[:length].encode()
-        rodata = {"targ_name": name, "targ_name_len": length, "targ_ppid": 1, "targ_uid": 0}
-        with BpfObject(tool_object("execsnoop"), rodata=rodata) as obj:
-            obj.load()
+        config = ExecsnoopConfig(name="abcdefghijklmno"[:length], ppid=1, uid=0, exits=True)
+        with ExecsnoopCollector(config) as collector:
+            collector.open()
 
 
 def test_every_filter_at_once(tmp_path: Path, cgroup: Path) -> None:

@@ -25,9 +25,12 @@ char LICENSE[] SEC("license") = "GPL";
 /* How far up the real_parent chain --ppid looks: enough for shells in shells, bounded for the verifier. */
 #define MAX_ANCESTORS 16
 
-/* exec_event.flags */
-#define ARGS_TRUNCATED 1 /* argv went on beyond args[] */
-#define ARGS_MISSING 2	 /* argv could not be read (or its pointer was not stashed) */
+/* Bits of exec_event.flags; in BTF, where user space reads them. */
+enum exec_args_flag {
+	ARGS_TRUNCATED = 1, /* argv went on beyond args[] */
+	ARGS_MISSING = 2,   /* argv could not be read (or its pointer was not stashed) */
+};
+BS_ENUM(exec_args_flag);
 
 /* Filters, set from user space before load; 0 / -1 / empty means no filter. Failed execs are left out
  * unless include_failed; failed_only (with include_failed) leaves out the successful ones. */
@@ -45,7 +48,7 @@ struct exec_event {
 	__u32 uid;
 	__s32 ret;
 	__u32 args_size; /* bytes of args[] used: NUL-separated strings */
-	__u32 flags;
+	__u32 flags;	 /* enum exec_args_flag bits */
 	char comm[TASK_COMM_LEN];    /* after a successful exec, the new program's */
 	char filename[FILENAME_LEN]; /* the path given to exec */
 	char args[ARGS_LEN];
@@ -62,7 +65,7 @@ struct exit_event {
 };
 
 /* 16 MiB holds about 3800 execs waiting for user space; an exit record is 56 bytes. */
-BS_RINGBUF(events, 16 << 20, struct exec_event);
+BS_RINGBUF(execs, 16 << 20, struct exec_event);
 BS_RINGBUF(exits, 1 << 20, struct exit_event);
 
 /* What exit needs and cannot read any more once the exec has replaced the caller's memory. */
@@ -122,7 +125,7 @@ static __always_inline bool name_matches(const char *comm)
 	return false;
 }
 
-/* Filters that an exec does not change: -p, --cgroup, -u, --ppid. */
+/* Filters that an exec does not change: -p, --cgroup, -u, --ppid; bpfscope itself is left out. */
 static __always_inline bool task_selected(struct task_struct *task)
 {
 	if (!bs_task_selected())
@@ -222,7 +225,7 @@ static __always_inline int exec_exit(long ret)
 	bpf_get_current_comm(comm, sizeof(comm));
 	if (!name_matches(comm))
 		goto done;
-	e = bs_reserve(&events, sizeof(*e));
+	e = bs_reserve(&execs, sizeof(*e));
 	if (!e)
 		goto done;
 	e->ts = bpf_ktime_get_ns();

@@ -1,43 +1,99 @@
 """bpfscope execsnoop: new processes as they start, with their argv, and (with --exits) as they end.
 
 The kernel side (execsnoop.bpf.c) filters and sends one record per exec and per process exit through two
-ring buffers; this side decodes them in batches, merges the two streams by time and prints a line per
-event. It streams until Ctrl-C, SIGTERM or --duration, draining what the kernel had already sent before
-it prints the summary, which always says how many events the kernel could not send.
+ring buffers; :class:`ExecsnoopCollector` decodes each drain of them into one :class:`ProcessBatch`, the
+two streams merged in time order, and the view prints a line per event. It streams until Ctrl-C, SIGTERM
+or --duration, and ends with how many events it showed and how many the kernel could not send.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import shlex
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from bpfscope.cli.tool import RunOptions, tool_options
-from bpfscope.engine.bpf import BpfObject, require, tool_object
+from bpfscope.cli.options import Run, common_options, option
 from bpfscope.errors import BpfscopeError
-from bpfscope.runtime.stream import stream_events
+from bpfscope.runtime.collector import BpfCollector, Config, Sample, wall_clock_offset_ns
+from bpfscope.runtime.schema import COMM, PID, Field, Schema, btf_field
+from bpfscope.sinks.terminal import Terminal, View
 
 if TYPE_CHECKING:
     import numpy as np
 
-REQUIRES = ("tracepoint", "ringbuf")
+    from bpfscope.runtime.collector import Collector
+    from bpfscope.runtime.losses import Losses
 
 EXEC_PROGRAMS = {"execve_enter", "execve_exit", "execveat_enter", "execveat_exit"}
 EXIT_PROGRAM = "process_exit"
-# Flags of exec_event (execsnoop.bpf.c).
-ARGS_TRUNCATED = 1
-ARGS_MISSING = 2
-# A comm holds at most this many characters (TASK_COMM_LEN - 1).
-COMM_MAX = 15
-NO_UID = 0xFFFFFFFF
+
+
+@dataclass(kw_only=True)
+class ExecsnoopConfig(Config):
+    failures: bool = False  # failed execs too (-x)
+    only_failures: bool = False  # failed execs only (--only-fails)
+    uid: int | None = None  # only this user's processes (-u)
+    name: str | None = None  # only processes whose comm contains this (-n)
+    ppid: int | None = None  # only this process and its descendants (--ppid)
+    exits: bool = False  # process exits too (--exits)
+    max_args: int = 20  # arguments kept per exec; more are marked truncated
+
+
+@dataclass
+class Exec:
+    """An exec() as it returned."""
+
+    ts: float  # wall-clock seconds
+    pid: int
+    ppid: int
+    uid: int
+    comm: str  # after a successful exec, the new program's
+    ret: int
+    filename: str  # the path given to exec
+    args: list[str] | None  # None: the kernel could not read them
+    args_truncated: bool
+
+    @property
+    def errno(self) -> str | None:
+        return _errno_name(self.ret) if self.ret < 0 else None
+
+
+@dataclass
+class Exit:
+    """A process's end: its last thread's exit."""
+
+    ts: float
+    pid: int
+    ppid: int
+    uid: int
+    comm: str
+    status: int  # as wait(2) gives it: code << 8 | terminating signal, 0x80 if it dumped core
+    duration_s: float  # since the process was forked
+
+    @property
+    def signal_number(self) -> int:
+        return self.status & 0x7F
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.signal_number else (self.status >> 8) & 0xFF
+
+    @property
+    def signal(self) -> str | None:
+        return _signal_name(self.signal_number) if self.signal_number else None
+
+    @property
+    def core_dumped(self) -> bool:
+        return bool(self.status & 0x80)
 
 
 def _errno_name(ret: int) -> str:
@@ -67,6 +123,218 @@ def split_args(raw: bytes, truncated: bool, max_args: int) -> tuple[list[str], b
     return [p.decode(errors="replace") for p in parts], truncated
 
 
+def _text(raw: bytes) -> str:
+    """A C string from a fixed-size field (the bytes after its NUL are whatever the ring held)."""
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+class ExecsnoopCollector(BpfCollector[ExecsnoopConfig]):
+    """Every exec (and process exit, with ``exits``), streamed from two rings merged in time order."""
+
+    name = "execsnoop"
+    bpf_object = "execsnoop"
+    requires = ("tracepoint", "ringbuf")
+
+    def __init__(self, config: ExecsnoopConfig) -> None:
+        super().__init__(config)
+        # Events decoded per ring; the rings are named by what their records are.
+        self.seen = {"execs": 0, **({"exits": 0} if config.exits else {})}
+
+    @classmethod
+    def schemas(cls) -> tuple[Schema, ...]:
+        return (exec_schema(), exit_schema())
+
+    def rodata(self) -> dict[str, Any]:
+        config = self.config
+        values = {
+            **super().rodata(),
+            "include_failed": config.failures or config.only_failures,
+            "failed_only": config.only_failures,
+        }
+        # Unset filters keep the defaults execsnoop.bpf.c gives them (no filter).
+        if config.uid is not None:
+            values["targ_uid"] = config.uid
+        if config.ppid is not None:
+            if not Path(f"/proc/{config.ppid}").exists():
+                raise BpfscopeError(f"no process with pid {config.ppid}")
+            values["targ_ppid"] = config.ppid
+        if config.name is not None:
+            name = self.name_filter(config.name)
+            values |= {"targ_name": name, "targ_name_len": len(name)}
+        return values
+
+    @classmethod
+    def name_filter(cls, name: str) -> bytes:
+        """The bytes the kernel looks for in comm; a name that could never match is an error."""
+        encoded = name.encode()
+        if not encoded:
+            raise BpfscopeError("--name must not be empty")
+        # comm holds its characters and a NUL.
+        longest = cls.btf().pointee("bs_record__execs").field("comm").type.size - 1
+        if len(encoded) > longest:
+            prefix = encoded[:longest].decode(errors="ignore")
+            raise BpfscopeError(
+                f"--name {name!r} is longer than {longest} bytes and can never match a process name",
+                hint=f"the kernel keeps only the first {longest}: use {prefix!r}",
+            )
+        return encoded
+
+    def autoload(self) -> set[str]:
+        return EXEC_PROGRAMS | ({EXIT_PROGRAM} if self.config.exits else set())
+
+    def attach(self) -> None:
+        super().attach()
+        for ring in self.seen:
+            self.ring(ring)
+        self.wall_offset_ns = wall_clock_offset_ns()
+        flags = dict(self.btf().enum("exec_args_flag"))
+        self.truncated_flag, self.missing_flag = flags["ARGS_TRUNCATED"], flags["ARGS_MISSING"]
+
+    def drain(self) -> ProcessBatch | None:
+        execs = self.rings["execs"].read()
+        exits = self.rings["exits"].read() if "exits" in self.rings else None
+        if not len(execs) and (exits is None or not len(exits)):
+            return None
+        events: list[Exec | Exit] = list(self._execs(execs))
+        self.seen["execs"] += len(execs)
+        if exits is not None and len(exits):
+            events += self._exits(exits)
+            self.seen["exits"] += len(exits)
+            events.sort(key=lambda event: event.ts)
+        return ProcessBatch(events)
+
+    def _seconds(self, ktime_ns: int) -> float:
+        return round((ktime_ns + self.wall_offset_ns) / 1e9, 6)
+
+    def _execs(self, batch: np.ndarray) -> Iterator[Exec]:
+        # numpy strips trailing NULs from byte-string fields, and argv may end in empty arguments: the
+        # exact bytes come from the records' raw memory, args_size long.
+        raw = batch.tobytes()
+        stride = batch.dtype.itemsize
+        args_offset = batch.dtype.fields["args"][1]
+        columns = zip(
+            batch["ts"].tolist(),
+            batch["pid"].tolist(),
+            batch["ppid"].tolist(),
+            batch["uid"].tolist(),
+            batch["comm"].tolist(),
+            batch["ret"].tolist(),
+            batch["filename"].tolist(),
+            batch["args_size"].tolist(),
+            batch["flags"].tolist(),
+            strict=True,
+        )
+        for i, (ts, pid, ppid, uid, comm, ret, filename, size, flags) in enumerate(columns):
+            args: list[str] | None = None
+            truncated = False
+            if not flags & self.missing_flag:
+                start = i * stride + args_offset
+                args, truncated = split_args(
+                    raw[start : start + size], bool(flags & self.truncated_flag), self.config.max_args
+                )
+            yield Exec(self._seconds(ts), pid, ppid, uid, _text(comm), ret, _text(filename), args, truncated)
+
+    def _exits(self, batch: np.ndarray) -> Iterator[Exit]:
+        columns = zip(
+            batch["ts"].tolist(),
+            batch["pid"].tolist(),
+            batch["ppid"].tolist(),
+            batch["uid"].tolist(),
+            batch["comm"].tolist(),
+            batch["exit_code"].tolist(),
+            batch["duration_ns"].tolist(),
+            strict=True,
+        )
+        for ts, pid, ppid, uid, comm, status, duration_ns in columns:
+            yield Exit(self._seconds(ts), pid, ppid, uid, _text(comm), status, round(duration_ns / 1e9, 6))
+
+
+UID = Field("uid", "int", doc="user id", label=True)
+
+
+def _process_fields(event: Any) -> tuple[Field, ...]:
+    """What exec and exit records share: who the process is."""
+    return (
+        PID,
+        btf_field("ppid", event.field("ppid").type, doc="parent process id (real parent)", label=True),
+        UID,
+        COMM,
+    )
+
+
+@cache
+def exec_schema() -> Schema:
+    event = ExecsnoopCollector.btf().pointee("bs_record__execs")
+    return Schema(
+        "execsnoop.exec",
+        (
+            *_process_fields(event),
+            btf_field("ret", event.field("ret").type, doc="exec's return value: 0, or -errno"),
+            Field("errno", "str", nullable=True, doc="the error's name (ENOENT, ...) when ret < 0"),
+            btf_field("filename", event.field("filename").type, doc="the path given to exec"),
+            Field("args", "list", nullable=True, doc="argv; null when the kernel could not read it"),
+            Field("args_truncated", "bool", doc="argv went on beyond what the kernel kept or --max-args"),
+        ),
+        doc="An exec() as it returned (failed ones with -x).",
+    )
+
+
+@cache
+def exit_schema() -> Schema:
+    event = ExecsnoopCollector.btf().pointee("bs_record__exits")
+    return Schema(
+        "execsnoop.exit",
+        (
+            *_process_fields(event),
+            Field("exit_code", "int", nullable=True, doc="the code it exited with; null if a signal did"),
+            Field("signal", "str", nullable=True, doc="the signal that ended it (SIGKILL, ...)"),
+            Field("core_dumped", "bool"),
+            Field("duration_s", "float", "s", "how long the process ran, since its fork"),
+        ),
+        doc="A process's end (with --exits).",
+    )
+
+
+@dataclass
+class ProcessBatch(Sample):
+    """Execs and exits that arrived since the previous drain, in time order."""
+
+    events: list[Exec | Exit]
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def ts(self) -> float:  # type: ignore[override]
+        return self.events[-1].ts
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        execs, exits = exec_schema(), exit_schema()
+        for e in self.events:
+            common = {"ts": e.ts, "pid": e.pid, "ppid": e.ppid, "uid": e.uid, "comm": e.comm}
+            if isinstance(e, Exec):
+                yield execs.record(
+                    {
+                        **common,
+                        "ret": e.ret,
+                        "errno": e.errno,
+                        "filename": e.filename,
+                        "args": e.args,
+                        "args_truncated": e.args_truncated,
+                    }
+                )
+            else:
+                yield exits.record(
+                    {
+                        **common,
+                        "exit_code": e.exit_code,
+                        "signal": e.signal,
+                        "core_dumped": e.core_dumped,
+                        "duration_s": e.duration_s,
+                    }
+                )
+
+
 # Control characters would break the one-line-per-event output (an argument may hold a newline).
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {ord("\n"): "\\n", ord("\t"): "\\t"}
 
@@ -76,129 +344,52 @@ def _shell_words(args: list[str]) -> str:
     return " ".join(shlex.quote(a).translate(_CONTROL) for a in args)
 
 
-class Formatter:
-    """Turns batches of kernel records into output lines (human or JSON), with their timestamps."""
+class ExecsnoopView(View):
+    """One line per event; EVENT tells execs from exits when both are shown."""
 
-    def __init__(
-        self,
-        as_json: bool,
-        max_args: int,
-        show_time: bool,
-        show_elapsed: bool,
-        show_kind: bool,
-        start_ns: int,
-    ) -> None:
-        self.as_json = as_json
-        self.max_args = max_args
-        self.show_time = show_time
-        self.show_elapsed = show_elapsed
-        self.show_kind = show_kind
-        self.start_ns = start_ns
-        # bpf_ktime_get_ns() and time.monotonic_ns() are both CLOCK_MONOTONIC: one offset gives wall time.
-        self.wall_offset_ns = time.time_ns() - time.monotonic_ns()
-
-    def header(self) -> str:
+    def __init__(self, show_time: bool, show_elapsed: bool, show_kind: bool) -> None:
+        self.show_time, self.show_elapsed, self.show_kind = show_time, show_elapsed, show_kind
+        self.start = time.time()
         cells = []
-        if self.show_time:
+        if show_time:
             cells.append(f"{'TIME':<8}")
-        if self.show_elapsed:
+        if show_elapsed:
             cells.append(f"{'TIME(s)':<8}")
-        if self.show_kind:
+        if show_kind:
             cells.append(f"{'EVENT':<5}")
         cells.append(f"{'UID':<6} {'PCOMM':<16} {'PID':<7} {'PPID':<7} {'RET':>6} ARGS")
-        return " ".join(cells)
+        self.header = " ".join(cells)
 
-    def _prefix(self, ts: int, kind: str) -> str:
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, ProcessBatch)
+        term.lines([self.line(event) for event in sample.events])
+
+    def line(self, e: Exec | Exit) -> str:
+        if isinstance(e, Exec):
+            kind, shown = "EXEC", e.errno or str(e.ret)
+            if e.args is None:
+                words = f"{e.filename} [arguments unreadable]" if e.filename else "[arguments unreadable]"
+            else:
+                words = _shell_words(e.args) + (" ..." if e.args_truncated else "")
+        else:
+            kind, shown = "EXIT", str(e.exit_code)
+            if e.signal:
+                shown = e.signal + ("+core" if e.core_dumped else "")
+            words = f"[ran {e.duration_s:.3f}s]"
         cells = []
         if self.show_time:
-            cells.append(datetime.fromtimestamp((ts + self.wall_offset_ns) / 1e9).strftime("%H:%M:%S"))
+            cells.append(datetime.fromtimestamp(e.ts).strftime("%H:%M:%S"))
         if self.show_elapsed:
-            cells.append(f"{(ts - self.start_ns) / 1e9:<8.3f}")
+            cells.append(f"{e.ts - self.start:<8.3f}")
         if self.show_kind:
             cells.append(f"{kind:<5}")
-        return " ".join(cells) + " " if cells else ""
+        cells.append(f"{e.uid:<6} {e.comm:<16} {e.pid:<7} {e.ppid:<7} {shown:>6} {words}")
+        return " ".join(cells)
 
-    def _common(self, kind: str, ts: int, rec: np.void) -> dict[str, Any]:
-        return {
-            "event": kind,
-            "time": round((ts + self.wall_offset_ns) / 1e9, 6),
-            "elapsed": round((ts - self.start_ns) / 1e9, 6),
-            "pid": int(rec["pid"]),
-            "ppid": int(rec["ppid"]),
-            "uid": int(rec["uid"]),
-            "comm": rec["comm"].decode(errors="replace"),
-        }
-
-    def execs(self, batch: np.ndarray) -> Iterator[tuple[int, str]]:
-        # numpy strips trailing NULs from byte-string fields, and argv may end in empty arguments:
-        # the exact bytes come from the records' raw memory, args_size long.
-        raw = batch.tobytes()
-        stride = batch.dtype.itemsize
-        args_offset = batch.dtype.fields["args"][1]
-        for i, rec in enumerate(batch):
-            ts = int(rec["ts"])
-            ret = int(rec["ret"])
-            flags = int(rec["flags"])
-            start = i * stride + args_offset
-            if flags & ARGS_MISSING:
-                args: list[str] | None = None
-                truncated = False
-            else:
-                args, truncated = split_args(
-                    raw[start : start + int(rec["args_size"])], bool(flags & ARGS_TRUNCATED), self.max_args
-                )
-            filename = rec["filename"].split(b"\0", 1)[0].decode(errors="replace")
-            if self.as_json:
-                record = self._common("exec", ts, rec)
-                record.update(
-                    ret=ret,
-                    errno=_errno_name(ret) if ret < 0 else None,
-                    filename=filename,
-                    args=args,
-                    args_truncated=truncated,
-                )
-                yield ts, json.dumps(record)
-                continue
-            if args is None:
-                words = f"{filename} [arguments unreadable]" if filename else "[arguments unreadable]"
-            else:
-                words = _shell_words(args) + (" ..." if truncated else "")
-            shown_ret = _errno_name(ret) if ret < 0 else str(ret)
-            yield (
-                ts,
-                (
-                    f"{self._prefix(ts, 'EXEC')}{rec['uid']:<6} {rec['comm'].decode(errors='replace'):<16} "
-                    f"{rec['pid']:<7} {rec['ppid']:<7} {shown_ret:>6} {words}"
-                ),
-            )
-
-    def exits(self, batch: np.ndarray) -> Iterator[tuple[int, str]]:
-        for rec in batch:
-            ts = int(rec["ts"])
-            status = int(rec["exit_code"])
-            # A wait(2) status: the low 7 bits are the signal that killed it, 0x80 a core dump.
-            signo = status & 0x7F
-            core = bool(status & 0x80)
-            code = (status >> 8) & 0xFF
-            duration = int(rec["duration_ns"]) / 1e9
-            if self.as_json:
-                record = self._common("exit", ts, rec)
-                record.update(
-                    exit_code=None if signo else code,
-                    signal=_signal_name(signo) if signo else None,
-                    core_dumped=core,
-                    duration=round(duration, 6),
-                )
-                yield ts, json.dumps(record)
-                continue
-            shown = (_signal_name(signo) + ("+core" if core else "")) if signo else str(code)
-            yield (
-                ts,
-                (
-                    f"{self._prefix(ts, 'EXIT')}{rec['uid']:<6} {rec['comm'].decode(errors='replace'):<16} "
-                    f"{rec['pid']:<7} {rec['ppid']:<7} {shown:>6} [ran {duration:.3f}s]"
-                ),
-            )
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        assert isinstance(collector, ExecsnoopCollector)
+        counts = ", ".join(f"{n} {ring}" for ring, n in collector.seen.items())
+        return f"execsnoop: {counts} traced, {losses.text()}"
 
 
 EXAMPLES = """
@@ -214,14 +405,13 @@ Examples:
 
 
 @click.command(name="execsnoop", epilog=EXAMPLES)
-@click.option("-x", "--fails", is_flag=True, help="Include failed execs (RET shows the errno name).")
+@option("failures", "--fails", help="Include failed execs (RET shows the errno name).")
 @click.option("--only-fails", is_flag=True, help="Only failed execs.")
-@click.option("-T", "--time", "show_time", is_flag=True, help="Show the time of day (HH:MM:SS).")
-@click.option("-t", "--timestamp", "show_elapsed", is_flag=True, help="Show seconds since tracing started.")
-@click.option("-u", "--uid", type=click.IntRange(0, NO_UID - 1), help="Only processes of this user id.")
-@click.option(
-    "-n",
-    "--name",
+@option("time")
+@option("timestamp")
+@option("uid")
+@option(
+    "name",
     help="Only processes whose name (comm, at most 15 characters: the new program's after an exec) "
     "contains this; matched in the kernel.",
 )
@@ -236,10 +426,10 @@ Examples:
     show_default=True,
     help="Arguments shown per exec (the kernel keeps up to 4 KiB of them); more are marked '...'.",
 )
-@tool_options
+@common_options
 def command(
-    opts: RunOptions,
-    fails: bool,
+    run: Run,
+    failures: bool,
     only_fails: bool,
     show_time: bool,
     show_elapsed: bool,
@@ -254,36 +444,15 @@ def command(
     Interval and count, if given, print a status line on stderr per interval and end the run after
     count intervals.
     """
-    name_bytes = name.encode() if name is not None else b""
-    if name is not None and not name_bytes:
-        raise BpfscopeError("--name must not be empty")
-    if len(name_bytes) > COMM_MAX:
-        prefix = name_bytes[:COMM_MAX].decode(errors="ignore")
-        raise BpfscopeError(
-            f"--name {name!r} is longer than {COMM_MAX} bytes and can never match a process name",
-            hint=f"the kernel keeps only the first {COMM_MAX}: use {prefix!r}",
-        )
-    if ppid is not None and not Path(f"/proc/{ppid}").exists():
-        raise BpfscopeError(f"no process with pid {ppid}")
-    require(*REQUIRES)
-    rodata = {
-        **opts.filters(),
-        "targ_uid": NO_UID if uid is None else uid,
-        "targ_ppid": ppid or 0,
-        "targ_name": name_bytes,
-        "targ_name_len": len(name_bytes),
-        "include_failed": fails or only_fails,
-        "failed_only": only_fails,
-    }
-    autoload = EXEC_PROGRAMS | ({EXIT_PROGRAM} if exits else set())
-    with BpfObject(tool_object("execsnoop"), rodata=rodata, autoload=autoload) as obj:
-        obj.attach()
-        rings = {"execs": obj.ring_buffer("events")}
-        if exits:
-            rings["exits"] = obj.ring_buffer("exits")
-        fmt = Formatter(opts.as_json, max_args, show_time, show_elapsed, exits, time.monotonic_ns())
-
-        def render(ring: str, batch: np.ndarray) -> Iterator[tuple[int, str]]:
-            return fmt.execs(batch) if ring == "execs" else fmt.exits(batch)
-
-        stream_events("execsnoop", "exec()", obj, rings, render, opts, header=fmt.header())
+    config = run.config(
+        ExecsnoopConfig,
+        failures=failures,
+        only_failures=only_fails,
+        uid=uid,
+        name=name,
+        ppid=ppid,
+        exits=exits,
+        max_args=max_args,
+    )
+    view = ExecsnoopView(show_time, show_elapsed, show_kind=exits)
+    run.run(ExecsnoopCollector(config), view, "Tracing exec()... Ctrl-C to end.")
