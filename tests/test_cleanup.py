@@ -49,7 +49,7 @@ while True:
 STOPPED_CHILD = """
 import signal, sys, time
 from bpfscope.engine.bpf import BpfObject
-from bpfscope.cli.tool import Stop, install_signal_handlers
+from bpfscope.cli.main import Stop, install_signal_handlers
 
 install_signal_handlers()
 # Python only raises KeyboardInterrupt if SIGINT was not ignored when it started (as in a background job).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -34,9 +35,22 @@ def cli() -> None:
     """bpfscope: disk, network, page cache and process behaviour from eBPF tracepoints."""
 
 
-def main(argv: list[str] | None = None) -> Any:
-    from bpfscope.cli.tool import install_signal_handlers
+class Stop(Exception):
+    """Raised from SIGTERM outside a session, so that every context manager closes on the way out.
+    (While a session runs, SIGINT and SIGTERM only set its stop token: runtime/session.py.)"""
 
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Stop()
+
+
+def install_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C (or kill -INT) must still end a run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def main(argv: list[str] | None = None) -> Any:
     install_signal_handlers()
     try:
         return cli.main(args=argv, prog_name="bpfscope", standalone_mode=False)
@@ -53,7 +67,7 @@ def main(argv: list[str] | None = None) -> Any:
     except click.ClickException as exc:
         print(f"bpfscope: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stop):
         sys.exit(130)
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as other CLI tools do.

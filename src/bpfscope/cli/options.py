@@ -160,7 +160,13 @@ class Run:
 
         sink = JsonLinesSink(view=view) if self.as_json else TerminalSink(view)
         return Session(
-            collectors, [sink], interval=self.interval, count=self.count, duration=self.duration, stop=stop
+            collectors,
+            [sink],
+            interval=self.interval,
+            count=self.count,
+            duration=self.duration,
+            stop=stop,
+            from_attach=True,
         )
 
     def run(self, collector: Collector | Sequence[Collector], view: View, note: str | None = None) -> Session:

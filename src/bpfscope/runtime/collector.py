@@ -110,6 +110,12 @@ class Collector(Generic[C]):
     def start(self) -> None:
         """Take the baseline: what happened before is not part of the first sample."""
 
+    def start_from_attach(self) -> None:
+        """Start counting from when the programs were attached, without reading a baseline (a tool run
+        from the command line: its first interval is everything since attach, and it need not import
+        what reading maps takes before it says it is tracing). By default the same as start()."""
+        self.start()
+
     def sample(self) -> Sample | None:
         """Interval collectors: what happened since the previous sample (or start)."""
         return None

@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from bpfscope.engine.ringbuf import BATCH_WAIT_S, SMALL_BATCH
 from bpfscope.runtime.losses import Losses
 
 if TYPE_CHECKING:
@@ -147,7 +146,8 @@ class Session:
     ``count`` ends the run after that many intervals; ``duration`` after that many seconds.
     ``on_error="raise"`` (tools) closes everything and raises the first failure; ``"restart"`` (the
     agent) reports it to the sinks and opens the collector again with back-off while the others run;
-    ``"isolate"`` (the health check) reports it and goes on without that collector.
+    ``"isolate"`` (the health check) reports it and goes on without that collector. ``from_attach``
+    (tools) counts from when the programs were attached instead of from a baseline taken at start().
     """
 
     def __init__(
@@ -160,6 +160,7 @@ class Session:
         duration: float | None = None,
         stop: StopToken | None = None,
         on_error: str = "raise",
+        from_attach: bool = False,
     ) -> None:
         if on_error not in ("raise", "restart", "isolate"):
             raise ValueError(f"on_error must be raise, restart or isolate, not {on_error!r}")
@@ -168,6 +169,7 @@ class Session:
         self.count = count
         self.duration = duration
         self.on_error = on_error
+        self.from_attach = from_attach
         self._own_stop = stop is None
         self.stop_token = stop if stop is not None else StopToken()
         self.failed: dict[Collector, BaseException] = {}
@@ -195,7 +197,8 @@ class Session:
         """Baselines, then the clocks start; the sinks learn the session is running."""
         now = time.monotonic()
         for slot in self.slots:
-            if slot.open and self._guard(slot, slot.collector.start) is not _FAILED:
+            begin = slot.collector.start_from_attach if self.from_attach else slot.collector.start
+            if slot.open and self._guard(slot, begin) is not _FAILED:
                 slot.next_tick = now + slot.interval_s if slot.interval_s else None
         self.started_at = now
         for sink in self.sinks:
@@ -373,6 +376,8 @@ class Session:
                 total += len(batch) if hasattr(batch, "__len__") else 1
         # After a small batch, wait a little so the next arrives in a larger one: far less CPU for
         # the consumer and a faster producer (measured in benchmarks/ringbuf.py).
+        from bpfscope.engine.ringbuf import BATCH_WAIT_S, SMALL_BATCH
+
         if 0 < total < SMALL_BATCH and any(self._batch_wait(s) for s in slots):
             time.sleep(BATCH_WAIT_S)
         self._report_losses(slots)

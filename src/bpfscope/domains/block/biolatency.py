@@ -204,8 +204,12 @@ class BiolatencyCollector(BpfCollector[BiolatencyConfig]):
 
     def start(self) -> None:
         assert self.obj is not None
-        self.disk_name = block.DiskNames()
+        self.start_from_attach()
         self.before = snapshot(self.obj)
+
+    def start_from_attach(self) -> None:
+        self.disk_name = block.DiskNames()
+        self.before = {}
         self.t0 = time.monotonic()
 
     def sample(self) -> LatencySample:

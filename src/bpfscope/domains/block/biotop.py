@@ -19,12 +19,12 @@ import click
 from bpfscope.cli.options import Run, common_options, option, top_options
 from bpfscope.domains.block import disks
 from bpfscope.runtime.collector import BpfCollector, Config, Sample
-from bpfscope.runtime.hist import Histogram
 from bpfscope.runtime.schema import COMM, PID, Field, Schema
 from bpfscope.sinks.terminal import Terminal, View, loadavg
 
 if TYPE_CHECKING:
     from bpfscope.engine.bpf import BpfObject
+    from bpfscope.runtime.hist import Histogram
 
 Key = tuple[int, int, bytes]  # (tgid, dev, comm)
 
@@ -86,6 +86,8 @@ SORTS = {
 
 
 def snapshot(obj: BpfObject) -> dict[Key, Row]:
+    from bpfscope.runtime.hist import Histogram
+
     hkeys, hvalues = obj.maps["hists"].items()
     hists = {
         (int(k["tgid"]), int(k["dev"]), bytes(k["comm"])): Histogram(v["slots"], "loglin")
@@ -214,8 +216,12 @@ class BiotopCollector(BpfCollector[BiotopConfig]):
 
     def start(self) -> None:
         assert self.obj is not None
-        self.disk_name = disks.DiskNames()
+        self.start_from_attach()
         self.before = snapshot(self.obj)
+
+    def start_from_attach(self) -> None:
+        self.disk_name = disks.DiskNames()
+        self.before = {}
         self.t0 = time.monotonic()
 
     def sample(self) -> BiotopSample:
