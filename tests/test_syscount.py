@@ -24,7 +24,8 @@ for _ in range(40):
 
 
 def _traced_run(*args: str, cgroup: Path | None = None) -> list[dict]:
-    """Trace the workload child by pid, or by the cgroup it moves itself into before it starts."""
+    """Trace the workload child by pid, or by the cgroup it moves itself into before it starts; the
+    per-syscall records (the run's losses record, which ends the output, is checked and left out)."""
     work = WORKLOAD
     selector = ["-p", "{pid}"]
     if cgroup is not None:
@@ -32,20 +33,25 @@ def _traced_run(*args: str, cgroup: Path | None = None) -> list[dict]:
         work = f"open({str(cgroup / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n" + WORKLOAD
         selector = ["--cgroup", str(cgroup)]
     out, _ = trace_workload(["syscount", *selector, "--json", *args], work)
-    return [json.loads(line) for line in out.splitlines()]
+    *records, losses = [json.loads(line) for line in out.splitlines()]
+    assert losses["record"] == "losses" and losses["total"] == 0, losses
+    assert all(r["record"] == "syscount.syscall" for r in records), records
+    return records
 
 
 def test_counts_and_errors_are_exact() -> None:
-    rows = {r["syscall"]: r for r in _traced_run("-T", "100")}
+    rows = {r["syscall"]: r for r in _traced_run("-r", "100")}
     assert rows["getppid"]["count"] == 1000
     assert rows["getppid"]["errors"] == 0
     assert rows["close"]["errors"] == 300
     assert rows["close"]["count"] >= 300
-    assert all(r["interval"] == "total" for r in rows.values())
+    # Without an interval the whole run is one interval, reported once at its end.
+    assert len({(r["ts"], r["interval_s"]) for r in rows.values()}) == 1
+    assert all(r["interval_s"] > 0 for r in rows.values())
 
 
 def test_latency_percentiles_of_known_sleeps() -> None:
-    rows = {r["syscall"]: r for r in _traced_run("-L", "-s", "clock_nanosleep")}
+    rows = {r["syscall"]: r for r in _traced_run("-L", "--syscall", "clock_nanosleep")}
     assert set(rows) == {"clock_nanosleep"}
     sleep = rows["clock_nanosleep"]
     assert sleep["count"] == 40
@@ -59,7 +65,7 @@ def test_cgroup_filter_sees_only_that_cgroup(cgroup: Path) -> None:
     # A busy process outside the cgroup must not be counted.
     noise = subprocess.Popen([sys.executable, "-c", "import os\nwhile True: os.getppid()"])
     try:
-        rows = {r["syscall"]: r for r in _traced_run("-T", "100", cgroup=cgroup)}
+        rows = {r["syscall"]: r for r in _traced_run("-r", "100", cgroup=cgroup)}
     finally:
         noise.kill()
         noise.wait()
@@ -69,7 +75,7 @@ def test_cgroup_filter_sees_only_that_cgroup(cgroup: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-s", "opnat"], "unknown syscall 'opnat' (did you mean openat"),
+        (["--syscall", "opnat"], "unknown syscall 'opnat' (did you mean openat"),
         (["-p", "999999999"], "no process with pid 999999999"),
         (["--cgroup", "no/such/group"], "no cgroup v2 directory"),
         (["0"], "Invalid value for '[INTERVAL]'"),

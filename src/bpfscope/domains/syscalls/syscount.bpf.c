@@ -1,5 +1,6 @@
 /* syscount: system calls counted in the kernel, by syscall or by process, from the raw_syscalls
- * tracepoints; with latency, a log-linear histogram per key gives percentiles. */
+ * tracepoints; with latency, a log-linear histogram per key gives percentiles. Counters only grow: user
+ * space shows each interval's difference, so nothing falls between two reads. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include "bpfscope.bpf.h"
@@ -42,6 +43,11 @@ struct {
 	__type(value, __u64);
 } start SEC(".maps");
 
+/* What a full map could not hold, read by user space through .bss. */
+__u64 stats_dropped = 0;  /* syscalls not counted: no room for their key */
+__u64 hists_dropped = 0;  /* syscalls counted without their latency: no room for the key's histogram */
+__u64 starts_dropped = 0; /* syscalls not counted: no room for their entry time (too many in flight) */
+
 static const struct bs_loglin_hist empty_hist = {};
 
 static __always_inline bool selected(long nr)
@@ -61,7 +67,8 @@ int sys_enter(struct trace_event_raw_sys_enter *ctx)
 		return 0;
 	tid = (__u32)bpf_get_current_pid_tgid();
 	ts = bpf_ktime_get_ns();
-	bpf_map_update_elem(&start, &tid, &ts, BPF_ANY);
+	if (bpf_map_update_elem(&start, &tid, &ts, BPF_ANY))
+		__sync_fetch_and_add(&starts_dropped, 1);
 	return 0;
 }
 
@@ -90,7 +97,7 @@ int sys_exit(struct trace_event_raw_sys_exit *ctx)
 	if (!s) {
 		if (by_process)
 			bpf_get_current_comm(zero.comm, sizeof(zero.comm));
-		s = bs_insert(&stats, &key, &zero, NULL);
+		s = bs_insert(&stats, &key, &zero, &stats_dropped);
 		if (!s)
 			return 0;
 	}
@@ -102,13 +109,10 @@ int sys_exit(struct trace_event_raw_sys_exit *ctx)
 
 		__sync_fetch_and_add(&s->total_ns, delta);
 		h = bpf_map_lookup_elem(&latency, &key);
-		if (!h) {
-			bpf_map_update_elem(&latency, &key, &empty_hist, BPF_NOEXIST);
-			h = bpf_map_lookup_elem(&latency, &key);
-			if (!h)
-				return 0;
-		}
-		bs_hist_add_loglin(h, delta);
+		if (!h)
+			h = bs_insert(&latency, &key, &empty_hist, &hists_dropped);
+		if (h)
+			bs_hist_add_loglin(h, delta);
 	}
 	return 0;
 }
