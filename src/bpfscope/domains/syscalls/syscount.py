@@ -198,7 +198,11 @@ class SyscountCollector(BpfCollector[SyscountConfig]):
 
     def start(self) -> None:
         assert self.obj is not None
+        self.start_from_attach()
         self.before = snapshot(self.obj, self.config.per_process, self.config.latency)
+
+    def start_from_attach(self) -> None:
+        self.before: dict[int, Row] = {}
         self.t0 = time.monotonic()
 
     def sample(self) -> SyscountSample:
