@@ -189,7 +189,10 @@ else:
 
 
 def _records(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    """The custom tool's rows; its JSON ends with its losses, as every tool's does."""
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert records[-1]["record"] == "losses", records[-1]
+    return [r for r in records if r["record"] == "custom_tool.reads"]
 
 
 def test_custom_tool_counts_and_histograms_reads_exactly(tmp_path: Path) -> None:

@@ -7,35 +7,59 @@ With a COMMAND it starts the command, traces only that process (from its first i
 command waits until the programs are attached) and reports when it exits. Otherwise it traces every
 process (or -p PID) until Ctrl-C, SIGTERM or --duration.
 
-The kernel side is custom_tool.bpf.c, compiled here at run time with bpfscope.build.compile_bpf into a
-temporary directory (bpfscope's own tools are compiled once, when the package is built; an experiment
-can do it at start-up). Then the same steps as every bpfscope tool: BpfObject, .rodata filters, load,
-attach, and maps read as numpy arrays whose layout comes from the object's BTF.
+It is written the way every bpfscope tool is (docs/architecture.md): a configuration (ReadsConfig), a
+collector that owns the BPF object and returns typed samples (ReadsCollector), a record schema that the
+JSON comes from, and a thin view for people; a Session runs it and hands the samples to a sink. The kernel
+side is custom_tool.bpf.c, compiled here at start-up with bpfscope.build.compile_bpf (bpfscope's own tools
+are compiled once, when the package is built); maps are read as numpy arrays whose layout comes from the
+object's BTF.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import tempfile
-import time
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from bpfscope.build import BuildError, compile_bpf
-from bpfscope.engine.bpf import BpfObject, require
 from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.collector import BpfCollector, Config, Sample
 from bpfscope.runtime.hist import Histogram
+from bpfscope.runtime.schema import COMM, PID, Field, Schema
+from bpfscope.runtime.session import Session, stop_on_signals
+from bpfscope.sinks.jsonl import JsonLinesSink
+from bpfscope.sinks.terminal import Terminal, TerminalSink, View, note
 
 SOURCE = Path(__file__).resolve().with_name("custom_tool.bpf.c")
 PERCENTILES = (50, 99)
+
+READS = Schema(
+    "custom_tool.reads",
+    (
+        PID,
+        COMM,
+        Field("reads", "int", doc="read(2) calls that returned, failed ones included"),
+        Field("bytes", "int", "bytes"),
+        Field("eof", "int", doc="reads that returned 0"),
+        Field("errors", "int", doc="reads that failed"),
+        Field("min_size", "int", "bytes", nullable=True),
+        Field("max_size", "int", "bytes", nullable=True),
+        Field("size", "dict", "bytes", "p50 and p99 of the sizes returned"),
+        Field("latency_us", "dict", "us", "p50 and p99 of the time in read(2)"),
+        Field("latency_count", "int"),
+        Field("size_hist", "dict", doc="the log-linear histogram of sizes"),
+    ),
+    doc="One process's reads since the tool attached.",
+)
 
 
 @dataclass
@@ -83,12 +107,46 @@ class ProcessReads:
         }
 
 
-def compile_tool(out_dir: Path) -> Path:
-    """custom_tool.bpf.c -> OUT_DIR/custom_tool.bpf.o, with bpfscope's headers on the include path."""
-    return compile_bpf(SOURCE, out_dir / "custom_tool.bpf.o")
+@dataclass(kw_only=True)
+class ReadsConfig(Config):
+    fd: int = -1  # only reads of this file descriptor (-1: all)
 
 
-def read_maps(obj: BpfObject) -> list[ProcessReads]:
+@dataclass
+class ReadsSample(Sample):
+    ts: float
+    rows: list[ProcessReads]
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for row in self.rows:
+            yield READS.record({"ts": self.ts, **row.to_dict()})
+
+
+class ReadsCollector(BpfCollector[ReadsConfig]):
+    """read(2) per process, counted in the kernel; each sample is the totals since attach."""
+
+    name = "custom_tool"
+    requires = ("tracepoint",)  # root (or CAP_BPF + CAP_PERFMON), kernel BTF, tracepoint programs
+    _schemas = (READS,)
+
+    def __init__(self, config: ReadsConfig, object_path: Path) -> None:
+        super().__init__(config)
+        self._object_path = object_path
+
+    def object_path(self) -> Path:  # type: ignore[override]
+        return self._object_path  # compiled at start-up, not with the package
+
+    def rodata(self) -> dict[str, Any]:
+        return {**super().rodata(), "targ_fd": self.config.fd}
+
+    def sample(self) -> ReadsSample:
+        import time
+
+        assert self.obj is not None
+        return ReadsSample(time.time(), read_maps(self.obj))
+
+
+def read_maps(obj: Any) -> list[ProcessReads]:
     """One ProcessReads per process, from the three maps."""
     keys, per_cpu = obj.maps["stats"].items()  # per_cpu: shape (processes, CPUs), BTF-typed fields
     size_keys, size_hists = obj.maps["sizes"].items()
@@ -122,37 +180,39 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def report(rows: list[ProcessReads], as_json: bool, top: int) -> None:
-    if as_json:
-        for row in rows[:top]:
-            print(json.dumps(row.to_dict()))
-        return
-    header = (
-        f"{'PID':>7} {'COMM':<16} {'READS':>8} {'BYTES':>12} {'EOF':>5} {'ERR':>5}"
-        f" {'SIZE p50':>9} {'SIZE p99':>9} {'LAT p50 us':>10} {'LAT p99 us':>10}"
-    )
-    print(header)
-    for row in rows[:top]:
-        size, lat = row.size_percentiles(), row.latency_us()
-        print(
-            f"{row.pid:>7} {row.comm:<16} {row.reads:>8} {row.bytes:>12} {row.eof:>5} {row.errors:>5}"
-            f" {_fmt(size['p50']):>9} {_fmt(size['p99']):>9} {_fmt(lat['p50']):>10} {_fmt(lat['p99']):>10}"
+class ReadsView(View):
+    def __init__(self, top: int) -> None:
+        self.top = top
+
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, ReadsSample)
+        rows = sample.rows[: self.top]
+        term.line(
+            f"{'PID':>7} {'COMM':<16} {'READS':>8} {'BYTES':>12} {'EOF':>5} {'ERR':>5}"
+            f" {'SIZE p50':>9} {'SIZE p99':>9} {'LAT p50 us':>10} {'LAT p99 us':>10}"
         )
-    if rows and rows[0].sizes.total:
-        print(f"\nread sizes of pid {rows[0].pid} ({rows[0].comm}), bytes returned:")
-        print(rows[0].sizes.ascii("bytes"))
+        for row in rows:
+            size, lat = row.size_percentiles(), row.latency_us()
+            term.line(
+                f"{row.pid:>7} {row.comm:<16} {row.reads:>8} {row.bytes:>12} {row.eof:>5} {row.errors:>5}"
+                f" {_fmt(size['p50']):>9} {_fmt(size['p99']):>9}"
+                f" {_fmt(lat['p50']):>10} {_fmt(lat['p99']):>10}"
+            )
+        if rows and rows[0].sizes.total:
+            term.line(f"\nread sizes of pid {rows[0].pid} ({rows[0].comm}), bytes returned:")
+            term.line(rows[0].sizes.ascii("bytes"))
 
 
-class StopFlag:
-    """SIGINT and SIGTERM end the run with the report, instead of a traceback."""
+class TopSink(JsonLinesSink):
+    """JSON lines of the first ``top`` processes only."""
 
-    def __init__(self) -> None:
-        self.stopped = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._stop)
+    def __init__(self, top: int) -> None:
+        super().__init__()
+        self.top = top
 
-    def _stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stopped = True
+    def emit(self, collector: Any, sample: Sample) -> None:
+        assert isinstance(sample, ReadsSample)
+        super().emit(collector, ReadsSample(sample.ts, sample.rows[: self.top]))
 
 
 def start_paused(command: list[str]) -> tuple[int, int]:
@@ -175,46 +235,74 @@ def start_paused(command: list[str]) -> tuple[int, int]:
     return pid, write_end
 
 
+def wait_for(pid: int, session: Session) -> threading.Thread:
+    """End the session when process ``pid`` exits (a child of ours: its exit status is kept)."""
+    status: list[int] = []
+
+    def watch() -> None:
+        _, wait_status = os.waitpid(pid, 0)
+        status.append(os.waitstatus_to_exitcode(wait_status))
+        session.stop("the command exited")
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.status = status  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def watch_pid(pid: int, session: Session) -> None:
+    """End the session when process ``pid`` (not ours) exits: its pidfd becomes readable."""
+    fd = os.pidfd_open(pid)
+
+    def watch() -> None:
+        import select
+
+        select.select([fd], [], [])
+        os.close(fd)
+        session.stop("the process exited")
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run(args: argparse.Namespace) -> int:
     """Trace until the command ends (or the process, Ctrl-C, SIGTERM, --duration); the command's exit
     status, like strace and time, or 0."""
-    require("tracepoint")  # root (or CAP_BPF + CAP_PERFMON), kernel BTF, tracepoint programs
     if args.pid and not Path(f"/proc/{args.pid}").exists():
         raise BpfscopeError(f"no process with pid {args.pid}")
     command: list[str] = args.command[1:] if args.command[:1] == ["--"] else args.command
     child, go = start_paused(command) if command else (None, -1)
-    status = 0
-    stop = StopFlag()
-    with tempfile.TemporaryDirectory(prefix="custom_tool.") as tmp:
+    # A command we start is our child: bpfscope leaves its own children out unless asked.
+    config = ReadsConfig(pid=child or args.pid, fd=args.fd, include_self=child is not None)
+    sink = TopSink(args.top) if args.json else TerminalSink(ReadsView(args.top))
+    waiter: threading.Thread | None = None
+    with tempfile.TemporaryDirectory(prefix="custom_tool.") as tmp, stop_on_signals() as stop:
         try:
-            obj_path = compile_tool(Path(tmp))
-            rodata = {"targ_fd": args.fd, "bs_targ_tgid": child or args.pid or 0}
-            with BpfObject(obj_path, rodata=rodata) as obj:
-                obj.load()
-                obj.attach()
-                print("Tracing read()... Ctrl-C to end.", file=sys.stderr, flush=True)
+            collector = ReadsCollector(config, compile_bpf(SOURCE, Path(tmp) / "custom_tool.bpf.o"))
+            # No interval: one sample, the totals, when the run ends.
+            session = Session([collector], [sink], duration=args.duration, stop=stop)
+
+            def ready() -> None:
+                nonlocal go, waiter
+                note("Tracing read()... Ctrl-C to end.")
                 if child is not None:
                     os.write(go, b"go")  # the command starts now
                     os.close(go)
                     go = -1
-                deadline = time.monotonic() + args.duration if args.duration else None
-                while not stop.stopped and (deadline is None or time.monotonic() < deadline):
-                    if child is not None:
-                        done, wait_status = os.waitpid(child, os.WNOHANG)
-                        if done:
-                            status = os.waitstatus_to_exitcode(wait_status)
-                            child = None
-                            break
-                    elif args.pid and not Path(f"/proc/{args.pid}").exists():
-                        break
-                    time.sleep(0.05)
-                report(read_maps(obj), args.json, args.top)
+                    waiter = wait_for(child, session)
+                elif args.pid:
+                    watch_pid(args.pid, session)
+
+            session.run(ready)
         finally:
-            if child is not None:  # stopped early, or failed before the start: do not leave it behind
-                os.kill(child, signal.SIGTERM)
-                os.waitpid(child, 0)
             if go >= 0:
-                os.close(go)
+                os.close(go)  # never let go: the child exits without running the command
+            if child is not None and waiter is None:
+                os.waitpid(child, 0)
+            elif waiter is not None:
+                if waiter.is_alive():  # stopped early: do not leave the command behind
+                    os.kill(child, signal.SIGTERM)  # type: ignore[arg-type]
+                waiter.join()
+    status = waiter.status[0] if waiter is not None and waiter.status else 0  # type: ignore[attr-defined]
     if status:
         print(f"custom_tool: the command exited with {status}", file=sys.stderr)
     return status if status > 0 else 128 - status if status < 0 else 0
