@@ -45,6 +45,9 @@ struct {
 	__type(value, struct hist_value);
 } hists SEC(".maps");
 
+/* Requests not counted because the hists map was full (reported by the runtime). */
+__u64 hists_dropped = 0;
+
 static const struct hist_value empty_value = {};
 
 static __always_inline void record(struct request *rq, __u64 latency)
@@ -60,8 +63,7 @@ static __always_inline void record(struct request *rq, __u64 latency)
 	}
 	v = bpf_map_lookup_elem(&hists, &key);
 	if (!v) {
-		bpf_map_update_elem(&hists, &key, &empty_value, BPF_NOEXIST);
-		v = bpf_map_lookup_elem(&hists, &key);
+		v = bs_insert(&hists, &key, &empty_value, &hists_dropped);
 		if (!v)
 			return;
 	}

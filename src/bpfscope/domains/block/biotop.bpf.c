@@ -29,7 +29,6 @@ struct row_stats {
 	__u64 read_bytes;
 	__u64 write_bytes;
 	__u64 total_ns; /* device time, block_rq_issue -> block_rq_complete */
-	__u64 hist_missing; /* requests not in the histogram because the histogram map was full */
 };
 
 struct {
@@ -47,8 +46,10 @@ struct {
 	__type(value, struct bs_loglin_hist);
 } hists SEC(".maps");
 
-/* Rows the rows map had no room for, read by user space through .bss. */
+/* Requests the rows map had no room for, and requests left out of the p99 because the hists map was
+ * full: reported by the runtime with the tool's losses. */
 __u64 rows_dropped = 0;
+__u64 hists_dropped = 0;
 
 static const struct bs_loglin_hist empty_hist = {};
 
@@ -93,14 +94,10 @@ int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int n
 	__sync_fetch_and_add(&st->total_ns, latency);
 
 	h = bpf_map_lookup_elem(&hists, &key);
-	if (!h) {
-		bpf_map_update_elem(&hists, &key, &empty_hist, BPF_NOEXIST);
-		h = bpf_map_lookup_elem(&hists, &key);
-	}
+	if (!h)
+		h = bs_insert(&hists, &key, &empty_hist, &hists_dropped);
 	if (h)
 		bs_hist_add_loglin(h, latency);
-	else
-		__sync_fetch_and_add(&st->hist_missing, 1);
 forget:
 	bs_rq_forget(rq);
 	return 0;

@@ -115,6 +115,8 @@ struct {
  * request while its entry still holds an issue time. Read by user space through .bss (core/block.py),
  * so that such losses are reported, not silent. */
 __u64 bs_rq_unseen = 0;
+/* Requests that could not be tracked because bs_rq_start was full (reported by the runtime). */
+__u64 bs_rq_dropped = 0;
 
 /* -d DISK: the disk's dev_t (BS_MKDEV), 0 for every disk. Set from user space before load. */
 const volatile __u32 bs_targ_dev = 0;
@@ -141,7 +143,8 @@ static __always_inline void bs_rq_submitter(struct request *rq)
 	if (old && old->issue_ns)
 		__sync_fetch_and_add(&bs_rq_unseen, 1);
 	bs_rq_fill_task(&s, BS_TASK_SUBMITTER);
-	bpf_map_update_elem(&bs_rq_start, &rq, &s, BPF_ANY);
+	if (bpf_map_update_elem(&bs_rq_start, &rq, &s, BPF_ANY))
+		__sync_fetch_and_add(&bs_rq_dropped, 1);
 }
 
 static __always_inline struct bs_rq_start *bs_rq_get(struct request *rq)
@@ -158,8 +161,7 @@ static __always_inline struct bs_rq_start *bs_rq_get_or_start(struct request *rq
 	if (s)
 		return s;
 	bs_rq_fill_task(&fresh, from);
-	bpf_map_update_elem(&bs_rq_start, &rq, &fresh, BPF_NOEXIST);
-	return bs_rq_get(rq);
+	return bs_insert(&bs_rq_start, &rq, &fresh, &bs_rq_dropped);
 }
 
 /* From tp_btf/block_rq_insert. Only the first insert counts: a requeued request is inserted again, and

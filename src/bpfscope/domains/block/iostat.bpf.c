@@ -93,6 +93,8 @@ struct {
 /* Requests taken off the depth count because their completion (or requeue) was never seen: lost
  * events, reported by user space with the other losses. */
 __u64 unseen_ends = 0;
+/* Disks the disks map had no room for (reported by the runtime). */
+__u64 disks_dropped = 0;
 
 /* 16 KiB: too big for the BPF stack, so new entries are copied from here. */
 static const struct disk_io empty_disk = {};
@@ -103,8 +105,7 @@ static __always_inline struct disk_io *disk_of(__u32 dev)
 
 	if (d)
 		return d;
-	bpf_map_update_elem(&disks, &dev, &empty_disk, BPF_NOEXIST);
-	return bpf_map_lookup_elem(&disks, &dev);
+	return bs_insert(&disks, &dev, &empty_disk, &disks_dropped);
 }
 
 /* inflight changes by delta (+1 or -1); returns its value before. The time since the last change is
