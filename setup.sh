@@ -2,7 +2,8 @@
 # Set up bpfscope on a Debian or Ubuntu machine, as root, then run it or its tests.
 #
 #   ./setup.sh                 install what is missing, then run the main job (bpfscope check)
-#   ./setup.sh test [ARGS]     install what is missing (with test tools), then run the tests
+#   ./setup.sh test [ARGS]     install what is missing (with test tools), then run the tests: the unit
+#                              tier (pure Python), then the kernel tier (as root); ARGS go to pytest
 #   ./setup.sh run ARGS...     install what is missing, then run `bpfscope ARGS...`
 #
 # Idempotent: a second run installs nothing and starts at once.
@@ -59,6 +60,10 @@ fi
 case "$mode" in
     main) exec "$VENV/bin/bpfscope" check ;;
     run) exec "$VENV/bin/bpfscope" "$@" ;;
-    test) exec "$VENV/bin/python" -m pytest "$@" ;;
+    test)
+        if [ $# -gt 0 ]; then exec "$VENV/bin/python" -m pytest "$@"; fi
+        # The pure-Python tier first (seconds, no kernel), then the kernel tier.
+        "$VENV/bin/python" -m pytest -q tests/unit
+        exec "$VENV/bin/python" -m pytest -q --ignore=tests/unit ;;
     *) echo "setup.sh: unknown mode '$mode' (use: test, run)" >&2; exit 2 ;;
 esac

@@ -62,6 +62,9 @@ class Losses:
     def __iter__(self) -> Iterator[Loss]:
         return iter(self.items)
 
+    def __repr__(self) -> str:
+        return f"Losses({self.counts()})"
+
     def __add__(self, other: Losses) -> Losses:
         return Losses([*self.items, *other.items])
 
