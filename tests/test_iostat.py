@@ -27,6 +27,7 @@ by fio's CPU and the disk completes them in batches: the requests that refill th
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
@@ -137,7 +138,7 @@ def run(fio_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     tool = sysstat = None
     try:
-        tool = bpfscope("iostat", "--json", "-d", DISK, "-T", "10", "1", str(INTERVALS))
+        tool = bpfscope("iostat", "--json", "-d", DISK, "-r", "10", "1", str(INTERVALS))
         _wait_tracing(tool)
         sysstat = subprocess.Popen(
             ["iostat", "-x", "-d", "-y", "-o", "JSON", DISK, "1", str(INTERVALS)],
@@ -154,8 +155,10 @@ def run(fio_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     finally:
         stop(fio, *(p for p in (tool, sysstat) if p is not None))
     stats = json.loads(sys_out)["sysstat"]["hosts"][0]["statistics"]
+    records = [json.loads(line) for line in out.splitlines()]
     return {
-        "bpfscope": [json.loads(line) for line in out.splitlines()],
+        "bpfscope": [r for r in records if r["record"] == "iostat"],
+        "losses": records[-1],
         "sysstat": [next(d for d in s["disk"] if d["disk_device"] == DISK) for s in stats],
         "fio": json.loads((tmp / "fio.json").read_text()),
         "fio_pid": fio.pid,
@@ -172,9 +175,11 @@ def _fio_share(run: dict) -> list[dict]:
 def test_same_intervals_as_sysstat(run: dict) -> None:
     ours, theirs = run["bpfscope"], run["sysstat"]
     assert len(ours) == len(theirs) == INTERVALS
-    assert [r["interval"] for r in ours] == list(range(1, INTERVALS + 1))
+    # One record per interval for the disk, in order: each ends (ts) one interval after the one before.
     assert all(r["device"] == DISK for r in ours)
     assert all(abs(r["interval_s"] - 1.0) < 0.05 for r in ours)
+    for before, after in itertools.pairwise(ours):
+        assert abs(after["ts"] - before["ts"] - after["interval_s"]) < 0.05, (before["ts"], after)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +267,13 @@ def test_io_pressure_in_every_interval(run: dict) -> None:
     for r in run["bpfscope"]:
         psi = r["psi_io"]
         assert 0 <= psi["full_pct"] <= psi["some_pct"] <= 100
-    assert "0 events missed" in run["stderr"] and "request ends unseen" in run["stderr"]
+    # The run ends with what was lost: no event missed, and request ends unseen counted (even at zero).
+    losses = run["losses"]
+    assert losses["record"] == "losses" and losses["collector"] == "iostat", losses
+    assert losses["reasons"]["recursion"] == 0 and "unseen:unseen_ends" in losses["reasons"], losses
+    assert "0 events missed" in run["stderr"]
+    unseen_ends = losses["reasons"]["unseen:unseen_ends"]
+    assert not unseen_ends or f"{unseen_ends} request ends unseen" in run["stderr"], run["stderr"]
 
 
 # --- Queue depth where the device sets the pace -----------------------------------------------------
@@ -283,7 +294,7 @@ def _blkio_cgroup(disk: block.Disk, read_iops: int, name: str) -> tuple[Path, Pa
         path.mkdir()
         (path / "blkio.throttle.read_iops_device").write_text(f"{disk.major}:{disk.minor} {read_iops}\n")
         return path, path / "cgroup.procs"
-    from bpfscope.cli.tool import cgroup2_mounts
+    from bpfscope.sources.cgroups import cgroup2_mounts
 
     for root in cgroup2_mounts():
         if "io" in (root / "cgroup.controllers").read_text().split():
@@ -357,7 +368,7 @@ def test_depth_near_iodepth_on_a_device_bound_disk(loop_backing: Path, tmp_path:
             assert fio.wait(timeout=60) == 0
         finally:
             stop(fio, *(p for p in (tool,) if p is not None))
-    records = [json.loads(line) for line in out.splitlines()]
+    records = [r for line in out.splitlines() if (r := json.loads(line))["record"] == "iostat"]
     assert len(records) == 3
     expected_us = iodepth / iops * 1e6  # iodepth requests served iops a second: each waits this long
     for r in records:
