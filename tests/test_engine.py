@@ -184,3 +184,27 @@ def test_close_detaches(engine_obj: Path) -> None:
     obj.close()
     obj.close()  # idempotent
     assert not ours & _prog_ids("on_getppid")
+
+
+def test_variable_length_records_arrive_at_their_length(attached: BpfObject) -> None:
+    """BS_RINGBUF_VAR: records cut to their length (bs_output) arrive zero-padded to the full struct,
+    each with its length, byte for byte what the kernel sent."""
+    ring = attached.ring_buffer("varlen")
+    assert ring.variable
+    lengths = [1, 7, 100, 255, 0]
+    for n in lengths:
+        attached.bss["var_len"] = n
+        os.getppid()
+    attached.bss["var_len"] = 0
+    records = ring.poll(1.0)
+    sent = [n for n in lengths if n]  # 0 sends nothing
+    assert list(records["len"]) == sent
+    assert list(records["_size"]) == [4 + n for n in sent]
+    for record, n in zip(records, sent, strict=True):
+        data = bytes(record["data"]).ljust(256, b"\0")
+        assert data[:n] == bytes(range(1, n + 1)) and data[n:] == bytes(256 - n)
+    assert ring.malformed == 0 and attached.dropped() == 0
+
+
+def test_enums_are_read_from_btf(attached: BpfObject) -> None:
+    assert attached.btf.enum("test_kind") == (("TEST_KIND_FIRST", 1), ("TEST_KIND_SECOND", 5))

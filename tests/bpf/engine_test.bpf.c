@@ -50,6 +50,31 @@ struct {
 	__type(value, __u64);
 } percpu_hits SEC(".maps");
 
+/* A record of variable length: its header and var_len bytes of payload (bs_output). */
+struct var_event {
+	__u32 len;
+	__u8 data[256];
+};
+
+BS_RINGBUF_VAR(varlen, 64 * 1024, struct var_event);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct var_event);
+} var_scratch SEC(".maps");
+
+/* An enum user space reads from BTF. */
+enum test_kind {
+	TEST_KIND_FIRST = 1,
+	TEST_KIND_SECOND = 5,
+};
+BS_ENUM(test_kind);
+
+/* Payload bytes of the next variable-length record (0: none sent), written by the test. */
+__u32 var_len = 0;
+
 /* Value to record in the histograms, written by the test before each trigger. */
 __u64 hist_value = 0;
 __u64 produced = 0;
@@ -83,6 +108,18 @@ int on_getppid(void *ctx)
 		__sync_fetch_and_add(count, 1);
 	else
 		bpf_map_update_elem(&counts, &key, &one, BPF_NOEXIST);
+
+	if (var_len) {
+		struct var_event *v = bpf_map_lookup_elem(&var_scratch, &zero);
+		__u32 len = var_len & 0xff;
+
+		if (v) {
+			v->len = len;
+			for (i = 0; i < 256; i++)
+				v->data[i] = i < len ? (__u8)(i + 1) : 0;
+			bs_output(&varlen, v, sizeof(v->len) + len);
+		}
+	}
 
 	task = (struct task_struct *)bpf_get_current_task();
 	for (i = 0; i < 4096 && i < burst; i++) {
