@@ -52,6 +52,12 @@ def compact(report: Report, term: Terminal) -> None:
         term.styled(f"{head} {detail}".rstrip(), _STYLES[row.verdict])
 
 
+def compact_summary(report: Report) -> str:
+    """The last line of the compact view: the summary within WIDTH, without the details that the
+    resources' lines above already give."""
+    return _fit(report.summary(details=False), WIDTH)
+
+
 def verbose(report: Report, term: Terminal) -> None:
     term.table(
         ["CHECK", "VALUE", "VERDICT", "DETAIL", "THRESHOLD"],
@@ -73,7 +79,8 @@ def render(report: Report, as_json: bool = False, detailed: bool = False) -> Non
         return
     term = Terminal()
     (verbose if detailed else compact)(report, term)
-    term.styled(report.summary(), "bold red" if report.problem else "bold green")
+    summary = report.summary() if detailed else compact_summary(report)
+    term.styled(summary, "bold red" if report.problem else "bold green")
     term.flush()
 
 

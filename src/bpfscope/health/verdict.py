@@ -133,8 +133,13 @@ class Report:
     def exit_code(self) -> int:
         return 1 if self.problem else 0
 
-    def summary(self) -> str:
-        """One line: the resource at fault (causes before symptoms), or that none was found."""
+    def summary(self, details: bool = True) -> str:
+        """One line: the resource at fault (causes before symptoms), or that none was found. Without
+        ``details`` the rows it names are not explained (the compact view has their details above)."""
+
+        def why(row: Row) -> str:
+            return f" ({row.detail})" if details and row.detail else ""
+
         bad = [r for r in self.rows if r.verdict is Verdict.PROBLEM]
         if not bad:
             warned = [r.name for r in self.rows if r.verdict is Verdict.WARN]
@@ -148,9 +153,7 @@ class Report:
             suspects = [r for r in self.rows if r.verdict is Verdict.WARN and not r.symptom]
             if suspects:
                 return f"PROBLEM: {worst.name} {worst.text}; nothing else past its PROBLEM level, but " + (
-                    ", ".join(
-                        f"{r.name} {r.text} warns" + (f" ({r.detail})" if r.detail else "") for r in suspects
-                    )
+                    ", ".join(f"{r.name} {r.text} warns{why(r)}" for r in suspects)
                 )
             return (
                 f"PROBLEM: {worst.name} {worst.text}, but no disk is slow: tasks wait on I/O elsewhere "
@@ -160,7 +163,7 @@ class Report:
         for resource in dict.fromkeys(r.resource for r in causes):
             # The resource's first PROBLEM row: rules put the telling metric first.
             lead = next(r for r in causes if r.resource == resource)
-            parts.append(f"{lead.name} {lead.text}" + (f" ({lead.detail})" if lead.detail else ""))
+            parts.append(f"{lead.name} {lead.text}{why(lead)}")
         line = "PROBLEM: " + ", ".join(parts)
         if symptoms:
             line += "; " + ", ".join(f"{s.name} {s.text}" for s in symptoms)
