@@ -1,4 +1,5 @@
-"""bpfscope check: verdicts on an idle machine, on a disk made slow on purpose, and the provider framework.
+"""bpfscope check: verdicts on an idle machine, on a disk made slow on purpose, the compact and verbose
+views, bpfscope leaving itself out, and the rule contract.
 
 The slow disk is a loop device whose reads from the disk under it are throttled for fio's cgroup
 (blk-throttle; see test_iostat.throttled_loop): requests wait on the loop device for as long as the
@@ -8,17 +9,32 @@ disk stays nearly idle.
 
 from __future__ import annotations
 
+import io
 import json
+import mmap
+import os
+import random
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_iostat import fio_layout, go, start_fio, stop, throttled_loop
+from test_iostat import _whole_disk_of, fio_layout, go, start_fio, stop, throttled_loop
 
-from bpfscope.health import check
-from bpfscope.health.check import Provider, Report, Row, Threshold, Verdict, run_check
+from bpfscope.domains.block import health as block_health
+from bpfscope.domains.block.health import DiskRule
+from bpfscope.errors import BpfscopeError
+from bpfscope.health import rule as health_rule
+from bpfscope.health.check import WIDTH, compact, compact_summary
+from bpfscope.health.rule import Rule
+from bpfscope.health.verdict import Report, Row, Threshold, Verdict
+from bpfscope.health.window import CheckWindow, run_check
+from bpfscope.runtime.collector import Collector, Config, Sample
+from bpfscope.sinks.terminal import Terminal
 
 VERDICTS = {"ok", "warn", "PROBLEM"}
 
@@ -32,11 +48,32 @@ def run_check_cli(*args: str) -> tuple[int, list[dict], str]:
     return result.returncode, lines, result.stdout
 
 
+def resource_of(line: str) -> str:
+    """The resource a line of the compact view is about: its name runs to the metric (``Disk vda p99``,
+    ``PSI io some``, ``CPU busy``)."""
+    match = re.match(r"(Disk \S+|PSI io|\S+)", line)
+    assert match, line
+    return match.group(1)
+
+
+def check_compact(out: str) -> tuple[dict[str, str], str]:
+    """The compact view's lines by resource, and its summary; every line fits WIDTH columns and each
+    resource has one line."""
+    lines = out.rstrip("\n").splitlines()
+    assert lines, out
+    too_wide = [line for line in lines if len(line) > WIDTH]
+    assert not too_wide, too_wide
+    *rows, summary = lines
+    resources = [resource_of(line) for line in rows]
+    assert len(resources) == len(set(resources)), rows
+    return dict(zip(resources, rows, strict=True)), summary
+
+
 def test_idle_machine_is_ok() -> None:
     rc, lines, _ = run_check_cli("--duration", "3", "--json")
-    rows = {r["name"]: r for r in lines if r["kind"] == "row"}
+    rows = {r["name"]: r for r in lines if r["record"] == "check.row"}
     summary = lines[-1]
-    assert summary["kind"] == "summary"
+    assert summary["record"] == "check.summary"
     # vda has a row even if nothing used it in the window (then only that one).
     assert {"CPU busy", "RAM used", "Disk vda p99"} <= set(rows)
     for row in rows.values():
@@ -49,13 +86,29 @@ def test_idle_machine_is_ok() -> None:
     assert summary["summary"].startswith("no problem found") and not summary["problem"]
 
 
-def test_table_for_people() -> None:
+def test_compact_for_people() -> None:
     rc, _, out = run_check_cli("--duration", "1")
+    lines, summary = check_compact(out)
+    assert rc == 0, f"the machine is not idle: {summary}"
+    # One line per resource, led by its telling metric.
+    assert {"CPU", "RAM", "Disk vda"} <= lines.keys()
+    assert lines["CPU"].startswith("CPU busy") and lines["Disk vda"].startswith("Disk vda p99")
+    # Nothing wrong: no table heading, and a line that is ok carries no detail.
+    assert not any(line.startswith("CHECK") for line in lines.values())
+    assert all(line.endswith(" ok") or re.search(r" (warn|n/a) ", line) for line in lines.values()), lines
+    assert summary.startswith("no problem found")
+
+
+def test_verbose_table() -> None:
+    rc, _, out = run_check_cli("--duration", "1", "--verbose")
     lines = out.strip().splitlines()
     assert rc == 0, f"the machine is not idle: {lines[-1]}"
-    assert lines[0].split()[:3] == ["CHECK", "VALUE", "VERDICT"]
+    assert lines[0].split() == ["CHECK", "VALUE", "VERDICT", "DETAIL", "THRESHOLD"]
     assert any(line.startswith("CPU busy") for line in lines)
     assert any(line.startswith("Disk vda p99") for line in lines)
+    # Every row, each with the threshold behind its verdict.
+    threshold = lines[0].index("THRESHOLD")
+    assert all(line[threshold:].strip() for line in lines[1:-1]), lines
     assert lines[-1].startswith("no problem found")
 
 
@@ -65,6 +118,7 @@ def test_help_documents_exit_status() -> None:
     )
     assert result.returncode == 0
     assert "Exit status" in result.stdout and "1  at least one PROBLEM row" in result.stdout
+    assert "--verbose" in result.stdout and "--include-self" in result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +133,7 @@ def test_saturated_disk_is_the_problem(loop_backing: Path, tmp_path: Path) -> No
         # 32 requests served 50 a second: each waits about 640 ms on the loop device.
         job = [f"--filename=/dev/{loop}", "--name=slow", "--rw=randread", "--bs=4k", "--direct=1", "--thread"]
         fio = start_fio(
-            [*job, "--ioengine=libaio", "--iodepth=32", "--time_based", "--runtime=7"], tmp_path / "f"
+            [*job, "--ioengine=libaio", "--iodepth=32", "--time_based", "--runtime=15"], tmp_path / "f"
         )
         try:
             go(fio)
@@ -87,13 +141,17 @@ def test_saturated_disk_is_the_problem(loop_backing: Path, tmp_path: Path) -> No
             join(fio.pid)
             time.sleep(1.0)
             rc, lines, _ = run_check_cli("--duration", "3", "--json")
+            # The same disk, as people see it.
+            compact_rc, _, out = run_check_cli("--duration", "3")
         finally:
             stop(fio)
-    rows = {r["name"]: r for r in lines if r["kind"] == "row"}
+    rows = {r["name"]: r for r in lines if r["record"] == "check.row"}
     summary = lines[-1]
     p99 = rows[f"Disk {loop} p99"]
-    assert p99["verdict"] == "PROBLEM" and p99["value"] >= check.DISK_P99_PROBLEM_MS, p99
+    assert p99["verdict"] == "PROBLEM" and p99["value"] >= block_health.DISK_P99_PROBLEM_MS, p99
     assert "100% util" in p99["detail"] or "99% util" in p99["detail"], p99
+    # The process doing the I/O is named beside the slow disk.
+    assert re.search(rf"\bfio\[{fio.pid}\] does (99|100)% of the bytes", p99["detail"]), p99
     assert rows[f"Disk {loop} %util"]["verdict"] == "warn"
     assert 28 <= rows[f"Disk {loop} queue depth"]["value"] <= 32.5
     assert rc == 1 == summary["exit_code"]
@@ -103,12 +161,93 @@ def test_saturated_disk_is_the_problem(loop_backing: Path, tmp_path: Path) -> No
     # The real disk under it does 50 reads a second: no culprit there.
     assert rows["Disk vda p99"]["verdict"] != "PROBLEM"
 
+    # The compact view: a line per resource within 100 columns; the slow disk's line gives its p99, the
+    # verdict and who does its bytes, and the summary names it.
+    assert compact_rc == 1, out
+    by_resource, last = check_compact(out)
+    line = by_resource[f"Disk {loop}"]
+    assert line.startswith(f"Disk {loop} p99 ") and " PROBLEM " in line, line
+    assert re.search(rf"\bfio\[{fio.pid}\] does (99|100)% of the bytes", line), line
+    assert last.startswith("PROBLEM: ") and f"Disk {loop} p99" in last, last
 
-# --- The framework, without the kernel ---------------------------------------------------------------
+
+# --- bpfscope leaves itself out ------------------------------------------------------------------------
+
+IO_FILE = Path("/var/tmp/bpfscope-test-check.dat")
+IO_SIZE = 64 << 20
+IO_BLOCK = 64 << 10
 
 
-def _row(resource: str, metric: str, verdict: Verdict, symptom: bool = False) -> Row:
-    return Row(resource, metric, 1.0, "", "1", verdict, "rule", "why", symptom=symptom)
+@pytest.fixture(scope="module")
+def io_file() -> Iterator[Path]:
+    fio_layout(IO_FILE, "64M")
+    yield IO_FILE
+    IO_FILE.unlink(missing_ok=True)
+
+
+def own_io(path: Path) -> tuple[int, list[int]]:
+    """Disk I/O by this process and a child of it: direct reads, and page-cache writes made durable with
+    fsync. Returns the requests it made at least, and the pids that did them."""
+    reads = 400
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, IO_BLOCK)  # page-aligned, as O_DIRECT wants
+    try:
+        for _ in range(reads):
+            os.preadv(fd, [buf], random.randrange(IO_SIZE // IO_BLOCK) * IO_BLOCK)
+    finally:
+        os.close(fd)
+        buf.close()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(4 << 20), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    child = subprocess.Popen(
+        ["dd", f"if={path}", "of=/dev/null", f"bs={IO_BLOCK}", "count=200", "iflag=direct", "status=none"]
+    )
+    assert child.wait(timeout=60) == 0
+    return reads + 200, [os.getpid(), child.pid]
+
+
+def disk_rows_during_own_io(path: Path, include_self: bool) -> tuple[dict[str, Row], float, int, list[int]]:
+    """The check's rows for the disk under ``path`` over a window in which this process did I/O; the
+    window's length, the requests made and by whom."""
+    disk = _whole_disk_of(path).name
+    with CheckWindow([DiskRule], include_self=include_self) as window:
+        window.start()
+        requests, pids = own_io(path)
+        report = window.finish()
+    rows = {r.metric: r for r in report.rows if r.resource == f"Disk {disk}"}
+    return rows, report.window_s, requests, pids
+
+
+def test_check_leaves_itself_out(io_file: Path) -> None:
+    # This process runs the check here: its I/O and its child's are bpfscope's own.
+    rows, window_s, requests, pids = disk_rows_during_own_io(io_file, include_self=False)
+    # The disk did the I/O (diskstats counts every request, whoever made it) ...
+    iops = rows["IOPS r/w"]
+    assert iops.value is not None and iops.value * window_s >= 0.99 * requests, (iops, window_s, requests)
+    # ... but bpfscope is never named as a process doing it.
+    for row in rows.values():
+        assert not any(f"[{pid}]" in row.detail for pid in pids), row
+
+    # Asked to, it watches itself too: then it is named, doing (nearly) all the bytes here.
+    rows, _, _, pids = disk_rows_during_own_io(io_file, include_self=True)
+    assert f"[{pids[0]}]" in rows["p99"].detail, rows["p99"]
+
+
+def test_include_self_option() -> None:
+    rc, lines, _ = run_check_cli("--duration", "1", "--json", "--include-self")
+    assert lines and lines[-1]["record"] == "check.summary", lines
+    assert rc == lines[-1]["exit_code"]
+
+
+# --- The verdicts and the compact view, without the kernel -------------------------------------------
+
+
+def _row(resource: str, metric: str, verdict: Verdict, symptom: bool = False, detail: str = "why") -> Row:
+    return Row(resource, metric, 1.0, "", "1", verdict, "rule", detail, symptom=symptom)
 
 
 def test_threshold_levels() -> None:
@@ -152,35 +291,113 @@ def test_summary_names_causes_before_symptoms() -> None:
     assert warned.summary() == "no problem found (warnings: Disk sdb %util)" and warned.exit_code() == 0
 
 
-def test_providers_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compact_view_fits() -> None:
+    long = "; ".join(f"clause {i} of a long explanation" for i in range(12))
+    report = Report(
+        [
+            _row("CPU", "busy", Verdict.OK, detail=long),
+            _row("Disk nvme0n1", "p99", Verdict.WARN, detail=long),
+            _row("Disk nvme0n1", "queue depth", Verdict.PROBLEM, detail="queue full; nr_requests 256"),
+            _row("Disk nvme0n1", "%util", Verdict.PROBLEM, detail=long),
+            _row("PSI io", "some", Verdict.WARN, symptom=True, detail="x" * 300),
+        ],
+        3.0,
+    )
+    out = io.StringIO()
+    compact(report, Terminal(out))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and all(len(line) <= WIDTH for line in lines), lines
+    cpu, disk, psi = lines
+    # An ok line is name, value and verdict; a bad one adds what fits of its detail, cut between clauses.
+    assert cpu.split() == ["CPU", "busy", "1", "ok"]
+    # The worst row leads its resource (the first of equals: rules put the telling metric first).
+    assert disk.split()[:6] == ["Disk", "nvme0n1", "queue", "depth", "1", "PROBLEM"], disk
+    assert disk.endswith(" queue full; nr_requests 256"), disk
+    assert psi.startswith("PSI io some") and psi.endswith("…")
+    # Its last line names the resources at fault and leaves their details to the lines above.
+    assert compact_summary(report) == "PROBLEM: Disk nvme0n1 queue depth 1"
+    many = Report([_row(f"Disk sd{c}", "p99", Verdict.PROBLEM, detail=long) for c in "abcdefghijklm"], 3.0)
+    assert len(compact_summary(many)) <= WIDTH < len(many.summary(details=False))
+
+
+# --- The rule contract, without the kernel -------------------------------------------------------------
+
+
+@dataclass
+class HitSample(Sample):
+    ts: float
+    hits: int
+
+
+def test_rules_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[str] = []
 
-    class Cache(Provider):
-        name = "Cache"
+    class Probe(Collector[Config]):
+        name = "probe"
 
-        def prepare(self) -> None:
-            events.append("prepare")
+        def open(self) -> None:
+            events.append(f"open include_self={self.config.include_self}")
 
         def start(self) -> None:
             events.append("start")
 
-        def rows(self, window_s: float) -> list[Row]:
-            events.append("rows")
-            return [_row("Cache", "hit ratio", Verdict.PROBLEM)]
+        def sample(self) -> HitSample:
+            events.append("sample")
+            return HitSample(time.time(), 42)
 
         def close(self) -> None:
             events.append("close")
 
-    class Network(Provider):
+    class Cache(Rule):
+        name = "Cache"
+
+        def collectors(self) -> list[Collector]:
+            return [Probe(Config(include_self=self.include_self))]
+
+        def rows(self, samples: Mapping[Collector, Sample], window_s: float) -> list[Row]:
+            sample = samples[self.collector]
+            assert isinstance(sample, HitSample) and 0 < window_s < 5
+            events.append("rows")
+            return [Row("Cache", "hit ratio", sample.hits, "%", "42%", Verdict.PROBLEM, "rule", "why")]
+
+        def refine(self, rows: list[Row]) -> list[Row]:
+            events.append(f"refine {[r.resource for r in rows]}")
+            return rows
+
+    class Network(Rule):
         name = "Network"
         requires = ("nic",)
 
-    monkeypatch.setitem(check.REQUIREMENTS, "nic", lambda: "no network card")
-    report = run_check(0.01, providers=[Network, Cache])
-    assert events == ["prepare", "start", "rows", "close"]
+        def collectors(self) -> list[Collector]:
+            raise AssertionError("a rule whose requirement is unmet creates no collector")
+
+    class Broken(Collector[Config]):
+        name = "broken"
+
+        def open(self) -> None:
+            raise BpfscopeError("cannot load here")
+
+    class Sockets(Rule):
+        name = "Sockets"
+
+        def collectors(self) -> list[Collector]:
+            return [Broken(Config())]
+
+    monkeypatch.setitem(health_rule.REQUIREMENTS, "nic", lambda: "no network card")
+    report = run_check(0.01, rules=[Network, Sockets, Cache], include_self=True)
+    assert events == [
+        "open include_self=True",
+        "start",
+        "sample",
+        "rows",
+        "refine ['Network', 'Sockets', 'Cache']",
+        "close",
+    ]
     assert [(r.resource, r.verdict) for r in report.rows] == [
         ("Network", Verdict.UNKNOWN),
+        ("Sockets", Verdict.UNKNOWN),
         ("Cache", Verdict.PROBLEM),
     ]
-    assert report.rows[0].detail == "no network card"
+    assert report.rows[0].detail == "no network card" and report.rows[0].text == "-"
+    assert report.rows[1].detail == "cannot load here"
     assert report.summary().startswith("PROBLEM: Cache hit ratio")
