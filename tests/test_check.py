@@ -26,7 +26,8 @@ import pytest
 from test_iostat import _whole_disk_of, fio_layout, go, start_fio, stop, throttled_loop
 
 from bpfscope.domains.block import health as block_health
-from bpfscope.domains.block.health import DiskRule
+from bpfscope.domains.block.health import DiskRule, who
+from bpfscope.domains.block.iostat import DiskSample, ProcessIO
 from bpfscope.errors import BpfscopeError
 from bpfscope.health import rule as health_rule
 from bpfscope.health.check import WIDTH, compact, compact_summary
@@ -318,6 +319,23 @@ def test_compact_view_fits() -> None:
     assert compact_summary(report) == "PROBLEM: Disk nvme0n1 queue depth 1"
     many = Report([_row(f"Disk sd{c}", "p99", Verdict.PROBLEM, detail=long) for c in "abcdefghijklm"], 3.0)
     assert len(compact_summary(many)) <= WIDTH < len(many.summary(details=False))
+
+
+def test_disk_names_who_does_its_bytes() -> None:
+    def proc(pid: int, mib: int) -> ProcessIO:
+        return ProcessIO(pid, "dd", mib, 0, mib << 20, 0, 0, 1.0)
+
+    counters = dict.fromkeys(("reads", "writes", "discards", "flushes"), 0)
+    rates = dict.fromkeys(("r_s", "w_s", "d_s", "f_s", "rkb_s", "wkb_s", "dkb_s"), 0.0)
+    rates.update(r_await=0.0, w_await=0.0, aqu_sz=0.0, util=0.0)
+    disk = DiskSample("sdb", 0, 1.0, False, True, **counters, **rates)
+    # Four processes, the three busiest listed: shares are of all four's bytes.
+    every = [proc(1, 50), proc(2, 20), proc(3, 20), proc(4, 10)]
+    disk.top, disk.process_bytes = every[:3], 100 << 20
+    assert who(disk) == ["dd[1] does 50% of the bytes", "also dd[2] 20%, dd[3] 20%"]
+    # Below 5% of the bytes a process is not named.
+    disk.top, disk.process_bytes = [proc(1, 4)], 100 << 20
+    assert who(disk) == []
 
 
 # --- The rule contract, without the kernel -------------------------------------------------------------

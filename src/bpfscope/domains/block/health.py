@@ -170,9 +170,10 @@ class DiskRule(Rule):
 
 def who(disk: DiskSample) -> list[str]:
     """The processes that moved the disk's bytes, as they would be named beside a slow disk:
-    ``fio[123] does 99% of the bytes`` (bpfscope's own I/O never counts)."""
+    ``fio[123] does 99% of the bytes`` (bpfscope's own I/O never counts). Shares are of every process's
+    bytes, not only of the few listed."""
     moved = [(p, p.read_bytes + p.write_bytes) for p in disk.top]
-    total = sum(b for _, b in moved)
+    total = max(disk.process_bytes, sum(b for _, b in moved))
     named = [(p, b) for p, b in moved if total and b / total >= NAMED_SHARE]
     if not named:
         return []

@@ -256,6 +256,7 @@ class DiskSample:
     device_aqu_sz: float | None = None  # time-average of requests on the device (issue to completion)
     latency: Histogram | None = None  # ns on the device
     top: list[ProcessIO] = field(default_factory=list)
+    process_bytes: int = 0  # moved by every process seen, not only the top ones (bpfscope never counts)
 
     @property
     def ios(self) -> int:
@@ -572,6 +573,7 @@ class DiskCollector(BpfCollector[DiskConfig]):
                 procs.append(ProcessIO(tgid, comm, **counts, interval_s=itv))
         procs.sort(key=lambda p: (p.reads + p.writes, p.read_bytes + p.write_bytes), reverse=True)
         sample.top = procs[: self.config.top]
+        sample.process_bytes = sum(p.read_bytes + p.write_bytes for p in procs)
 
 
 def _depth_integral(value: Any, t_ns: int) -> int:
