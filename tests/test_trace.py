@@ -21,7 +21,10 @@ GETPID = syscall_number("getpid")
 
 
 def _records(out: str) -> list[dict]:
-    return [json.loads(line) for line in out.splitlines()]
+    """A run's records of its query; the losses record that ends a run is checked and left out."""
+    *records, losses = [json.loads(line) for line in out.splitlines()]
+    assert losses["record"] == "losses" and losses["collector"] == "trace", losses
+    return records
 
 
 def test_count_by_key_is_exact() -> None:
@@ -30,6 +33,7 @@ def test_count_by_key_is_exact() -> None:
         ["trace", "raw_syscalls:sys_enter", "--count-by", "pid,id", "-p", "{pid}", "--json"], work
     )
     rows = {r["id"]: r for r in _records(out)}
+    assert {r["record"] for r in rows.values()} == {"trace.aggregate"}
     assert rows[GETPPID]["count"] == 1000
     assert rows[GETPID]["count"] == 500
     assert "trace: 0 events lost (ring buffer full), 0 events missed (kernel skipped the program)" in err
@@ -107,6 +111,7 @@ def test_print_user_string_filtered_in_kernel(tmp_path: Path) -> None:
     )
     events = _records(out)
     assert len(events) == 3
+    assert {e["record"] for e in events} == {"trace.event"}
     assert {e["filename"] for e in events} == {str(marker)}
     assert "trace: 3 events traced, 0 events lost (ring buffer full), 0 events missed" in err
 
@@ -148,7 +153,8 @@ def test_list_and_info(run_cli: RunCli) -> None:
         for line in run_cli("trace", "--info", "syscalls:sys_enter_openat", "--json").stdout.splitlines()
     ]
     fields = {r["field"]: r for r in info}
-    assert fields["filename"]["bpfscope_reads_it_as"] == "userstr"
+    assert {r["record"] for r in info} == {"trace.field"}
+    assert fields["filename"]["reads_as"] == "userstr"
     assert fields["flags"]["offset"] == 32
 
 

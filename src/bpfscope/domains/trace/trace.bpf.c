@@ -81,9 +81,9 @@ struct tr_config {
 
 const volatile struct tr_config cfg = {};
 
-/* Key layout limits, read by user space from .rodata before it lays out a key. */
-const __u32 tr_key_max = KEY_MAX;
-const __u32 tr_key_part_max = KEY_PART_MAX;
+/* Key layout limits, read by user space from BTF before it lays out a key. */
+enum tr_limits { TR_KEY_MAX = KEY_MAX, TR_KEY_PART_MAX = KEY_PART_MAX };
+BS_ENUM(tr_limits);
 
 /* Per-event working state: too big for the 512-byte stack. */
 struct tr_scratch {
@@ -142,6 +142,10 @@ struct tr_event {
 
 /* Sized for bursts of printed events; shrunk to one page when the query aggregates. */
 BS_RINGBUF(events, 4 << 20, struct tr_event);
+
+/* What a full map could not hold, read by user space through .bss. */
+__u64 aggs_dropped = 0;	 /* events not counted: no room for their key */
+__u64 hists_dropped = 0; /* events counted without their value in the histogram: no room for it */
 
 static const struct bs_loglin_hist zero_loglin = {};
 static const struct bs_log2_hist zero_log2 = {};
@@ -309,8 +313,7 @@ static __always_inline void aggregate(struct tr_scratch *s)
 
 	v = bpf_map_lookup_elem(&aggs, s->key);
 	if (!v) {
-		bpf_map_update_elem(&aggs, s->key, &init, BPF_NOEXIST);
-		v = bpf_map_lookup_elem(&aggs, s->key);
+		v = bs_insert(&aggs, s->key, &init, &aggs_dropped);
 		if (!v)
 			return;
 	}
@@ -326,23 +329,17 @@ static __always_inline void aggregate(struct tr_scratch *s)
 	if (cfg.hist_kind == TR_HIST_LOGLIN) {
 		struct bs_loglin_hist *h = bpf_map_lookup_elem(&hists_loglin, s->key);
 
-		if (!h) {
-			bpf_map_update_elem(&hists_loglin, s->key, &zero_loglin, BPF_NOEXIST);
-			h = bpf_map_lookup_elem(&hists_loglin, s->key);
-			if (!h)
-				return;
-		}
-		bs_hist_add_loglin(h, x < 0 ? 0 : x);
+		if (!h)
+			h = bs_insert(&hists_loglin, s->key, &zero_loglin, &hists_dropped);
+		if (h)
+			bs_hist_add_loglin(h, x < 0 ? 0 : x);
 	} else if (cfg.hist_kind == TR_HIST_LOG2) {
 		struct bs_log2_hist *h = bpf_map_lookup_elem(&hists_log2, s->key);
 
-		if (!h) {
-			bpf_map_update_elem(&hists_log2, s->key, &zero_log2, BPF_NOEXIST);
-			h = bpf_map_lookup_elem(&hists_log2, s->key);
-			if (!h)
-				return;
-		}
-		bs_hist_add_log2(h, x < 0 ? 0 : x);
+		if (!h)
+			h = bs_insert(&hists_log2, s->key, &zero_log2, &hists_dropped);
+		if (h)
+			bs_hist_add_log2(h, x < 0 ? 0 : x);
 	}
 }
 

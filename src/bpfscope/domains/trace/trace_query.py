@@ -1,7 +1,8 @@
-"""A `bpfscope trace` query: fields, filter, keys and aggregation, turned into trace.bpf.c's config.
+"""A `bpfscope trace` query: fields, filter, keys and aggregation, turned into trace.bpf.c's config, and
+the schema of the records it gives.
 
 The limits (fields, predicates, key size) and the enum values come from the object's BTF, so this file
-declares no layout of its own.
+declares no layout of its own; the types of the records' fields come from the tracepoint's format.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from bpfscope.engine.btf import Array, Scalar, Struct
+from bpfscope.engine.btf import Array, Btf, Scalar, Struct
 from bpfscope.engine.tracepoint import Tracepoint, TracepointField
 from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.schema import CGROUP, COMM, PID, RECORD_KEY, TID, Field, Schema
 
 BUILTINS = {
     "pid": "TR_BUILTIN_PID",
@@ -225,6 +227,17 @@ class Limits:
     enums: dict[str, int]
 
     @classmethod
+    def from_btf(cls, btf: Btf) -> Limits:
+        """The limits trace.bpf.c was compiled with, from its BTF (nothing loaded)."""
+        limits = dict(btf.enum("tr_limits"))
+        return cls.from_config(
+            btf.struct("tr_config"),
+            btf.struct("tr_scratch"),
+            limits["TR_KEY_MAX"],
+            limits["TR_KEY_PART_MAX"],
+        )
+
+    @classmethod
     def from_config(cls, cfg: Struct, scratch: Struct, key_max: int, key_part_max: int) -> Limits:
         def count(s: Struct, name: str) -> int:
             t = s.field(name).type
@@ -294,6 +307,8 @@ class Query:
         offset = 0
         for spec in specs:
             ref = self.use(spec)
+            if any(part.ref == ref for part in self.keys):
+                raise BpfscopeError(f"{ref.name} is a key twice")
             size = min(self.limits.str_len, self.limits.key_part_max) if ref.is_string else 8
             self.keys.append(KeyPart(ref, offset, size))
             offset += size
@@ -355,7 +370,11 @@ class Query:
         return len(self._preds) - 1
 
     def set_print(self, specs: list[str]) -> None:
-        self.printed = [self.use(spec) for spec in specs]
+        for spec in specs:
+            ref = self.use(spec)
+            if ref in self.printed:
+                raise BpfscopeError(f"{ref.name} is printed twice")
+            self.printed.append(ref)
 
     def config(self) -> dict[str, Any]:
         """The value of trace.bpf.c's ``cfg``."""
@@ -418,3 +437,57 @@ class Query:
             else:
                 out.append(int.from_bytes(chunk, "little", signed=part.ref.signed))
         return tuple(out)
+
+
+# ---- the records' schema ------------------------------------------------------------------------------
+
+# Builtins are the same concept as in every other tool's records: the same field.
+_BUILTIN_FIELDS = {
+    "TR_BUILTIN_PID": PID,
+    "TR_BUILTIN_TID": TID,
+    "TR_BUILTIN_COMM": COMM,
+    "TR_BUILTIN_CGROUP": CGROUP,
+    "TR_BUILTIN_UID": Field("uid", "int", doc="user id", label=True),
+    "TR_BUILTIN_CPU": Field("cpu", "int", doc="the CPU the event happened on", label=True),
+}
+AGGREGATE = "trace.aggregate"
+EVENT = "trace.event"
+
+
+def _record_field(ref: FieldRef, reserved: set[str], label: bool) -> Field:
+    """A query field as a record field, typed from the tracepoint's format. A field whose name the record
+    uses already (``count`` of syscalls:sys_enter_write, as a key) is written as ``NAME_field``."""
+    name = f"{ref.name}_field" if ref.name in reserved else ref.name
+    if ref.kind in _BUILTIN_FIELDS:
+        builtin = _BUILTIN_FIELDS[ref.kind]
+        return Field(name, builtin.type, builtin.unit, builtin.doc, label=label)
+    if ref.is_string:
+        return Field(name, "str", doc=ref.ctype, label=label)
+    if ref.is_pointer:
+        return Field(name, "str", doc=f"{ref.ctype}, in hex", label=label)
+    if ref.is_dev:
+        return Field(name, "str", doc="device name (major:minor where it has none)", label=label)
+    return Field(name, "int", doc=ref.ctype, label=label)
+
+
+def query_schema(query: Query) -> Schema:
+    """The records of ``query``: one per event (--print), or one per key and interval, with its count and
+    the value's sum, min, max and histogram as asked."""
+    tp = query.tracepoint.full_name
+    if query.printed:
+        reserved = {RECORD_KEY, "ts"}
+        fields = tuple(_record_field(ref, reserved, label=False) for ref in query.printed)
+        return Schema(EVENT, fields, doc=f"One {tp} event: the fields --print names.")
+    values = [Field("count", "int", doc="events")]
+    if query.value is not None:
+        v = query.value.name
+        values += [
+            Field("sum", "int", doc=f"sum of {v}"),
+            Field("min", "int", doc=f"least {v} since the start"),
+            Field("max", "int", doc=f"greatest {v} since the start"),
+        ]
+    if query.hist:
+        values.append(Field("hist", "dict", doc=f"{query.hist} histogram of the value: percentiles, slots"))
+    reserved = {RECORD_KEY, "ts", "interval_s", *(f.name for f in values)}
+    keys = tuple(_record_field(part.ref, reserved, label=True) for part in query.keys)
+    return Schema(AGGREGATE, (*keys, *values), doc=f"{tp} events per key over an interval.", interval=True)
