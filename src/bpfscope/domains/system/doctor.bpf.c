@@ -1,5 +1,8 @@
 /* bpfscope doctor: one small program per program type and attach point. Each is loaded and attached
- * on its own and must then count a hit from the doctor's own process: what loads and fires here works. */
+ * on its own and must then count a hit from the doctor's own process: what loads and fires here works.
+ *
+ * The one place bpfscope measures itself, on purpose: the doctor's own calls are what fires the probes
+ * (from_doctor), and nothing else is counted, so bs_task_selected() has no use here. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>

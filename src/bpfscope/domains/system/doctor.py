@@ -1,25 +1,38 @@
 """bpfscope doctor: what this kernel can do, found by loading, attaching and firing a program of each kind
-(doctor.bpf.c), not by reading its config."""
+(doctor.bpf.c), not by reading its config.
+
+:class:`DoctorCollector` is sampled once: its sample is the list of checks (the machine's facilities,
+then one probe per program type and attach point). The engine (and so libbpf) is imported only when the
+checks run, so that a machine without libbpf or kernel BTF gets a one-line error, not a traceback.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes.util
 import os
 import platform
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from bpfscope.engine import libbpf, system
-from bpfscope.engine.bpf import BpfObject, Program, tool_object
+from bpfscope.cli.options import Run, option
+from bpfscope.engine import system
 from bpfscope.errors import BpfscopeError
-from bpfscope.sinks.output import Output
+from bpfscope.runtime.collector import Collector, Config, Sample
+from bpfscope.runtime.schema import Field, Schema
+from bpfscope.sinks.terminal import Terminal, View
 
+if TYPE_CHECKING:
+    from bpfscope.engine.bpf import Program
+    from bpfscope.runtime.losses import Losses
+
+DOCTOR_OBJECT = Path(__file__).with_name("doctor.bpf.o")
+# Sent by the bpf_send_signal probe, to the doctor itself.
 SIGNAL = signal.SIGUSR2
 
 
@@ -30,6 +43,48 @@ class Check:
     detail: str
     # What bpfscope uses it for; a missing capability that nothing needs is not a problem.
     needed: bool = True
+
+
+DOCTOR_SCHEMA = Schema(
+    "doctor",
+    (
+        Field("name", "str", label=True, doc="the capability: a facility, a program or attach type"),
+        Field("ok", "bool", doc="it works here"),
+        Field("detail", "str", doc="what was found, or why it does not work"),
+        Field("needed", "bool", doc="bpfscope needs it (the others it works without)"),
+        Field("kernel", "str", label=True, doc="system, release and machine, as uname gives them"),
+    ),
+    doc="One capability of this kernel, as doctor found it by trying it.",
+)
+
+
+@dataclass
+class DoctorSample(Sample):
+    ts: float
+    kernel: str
+    checks: list[Check]
+
+    @property
+    def missing(self) -> list[str]:
+        """What bpfscope needs and does not work here."""
+        return [c.name for c in self.checks if not c.ok and c.needed]
+
+    @property
+    def unavailable(self) -> list[str]:
+        return [c.name for c in self.checks if not c.ok]
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for c in self.checks:
+            yield DOCTOR_SCHEMA.record(
+                {
+                    "ts": self.ts,
+                    "name": c.name,
+                    "ok": c.ok,
+                    "detail": c.detail,
+                    "needed": c.needed,
+                    "kernel": self.kernel,
+                }
+            )
 
 
 def _libc_path() -> str:
@@ -46,41 +101,47 @@ def _busy(seconds: float) -> None:
         pass
 
 
-@dataclass
-class Probe:
-    name: str
-    program: str
-    counter: int
-    attach: Callable[[Program], object]
-    trigger: Callable[[], None]
-    needed: bool = True
-
-
 def _getppid_loop() -> None:
     for _ in range(3):
         os.getppid()
 
 
+def _attach(program: Program) -> object:
+    return program.attach()
+
+
+@dataclass
+class Probe:
+    name: str
+    program: str  # in doctor.bpf.c
+    counter: int  # its index in doctor.bpf.c's hits[]
+    attach: Callable[[Program], object]
+    trigger: Callable[[], None]
+    needed: bool = True
+
+
 PROBES = [
-    Probe("tracepoint", "probe_tracepoint", 0, Program.attach, _getppid_loop),
-    Probe("raw_tracepoint", "probe_raw_tp", 1, Program.attach, _getppid_loop),
-    Probe("tp_btf", "probe_tp_btf", 2, Program.attach, _getppid_loop),
+    Probe("tracepoint", "probe_tracepoint", 0, _attach, _getppid_loop),
+    Probe("raw_tracepoint", "probe_raw_tp", 1, _attach, _getppid_loop),
+    Probe("tp_btf", "probe_tp_btf", 2, _attach, _getppid_loop),
     Probe("perf_event", "probe_perf_event", 3, lambda p: p.attach_sampling(999), lambda: _busy(0.05)),
     Probe("uprobe", "probe_uprobe", 4, lambda p: p.attach_uprobe(_libc_path(), "getppid"), _getppid_loop),
-    Probe("kprobe", "probe_kprobe", 5, Program.attach, _getppid_loop, needed=False),
-    Probe("fentry", "probe_fentry", 6, Program.attach, _getppid_loop, needed=False),
-    Probe("lsm", "probe_lsm", 7, Program.attach, lambda: Path("/proc/self/stat").read_bytes(), needed=False),
-    Probe("ringbuf", "probe_ringbuf", 8, Program.attach, _getppid_loop),
-    Probe("bpf_send_signal", "probe_send_signal", 9, Program.attach, _getppid_loop),
+    Probe("kprobe", "probe_kprobe", 5, _attach, _getppid_loop, needed=False),
+    Probe("fentry", "probe_fentry", 6, _attach, _getppid_loop, needed=False),
+    Probe("lsm", "probe_lsm", 7, _attach, lambda: Path("/proc/self/stat").read_bytes(), needed=False),
+    Probe("ringbuf", "probe_ringbuf", 8, _attach, _getppid_loop),
+    Probe("bpf_send_signal", "probe_send_signal", 9, _attach, _getppid_loop),
 ]
 
 
 def _run_probe(probe: Probe) -> Check:
+    from bpfscope.engine.bpf import BpfObject
+
     received: list[int] = []
     previous = signal.signal(SIGNAL, lambda signum, frame: received.append(signum))
     try:
         with BpfObject(
-            tool_object("doctor"),
+            DOCTOR_OBJECT,
             rodata={"doctor_tgid": os.getpid(), "signal_number": int(SIGNAL)},
             autoload={probe.program},
         ) as obj:
@@ -94,7 +155,6 @@ def _run_probe(probe: Probe) -> Check:
                 return Check(probe.name, False, f"loads, does not attach: {_short(exc)}", probe.needed)
             probe.trigger()
             hits = obj.bss["hits"][probe.counter]
-            detail = f"loaded, attached, fired {hits} times"
             if probe.name == "ringbuf":
                 records = obj.ring_buffer("records").poll(0.5)
                 ok = len(records) > 0 and int(records["pid"][0]) == os.getpid()
@@ -105,7 +165,8 @@ def _run_probe(probe: Probe) -> Check:
                 while not received and time.monotonic() < deadline:
                     time.sleep(0.01)
                 return Check(probe.name, bool(received), f"{len(received)} signals delivered", probe.needed)
-            return Check(probe.name, hits > 0, detail if hits else "attached but never fired", probe.needed)
+            detail = f"loaded, attached, fired {hits} times" if hits else "attached but never fired"
+            return Check(probe.name, hits > 0, detail, probe.needed)
     finally:
         signal.signal(SIGNAL, previous)
 
@@ -115,6 +176,8 @@ def _short(exc: BpfscopeError) -> str:
 
 
 def _system_checks() -> list[Check]:
+    from bpfscope.engine import libbpf
+
     checks = []
     major, minor = libbpf.version()
     checks.append(
@@ -152,40 +215,78 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def run_doctor() -> list[Check]:
-    system.require_privileges()
-    checks = _system_checks()
-    checks.extend(_run_probe(probe) for probe in PROBES)
-    return checks
+class DoctorCollector(Collector[Config]):
+    """Every check, once: the machine's facilities, then each probe loaded, attached and fired. Its
+    configuration is only the common one: the checks are of the kernel, not of any task."""
+
+    name = "doctor"
+    _schemas = (DOCTOR_SCHEMA,)
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.result: DoctorSample | None = None
+
+    def open(self) -> None:
+        # What every probe needs: said once, before any check runs.
+        system.require_privileges()
+        system.require_btf()
+
+    def sample(self) -> DoctorSample:
+        checks = _system_checks() + [_run_probe(probe) for probe in PROBES]
+        kernel = f"{platform.system()} {platform.release()} {platform.machine()}"
+        self.result = DoctorSample(time.time(), kernel, checks)
+        return self.result
+
+
+class DoctorView(View):
+    """A table of the checks (what is missing in red, what bpfscope does without in yellow); the summary
+    names what is missing."""
+
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, DoctorSample)
+        rows = [(c.name, "yes" if c.ok else "no", c.detail) for c in sample.checks]
+        styles = ["green" if c.ok else ("red" if c.needed else "yellow") for c in sample.checks]
+        term.table(
+            ["capability", "works", "detail"], rows, title=f"bpfscope doctor: {sample.kernel}", styles=styles
+        )
+
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        assert isinstance(collector, DoctorCollector)
+        result = collector.result
+        if result is None:
+            return "doctor: no checks ran"
+        if result.missing:
+            return f"doctor: missing what bpfscope needs: {', '.join(result.missing)}"
+        if result.unavailable:
+            return (
+                f"doctor: not available here ({', '.join(result.unavailable)}); bpfscope works without them"
+            )
+        return "doctor: everything bpfscope can use works here"
 
 
 EXAMPLES = """
 \b
 Examples:
-  bpfscope doctor          # table of what works here
+  bpfscope doctor          # table of what works here; exit code 1 if bpfscope lacks something it needs
   bpfscope doctor --json   # one JSON line per capability
 """
 
 
 @click.command(name="doctor", epilog=EXAMPLES)
-@click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout instead of a table.")
+@option("json", help="JSON lines on stdout (one per capability) instead of a table.")
 def command(as_json: bool) -> None:
-    """What this kernel can do: each program and attach type is loaded, attached and fired here."""
-    checks = run_doctor()
-    out = Output(as_json)
-    kernel = f"{platform.system()} {platform.release()} {platform.machine()}"
-    if as_json:
-        for check in checks:
-            out.record({**asdict(check), "kernel": kernel})
-        return
-    rows = [(c.name, "yes" if c.ok else "no", c.detail) for c in checks]
-    styles = ["green" if c.ok else ("red" if c.needed else "yellow") for c in checks]
-    out.table(["capability", "works", "detail"], rows, title=f"bpfscope doctor: {kernel}", styles=styles)
-    missing = [c.name for c in checks if not c.ok and c.needed]
-    if missing:
-        out.note(f"missing what bpfscope needs: {', '.join(missing)}")
+    """What this kernel can do: each program and attach type is loaded, attached and fired here.
+
+    Exits with 1 when something bpfscope needs does not work. doctor takes only --json: it checks the
+    kernel once, in its own process, so the task filters, --duration and intervals of the other tools do
+    not apply to it.
+    """
+    collector = DoctorCollector(Config())
+    session = Run(as_json=as_json).session([collector], DoctorView())
+    # One sample: opened (privileges, BTF), then finish() takes the run's one sample and its summary.
+    with session:
+        session.open()
+        session.start()
+        session.finish()
+    if collector.result is None or collector.result.missing:
         raise SystemExit(1)
-    with contextlib.suppress(Exception):
-        unused = [c.name for c in checks if not c.ok]
-        if unused:
-            out.note(f"not available here ({', '.join(unused)}); bpfscope works without them")
