@@ -192,8 +192,12 @@ class SyscountCollector(BpfCollector[SyscountConfig]):
             values["targ_syscall"] = syscall_filter(config.syscall)
         return values
 
+    def autoload(self) -> set[str]:
+        # Entries are timed only for latency: without it, no program runs at every syscall's entry for
+        # nothing, and the entry times and histograms need no memory.
+        return {"sys_enter", "sys_exit"} if self.config.latency else {"sys_exit"}
+
     def max_entries(self) -> dict[str, int]:
-        # Without latency the entry times and histograms are never used: no need to allocate them.
         return {} if self.config.latency else {"latency": 1, "start": 1}
 
     def start(self) -> None:
