@@ -4,24 +4,29 @@
  * namespace (inode number of sk->__sk_common.skc_net, what `ls -l /proc/PID/ns/net` shows), all read from
  * the struct sock with CO-RE, so the same tuple in two namespaces are two connections.
  *
+ * Sockets are keyed by their cookie (bs_sk_cookie): unique for as long as the machine runs, where a
+ * socket's address is reused as soon as it is freed, and the key sock_diag reports (idiag_cookie), so
+ * that user space can join what it lists with what the programs recorded.
+ *
  * Owner attribution. Many TCP events run in softirq (retransmit timers, state changes on an incoming
- * segment, the handshake of a passive open), where the current task is whoever was interrupted. So each
- * tool keeps an LRU map bs_owners, sk -> {tgid, comm, cgroup v2 id}, filled only where the kernel runs
- * in the context of the process using the socket:
- *   - connect(): the CLOSE -> SYN_SENT state change (bs_owner_learn_on_state);
+ * segment, the handshake of a passive open), where the current task is whoever was interrupted. So the
+ * tools keep an LRU map bs_owners, cookie -> {tgid, comm, cgroup v2 id}, filled only where the kernel
+ * runs in the context of the process using the socket:
+ *   - connect(): the CLOSE -> SYN_SENT state change; listen(): CLOSE -> LISTEN (bs_owner_on_state);
  *   - send and receive: sock_send_length / sock_recv_length run in the caller's context
  *     (BS_OWNER_PROGRAMS below);
- *   - accept(): the syscall's exit, where the new fd is turned into its sock (bs_sk_of_fd);
- *   - listen(): the listening socket, owner of the SYN-ACKs its half-open connections send.
- * Limits: a connection that was accepted but not yet accepted()/used, or that existed before the tool
- * started and has not sent or received since, has no owner (tgid 0); the owner is the last process to
- * use the socket (after a fork both may use it); accepts done without accept(2)/accept4(2) (io_uring)
- * are learnt at the first send or receive. The LRU map forgets the least recently used sockets when
- * full (BS_OWNERS_MAX), and tools delete an entry when its socket closes.
+ *   - accept(): the syscall's exit, where the new fd is turned into its sock (bs_sk_of_fd).
+ * bpfscope's own process and its children are never recorded as owners (bs_task_is_self): their
+ * sockets' events count as of an unknown owner. Limits: a connection that was accepted but not yet
+ * accepted()/used, or that existed before the tool started and has not sent or received since, has no
+ * owner (tgid 0); the owner is the last process to use the socket (after a fork both may use it);
+ * accepts done without accept(2)/accept4(2) (io_uring) are learnt at the first send or receive. The LRU
+ * map forgets the least recently used sockets when full (BS_OWNERS_MAX), and bs_owner_on_state forgets
+ * a socket's owner when it closes.
  *
  * Filters: the CLI's -p/--cgroup apply to the owner (bs_owner_selected), so softirq events are filtered
- * by the process they belong to, not by the interrupted one; -L/-D port filters (bs_targ_lport,
- * bs_targ_rport; 0 = any) apply to the connection (bs_conn_selected). core/net.py is the user-space side.
+ * by the process they belong to, not by the interrupted one; --lport/--dport (bs_targ_lport,
+ * bs_targ_rport; 0 = any) apply to the connection (bs_conn_selected). conn.py is the user-space side.
  */
 #ifndef BPFSCOPE_NET_BPF_H
 #define BPFSCOPE_NET_BPF_H
@@ -65,17 +70,22 @@ struct bs_owner {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, BS_OWNERS_MAX);
-	__type(key, __u64);
+	__type(key, __u64); /* the socket's cookie */
 	__type(value, struct bs_owner);
 } bs_owners SEC(".maps");
 
-/* A socket's cookie: unique for as long as the machine runs, where its address is reused as soon as it
- * is freed. Keys of rows that outlive the socket (until user space has read them) must be cookies: a new
- * socket at the same address would otherwise take over, or wipe, a closed one's counts. BTF (tp_btf)
- * programs only: the helper wants a typed socket pointer. */
+/* A socket's cookie (made on first use). BTF (tp_btf) programs only: the helper wants a typed socket
+ * pointer. */
 static __always_inline __u64 bs_sk_cookie(const struct sock *sk)
 {
 	return bpf_get_socket_cookie((void *)sk);
+}
+
+/* The cookie of a socket reached through an untyped pointer (a syscall tracepoint, where the helper is
+ * not available): 0 while nobody has asked for it yet. */
+static __always_inline __u64 bs_sk_cookie_made(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
 }
 
 static __always_inline __u32 bs_sk_netns(const struct sock *sk)
@@ -133,56 +143,59 @@ static __always_inline void bs_owner_current(struct bs_owner *o)
 	bpf_get_current_comm(o->comm, sizeof(o->comm));
 }
 
-/* Record the current task as the socket's owner (process context only). Cheap when it already is. */
-static __always_inline void bs_owner_learn(const struct sock *sk)
+/* Record the current task as the owner of the socket with this cookie (process context only). Cheap
+ * when it already is; bpfscope and its children are never recorded. */
+static __always_inline void bs_owner_learn_cookie(__u64 cookie)
 {
-	__u64 key = (__u64)sk;
-	struct bs_owner *known = bpf_map_lookup_elem(&bs_owners, &key);
-	struct bs_owner o = {};
+	struct bs_owner *known, o = {};
 
+	if (!cookie)
+		return;
+	known = bpf_map_lookup_elem(&bs_owners, &cookie);
 	if (known && known->tgid == bpf_get_current_pid_tgid() >> 32)
 		return;
+	if (bs_task_is_self())
+		return;
 	bs_owner_current(&o);
-	bpf_map_update_elem(&bs_owners, &key, &o, BPF_ANY);
+	bpf_map_update_elem(&bs_owners, &cookie, &o, BPF_ANY);
+}
+
+static __always_inline void bs_owner_learn(const struct sock *sk)
+{
+	bs_owner_learn_cookie(bs_sk_cookie(sk));
 }
 
 static __always_inline struct bs_owner *bs_owner_of(const struct sock *sk)
 {
-	__u64 key = (__u64)sk;
+	__u64 key = bs_sk_cookie(sk);
 
 	return bpf_map_lookup_elem(&bs_owners, &key);
-}
-
-static __always_inline void bs_owner_forget(const struct sock *sk)
-{
-	__u64 key = (__u64)sk;
-
-	bpf_map_delete_elem(&bs_owners, &key);
 }
 
 /* -p / --cgroup on the owner. An unknown owner passes only when no filter is set. */
 static __always_inline bool bs_owner_selected(const struct bs_owner *o)
 {
-	if (!bs_targ_tgid && !bs_targ_cgroup)
-		return true;
 	if (!o)
-		return false;
-	if (bs_targ_tgid && o->tgid != bs_targ_tgid)
-		return false;
-	if (bs_targ_cgroup && o->cgroup != bs_targ_cgroup)
-		return false;
-	return true;
+		return !bs_targ_tgid && !bs_targ_cgroup;
+	return bs_tgid_selected(o->tgid, o->cgroup);
 }
 
-/* connect() moves a socket from CLOSE to SYN_SENT in the caller's context. A passive open's socket is
- * new when its handshake completes (in softirq): an owner left at its address by a socket freed there
- * before is not its owner. */
-static __always_inline void bs_owner_learn_on_state(const struct sock *sk, int oldstate, int newstate)
+/* What every inet_sock_set_state program does last, once the tool has read the owner: connect() moves
+ * a socket from CLOSE to SYN_SENT and listen() from CLOSE to LISTEN in the caller's context (learn it);
+ * a passive open's cookie is made at the end of its handshake, so that accept(), which reaches the
+ * socket through an untyped pointer, can read it; a socket that closes has no owner any more. */
+static __always_inline void bs_owner_on_state(const struct sock *sk, int oldstate, int newstate)
 {
-	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT)
+	__u64 key;
+
+	if (oldstate == TCP_CLOSE && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN)) {
 		bs_owner_learn(sk);
-	else if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)
-		bs_owner_forget(sk);
+	} else if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
+		bs_sk_cookie(sk);
+	} else if (newstate == TCP_CLOSE) {
+		key = bs_sk_cookie(sk);
+		bpf_map_delete_elem(&bs_owners, &key);
+	}
 }
 
 /* The sock behind file descriptor fd of the current task, or NULL (not a socket, or not TCP). */
@@ -208,17 +221,18 @@ static __always_inline struct sock *bs_sk_of_fd(int fd)
 	return sk;
 }
 
-/* The current task owns the TCP socket behind fd, if it is one. */
+/* accept() returned fd: the current task owns the TCP socket behind it, if it is one. */
 static __always_inline void bs_owner_learn_fd(long fd)
 {
 	struct sock *sk = bs_sk_of_fd(fd);
 
 	if (sk)
-		bs_owner_learn(sk);
+		bs_owner_learn_cookie(bs_sk_cookie_made(sk));
 }
 
 /* Owner learning from sends, receives and accepts: a tool that needs owners of connections it did not
- * see open puts BS_OWNER_PROGRAMS in its source. Sends and receives of other protocols are skipped. */
+ * see open puts BS_OWNER_PROGRAMS in its source (and calls bs_owner_on_state at its state changes).
+ * Sends and receives of other protocols are skipped. */
 #define BS_OWNER_PROGRAMS                                                                           \
 	SEC("tp_btf/sock_send_length")                                                              \
 	int BPF_PROG(bs_owner_send, struct sock *sk, int ret, int flags)                            \
@@ -237,8 +251,6 @@ static __always_inline void bs_owner_learn_fd(long fd)
 	SEC("tracepoint/syscalls/sys_exit_accept4")                                                 \
 	int bs_owner_accept4(struct trace_event_raw_sys_exit *ctx) { bs_owner_learn_fd(ctx->ret); return 0; } \
 	SEC("tracepoint/syscalls/sys_exit_accept")                                                  \
-	int bs_owner_accept(struct trace_event_raw_sys_exit *ctx) { bs_owner_learn_fd(ctx->ret); return 0; } \
-	SEC("tracepoint/syscalls/sys_enter_listen")                                                 \
-	int bs_owner_listen(struct trace_event_raw_sys_enter *ctx) { bs_owner_learn_fd(ctx->args[0]); return 0; }
+	int bs_owner_accept(struct trace_event_raw_sys_exit *ctx) { bs_owner_learn_fd(ctx->ret); return 0; }
 
 #endif

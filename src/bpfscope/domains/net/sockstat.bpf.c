@@ -36,15 +36,22 @@ struct sock_key {
 	__u64 ino;
 };
 
+/* What a socket counts, in the order user space shows them; each kind's name is read from BTF. */
+enum sock_event {
+	SOCK_EV_RCVQUEUE_FULL, /* sock:sock_rcvqueue_full */
+	SOCK_EV_EXCEED_SEND,   /* sock:sock_exceed_buf_limit, kind SK_MEM_SEND */
+	SOCK_EV_EXCEED_RECV,   /* sock:sock_exceed_buf_limit, kind SK_MEM_RECV */
+	SOCK_EV_DROP_RCVBUF,   /* kfree_skb SOCKET_RCVBUFF: receive buffer full (UDP) */
+	SOCK_EV_DROP_MEM,      /* kfree_skb PROTO_MEM: no memory for the receive queue (TCP) */
+	SOCK_EV_DROP_BACKLOG,  /* kfree_skb SOCKET_BACKLOG: the backlog of a socket busy in a syscall */
+	SOCK_EV_DROP_ZEROWIN,  /* kfree_skb TCP_ZEROWINDOW: data sent into a closed receive window */
+	SOCK_EV_DROP_LISTEN,   /* kfree_skb TCP_LISTEN_OVERFLOW: accept queue full */
+};
+#define SOCK_EVENTS (SOCK_EV_DROP_LISTEN + 1)
+BS_ENUM(sock_event);
+
 struct sock_events {
-	__u64 rcvqueue_full;  /* sock:sock_rcvqueue_full */
-	__u64 exceed_send;    /* sock:sock_exceed_buf_limit, kind SK_MEM_SEND */
-	__u64 exceed_recv;    /* sock:sock_exceed_buf_limit, kind SK_MEM_RECV */
-	__u64 drop_rcvbuf;    /* kfree_skb SOCKET_RCVBUFF: receive buffer full (UDP) */
-	__u64 drop_mem;       /* kfree_skb PROTO_MEM: no memory for the receive queue (TCP) */
-	__u64 drop_backlog;   /* kfree_skb SOCKET_BACKLOG: the backlog of a socket busy in a syscall */
-	__u64 drop_zerowin;   /* kfree_skb TCP_ZEROWINDOW: data sent into a closed receive window */
-	__u64 drop_listen;    /* kfree_skb TCP_LISTEN_OVERFLOW: accept queue full */
+	__u64 counts[SOCK_EVENTS]; /* by enum sock_event */
 	/* Who the socket is, for a socket that is gone when user space looks. */
 	__u32 netns;
 	__u16 family;
@@ -64,17 +71,6 @@ struct {
 
 /* Events of sockets the map had no room for, read by user space through .bss. */
 __u64 events_dropped = 0;
-
-enum event_kind {
-	EV_RCVQUEUE_FULL,
-	EV_EXCEED_SEND,
-	EV_EXCEED_RECV,
-	EV_DROP_RCVBUF,
-	EV_DROP_MEM,
-	EV_DROP_BACKLOG,
-	EV_DROP_ZEROWIN,
-	EV_DROP_LISTEN,
-};
 
 /* sock_i_ino(): the inode of the struct socket_alloc that holds sk->sk_socket. */
 static __always_inline __u64 sock_inode(struct sock *sk)
@@ -104,12 +100,12 @@ static __always_inline void describe(struct sock_events *e, struct sock *sk)
 	}
 }
 
-static __always_inline void count(struct sock *sk, enum event_kind kind)
+static __always_inline void count(struct sock *sk, enum sock_event kind)
 {
 	struct sock_key key = {};
 	struct sock_events *e, zero = {};
 
-	if (!sk)
+	if (!sk || kind >= SOCK_EVENTS)
 		return;
 	key.ino = sock_inode(sk);
 	e = bpf_map_lookup_elem(&events, &key);
@@ -119,45 +115,20 @@ static __always_inline void count(struct sock *sk, enum event_kind kind)
 		if (!e)
 			return;
 	}
-	switch (kind) {
-	case EV_RCVQUEUE_FULL:
-		__sync_fetch_and_add(&e->rcvqueue_full, 1);
-		break;
-	case EV_EXCEED_SEND:
-		__sync_fetch_and_add(&e->exceed_send, 1);
-		break;
-	case EV_EXCEED_RECV:
-		__sync_fetch_and_add(&e->exceed_recv, 1);
-		break;
-	case EV_DROP_RCVBUF:
-		__sync_fetch_and_add(&e->drop_rcvbuf, 1);
-		break;
-	case EV_DROP_MEM:
-		__sync_fetch_and_add(&e->drop_mem, 1);
-		break;
-	case EV_DROP_BACKLOG:
-		__sync_fetch_and_add(&e->drop_backlog, 1);
-		break;
-	case EV_DROP_ZEROWIN:
-		__sync_fetch_and_add(&e->drop_zerowin, 1);
-		break;
-	case EV_DROP_LISTEN:
-		__sync_fetch_and_add(&e->drop_listen, 1);
-		break;
-	}
+	__sync_fetch_and_add(&e->counts[kind], 1);
 }
 
 SEC("tp_btf/sock_rcvqueue_full")
 int BPF_PROG(rcvqueue_full, struct sock *sk, struct sk_buff *skb)
 {
-	count(sk, EV_RCVQUEUE_FULL);
+	count(sk, SOCK_EV_RCVQUEUE_FULL);
 	return 0;
 }
 
 SEC("tp_btf/sock_exceed_buf_limit")
 int BPF_PROG(exceed_buf_limit, struct sock *sk, struct proto *prot, long allocated, int kind)
 {
-	count(sk, kind == 0 /* SK_MEM_SEND */ ? EV_EXCEED_SEND : EV_EXCEED_RECV);
+	count(sk, kind == 0 /* SK_MEM_SEND */ ? SOCK_EV_EXCEED_SEND : SOCK_EV_EXCEED_RECV);
 	return 0;
 }
 
@@ -167,18 +138,18 @@ SEC("tp_btf/kfree_skb")
 int BPF_PROG(kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct sock *rx_sk)
 {
 	struct sock *sk = rx_sk;
-	enum event_kind kind;
+	enum sock_event kind;
 
 	if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_SOCKET_RCVBUFF))
-		kind = EV_DROP_RCVBUF;
+		kind = SOCK_EV_DROP_RCVBUF;
 	else if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_PROTO_MEM))
-		kind = EV_DROP_MEM;
+		kind = SOCK_EV_DROP_MEM;
 	else if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_SOCKET_BACKLOG))
-		kind = EV_DROP_BACKLOG;
+		kind = SOCK_EV_DROP_BACKLOG;
 	else if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_TCP_ZEROWINDOW))
-		kind = EV_DROP_ZEROWIN;
+		kind = SOCK_EV_DROP_ZEROWIN;
 	else if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_TCP_LISTEN_OVERFLOW))
-		kind = EV_DROP_LISTEN;
+		kind = SOCK_EV_DROP_LISTEN;
 	else
 		return 0;
 	if (!sk)

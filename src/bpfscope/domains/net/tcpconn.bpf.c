@@ -14,21 +14,27 @@
 char LICENSE[] SEC("license") = "GPL";
 
 #define MAX_ROWS 16384
+#define BS_ECONNRESET 104
 
-/* Keep in step with KINDS in tcpconn.py. */
-enum kind { KIND_CONNECT, KIND_ACCEPT, KIND_FAIL, KIND_RESET };
+enum conn_event {
+	CONN_CONNECT,
+	CONN_ACCEPT,
+	CONN_FAIL,
+	CONN_RESET,
+};
+BS_ENUM(conn_event);
 
 struct event {
 	__u64 ts;
 	struct bs_conn conn;
 	struct bs_owner owner;
-	__u32 kind;
+	enum conn_event kind;
 	__s32 err;
 };
 
 struct row_key {
 	struct bs_owner owner;
-	__u32 kind;
+	enum conn_event kind;
 	__s32 err;
 	__u16 family;
 	__u16 pad[3];
@@ -46,21 +52,21 @@ struct {
 
 BS_RINGBUF(events, 1 << 20, struct event);
 
+/* Events not counted: the counts map was full. */
 __u64 rows_dropped = 0;
 
-static __always_inline void record(const struct sock *sk, const struct bs_owner *owner, __u32 kind, int err)
+/* An event of a connection whose owner (NULL: unknown) has been selected. */
+static __always_inline void record(const struct sock *sk, const struct bs_owner *owner, enum conn_event kind, int err)
 {
 	struct bs_conn conn = {};
 	struct event *e;
 
-	if (!bs_owner_selected(owner))
-		return;
 	bs_conn_of(sk, &conn);
 	if (!bs_conn_selected(&conn))
 		return;
 	if (count_mode) {
 		struct row_key key = {};
-		__u64 one = 1, *n;
+		__u64 zero = 0, *n;
 
 		key.kind = kind;
 		key.err = err;
@@ -69,10 +75,10 @@ static __always_inline void record(const struct sock *sk, const struct bs_owner 
 		if (owner)
 			key.owner = *owner;
 		n = bpf_map_lookup_elem(&counts, &key);
+		if (!n)
+			n = bs_insert(&counts, &key, &zero, &rows_dropped);
 		if (n)
 			__sync_fetch_and_add(n, 1);
-		else if (bpf_map_update_elem(&counts, &key, &one, BPF_NOEXIST))
-			__sync_fetch_and_add(&rows_dropped, 1);
 		return;
 	}
 	e = bs_reserve(&events, sizeof(*e));
@@ -89,21 +95,26 @@ static __always_inline void record(const struct sock *sk, const struct bs_owner 
 	bpf_ringbuf_submit(e, 0);
 }
 
+/* An event in softirq or any other context: the socket's recorded owner is the process. */
+static __always_inline void record_owned(const struct sock *sk, enum conn_event kind, int err)
+{
+	struct bs_owner *owner = bs_owner_of(sk);
+
+	if (bs_owner_selected(owner))
+		record(sk, owner, kind, err);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int newstate)
 {
 	if (sk->sk_protocol != BS_IPPROTO_TCP)
 		return 0;
-	bs_owner_learn_on_state(sk, oldstate, newstate);
-	if (oldstate != TCP_SYN_SENT)
-		return 0;
-	if (newstate == TCP_ESTABLISHED)
-		record(sk, bs_owner_of(sk), KIND_CONNECT, 0);
-	else if (newstate == TCP_CLOSE) {
-		/* tcp_done_with_error() sets sk_err before it closes the socket. */
-		record(sk, bs_owner_of(sk), KIND_FAIL, BPF_CORE_READ(sk, sk_err));
-		bs_owner_forget(sk);
-	}
+	if (oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED)
+		record_owned(sk, CONN_CONNECT, 0);
+	/* tcp_done_with_error() sets sk_err before it closes the socket. */
+	else if (oldstate == TCP_SYN_SENT && newstate == TCP_CLOSE)
+		record_owned(sk, CONN_FAIL, BPF_CORE_READ(sk, sk_err));
+	bs_owner_on_state(sk, oldstate, newstate);
 	return 0;
 }
 
@@ -114,10 +125,11 @@ int BPF_PROG(receive_reset, struct sock *sk)
 
 	/* A RST answering a SYN is a failed connect, reported at its close. */
 	if (state != TCP_SYN_SENT && state != TCP_LISTEN && state != TCP_CLOSE)
-		record(sk, bs_owner_of(sk), KIND_RESET, 104 /* ECONNRESET */);
+		record_owned(sk, CONN_RESET, BS_ECONNRESET);
 	return 0;
 }
 
+/* In the accepting process: it is the owner, selected as the current task. */
 static __always_inline void accepted(long ret)
 {
 	struct bs_owner owner = {};
@@ -128,9 +140,11 @@ static __always_inline void accepted(long ret)
 	sk = bs_sk_of_fd(ret);
 	if (!sk)
 		return;
-	bs_owner_learn(sk);
+	bs_owner_learn_cookie(bs_sk_cookie_made(sk));
+	if (!bs_task_selected())
+		return;
 	bs_owner_current(&owner);
-	record(sk, &owner, KIND_ACCEPT, 0);
+	record(sk, &owner, CONN_ACCEPT, 0);
 }
 
 SEC("tracepoint/syscalls/sys_exit_accept4")

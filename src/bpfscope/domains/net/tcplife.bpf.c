@@ -51,7 +51,7 @@ const volatile bool hist_mode = false;
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_BIRTHS);
-	__type(key, __u64);
+	__type(key, __u64); /* the socket's cookie */
 	__type(value, struct birth);
 } births SEC(".maps");
 
@@ -71,43 +71,88 @@ __u64 services_dropped = 0;
 
 static const struct bs_loglin_hist empty_hist = {};
 
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int newstate)
+static __always_inline void born(__u64 key, __u64 now, bool passive)
+{
+	struct birth fresh = {.ts = now, .established = passive, .passive = passive};
+
+	/* A new socket: its cookie was never used before, so nothing is at its key. */
+	bs_insert(&births, &key, &fresh, &births_dropped);
+}
+
+static __always_inline void count_lifespan(const struct sock *sk, const struct bs_owner *owner,
+					   const struct birth *b, __u64 now)
+{
+	struct service_key key = {};
+	struct bs_loglin_hist *h;
+	struct bs_conn conn;
+
+	bs_conn_of(sk, &conn);
+	if (!bs_conn_selected(&conn))
+		return;
+	key.passive = b->passive;
+	key.port = b->passive ? conn.sport : conn.dport;
+	if (owner)
+		__builtin_memcpy(key.comm, owner->comm, sizeof(key.comm));
+	h = bpf_map_lookup_elem(&lifespans, &key);
+	if (!h)
+		h = bs_insert(&lifespans, &key, &empty_hist, &services_dropped);
+	if (h)
+		bs_hist_add_loglin(h, now - b->ts);
+}
+
+static __always_inline void send_life(const struct sock *sk, const struct bs_owner *owner, const struct birth *b,
+				      __u64 now)
 {
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-	__u64 key = (__u64)sk, now = bpf_ktime_get_ns();
-	struct birth *b, fresh = {};
-	struct bs_owner *owner;
 	struct event *e;
+	bool fin_in;
 
-	if (sk->sk_protocol != BS_IPPROTO_TCP)
-		return 0;
-	bs_owner_learn_on_state(sk, oldstate, newstate);
-	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
-		fresh.ts = now;
-		if (bpf_map_update_elem(&births, &key, &fresh, BPF_ANY))
-			__sync_fetch_and_add(&births_dropped, 1);
-		return 0;
+	e = bs_reserve(&events, sizeof(*e));
+	if (!e)
+		return;
+	bs_conn_of(sk, &e->conn);
+	if (!bs_conn_selected(&e->conn)) {
+		bpf_ringbuf_discard(e, 0);
+		return;
 	}
-	if (newstate == TCP_ESTABLISHED) {
-		b = bpf_map_lookup_elem(&births, &key);
-		if (b) {
-			b->established = 1;
-		} else if (oldstate == TCP_SYN_RECV) {
-			fresh.ts = now;
-			fresh.established = 1;
-			fresh.passive = 1;
-			if (bpf_map_update_elem(&births, &key, &fresh, BPF_ANY))
-				__sync_fetch_and_add(&births_dropped, 1);
-		}
-		return 0;
+	/* The peer's FIN: tcp_fin() marks the socket SOCK_DONE when it arrives. */
+	fin_in = BPF_CORE_READ(sk, __sk_common.skc_flags) &
+		 (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE));
+	e->ts = now;
+	e->duration_ns = now - b->ts;
+	e->tx_bytes = BPF_CORE_READ(tp, bytes_acked) - !b->passive - b->fin_out_acked;
+	e->rx_bytes = BPF_CORE_READ(tp, bytes_received) - fin_in;
+	e->passive = b->passive;
+	if (owner)
+		e->owner = *owner;
+	else
+		__builtin_memset(&e->owner, 0, sizeof(e->owner));
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void state_changed(const struct sock *sk, int oldstate, int newstate)
+{
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	__u64 key = bs_sk_cookie(sk), now = bpf_ktime_get_ns();
+	struct bs_owner *owner;
+	struct birth *b;
+
+	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
+		born(key, now, false);
+		return;
 	}
 	b = bpf_map_lookup_elem(&births, &key);
+	if (newstate == TCP_ESTABLISHED) {
+		if (b)
+			b->established = 1;
+		else if (oldstate == TCP_SYN_RECV)
+			born(key, now, true);
+		return;
+	}
 	if (!b)
-		return 0;
+		return;
 	/* Our FIN acked: -> FIN_WAIT2, FIN_WAIT1 or CLOSING -> TIME_WAIT, and on LAST_ACK -> CLOSE when
-	 * everything sent, FIN included, is acknowledged (not on a reset or a timeout). The peer's FIN:
-	 * tcp_fin() marks the socket SOCK_DONE when it arrives. */
+	 * everything sent, FIN included, is acknowledged (not on a reset or a timeout). */
 	if (newstate == TCP_FIN_WAIT2 ||
 	    (newstate == TCP_TIME_WAIT && (oldstate == TCP_FIN_WAIT1 || oldstate == TCP_CLOSING)))
 		b->fin_out_acked = 1;
@@ -115,57 +160,24 @@ int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int new
 	    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
 		b->fin_out_acked = 1;
 	if (newstate != TCP_CLOSE)
-		return 0;
-	if (!b->established)
-		goto forget;
+		return;
 	owner = bs_owner_of(sk);
-	if (!bs_owner_selected(owner))
-		goto forget;
-	if (hist_mode) {
-		struct service_key sk_key = {};
-		struct bs_loglin_hist *h;
-		struct bs_conn conn;
-
-		bs_conn_of(sk, &conn);
-		if (!bs_conn_selected(&conn))
-			goto forget;
-		sk_key.passive = b->passive;
-		sk_key.port = b->passive ? conn.sport : conn.dport;
-		if (owner)
-			__builtin_memcpy(sk_key.comm, owner->comm, sizeof(sk_key.comm));
-		h = bpf_map_lookup_elem(&lifespans, &sk_key);
-		if (!h) {
-			bpf_map_update_elem(&lifespans, &sk_key, &empty_hist, BPF_NOEXIST);
-			h = bpf_map_lookup_elem(&lifespans, &sk_key);
-		}
-		if (h)
-			bs_hist_add_loglin(h, now - b->ts);
+	if (b->established && bs_owner_selected(owner)) {
+		if (hist_mode)
+			count_lifespan(sk, owner, b, now);
 		else
-			__sync_fetch_and_add(&services_dropped, 1);
-		goto forget;
+			send_life(sk, owner, b, now);
 	}
-	e = bs_reserve(&events, sizeof(*e));
-	if (!e)
-		goto forget;
-	bs_conn_of(sk, &e->conn);
-	if (!bs_conn_selected(&e->conn)) {
-		bpf_ringbuf_discard(e, 0);
-		goto forget;
-	}
-	e->ts = now;
-	e->duration_ns = now - b->ts;
-	e->tx_bytes = BPF_CORE_READ(tp, bytes_acked) - !b->passive - b->fin_out_acked;
-	e->rx_bytes = BPF_CORE_READ(tp, bytes_received) -
-		      !!(BPF_CORE_READ(sk, __sk_common.skc_flags) & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE)));
-	e->passive = b->passive;
-	if (owner)
-		e->owner = *owner;
-	else
-		__builtin_memset(&e->owner, 0, sizeof(e->owner));
-	bpf_ringbuf_submit(e, 0);
-forget:
 	bpf_map_delete_elem(&births, &key);
-	bs_owner_forget(sk);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	if (sk->sk_protocol != BS_IPPROTO_TCP)
+		return 0;
+	state_changed(sk, oldstate, newstate);
+	bs_owner_on_state(sk, oldstate, newstate);
 	return 0;
 }
 
