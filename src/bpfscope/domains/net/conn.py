@@ -1,58 +1,68 @@
-"""The user-space side of include/net.bpf.h: connections and owners as the TCP tools show them.
+"""The user-space side of net.bpf.h: connections and owners as the TCP tools show them.
 
 A connection record (struct bs_conn, decoded from the object's BTF) carries family, addresses, ports and
 the network namespace inode; an owner (struct bs_owner) the process that used the socket. Here they
-become text (``10.0.0.1:80``, ``[fd00::1]:80``), TCP state names, netns names (from ``ip netns``), and
-the -L/-D port filters' rodata.
+become text (``10.0.0.1:80``, ``[fd00::1]:80``), TCP state names (the kernel's own, from its BTF), netns
+names (from ``ip netns``) and record fields; and here is what the four TCP tools share: their
+configuration's port filters (:class:`ConnConfig`), their collector's base (:class:`ConnCollector`), the
+decoding of their ring records (:func:`event_rows`) and the lines their per-event views print
+(:class:`ConnEventView`).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import socket
+import time
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.collector import BpfCollector, Config, Sample, wall_clock_offset_ns
+from bpfscope.runtime.schema import CGROUP, COMM, PID, Field, btf_field
+from bpfscope.sinks.terminal import Terminal, View
 
-AF_INET = 2
-AF_INET6 = 10
+if TYPE_CHECKING:
+    import numpy as np
 
-# include/net/tcp_states.h; the values are part of the kernel ABI (inet_sock_set_state reports them).
-TCP_STATES = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-    13: "BOUND_INACTIVE",
-}
+    from bpfscope.engine.btf import Btf
+    from bpfscope.runtime.collector import Collector
+    from bpfscope.runtime.losses import Losses
+
+# An IPv4 address mapped into IPv6 (a dual-stack socket talking IPv4): ::ffff:a.b.c.d.
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+@cache
+def tcp_states() -> dict[int, str]:
+    """The kernel's TCP states, from its own BTF: value -> name (``ESTABLISHED``, ``SYN_SENT``, ...)."""
+    from bpfscope.engine.btf import kernel_btf
+
+    members = kernel_btf().enum_with("TCP_ESTABLISHED")
+    return {value: name.removeprefix("TCP_") for name, value in members if name != "TCP_MAX_STATES"}
 
 
 def state_name(state: int) -> str:
-    return TCP_STATES.get(state, f"STATE_{state}")
+    return tcp_states().get(state, f"STATE_{state}")
+
+
+def tcp_state(name: str) -> int:
+    """A TCP state's value by its name (``LISTEN``)."""
+    return next(value for value, known in tcp_states().items() if known == name)
 
 
 def address(family: int, raw: bytes) -> str:
     """An address from a bs_conn field (16 bytes; IPv4 in the first four). IPv4-mapped IPv6 addresses
-    (a dual-stack socket talking IPv4) are shown as the IPv4 address, as ss does."""
+    are shown as the IPv4 address, as ss does."""
     # numpy decodes __u8[16] as a bytes string, which drops trailing zero bytes: put them back.
     raw = bytes(raw).ljust(16, b"\0")
-    if family == AF_INET:
-        return str(ipaddress.IPv4Address(bytes(raw[:4])))
-    addr = ipaddress.IPv6Address(bytes(raw[:16]))
-    return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
 
 
 def endpoint(addr: str, port: int) -> str:
@@ -101,17 +111,22 @@ class Conn:
 
 @dataclass(frozen=True)
 class Owner:
+    """The process that used a socket last; pid 0 when not known (see net.bpf.h)."""
+
     pid: int
     comm: str
     cgroup: int
 
     @classmethod
     def from_record(cls, owner: Any) -> Owner:
-        """From a numpy record of struct bs_owner; pid 0 means not known (see net.bpf.h)."""
+        """From a numpy record of struct bs_owner."""
         return cls(int(owner["tgid"]), comm_text(owner["comm"]), int(owner["cgroup"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {"pid": self.pid, "comm": self.comm, "cgroup": self.cgroup}
+
+
+UNKNOWN_OWNER = Owner(0, "", 0)
 
 
 def comm_text(raw: Any) -> str:
@@ -119,6 +134,35 @@ def comm_text(raw: Any) -> str:
     return data.split(b"\0", 1)[0].decode(errors="replace")
 
 
+def owners(obj: Any) -> dict[int, Owner]:
+    """Socket cookie -> owner, as net.bpf.h's bs_owners map holds them now."""
+    keys, values = obj.maps["bs_owners"].items()
+    return {
+        int(cookie): Owner.from_record(value) for cookie, value in zip(keys.tolist(), values, strict=True)
+    }
+
+
+# --- record fields ------------------------------------------------------------------------------------
+OWNER_FIELDS = (replace(PID, doc="the socket's owner (tgid); 0 when not known"), COMM, CGROUP)
+
+
+def conn_fields(btf: Btf) -> tuple[Field, ...]:
+    """A connection's fields, typed from struct bs_conn where they are its numbers."""
+    conn = btf.struct("bs_conn")
+    return (
+        btf_field("netns", conn.field("netns").type, label=True, doc="network namespace inode"),
+        Field("saddr", "str", label=True, doc="local address"),
+        btf_field("sport", conn.field("sport").type, label=True, doc="local port"),
+        Field("daddr", "str", label=True, doc="remote address"),
+        btf_field("dport", conn.field("dport").type, label=True, doc="remote port"),
+    )
+
+
+def state_field(name: str = "state") -> Field:
+    return Field(name, "enum", values=tuple(tcp_states().values()), doc="TCP state (the kernel's names)")
+
+
+# --- network namespaces -------------------------------------------------------------------------------
 def netns_inode(pid: int | str = "self") -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
@@ -156,56 +200,153 @@ class NetnsNames:
         return self._names.get(inode, str(inode))
 
 
-def port_filters(local_port: int | None, remote_port: int | None) -> dict[str, int]:
-    """The .rodata values for net.bpf.h's -L/-D filters."""
-    for port, option in ((local_port, "-L"), (remote_port, "-D")):
+# --- configuration and collector ----------------------------------------------------------------------
+def port_filters(lport: int | None, dport: int | None) -> dict[str, int]:
+    """The .rodata values for net.bpf.h's --lport/--dport filters."""
+    for port, option in ((lport, "--lport"), (dport, "--dport")):
         if port is not None and not 0 < port < 65536:
             raise BpfscopeError(f"{option} {port}: a port is 1 to 65535")
-    return {"bs_targ_lport": local_port or 0, "bs_targ_rport": remote_port or 0}
+    return {"bs_targ_lport": lport or 0, "bs_targ_rport": dport or 0}
 
 
-def port_options(func: Any) -> Any:
-    """-L/--lport and -D/--dport click options, passed as ``lport`` and ``dport``."""
-    import click
+@dataclass(kw_only=True)
+class ConnConfig(Config):
+    """A TCP tool's configuration: -p and --cgroup select by the socket's owner; the ports select the
+    connection."""
 
-    func = click.option("-D", "--dport", type=int, metavar="PORT", help="Only this remote port.")(func)
-    return click.option("-L", "--lport", type=int, metavar="PORT", help="Only this local port.")(func)
+    lport: int | None = None  # only this local port (--lport)
+    dport: int | None = None  # only this remote port (--dport)
+
+    def selects(self, owner: Owner, conn: Conn) -> bool:
+        """The kernel's filters (bs_owner_selected, bs_conn_selected), for connections user space found
+        itself. An unknown owner passes only when no task filter is set."""
+        targets = self.task_filter()
+        tgid, cgroup = targets["bs_targ_tgid"], targets["bs_targ_cgroup"]
+        if (tgid or cgroup) and not owner.pid:
+            return False
+        if (tgid and owner.pid != tgid) or (cgroup and owner.cgroup != cgroup):
+            return False
+        return (not self.lport or conn.sport == self.lport) and (not self.dport or conn.dport == self.dport)
 
 
-class EventLines:
-    """The per-event TCP tools' lines: every record has ts, owner and conn (net.bpf.h's types); a tool
-    adds its own fields with :meth:`fields` (JSON fields, and the text after the addresses) and names
-    their columns in ``columns``."""
+CC = TypeVar("CC", bound=ConnConfig)
+
+
+class ConnCollector(BpfCollector[CC]):
+    """A TCP tool's collector: the port filters beside the task filter; a per-event tool streams its
+    ``events`` ring (:meth:`read_events`)."""
+
+    # BTF tracepoints are BPF_PROG_TYPE_TRACING, which libbpf cannot probe alone: raw tracepoints stand
+    # in; the owner programs at accept() are syscall tracepoints.
+    requires = ("raw_tracepoint", "tracepoint", "ringbuf")
+
+    def __init__(self, config: CC) -> None:
+        super().__init__(config)
+        self.seen = 0  # records streamed
+        self.wall_offset_ns = 0
+
+    def rodata(self) -> dict[str, Any]:
+        return {**super().rodata(), **port_filters(self.config.lport, self.config.dport)}
+
+    def streams_events(self) -> bool:
+        """Whether the tool sends a record per event (else it counts in maps)."""
+        return True
+
+    def attach(self) -> None:
+        super().attach()
+        self.wall_offset_ns = wall_clock_offset_ns()
+        if self.streams_events():
+            self.ring("events")
+
+    def read_events(self) -> np.ndarray | None:
+        batch = self.rings["events"].read()
+        if not len(batch):
+            return None
+        self.seen += len(batch)
+        return batch
+
+
+def event_rows(events: np.ndarray, wall_offset_ns: int) -> list[dict[str, Any]]:
+    """What every TCP ring record has (ts, owner, conn) as record fields; whole columns become Python
+    lists first (much faster than one numpy scalar per field)."""
+    owner, conn = events["owner"], events["conn"]
+    columns = zip(
+        events["ts"].tolist(),
+        owner["tgid"].tolist(),
+        owner["comm"].tolist(),
+        owner["cgroup"].tolist(),
+        conn["netns"].tolist(),
+        conn["family"].tolist(),
+        conn["saddr"].tolist(),
+        conn["sport"].tolist(),
+        conn["daddr"].tolist(),
+        conn["dport"].tolist(),
+        strict=True,
+    )
+    return [
+        {
+            "ts": round((ts + wall_offset_ns) / 1e9, 6),
+            "pid": pid,
+            "comm": comm.decode(errors="replace"),
+            "cgroup": cgroup,
+            "netns": netns,
+            "saddr": address(family, saddr),
+            "sport": sport,
+            "daddr": address(family, daddr),
+            "dport": dport,
+        }
+        for ts, pid, comm, cgroup, netns, family, saddr, sport, daddr, dport in columns
+    ]
+
+
+class EventBatch(Sample):
+    """Records that arrived since the previous drain; subclasses say what each adds (:meth:`rows`)."""
+
+    def __init__(self, events: np.ndarray, wall_offset_ns: int) -> None:
+        self.events = events
+        self.wall_offset_ns = wall_offset_ns
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def ts(self) -> float:  # type: ignore[override]
+        return (int(self.events["ts"][-1]) + self.wall_offset_ns) / 1e9
+
+    def rows(self) -> list[dict[str, Any]]:
+        return event_rows(self.events, self.wall_offset_ns)
+
+
+class ConnEventView(View):
+    """The per-event TCP tools' lines: time since start, owner, namespace and addresses, then the tool's
+    own columns (``columns`` names them, :meth:`text` fills them); ``what`` names the events counted in
+    the summary."""
 
     columns = ""
+    what = "events"
 
-    def __init__(self, as_json: bool, start_ns: int) -> None:
-        self.as_json = as_json
-        self.start_ns = start_ns
+    def __init__(self) -> None:
+        self.start = time.time()
         self.netns = NetnsNames()
-
-    def header(self) -> str:
-        return (
+        self.header = (
             f"{'TIME(s)':<10} {'PID':>7} {'COMM':<15} {'NETNS':<12} {'LADDR:LPORT':<26} {'RADDR:RPORT':<26} "
             + self.columns
         )
 
-    def fields(self, record: Any) -> tuple[dict[str, Any], str]:
+    def text(self, row: dict[str, Any]) -> str:
         raise NotImplementedError
 
-    def lines(self, batch: Any) -> Iterator[tuple[int, str]]:
-        for record in batch:
-            ts = int(record["ts"])
-            owner = Owner.from_record(record["owner"])
-            conn = Conn.from_record(record["conn"])
-            extra, text = self.fields(record)
-            seconds = (ts - self.start_ns) / 1e9
-            if self.as_json:
-                fields = {"time": round(seconds, 6), **owner.to_dict(), **conn.to_dict()}
-                yield ts, json.dumps({**fields, **extra})
-                continue
-            yield (
-                ts,
-                f"{seconds:<10.3f} {owner.pid or '-':>7} {owner.comm or '-':<15} "
-                f"{self.netns(conn.netns):<12} {conn.local:<26} {conn.remote:<26} {text}",
-            )
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, EventBatch)
+        term.lines(
+            [
+                f"{r['ts'] - self.start:<10.3f} {r['pid'] or '-':>7} {r['comm'] or '-':<15} "
+                f"{self.netns(r['netns']):<12} {endpoint(r['saddr'], r['sport']):<26} "
+                f"{endpoint(r['daddr'], r['dport']):<26} {self.text(r)}"
+                for r in sample.rows()
+            ]
+        )
+
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        seen = getattr(collector, "seen", 0)
+        return f"{collector.name}: {seen} {self.what} traced, {losses.text()}"

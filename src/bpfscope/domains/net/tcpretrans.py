@@ -1,48 +1,78 @@
 """bpfscope tcpretrans: TCP retransmissions, one line each, or counted per connection with the rate.
 
 The kernel side (tcpretrans.bpf.c) counts retransmitted segments exactly as the kernel does for
-/proc/net/snmp RetransSegs and ``ss -ti`` (retrans:N/TOTAL), names the kind (after a timeout, fast
-retransmit, tail loss probe, SYN, SYN-ACK), and reads the connection's segments sent so that -c can give
-the retransmit rate, per connection and in total. :class:`RetransCounter` is also the health check's
-source (:class:`TcpProvider`).
+/proc/net/snmp RetransSegs and ``ss -ti`` (retrans:N/TOTAL) and names the kind (after a timeout, fast
+retransmit, tail loss probe, SYN, SYN-ACK). With -c, each interval gives per connection the segments
+retransmitted and the segments sent, the rate's denominator: sent segments are read from sock_diag
+(tcp_info's tcpi_segs_out, as ``ss -ti`` shows segs_out) for open connections, in every network namespace
+bpfscope finds (diag.py), and from the row a connection leaves in the kernel when it closes. Nothing runs
+per segment: a per-segment program cost about 13% of iperf3's throughput over loopback.
+
+:class:`TcpretransCollector` with ``count_mode`` is also the health check's source (health.py: TcpRule).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from bpfscope.cli.tool import RunOptions, ticks, tool_options
-from bpfscope.domains.net import conn as net
-from bpfscope.engine.bpf import BpfObject, require, tool_object
-from bpfscope.health.check import Provider, Row, Threshold, Verdict
-from bpfscope.runtime.stream import stream_events
+from bpfscope.cli.options import Run, common_options, option
+from bpfscope.domains.net import diag
+from bpfscope.domains.net.conn import (
+    OWNER_FIELDS,
+    UNKNOWN_OWNER,
+    Conn,
+    ConnCollector,
+    ConnConfig,
+    ConnEventView,
+    EventBatch,
+    NetnsNames,
+    Owner,
+    conn_fields,
+    owners,
+    state_field,
+    state_name,
+)
+from bpfscope.runtime.collector import Sample
+from bpfscope.runtime.schema import Field, Schema, btf_fields, enum_names
+from bpfscope.sinks.terminal import Terminal, View
 
 if TYPE_CHECKING:
-    import numpy as np
+    from bpfscope.runtime.collector import Collector
+    from bpfscope.runtime.losses import Losses
 
-REQUIRES = ("raw_tracepoint", "ringbuf")
-# enum kind in tcpretrans.bpf.c, in order.
-KINDS = ("other", "rto", "fast", "tlp", "syn", "synack")
-KIND_TEXT = {
-    "other": "OTHER",
-    "rto": "RTO",
-    "fast": "FAST",
-    "tlp": "TLP",
-    "syn": "SYN",
-    "synack": "SYNACK",
-}
+# Open connections whose segments sent sock_diag reports: every state with a full socket and tcp_info
+# (LISTEN sends nothing; TIME_WAIT and request socks have no tcp_info; a CLOSE socket's row is the
+# kernel side's).
+DIAG_STATES = (
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "CLOSING",
+)
+
+
+@cache
+def kinds() -> tuple[str, ...]:
+    """enum retrans_kind (tcpretrans.bpf.c), in order: ``other``, ``rto``, ``fast``, ..."""
+    return tuple(enum_names(TcpretransCollector.btf().enum("retrans_kind")).values())
 
 
 @dataclass
 class ConnRetrans:
     """One connection's retransmissions and segments sent over an interval."""
 
-    owner: net.Owner
-    conn: net.Conn
+    owner: Owner
+    conn: Conn
     retrans: int
     segs_out: int
     kinds: dict[str, int] = field(default_factory=dict)
@@ -53,29 +83,20 @@ class ConnRetrans:
     def retrans_pct(self) -> float | None:
         return 100.0 * self.retrans / self.segs_out if self.segs_out else None
 
-    def to_dict(self) -> dict[str, Any]:
-        pct = self.retrans_pct
-        return {
-            **self.owner.to_dict(),
-            **self.conn.to_dict(),
-            "retrans": self.retrans,
-            "segs_out": self.segs_out,
-            "retrans_pct": None if pct is None else round(pct, 4),
-            "kinds": self.kinds,
-            "retrans_total": self.retrans_total,
-            "segs_out_total": self.segs_out_total,
-        }
-
-    def describe(self, netns: net.NetnsNames) -> str:
+    def describe(self, netns: NetnsNames) -> str:
         who = f"{self.owner.comm} (pid {self.owner.pid})" if self.owner.pid else "unknown process"
         return f"{who} {self.conn.local} -> {self.conn.remote} (netns {netns(self.conn.netns)})"
 
 
 @dataclass
-class Interval:
-    conns: list[ConnRetrans]
-    opened_active: int
-    opened_passive: int
+class RetransSample(Sample):
+    """Retransmissions and segments sent per connection over an interval, and connections opened."""
+
+    ts: float
+    interval_s: float
+    conns: list[ConnRetrans]  # most retransmissions first
+    active_opens: int  # connect() calls
+    passive_opens: int  # handshakes completed for a listener
 
     @property
     def retrans(self) -> int:
@@ -89,201 +110,358 @@ class Interval:
     def retrans_pct(self) -> float | None:
         return 100.0 * self.retrans / self.segs_out if self.segs_out else None
 
-
-class RetransCounter:
-    """Per-connection retransmissions and segments sent since the previous call, from a loaded
-    tcpretrans object in counting mode. Rows of closed connections are deleted once read unchanged."""
-
-    def __init__(self, obj: BpfObject) -> None:
-        self.obj = obj
-        self.before: dict[int, tuple[int, int, tuple[int, ...]]] = {}
-        self.opened = (0, 0)
-
-    def interval(self) -> Interval:
-        conns_map = self.obj.maps["conns"]
-        keys, values = conns_map.items()
-        now: dict[int, tuple[int, int, tuple[int, ...]]] = {}
-        out = []
-        for k, v in zip(keys.tolist(), values, strict=True):
-            kinds = tuple(int(x) for x in v["kinds"])
-            seen = (int(v["retrans"]), int(v["segs_out"]), kinds)
-            now[k] = seen
-            prev = self.before.get(k)
-            # A new row: its segments count from when tracking began (0 for a connect() seen).
-            base = prev if prev is not None else (0, int(v["segs_out_first"]), (0,) * len(kinds))
-            retrans, segs = seen[0] - base[0], seen[1] - base[1]
-            if retrans or segs > 0:
-                out.append(
-                    ConnRetrans(
-                        net.Owner.from_record(v["owner"]),
-                        net.Conn.from_record(v["conn"]),
-                        retrans,
-                        max(segs, 0),
-                        {name: n - b for name, n, b in zip(KINDS, kinds, base[2], strict=False) if n - b},
-                        seen[0],
-                        seen[1] - int(v["segs_out_first"]),
-                    )
-                )
-            if int(v["closed"]) and prev == seen:
-                conns_map.delete(k)
-                del now[k]
-        self.before = now
-        bss = self.obj.bss
-        opened = (int(bss["opened_active"]), int(bss["opened_passive"]))
-        active, passive = opened[0] - self.opened[0], opened[1] - self.opened[1]
-        self.opened = opened
-        return Interval(out, active, passive)
-
-
-def load(opts_filters: dict[str, int], count_mode: bool) -> BpfObject:
-    require(*REQUIRES)
-    return BpfObject(tool_object("tcpretrans"), rodata={**opts_filters, "count_mode": count_mode})
-
-
-# --- Health check -------------------------------------------------------------------------------------
-# Retransmitted share of the segments sent. A healthy LAN or data-centre path loses well under 0.1%;
-# loss-based congestion control (CUBIC, Reno) gets throughput ~ MSS / (RTT * sqrt(p)) (Mathis et al.),
-# so 1% loss already caps a connection at about a tenth of what 0.01% allows: worth a look. At 5% tail
-# losses end in retransmission timeouts (hundreds of milliseconds each) and throughput collapses.
-RETRANS_WARN_PCT = 1.0
-RETRANS_PROBLEM_PCT = 5.0
-# A percentage of a handful of segments is noise (one SYN retransmit of a 3-segment connection is 33%):
-# a connection is judged alone only past this many segments sent in the window.
-RETRANS_MIN_SEGS = 200
-
-
-class TcpProvider(Provider):
-    """TCP connections opened per second, connections active, and the retransmit rate with the worst
-    connection named (process and addresses), from tcpretrans's kernel counters."""
-
-    name = "TCP"
-    requires = ("bpf",)
-    # Network namespaces (inodes) to judge; empty: all. A subclass narrows the check to some
-    # namespaces (a container's, a test's own).
-    only_netns: ClassVar[frozenset[int]] = frozenset()
-
-    def __init__(self) -> None:
-        self.obj: BpfObject | None = None
-        self.counter: RetransCounter | None = None
-
-    def prepare(self) -> None:
-        self.obj = load({}, count_mode=True)
-        self.obj.attach()
-        self.counter = RetransCounter(self.obj)
-
-    def start(self) -> None:
-        assert self.counter is not None
-        self.counter.interval()
-
-    def rows(self, window_s: float) -> list[Row]:
-        assert self.counter is not None
-        iv = self.counter.interval()
-        if self.only_netns:
-            iv.conns = [c for c in iv.conns if c.conn.netns in self.only_netns]
-        window = max(window_s, 1e-9)
-        new_per_s = (iv.opened_active + iv.opened_passive) / window
-        active = [c for c in iv.conns if c.segs_out > 0]
-        conn_row = Row(
-            "TCP",
-            "connections",
-            new_per_s,
-            "/s",
-            f"{len(active)} active, {new_per_s:.1f} new/s",
-            Verdict.OK,
-            "no threshold: normal rates depend on the service",
-            f"active: sent segments in the window; {iv.opened_active} connect(), "
-            f"{iv.opened_passive} accepted in {window_s:.1f} s",
-        )
-        limit = Threshold(RETRANS_WARN_PCT, RETRANS_PROBLEM_PCT, "%")
-        total_pct = iv.retrans_pct
-        judged = [c for c in iv.conns if c.segs_out >= RETRANS_MIN_SEGS and c.retrans]
-        worst = max(judged, key=lambda c: c.retrans_pct or 0.0, default=None)
-        judged_pcts = [p for p in (total_pct if iv.segs_out >= RETRANS_MIN_SEGS else None,) if p is not None]
-        if worst is not None and worst.retrans_pct is not None:
-            judged_pcts.append(worst.retrans_pct)
-        verdict = limit.judge(max(judged_pcts, default=None))
-        detail = f"{iv.retrans} of {iv.segs_out} segments sent"
-        if worst is not None:
-            detail += (
-                f"; worst: {worst.describe(net.NetnsNames())} {worst.retrans_pct:.1f}% of {worst.segs_out}"
+    def records(self) -> Iterator[dict[str, Any]]:
+        common = {"ts": self.ts, "interval_s": self.interval_s}
+        per_conn, total = count_schemas()
+        for c in self.conns:
+            pct = c.retrans_pct
+            yield per_conn.record(
+                {
+                    **common,
+                    **c.owner.to_dict(),
+                    **c.conn.to_dict(),
+                    "retrans": c.retrans,
+                    "segs_out": c.segs_out,
+                    "retrans_pct": None if pct is None else round(pct, 4),
+                    "kinds": c.kinds,
+                    "retrans_total": c.retrans_total,
+                    "segs_out_total": c.segs_out_total,
+                }
             )
-        retrans_row = Row(
-            "TCP",
-            "retransmits",
-            total_pct,
-            "%",
-            "-" if total_pct is None else f"{total_pct:.2f}%",
-            verdict,
-            f"{limit.describe()} of segments sent (overall, or one connection of >= {RETRANS_MIN_SEGS})",
-            detail,
-        )
-        return [conn_row, retrans_row]
-
-    def close(self) -> None:
-        if self.obj is not None:
-            self.obj.close()
-            self.obj = None
-
-
-# --- Per-event mode ------------------------------------------------------------------------------------
-class Formatter(net.EventLines):
-    columns = f"{'STATE':<12} {'KIND':<6} SEGS"
-
-    def fields(self, e: np.ndarray) -> tuple[dict[str, object], str]:
-        kind = KINDS[int(e["kind"])] if int(e["kind"]) < len(KINDS) else "other"
-        state = net.state_name(int(e["state"]))
-        record = {
-            "state": state,
-            "kind": kind,
-            "segs": int(e["segs"]),
-            "err": int(e["err"]),
-            "total_retrans": int(e["total_retrans"]),
-            "segs_out": int(e["segs_out"]),
-        }
-        return record, f"{state:<12} {KIND_TEXT[kind]:<6} {int(e['segs'])}"
-
-
-def show_counts(opts: RunOptions, iv: Interval, elapsed: float, netns: net.NetnsNames, max_rows: int) -> None:
-    out = opts.output
-    conns = sorted(iv.conns, key=lambda c: (c.retrans, c.segs_out), reverse=True)
-    if opts.as_json:
-        for c in conns:
-            out.record({"scope": "connection", "interval": round(elapsed, 3), **c.to_dict()})
-        pct = iv.retrans_pct
-        out.record(
+        pct = self.retrans_pct
+        yield total.record(
             {
-                "scope": "total",
-                "interval": round(elapsed, 3),
-                "retrans": iv.retrans,
-                "segs_out": iv.segs_out,
+                **common,
+                "retrans": self.retrans,
+                "segs_out": self.segs_out,
                 "retrans_pct": None if pct is None else round(pct, 4),
+                "active_opens": self.active_opens,
+                "passive_opens": self.passive_opens,
             }
         )
-        return
-    pct = iv.retrans_pct
-    out.heading(
-        f"{elapsed:.1f}s  retransmitted {iv.retrans} of {iv.segs_out} segments"
-        + ("" if pct is None else f" ({pct:.2f}%)")
+
+
+class RetransBatch(EventBatch):
+    """Retransmissions that arrived since the previous drain."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = super().rows()
+        names = kinds()
+        e = self.events
+        columns = zip(
+            rows,
+            e["state"].tolist(),
+            e["kind"].tolist(),
+            e["segs"].tolist(),
+            e["err"].tolist(),
+            e["total_retrans"].tolist(),
+            e["segs_out"].tolist(),
+            strict=True,
+        )
+        for row, state, kind, segs, err, total, segs_out in columns:
+            row.update(
+                state=state_name(state),
+                kind=names[kind],
+                segs=segs,
+                err=err,
+                total_retrans=total,
+                segs_out=segs_out,
+            )
+        return rows
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        schema = event_schema()
+        for row in self.rows():
+            yield schema.record(row)
+
+
+@cache
+def event_schema() -> Schema:
+    btf = TcpretransCollector.btf()
+    event = btf.pointee("bs_record__events")
+    return Schema(
+        "tcpretrans",
+        (
+            *OWNER_FIELDS,
+            *conn_fields(btf),
+            state_field(),
+            *btf_fields(
+                event,
+                only=("kind", "segs", "err", "total_retrans", "segs_out"),
+                kind={"doc": "after a timeout (rto), fast retransmit, tail loss probe (tlp), syn, synack"},
+                segs={"doc": "segments the kernel counted as retransmitted (RetransSegs)"},
+                err={"doc": "tcp_retransmit_skb's result: not 0 when the call sent nothing"},
+                total_retrans={"doc": "the connection's retransmitted segments so far (ss -ti)"},
+                segs_out={"doc": "the connection's segments sent so far"},
+            ),
+        ),
+        doc="A TCP retransmission.",
     )
-    table = [
-        [
-            c.owner.pid or "-",
-            c.owner.comm or "-",
-            netns(c.conn.netns),
-            c.conn.local,
-            c.conn.remote,
-            c.retrans,
-            c.segs_out,
-            "-" if c.retrans_pct is None else round(c.retrans_pct, 2),
-            " ".join(f"{KIND_TEXT[k]}:{n}" for k, n in c.kinds.items()),
+
+
+@cache
+def count_schemas() -> tuple[Schema, Schema]:
+    rate = Field("retrans_pct", "float", "%", "retransmitted of segments sent", nullable=True)
+    retrans = Field("retrans", "int", doc="segments retransmitted in the interval")
+    segs_out = Field("segs_out", "int", doc="segments sent in the interval")
+    per_conn = Schema(
+        "tcpretrans.connection",
+        (
+            *OWNER_FIELDS,
+            *conn_fields(TcpretransCollector.btf()),
+            retrans,
+            segs_out,
+            rate,
+            Field("kinds", "dict", doc=f"retransmitted segments by kind ({', '.join(kinds())})"),
+            Field("retrans_total", "int", doc="retransmitted since bpfscope began to follow the connection"),
+            Field("segs_out_total", "int", doc="sent since bpfscope began to follow the connection"),
+        ),
+        doc="One connection's retransmissions and segments sent over an interval.",
+        interval=True,
+    )
+    total = Schema(
+        "tcpretrans.total",
+        (
+            retrans,
+            segs_out,
+            rate,
+            Field("active_opens", "int", doc="connect() calls (as /proc/net/snmp ActiveOpens)"),
+            Field("passive_opens", "int", doc="connections accepted (as /proc/net/snmp PassiveOpens)"),
+        ),
+        doc="Every connection together over an interval.",
+        interval=True,
+    )
+    return per_conn, total
+
+
+@dataclass(kw_only=True)
+class TcpretransConfig(ConnConfig):
+    count_mode: bool = False  # per connection, with the rate (-c); else each retransmission
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """A connection's cumulative counts, as one look found them."""
+
+    retrans: int
+    segs_out: int
+    kinds: tuple[int, ...]
+    netns: int
+
+
+@dataclass
+class _Look:
+    """Every selected connection, by cookie, at one look."""
+
+    counts: dict[int, _Counts] = field(default_factory=dict)
+    who: dict[int, tuple[Owner, Conn]] = field(default_factory=dict)
+    closed: set[int] = field(default_factory=set)  # rows of closed connections
+    namespaces: set[int] = field(default_factory=set)  # those sock_diag listed (inodes)
+
+
+class TcpretransCollector(ConnCollector[TcpretransConfig]):
+    """Each TCP retransmission streamed, or (count_mode) per connection over each interval."""
+
+    name = "tcpretrans"
+    bpf_object = "tcpretrans"
+    loss_counters = {
+        "conns_dropped": ("map_full", "retransmitted segments not counted (too many connections)"),
+        "closes_dropped": (
+            "map_full",
+            "closed connections' segments sent not counted (too many connections)",
+        ),
+    }
+
+    @classmethod
+    def schemas(cls) -> tuple[Schema, ...]:
+        return (event_schema(), *count_schemas())
+
+    def rodata(self) -> dict[str, Any]:
+        return {**super().rodata(), "count_mode": self.config.count_mode}
+
+    def streams_events(self) -> bool:
+        return not self.config.count_mode
+
+    def drain(self) -> RetransBatch | None:
+        events = self.read_events() if self.rings else None
+        return None if events is None else RetransBatch(events, self.wall_offset_ns)
+
+    def not_sent(self) -> int:
+        """tcp_retransmit_skb calls the kernel did not count either (not a loss: see tcpretrans.bpf.c)."""
+        return int(self.obj.bss["not_sent"]) if self.obj is not None else 0
+
+    # --- count mode ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.config.count_mode:
+            return
+        look = self._look()
+        self.before = look.counts
+        # Where each connection's totals count from: its segments sent when first seen (0 when opened
+        # while tracing).
+        self.first_segs_out = {cookie: counts.segs_out for cookie, counts in look.counts.items()}
+        self.opens = self._opens()
+        self.t0 = time.monotonic()
+
+    def sample(self) -> RetransSample | None:
+        if not self.config.count_mode:
+            return None
+        look = self._look()
+        t = time.monotonic()
+        for cookie, prev in self.before.items():
+            # Its namespace could not be listed this time (its last process exited, say): still open
+            # for all we know, and its counts so far must not be counted again when it closes.
+            if cookie not in look.counts and prev.netns not in look.namespaces:
+                look.counts[cookie] = prev
+        none = (0,) * len(kinds())
+        conns = []
+        for cookie, now in look.counts.items():
+            prev = self.before.get(cookie) or _Counts(0, 0, none, now.netns)  # not seen: opened since
+            first = self.first_segs_out.setdefault(cookie, 0)
+            retrans, segs_out = now.retrans - prev.retrans, now.segs_out - prev.segs_out
+            if retrans or segs_out > 0:
+                owner, conn = look.who[cookie]
+                by_kind = zip(kinds(), now.kinds, prev.kinds, strict=True)
+                conns.append(
+                    ConnRetrans(
+                        owner,
+                        conn,
+                        retrans,
+                        max(segs_out, 0),
+                        {name: n - b for name, n, b in by_kind if n - b},
+                        now.retrans,
+                        now.segs_out - first,
+                    )
+                )
+        self._forget_closed(look)
+        opens = self._opens()
+        conns.sort(key=lambda c: (c.retrans, c.segs_out), reverse=True)
+        sample = RetransSample(
+            time.time(), t - self.t0, conns, opens[0] - self.opens[0], opens[1] - self.opens[1]
+        )
+        self.before, self.opens, self.t0 = look.counts, opens, t
+        return sample
+
+    def _look(self) -> _Look:
+        """Every selected connection's counts now: open ones from sock_diag (listed first: a connection
+        that closes meanwhile has left its row by the time the rows are read), those that retransmitted
+        or closed from the kernel's rows."""
+        assert self.obj is not None
+        look = _Look()
+        listed = _listed_segs_out(look.namespaces)
+        keys, values = self.obj.maps["conns"].items()
+        known = owners(self.obj)
+        for cookie, row in zip(keys.tolist(), values, strict=True):
+            owner = Owner.from_record(row["owner"])
+            conn = Conn.from_record(row["conn"])
+            segs_out = max(int(row["segs_out"]), listed.pop(cookie, (0, conn))[0])
+            kinds_now = tuple(row["kinds"].tolist())
+            look.counts[cookie] = _Counts(int(row["retrans"]), segs_out, kinds_now, conn.netns)
+            look.who[cookie] = (owner if owner.pid else known.get(cookie, UNKNOWN_OWNER), conn)
+            if int(row["closed"]):
+                look.closed.add(cookie)
+        none = (0,) * len(kinds())
+        for cookie, (segs_out, conn) in listed.items():
+            owner = known.get(cookie, UNKNOWN_OWNER)
+            if self.config.selects(owner, conn):
+                look.counts[cookie] = _Counts(0, segs_out, none, conn.netns)
+                look.who[cookie] = (owner, conn)
+        return look
+
+    def _forget_closed(self, look: _Look) -> None:
+        """Delete the rows of closed connections that did not change since the previous look: all their
+        counts have been shown, and nothing adds to them any more (a SYN-ACK row, which may still grow,
+        only goes once it stopped)."""
+        assert self.obj is not None
+        for cookie in look.closed:
+            if look.counts[cookie] == self.before.get(cookie):
+                self.obj.maps["conns"].delete(cookie)
+                del look.counts[cookie]
+        for cookie in self.first_segs_out.keys() - look.counts.keys():
+            del self.first_segs_out[cookie]
+
+    def _opens(self) -> tuple[int, int]:
+        assert self.obj is not None
+        return int(self.obj.bss["active_opens"]), int(self.obj.bss["passive_opens"])
+
+
+def _listed_segs_out(namespaces: set[int]) -> dict[int, tuple[int, Conn]]:
+    """cookie -> (segments sent, connection) of every open TCP connection sock_diag lists, in every
+    network namespace found; adds the namespaces it could list to ``namespaces``."""
+    states = diag.state_mask(*DIAG_STATES)
+    ask = diag.extensions("INET_DIAG_INFO")
+    out: dict[int, tuple[int, Conn]] = {}
+    for ns in diag.network_namespaces():
+        listed = diag.sockets(ns, ("tcp",), states, ask)
+        if listed is None:
+            continue
+        namespaces.add(ns.inode)
+        for msg in listed["tcp"]:
+            info = msg.get_attr("INET_DIAG_INFO")
+            if info is None:
+                continue
+            conn = Conn(
+                diag.unmapped(msg["idiag_src"]),
+                msg["idiag_sport"],
+                diag.unmapped(msg["idiag_dst"]),
+                msg["idiag_dport"],
+                ns.inode,
+            )
+            out[msg["idiag_cookie"]] = (info["tcpi_segs_out"], conn)
+    return out
+
+
+# --- views --------------------------------------------------------------------------------------------
+class RetransEventView(ConnEventView):
+    columns = f"{'STATE':<12} {'KIND':<6} SEGS"
+    what = "retransmissions"
+
+    def text(self, row: dict[str, Any]) -> str:
+        return f"{row['state']:<12} {row['kind'].upper():<6} {row['segs']}"
+
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        return super().summary(collector, losses) + _not_sent(collector)
+
+
+def _not_sent(collector: Collector) -> str:
+    not_sent = collector.not_sent() if isinstance(collector, TcpretransCollector) else 0
+    # Not a loss: the kernel did not count these either (see tcpretrans.bpf.c).
+    return f"; {not_sent} retransmission attempts not sent (host queue busy, ...)" if not_sent else ""
+
+
+class RetransCountView(View):
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.start = time.monotonic()
+        self.netns = NetnsNames()
+
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, RetransSample)
+        pct = sample.retrans_pct
+        term.heading(
+            f"{time.monotonic() - self.start:.1f}s  retransmitted {sample.retrans} of {sample.segs_out} "
+            "segments" + ("" if pct is None else f" ({pct:.2f}%)")
+        )
+        table = [
+            [
+                c.owner.pid or "-",
+                c.owner.comm or "-",
+                self.netns(c.conn.netns),
+                c.conn.local,
+                c.conn.remote,
+                c.retrans,
+                c.segs_out,
+                "-" if c.retrans_pct is None else round(c.retrans_pct, 2),
+                " ".join(f"{k.upper()}:{n}" for k, n in c.kinds.items()),
+            ]
+            for c in sample.conns[: self.max_rows]
         ]
-        for c in conns[:max_rows]
-    ]
-    if table:
-        out.table(["PID", "COMM", "NETNS", "LADDR", "RADDR", "RETRANS", "SEGS", "%", "KINDS"], table)
-    else:
-        out.line("no TCP segments sent")
-    out.stream.flush()
+        if table:
+            term.table(["PID", "COMM", "NETNS", "LADDR", "RADDR", "RETRANS", "SEGS", "%", "KINDS"], table)
+        else:
+            term.line("no TCP segments sent")
+
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        return super().summary(collector, losses) + _not_sent(collector)
 
 
 EXAMPLES = """
@@ -293,53 +471,27 @@ Examples:
   bpfscope tcpretrans -c            # counts per connection, with the rate, at Ctrl-C
   bpfscope tcpretrans -c 5          # the same every 5 seconds
   bpfscope tcpretrans -c --json 1   # JSON lines per connection and interval (and a total)
-  bpfscope tcpretrans -D 443 -p 1234
+  bpfscope tcpretrans --dport 443 -p 1234
 """
 
 
 @click.command(name="tcpretrans", epilog=EXAMPLES)
-@click.option("-c", "--count", "count_mode", is_flag=True, help="Count per connection, with the rate.")
-@click.option(
-    "-r", "--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True, help="Rows (-c)."
-)
-@net.port_options
-@tool_options
-def command(opts: RunOptions, count_mode: bool, max_rows: int, lport: int | None, dport: int | None) -> None:
+@option("count", help="Count per connection, with the rate.")
+@option("rows", default=20, help="Rows shown (-c).")
+@option("lport")
+@option("dport")
+@common_options
+def command(run: Run, count_mode: bool, max_rows: int, lport: int | None, dport: int | None) -> None:
     """TCP retransmissions: process, addresses, state and kind (RTO: after a timeout, FAST: fast
     retransmit, TLP: tail loss probe, SYN, SYNACK). SEGS is the segments the kernel counted (as in
     /proc/net/snmp RetransSegs and ss -ti).
 
     With -c, per connection: retransmitted segments, segments sent, and their ratio (%), per interval
-    or at the end, with the total over all connections. The process is the socket's owner (see net.bpf.h:
-    the last process to connect, accept, send or receive on it); -p and --cgroup select by it.
+    or at the end, with the total over all connections. Segments sent are read with sock_diag (as ss -ti
+    shows segs_out) in every network namespace of a running process or named by ip netns. The process is
+    the socket's owner (see net.bpf.h: the last process to connect, accept, send or receive on it); -p
+    and --cgroup select by it.
     """
-    rodata = {**opts.filters(), **net.port_filters(lport, dport)}
-    with load(rodata, count_mode) as obj:
-        obj.attach()
-        if count_mode:
-            counter = RetransCounter(obj)
-            netns = net.NetnsNames()
-            for elapsed in ticks(opts, "Tracing TCP retransmissions... Ctrl-C to end."):
-                show_counts(opts, counter.interval(), elapsed, netns, max_rows)
-        else:
-            fmt = Formatter(opts.as_json, time.monotonic_ns())
-            stream_events(
-                "tcpretrans",
-                "TCP retransmissions",
-                obj,
-                {"retransmissions": obj.ring_buffer("events")},
-                lambda ring, batch: fmt.lines(batch),
-                opts,
-                header=fmt.header(),
-            )
-        bss = obj.bss
-        notes = []
-        if int(bss["not_sent"]):
-            # Not a loss: the kernel did not count these either (see tcpretrans.bpf.c).
-            notes.append(f"{int(bss['not_sent'])} retransmission attempts not sent (host queue busy, ...)")
-        if int(bss["conns_dropped"]):
-            notes.append(f"{int(bss['conns_dropped'])} segments not counted (too many connections)")
-        if count_mode:
-            notes.insert(0, obj.losses())  # the stream's own summary has said it otherwise
-        if notes:
-            opts.output.note("tcpretrans: " + "; ".join(notes))
+    config = run.config(TcpretransConfig, count_mode=count_mode, lport=lport, dport=dport)
+    view = RetransCountView(max_rows) if count_mode else RetransEventView()
+    run.run(TcpretransCollector(config), view, "Tracing TCP retransmissions... Ctrl-C to end.")
