@@ -1,5 +1,5 @@
 """Network I/O: TCP connections, retransmits and socket buffers (net.bpf.h: connection keys and socket
-owners; conn.py: their user-space side)."""
+owners; conn.py: their user-space side; diag.py: sock_diag in every network namespace)."""
 
 TOOLS = {
     "tcptop": "Top TCP connections by throughput: process, addresses, rx/tx kB.",
@@ -8,4 +8,4 @@ TOOLS = {
     "tcpconn": "TCP connects, accepts and failures, by process and remote.",
     "sockstat": "Socket queues against their buffers (saturation %), buffer-full events.",
 }
-RULES: list[tuple[int, str]] = []
+RULES = [(80, "health:TcpRule"), (90, "health:SocketBufferRule")]
