@@ -17,16 +17,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from bpfscope.domains.net.sockstat import SocketBufferProvider, SocketRow, SocketSampler
-from bpfscope.health.check import Row, Verdict, run_check
+from bpfscope.domains.net.health import SocketBufferRule
+from bpfscope.domains.net.sockstat import SocketRow, SockstatCollector, SockstatConfig
+from bpfscope.health.verdict import Row, Verdict
+from bpfscope.health.window import run_check
 
 IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "ip"
 PORT = 42010
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
+
+
+@contextmanager
+def collector(bpf: bool = True) -> Iterator[SockstatCollector]:
+    """A sockstat collector, opened (its programs loaded and attached unless ``bpf`` is False)."""
+    with SockstatCollector(SockstatConfig(bpf=bpf)) as sockets:
+        sockets.open()
+        yield sockets
 
 
 @pytest.fixture
@@ -139,9 +150,9 @@ def ns_rows(rows: list[SocketRow], ns: str) -> list[SocketRow]:
 def test_queues_and_saturation_are_what_ss_shows(netns: str) -> None:
     """50,000 bytes fit in the receive buffer: the receive queue is exactly that, as ss shows it; the
     process and namespace are those of the server, in a namespace other than ours."""
-    with SocketSampler(bpf=False) as sampler, Peer(netns, TCP_FILL.format(port=PORT, fill=50_000)) as peer:
-        sampler.start()
-        rows = ns_rows(sampler.sample().rows, netns)
+    with collector(bpf=False) as sockets, Peer(netns, TCP_FILL.format(port=PORT, fill=50_000)) as peer:
+        sockets.start()
+        rows = ns_rows(sockets.sample().rows, netns)
         kernel = ss(netns, "state", "established", f"sport = :{PORT}")
     [server] = [r for r in rows if r.sport == PORT and r.state == "ESTAB"]
     [truth] = kernel
@@ -158,9 +169,9 @@ def test_queues_and_saturation_are_what_ss_shows(netns: str) -> None:
 
 def test_full_buffers_on_both_sides(netns: str) -> None:
     """More than fits: the receiver's buffer is full and the sender's send queue holds the rest."""
-    with SocketSampler(bpf=False) as sampler, Peer(netns, TCP_FILL.format(port=PORT, fill=50 << 20)) as peer:
-        sampler.start()
-        rows = ns_rows(sampler.sample().rows, netns)
+    with collector(bpf=False) as sockets, Peer(netns, TCP_FILL.format(port=PORT, fill=50 << 20)) as peer:
+        sockets.start()
+        rows = ns_rows(sockets.sample().rows, netns)
         receiver_ss = ss(netns, "state", "established", f"sport = :{PORT}")[0]
         sender_ss = ss(netns, "state", "established", f"dport = :{PORT}")[0]
     receiver = next(r for r in rows if r.sport == PORT and r.state == "ESTAB")
@@ -213,10 +224,10 @@ def test_udp_overflow_counted_per_socket(netns: str) -> None:
     fit are dropped. Each drop is a SOCKET_RCVBUFF drop counted on the receiving socket, as many as the
     namespace's Udp RcvbufErrors and the socket's own drop counter (ss -m's d)."""
     before = snmp(netns)
-    with SocketSampler() as sampler:
-        sampler.start()
+    with collector() as sockets:
+        sockets.start()
         with Peer(netns, UDP_FLOOD.format(port=PORT, count=1000, bursts=1, pause=0)) as peer:
-            rows = ns_rows(sampler.sample().rows, netns)
+            rows = ns_rows(sockets.sample().rows, netns)
             after = snmp(netns)
     [rx] = [r for r in rows if r.proto == "udp" and r.sport == PORT]
     errors = after["Udp.RcvbufErrors"] - before["Udp.RcvbufErrors"]
@@ -270,10 +281,10 @@ def test_rcvqueue_full_matches_bpftrace(netns: str) -> None:
         "tracepoint:sock:sock_rcvqueue_full /args->sk_rcvbuf == 4690/ { @full = count(); }"
     )
     try:
-        with SocketSampler() as sampler:
-            sampler.start()
+        with collector() as sockets:
+            sockets.start()
             with Peer(netns, PING_FLOOD) as peer:
-                rows = sampler.sample().rows
+                rows = sockets.sample().rows
     finally:
         counted = bpftrace_result(tracer)
     assert peer.facts["rcvbuf"] == 4690
@@ -322,15 +333,15 @@ def test_memory_limit_events(netns: str) -> None:
         tracer = bpftrace_count("tracepoint:sock:sock_exceed_buf_limit { @exceed[args->kind] = count(); }")
         before = snmp(netns, "/proc/net/netstat")
         try:
-            with SocketSampler() as sampler:
-                sampler.start()
+            with collector() as sockets:
+                sockets.start()
                 with Peer(netns, TCP_MANY_FILLS.format(port=PORT), wrapper=join) as peer:
                     # The senders retransmit what was dropped for as long as the limit holds: lift it, so
                     # that the next retransmissions are taken in and the counts stop moving before all
-                    # three (sampler, bpftrace, the namespace's counters) are read.
+                    # three (sockstat, bpftrace, the namespace's counters) are read.
                     (cgroup / "memory.kmem.tcp.limit_in_bytes").write_text(str(1 << 30))
                     time.sleep(1.0)
-                    rows = ns_rows(sampler.sample().rows, netns)
+                    rows = ns_rows(sockets.sample().rows, netns)
                     after = snmp(netns, "/proc/net/netstat")
         finally:
             counted = bpftrace_result(tracer)
@@ -352,12 +363,23 @@ def test_memory_limit_events(netns: str) -> None:
     assert drops == kernel
 
 
+def records(stdout: str) -> list[dict]:
+    """The socket records of sockstat's JSON lines, each of its schema; the run ends with its losses."""
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert lines[-1]["record"] == "losses", lines[-1]
+    (schema,) = SockstatCollector.schemas()
+    rows = [r for r in lines if r["record"] == schema.name]
+    assert all(not schema.check(r) for r in rows), [schema.check(r) for r in rows]
+    assert len(rows) == len(lines) - 1
+    return rows
+
+
 def test_cli_json_and_filters(netns: str, run_cli) -> None:
     with Peer(netns, TCP_FILL.format(port=PORT, fill=50 << 20)) as peer:
         result = run_cli("sockstat", "--json", "--port", str(PORT), "-p", str(peer.facts["pid"]), "0.5", "1")
         full = run_cli("sockstat", "--json", "--min-pct", "90", "--no-listen", "0.5", "1")
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    rows = records(result.stdout)
     # The listener, the server's end and the client's end: all three sockets of the workload, no others.
     assert len(rows) == 3 and {r["pid"] for r in rows} == {peer.facts["pid"]}
     assert {r["state"] for r in rows} == {"LISTEN", "ESTAB"}
@@ -365,7 +387,7 @@ def test_cli_json_and_filters(netns: str, run_cli) -> None:
     assert rows[0]["recv_pct"] >= 90 and rows[0]["sport"] == PORT  # sorted: the full one first
     keys = {"pid", "comm", "netns", "saddr", "sport", "daddr", "dport", "recv_q", "recv_pct", "send_pct"}
     assert keys <= set(rows[0])
-    over = [json.loads(line) for line in full.stdout.splitlines()]
+    over = records(full.stdout)
     assert over and all(max(r["recv_pct"], r["send_pct"]) >= 90 or r["full_events"] for r in over)
     assert any(r["pid"] == peer.facts["pid"] and r["sport"] == PORT for r in over)
 
@@ -376,7 +398,7 @@ def test_cgroup_filter(netns: str, cgroup: Path, run_cli) -> None:
     with Peer(netns, TCP_FILL.format(port=PORT, fill=50_000), wrapper=join) as peer:
         result = run_cli("sockstat", "--json", "--cgroup", str(cgroup), "0.5", "1")
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    rows = records(result.stdout)
     assert len(rows) == 3 and {r["pid"] for r in rows} == {peer.facts["pid"]}
     assert {r["cgroup"] for r in rows} == {cgroup.stat().st_ino}
 
@@ -393,7 +415,7 @@ def test_table_for_people(run_cli) -> None:
     [
         (["--port", "0"], "--port"),
         (["--min-pct", "101"], "--min-pct"),
-        (["-P", "sctp"], "--proto"),
+        (["--proto", "sctp"], "--proto"),
         (["-p", "999999999"], "no process"),
         (["--cgroup", "/bsb-no-such-cgroup"], "no cgroup v2 directory"),
         (["-s", "nonsense"], "--sort"),
@@ -409,10 +431,8 @@ def test_health_check_names_the_full_socket(netns: str) -> None:
     """A reader that stopped reading is a PROBLEM on the receive buffer, named by process and namespace;
     a UDP flood during the window shows as buffer-full events per second."""
     stalled = Peer(netns, TCP_FILL.format(port=PORT, fill=50 << 20))
-
-    class OurSockets(SocketBufferProvider):
-        # Only this test's namespace: other work on the machine may have full sockets of its own.
-        only_netns = frozenset({os.stat(f"/run/netns/{netns}").st_ino})
+    # Only this test's namespace: other work on the machine may have full sockets of its own.
+    ours = SocketBufferRule(only_netns={os.stat(f"/run/netns/{netns}").st_ino})
 
     try:
         # 750 datagrams a second for 5 s, from before the window opens to after it closes, whenever the
@@ -423,7 +443,7 @@ def test_health_check_names_the_full_socket(netns: str) -> None:
             stdout=subprocess.DEVNULL,
         )
         try:
-            report = run_check(3, providers=[OurSockets])
+            report = run_check(3, rules=[ours])
         finally:
             flooder.wait(timeout=30)
     finally:
@@ -451,7 +471,7 @@ def test_health_check_judges_a_queue_that_stayed_full() -> None:
         )
 
     def recv_row(first: list[SocketRow], last: list[SocketRow]) -> Row:
-        return SocketBufferProvider._worst_row(
+        return SocketBufferRule._worst_row(
             "Socket buffers", "recv", [first, last], lambda r: r.recv_pct, 50, 90
         )
 
