@@ -1,4 +1,5 @@
-/* Page-cache accounting from tracepoints alone (no kprobes), shared by cachestat and cachetop.
+/* Page-cache accounting from tracepoints alone (no kprobes): cachestat.bpf.c's programs, which cachestat,
+ * cachetop (the per-file configuration: cache_by_file) and the health check load.
  *
  * Per row (a process, or with cache_by_file a process and a file) the kernel counts:
  *   read_pages   pages asked of the page cache by read(2)-family calls: filemap:mm_filemap_get_pages
@@ -15,7 +16,7 @@
  *                adding it (writeback:writeback_dirty_folio with the same inode and index). A page a write
  *                creates was never looked up, so it is no miss.
  *   dirtied      pages marked dirty (writeback_dirty_folio, tp_btf to learn the folio's size).
- * Misses are added - write_added; user space derives hits and the ratio (core/cache.py).
+ * Misses are added - write_added; user space derives hits and the ratio (pagecache.py).
  *
  * Include after vmlinux.h, <bpf/bpf_helpers.h>, <bpf/bpf_tracing.h>, <bpf/bpf_core_read.h> and
  * bpfscope.bpf.h.
@@ -272,7 +273,7 @@ int BPF_PROG(cache_dirty, struct folio *folio, struct address_space *mapping)
 /* cachetop's names: the first time a file gets a page, its dentry chain up to the file system's root,
  * leaf first, CACHE_NAME_DEPTH names at most. User space joins them under the mount point of s_dev, and
  * prefers the path of a descriptor a process holds open; this is the fallback for files already closed
- * (a deeper path shows its last CACHE_NAME_DEPTH names). Loaded by cachetop only. */
+ * (a deeper path shows its last CACHE_NAME_DEPTH names). Loaded with cache_by_file only. */
 #define CACHE_NAME_DEPTH 12
 #define CACHE_NAME_LEN 64
 
@@ -343,7 +344,8 @@ int BPF_PROG(cache_name_file, struct folio *folio)
 		}
 		d = parent;
 	}
-	bpf_map_update_elem(&cache_names, &key, name, BPF_NOEXIST);
+	/* An LRU map makes room for a new file by forgetting an old one: nothing to count as dropped. */
+	bs_insert(&cache_names, &key, name, NULL);
 	return 0;
 }
 

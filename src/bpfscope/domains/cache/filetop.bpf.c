@@ -76,11 +76,12 @@ struct {
 	__type(value, struct file_path);
 } paths SEC(".maps");
 
-/* The call each thread is in, between sys_enter and sys_exit. */
+/* The call each thread is in, between sys_enter and sys_exit. Task-local storage: found without hashing
+ * or locks, freed with the thread, and it cannot fill up as a hash keyed by thread id could. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 10240);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct inflight);
 } calls SEC(".maps");
 
@@ -92,14 +93,16 @@ struct {
 	__type(value, struct file_path);
 } scratch SEC(".maps");
 
-/* Calls not counted because a map was full, read by user space through .bss. */
-__u64 rows_dropped = 0;
-__u64 calls_dropped = 0;
+/* Calls not counted because `files` was full, files left without a path because `paths` was: read by
+ * user space through .bss. */
+__u64 files_dropped = 0;
+__u64 paths_dropped = 0;
+/* Calls not counted because the kernel had no task storage for the thread (out of memory). */
+__u64 calls_unseen = 0;
 
 static __always_inline int on_enter(unsigned long fd, __u32 write)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct inflight call = { .write = write };
+	struct inflight *call;
 	struct file *file;
 	umode_t mode;
 
@@ -111,9 +114,13 @@ static __always_inline int on_enter(unsigned long fd, __u32 write)
 	mode = BPF_CORE_READ(file, f_inode, i_mode);
 	if (!all_files && (mode & S_IFMT_BITS) != S_IFREG_BITS)
 		return 0;
-	call.file = file;
-	if (bpf_map_update_elem(&calls, &tid, &call, BPF_ANY))
-		__sync_fetch_and_add(&calls_dropped, 1);
+	call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!call) {
+		__sync_fetch_and_add(&calls_unseen, 1);
+		return 0;
+	}
+	call->file = file;
+	call->write = write;
 	return 0;
 }
 
@@ -177,13 +184,11 @@ static __always_inline void walk_path(struct file *file, struct path_key *pkey)
 	/* Each step is a name or a crossing to the mount underneath: twice the depth bounds both. */
 	bpf_loop(2 * PATH_DEPTH, walk_step, &w, 0);
 	w.path->depth = w.depth;
-	bpf_map_update_elem(&paths, pkey, w.path, BPF_NOEXIST);
+	bs_insert(&paths, pkey, w.path, &paths_dropped);
 }
 
 static __always_inline int on_exit(long ret)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)pid_tgid;
 	struct file_stats *s, zero = {};
 	struct file_key key = {};
 	struct path_key pkey = {};
@@ -191,23 +196,26 @@ static __always_inline int on_exit(long ret)
 	struct file *file;
 	struct inode *inode;
 
-	call = bpf_map_lookup_elem(&calls, &tid);
-	if (!call)
+	/* Every read and write exit on the machine comes here: no storage is created for threads that
+	 * never entered a counted call. */
+	call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+	if (!call || !call->file)
 		return 0;
 	file = call->file;
+	call->file = NULL;
 	if (ret < 0)
-		goto done;
+		return 0;
 	inode = BPF_CORE_READ(file, f_inode);
-	key.tgid = pid_tgid >> 32;
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
 	key.dev = BPF_CORE_READ(inode, i_sb, s_dev);
 	key.ino = BPF_CORE_READ(inode, i_ino);
 	s = bpf_map_lookup_elem(&files, &key);
 	if (!s) {
 		bpf_get_current_comm(zero.comm, sizeof(zero.comm));
 		zero.mode = BPF_CORE_READ(inode, i_mode);
-		s = bs_insert(&files, &key, &zero, &rows_dropped);
+		s = bs_insert(&files, &key, &zero, &files_dropped);
 		if (!s)
-			goto done;
+			return 0;
 		pkey.dev = key.dev;
 		pkey.ino = key.ino;
 		if (!bpf_map_lookup_elem(&paths, &pkey))
@@ -220,8 +228,6 @@ static __always_inline int on_exit(long ret)
 		__sync_fetch_and_add(&s->reads, 1);
 		__sync_fetch_and_add(&s->read_bytes, ret);
 	}
-done:
-	bpf_map_delete_elem(&calls, &tid);
 	return 0;
 }
 

@@ -62,16 +62,19 @@ struct {
 	__type(value, struct process_counts);
 } processes SEC(".maps");
 
-/* Threads inside an open that asked for O_CREAT, from sys_enter to sys_exit. */
+/* Whether the thread is inside an open that asked for O_CREAT, from sys_enter to sys_exit. Task-local
+ * storage: found without hashing, freed with the thread, and it cannot fill up. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 10240);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, __u8);
 } creating SEC(".maps");
 
 /* Calls not in `processes` because it was full (they are in the totals). */
 __u64 processes_dropped = 0;
+/* Opens with O_CREAT the kernel had no task storage for: whether they created their file is unknown. */
+__u64 creates_unseen = 0;
 
 static __always_inline void add(struct vfs_counts *c, enum vfs_op op)
 {
@@ -97,14 +100,13 @@ static __always_inline void add(struct vfs_counts *c, enum vfs_op op)
 	}
 }
 
-static __always_inline int count(enum vfs_op op)
+/* Counts a call of the current task, which the filters selected. */
+static __always_inline int count_selected(enum vfs_op op)
 {
 	struct process_counts *p, zero = {};
 	struct vfs_counts *total;
 	__u32 key = 0;
 
-	if (!bs_task_selected())
-		return 0;
 	total = bpf_map_lookup_elem(&totals, &key);
 	if (total)
 		add(total, op); /* per-CPU: no other CPU writes this copy, the atomic costs little */
@@ -120,31 +122,44 @@ static __always_inline int count(enum vfs_op op)
 	return 0;
 }
 
+static __always_inline int count(enum vfs_op op)
+{
+	return bs_task_selected() ? count_selected(op) : 0;
+}
+
 static __always_inline int count_open(__u64 flags)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	__u8 yes = 1;
+	__u8 *creates;
 
-	count(VFS_OPEN);
-	if ((flags & O_CREAT_FLAG) && bs_task_selected())
-		bpf_map_update_elem(&creating, &tid, &yes, BPF_ANY);
+	if (!bs_task_selected())
+		return 0;
+	count_selected(VFS_OPEN);
+	if (!(flags & O_CREAT_FLAG))
+		return 0;
+	creates = bpf_task_storage_get(&creating, bpf_get_current_task_btf(), 0,
+				       BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (creates)
+		*creates = 1;
+	else
+		__sync_fetch_and_add(&creates_unseen, 1);
 	return 0;
 }
 
 /* At the exit of an open that asked for O_CREAT: did it create the file? */
 static __always_inline int count_create(long fd)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct file *file;
+	__u8 *creates;
 
-	if (!bpf_map_lookup_elem(&creating, &tid))
+	creates = bpf_task_storage_get(&creating, bpf_get_current_task_btf(), 0, 0);
+	if (!creates || !*creates)
 		return 0;
-	bpf_map_delete_elem(&creating, &tid);
+	*creates = 0;
 	if (fd < 0)
 		return 0;
 	file = bs_fd_file(fd);
 	if (file && (BPF_CORE_READ(file, f_mode) & FMODE_CREATED_BIT))
-		count(VFS_CREATE);
+		count_selected(VFS_CREATE);
 	return 0;
 }
 
