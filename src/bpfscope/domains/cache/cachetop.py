@@ -1,8 +1,9 @@
 """bpfscope cachetop: the files (or processes) that miss the page cache most, per interval, like top.
 
-The counting is cachestat's (core/cache.py: lookups from filemap:mm_filemap_get_pages, map_pages and
-fault; misses from filemap:mm_filemap_add_to_page_cache; read-ahead counted as a miss when read), kept in
-the kernel per process and file: the file is the (s_dev, i_ino) pair the tracepoints carry.
+The counting is cachestat's (pagecache.py: lookups from filemap:mm_filemap_get_pages, map_pages and
+fault; misses from filemap:mm_filemap_add_to_page_cache; read-ahead counted as a miss when read), on the
+same BPF object configured to keep rows per process and file: the file is the (s_dev, i_ino) pair the
+tracepoints carry.
 
 Paths are found in two ways, the first that answers wins:
 
@@ -18,29 +19,42 @@ Paths are found in two ways, the first that answers wins:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bpfscope.cli.tool import RunOptions, ticks, tool_options
-from bpfscope.domains.cache.pagecache import CacheCounts, CacheRow, CacheSample, CacheSampler
-from bpfscope.sinks import top
-
-DEFAULT_INTERVAL = 1.0
+from bpfscope.cli.options import Run, common_options, option, top_options
+from bpfscope.domains.cache.pagecache import (
+    CacheCounts,
+    CacheRow,
+    PageCacheCollector,
+    PageCacheSample,
+    count_fields,
+    count_values,
+    rounded,
+)
+from bpfscope.domains.cache.vfs import dev_text
+from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.collector import Config, Sample
+from bpfscope.runtime.schema import COMM, PID, Field, Schema, btf_field
+from bpfscope.sinks.terminal import Terminal, View
 
 
 @dataclass
 class Group:
-    """Rows summed over files (one process) or over processes (one file)."""
+    """Rows summed over processes (one file) or over files (one process)."""
 
-    dev: int
+    dev: int  # st_dev; 0 for a process
     ino: int
-    tgid: int
+    tgid: int  # 0 for a file
     comm: str
     counts: CacheCounts = field(default_factory=CacheCounts)
     members: list[CacheRow] = field(default_factory=list)
+    path: str = ""  # a file's
 
     def add(self, row: CacheRow) -> None:
         self.counts = self.counts + row.counts
@@ -48,10 +62,11 @@ class Group:
 
     @property
     def worst(self) -> CacheRow:
+        """The member missing most: the process that stands for a file."""
         return max(self.members, key=lambda r: (r.counts.misses, r.counts.lookups))
 
 
-SORTS = {
+SORTS: dict[str, Callable[[Group], tuple[float, float]]] = {
     "misses": lambda g: (g.counts.misses, g.counts.lookups),
     "lookups": lambda g: (g.counts.lookups, g.counts.misses),
     "dirtied": lambda g: (g.counts.dirtied, g.counts.misses),
@@ -96,8 +111,7 @@ class PathResolver:
     """(st_dev, ino) -> path: open descriptors and mappings of the processes involved first, then the
     dentry names the kernel recorded (see the module docstring)."""
 
-    def __init__(self, sampler: CacheSampler) -> None:
-        self.sampler = sampler
+    def __init__(self) -> None:
         self.known: dict[tuple[int, int], str] = {}
         self.mounts = _mount_points()
         self._scanned: set[int] = set()
@@ -139,58 +153,130 @@ class PathResolver:
             if complete and mount is not None:
                 return os.path.join(mount, *names)
             return os.path.join("...", *names)
-        return f"[{os.major(group.dev)}:{os.minor(group.dev)} inode {group.ino}]"
+        return f"[{dev_text(group.dev)} inode {group.ino}]"
 
 
-class Screen(top.Screen):
-    def __init__(
-        self,
-        opts: RunOptions,
-        sampler: CacheSampler,
-        processes: bool,
-        sort: str,
-        max_rows: int,
-        noclear: bool,
-    ) -> None:
-        super().__init__(opts, noclear, sort, max_rows)
-        self.processes = processes
-        self.resolver = PathResolver(sampler)
-        self.sampler = sampler
+@cache
+def cachetop_schemas() -> tuple[Schema, Schema]:
+    """cachetop's records: one per file (the process missing most on it named), or per process (-P)."""
+    key = CachetopCollector.btf().struct("cache_key")
+    counts = count_fields()
+    file = Schema(
+        "cachetop",
+        (
+            Field("path", "str", label=True, doc="the file's path, or [major:minor inode N]"),
+            Field("dev", "str", label=True, doc="its file system's device, major:minor"),
+            btf_field("ino", key.field("ino").type, label=True, doc="its inode number"),
+            replace(PID, doc="the process missing most on the file"),
+            COMM,
+            *counts,
+        ),
+        doc="One file's page-cache use over an interval, the files missing most first.",
+        interval=True,
+    )
+    process = Schema(
+        "cachetop.process",
+        (PID, COMM, Field("files", "int", doc="files the process used the page cache of"), *counts),
+        doc="One process's page-cache use over an interval (-P), the processes missing most first.",
+        interval=True,
+    )
+    return file, process
 
-    def show(self, sample: CacheSample, elapsed: float) -> None:
-        groups = by_process(sample.rows) if self.processes else by_file(sample.rows)
-        groups = sorted(groups, key=SORTS[self.sort], reverse=True)[: self.max_rows]
-        self.resolver.new_interval()
-        names = self.sampler.file_names() if groups and not self.processes else {}
+
+@dataclass(kw_only=True)
+class CachetopConfig(Config):
+    per_process: bool = False  # a row per process instead of per file
+    sort: str = "misses"  # a key of SORTS
+    rows: int = 20  # rows kept, the first by ``sort``
+
+
+@dataclass
+class CachetopSample(Sample):
+    cache: PageCacheSample  # the whole page cache over the interval (every row)
+    groups: list[Group]  # the files (or processes) shown, in order, with their paths
+    per_process: bool
+
+    @property
+    def ts(self) -> float:  # type: ignore[override]
+        return self.cache.ts
+
+    @property
+    def interval_s(self) -> float:
+        return self.cache.interval_s
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        file, process = cachetop_schemas()
+        common = {"ts": self.ts, "interval_s": round(self.interval_s, 6)}
+        for g in self.groups:
+            counts = count_values(g.counts)
+            if self.per_process:
+                values = {"pid": g.tgid, "comm": g.comm, "files": len(g.members)}
+                yield process.record({**common, **values, **counts})
+            else:
+                worst = g.worst.key
+                values = {"path": g.path, "dev": dev_text(g.dev), "ino": g.ino, "pid": worst.tgid}
+                yield file.record({**common, **values, "comm": worst.comm, **counts})
+
+
+class CachetopCollector(PageCacheCollector[CachetopConfig]):
+    """The files (or processes) using the page cache over each interval, the first ``rows`` by ``sort``,
+    files with their paths."""
+
+    name = "cachetop"
+    by_file = True
+    default_interval_s = 1.0
+
+    def __init__(self, config: CachetopConfig) -> None:
+        if config.sort not in SORTS:
+            raise BpfscopeError(f"cachetop sorts by {', '.join(SORTS)}, not {config.sort!r}")
+        super().__init__(config)
+        self.resolver = PathResolver()
+
+    @classmethod
+    def schemas(cls) -> tuple[Schema, ...]:
+        return cachetop_schemas()
+
+    def sample(self) -> CachetopSample:
+        cache = self.interval()
+        groups = by_process(cache.rows) if self.config.per_process else by_file(cache.rows)
+        groups = sorted(groups, key=SORTS[self.config.sort], reverse=True)[: self.config.rows]
+        if groups and not self.config.per_process:
+            self.resolver.new_interval()
+            names = self.file_names()
+            for g in groups:
+                g.path = self.resolver.path(g, names)
+        return CachetopSample(cache, groups, self.config.per_process)
+
+
+class CachetopView(View):
+    top = True
+
+    def __init__(self, sort: str, noclear: bool) -> None:
+        self.sort, self.noclear = sort, noclear
+
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, CachetopSample)
         table: list[list[Any]] = []
-        out = self.opts.output
-        for g in groups:
+        for g in sample.groups:
             c = g.counts
-            ratio = None if c.hit_ratio is None else round(c.hit_ratio, 2)
-            counts = {"lookups": c.lookups, "hits": c.hits, "misses": c.misses, "hit_ratio": ratio}
-            if self.processes:
-                record = {"pid": g.tgid, "comm": g.comm, "files": len(g.members), **counts}
+            ratio = rounded(c.hit_ratio)
+            if sample.per_process:
                 table.append([g.tgid, g.comm, len(g.members), c.lookups, c.misses, ratio, c.dirtied])
             else:
-                # The process missing most on the file stands for it (in JSON too: pid and comm).
-                worst, path = g.worst.key, self.resolver.path(g, names)
-                record = {"path": path, "dev": g.dev, "ino": g.ino, "pid": worst.tgid, "comm": worst.comm}
-                record.update(counts)
-                table.append([c.lookups, c.misses, ratio, c.dirtied, f"{worst.comm}[{worst.tgid}]", path])
-            if self.opts.as_json:
-                out.record({"elapsed_s": round(elapsed, 3), **record, "dirtied": c.dirtied})
-        if self.opts.as_json:
-            return
-        if self.processes:
-            columns = ["PID", "COMM", "FILES", "LOOKUPS", "MISSES", "HIT%", "DIRTIED"]
-        else:
-            columns = ["LOOKUPS", "MISSES", "HIT%", "DIRTIED", "PROCESS", "FILE"]
-        ratio = "-" if sample.hit_ratio is None else f"{sample.hit_ratio:.1f}%"
-        heading = (
-            f"{elapsed:.1f}s  lookups {sample.lookups}  misses {sample.misses}  hit ratio {ratio}  "
-            f"cached {sample.cached_mb:.0f} MB  sorted by {self.sort}"
+                worst = g.worst.key
+                table.append([c.lookups, c.misses, ratio, c.dirtied, f"{worst.comm}[{worst.tgid}]", g.path])
+        cache = sample.cache
+        ratio = "-" if cache.hit_ratio is None else f"{cache.hit_ratio:.1f}%"
+        term.heading(
+            f"{cache.elapsed_s:.1f}s  lookups {cache.lookups}  misses {cache.misses}  hit ratio {ratio}  "
+            f"cached {cache.cached_mb:.0f} MB  sorted by {self.sort}"
         )
-        self.frame(heading, columns, table, "no page-cache activity")
+        if not table:
+            term.line("no page-cache activity")
+        elif sample.per_process:
+            term.table(["PID", "COMM", "FILES", "LOOKUPS", "MISSES", "HIT%", "DIRTIED"], table)
+        else:
+            term.table(["LOOKUPS", "MISSES", "HIT%", "DIRTIED", "PROCESS", "FILE"], table)
 
 
 EXAMPLES = """
@@ -208,17 +294,13 @@ else [major:minor inode N]. Read-ahead counts as a miss when read; direct I/O an
 
 
 @click.command(name="cachetop", epilog=EXAMPLES)
-@click.option("-P", "--processes", is_flag=True, help="One row per process instead of per file.")
-@top.top_options(
-    sorted(SORTS), "misses", "Sort by misses, lookups, dirtied pages, or lowest hit ratio first."
-)
-@tool_options
-def command(opts: RunOptions, processes: bool, sort: str, max_rows: int, noclear: bool) -> None:
+@option("per_process", help="One row per process instead of per file.")
+@top_options(sorted(SORTS), "misses", "Sort by misses, lookups, dirtied pages, or lowest hit ratio first.")
+@common_options
+def command(run: Run, per_process: bool, sort: str, max_rows: int, noclear: bool) -> None:
     """Files (or processes, -P) that miss the page cache most, per interval (1 s by default): lookups,
     misses, hit ratio and dirtied pages, with the file's path and the process missing most on it.
     """
-    with CacheSampler(pid=opts.pid, cgroup=opts.cgroup, by_file=True) as sampler:
-        screen = Screen(opts, sampler, processes, sort, max_rows, noclear)
-        for elapsed in ticks(opts, "Tracing page cache by file... Ctrl-C to end.", DEFAULT_INTERVAL):
-            screen.show(sampler.sample(), elapsed)
-        opts.output.note(f"cachetop: {sampler.losses()}")
+    config = run.config(CachetopConfig, per_process=per_process, sort=sort, rows=max_rows)
+    view = CachetopView(sort, noclear)
+    run.run(CachetopCollector(config), view, "Tracing page cache by file... Ctrl-C to end.")

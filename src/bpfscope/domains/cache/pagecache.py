@@ -1,6 +1,7 @@
-"""Page-cache efficiency from tracepoints, shared by cachestat, cachetop and the health check.
+"""Page-cache efficiency from tracepoints, shared by cachestat, cachetop and the health check: one BPF
+object (cachestat.bpf.c), counting per process or, for cachetop, per process and file.
 
-Method (the kernel side is include/cache.bpf.h):
+Method (the kernel side is cache.bpf.h):
 
 - **lookups** are pages asked of the page cache: by reads (``filemap:mm_filemap_get_pages``, its
   index..last_index range, counted once per read request even though the kernel reports each batch of
@@ -28,38 +29,37 @@ a fifth there), while the hit ratio holds. Reads served by a file system that ke
 with direct_io, some network file systems in direct mode) are not seen. Attribution is to the task in
 whose context the kernel ran: synchronous and asynchronous read-ahead run in the reader's context, so
 misses are charged to the reader.
+bpfscope's own reads (its start-up, its reads of /proc) are left out, in the kernel, unless asked
+(``include_self``): right after a cache drop they would otherwise be what misses most.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from bpfscope.cli.tool import cgroup_id
-from bpfscope.engine.bpf import BpfObject, require, tool_object
-from bpfscope.runtime.sampler import Counts
+from bpfscope.domains.cache.vfs import st_dev
+from bpfscope.runtime.collector import BpfCollector, C, Sample
+from bpfscope.runtime.counts import Counts
+from bpfscope.runtime.schema import COMM, PID, Field, Schema, btf_field
 
 if TYPE_CHECKING:
     import numpy as np
 
-# The lookup and dirtying programs are BTF tracepoints (BPF_PROG_TYPE_TRACING, which libbpf cannot probe
-# alone: raw tracepoints stand in); page additions a classic one, whose record carries the folio's order.
-REQUIRES = ("tracepoint", "raw_tracepoint")
+    from bpfscope.engine.bpf import BpfObject
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MEMINFO = Path("/proc/meminfo")
 
 
-def kernel_dev_to_user(s_dev: int) -> int:
-    """A superblock's s_dev as the kernel keeps it (major << 20 | minor) as os.stat's st_dev."""
-    return os.makedev(s_dev >> 20, s_dev & 0xFFFFF)
-
-
 @dataclass(frozen=True)
 class CacheCounts(Counts):
-    """Cumulative page counts of one row (or the total), as the kernel keeps them."""
+    """Page counts of one row (or the total), named as struct cache_counts' fields (cache.bpf.h)."""
 
     read_pages: int = 0
     fault_pages: int = 0
@@ -102,7 +102,7 @@ class CacheCounts(Counts):
 class RowKey:
     tgid: int
     comm: str
-    dev: int  # st_dev form (os.makedev); 0 when rows are per process only
+    dev: int  # os.stat's st_dev; 0 when rows are per process only
     ino: int
 
 
@@ -113,21 +113,8 @@ class CacheRow:
     key: RowKey
     counts: CacheCounts
 
-    def to_dict(self, interval_s: float) -> dict[str, Any]:
-        c = self.counts
-        return {
-            "pid": self.key.tgid,
-            "comm": self.key.comm,
-            "lookups": c.lookups,
-            "hits": c.hits,
-            "misses": c.misses,
-            "hit_ratio": _round(c.hit_ratio),
-            "dirtied": c.dirtied,
-            "misses_s": round(c.misses / interval_s, 1),
-        }
 
-
-def _round(v: float | None, digits: int = 2) -> float | None:
+def rounded(v: float | None, digits: int = 2) -> float | None:
     return None if v is None else round(v, digits)
 
 
@@ -141,21 +128,91 @@ def meminfo_mb() -> tuple[float, float]:
     return values.get("Buffers", 0.0), values.get("Cached", 0.0)
 
 
+@cache
+def count_fields() -> tuple[Field, ...]:
+    """The fields of a row's (or the total's) page counts, in every cachestat and cachetop record."""
+    dirtied = PageCacheCollector.btf().struct("cache_counts").field("dirtied").type
+    return (
+        Field("lookups", "int", "pages", "pages asked of the page cache by reads and mmap faults"),
+        Field("hits", "int", "pages", "lookups - misses"),
+        Field("misses", "int", "pages", "pages brought in for the lookups (read-ahead included)"),
+        Field("hit_ratio", "float", "%", "hits / lookups; null without lookups", nullable=True),
+        btf_field("dirtied", dirtied, unit="pages", doc="pages marked dirty"),
+    )
+
+
+def count_values(c: CacheCounts) -> dict[str, Any]:
+    """A CacheCounts as the values of count_fields()."""
+    return {
+        "lookups": c.lookups,
+        "hits": c.hits,
+        "misses": c.misses,
+        "hit_ratio": rounded(c.hit_ratio),
+        "dirtied": c.dirtied,
+    }
+
+
+@cache
+def cachestat_schemas() -> tuple[Schema, Schema]:
+    """cachestat's records: the page cache over an interval, and a process's share of it."""
+    counts = count_fields()
+    total = Schema(
+        "cachestat",
+        (
+            *counts,
+            Field("ahead", "int", "pages", "pages read ahead beyond this interval's lookups"),
+            Field("buffers_mb", "float", "MB", "Buffers in /proc/meminfo at the end of the interval"),
+            Field("cached_mb", "float", "MB", "Cached in /proc/meminfo at the end of the interval"),
+        ),
+        doc="The page cache over an interval (system-wide, or the tasks -p or --cgroup select).",
+        interval=True,
+    )
+    process = Schema(
+        "cachestat.process",
+        (PID, COMM, *counts, Field("misses_per_s", "float", "/s", "misses per second of the interval")),
+        doc="One process's page-cache use over an interval, the processes missing most first.",
+        interval=True,
+    )
+    return total, process
+
+
 @dataclass
-class CacheSample:
+class PageCacheSample(Sample):
     """The page cache over one interval (counts in pages of PAGE_SIZE bytes)."""
 
-    lookups: int
-    hits: int
-    misses: int
-    hit_ratio: float | None  # percent; None without lookups
-    dirtied: int
+    ts: float
+    interval_s: float
+    elapsed_s: float  # since the collector started (for views)
+    counts: CacheCounts
     buffers_mb: float
     cached_mb: float
-    interval_s: float
-    ahead: int = 0  # pages read ahead beyond this interval's lookups
-    counts: CacheCounts = field(default_factory=CacheCounts)
     rows: list[CacheRow] = field(default_factory=list)  # active rows, most misses first
+    processes: int = 0  # rows given as cachestat.process records
+
+    @property
+    def lookups(self) -> int:
+        return self.counts.lookups
+
+    @property
+    def hits(self) -> int:
+        return self.counts.hits
+
+    @property
+    def misses(self) -> int:
+        return self.counts.misses
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """Percent; None without lookups."""
+        return self.counts.hit_ratio
+
+    @property
+    def dirtied(self) -> int:
+        return self.counts.dirtied
+
+    @property
+    def ahead(self) -> int:
+        return self.counts.ahead
 
     @property
     def lookups_s(self) -> float:
@@ -165,100 +222,106 @@ class CacheSample:
     def misses_s(self) -> float:
         return self.misses / self.interval_s
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "lookups": self.lookups,
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_ratio": _round(self.hit_ratio),
-            "dirtied": self.dirtied,
-            "buffers_mb": round(self.buffers_mb, 1),
-            "cached_mb": round(self.cached_mb, 1),
-            "interval_s": round(self.interval_s, 3),
-            "ahead": self.ahead,
-        }
+    def records(self) -> Iterator[dict[str, Any]]:
+        total, process = cachestat_schemas()
+        common = {"ts": self.ts, "interval_s": round(self.interval_s, 6)}
+        yield total.record(
+            {
+                **common,
+                **count_values(self.counts),
+                "ahead": self.ahead,
+                "buffers_mb": round(self.buffers_mb, 1),
+                "cached_mb": round(self.cached_mb, 1),
+            }
+        )
+        for row in self.rows[: self.processes]:
+            yield process.record(
+                {
+                    **common,
+                    "pid": row.key.tgid,
+                    "comm": row.key.comm,
+                    **count_values(row.counts),
+                    "misses_per_s": round(row.counts.misses / self.interval_s, 1),
+                }
+            )
 
 
 @dataclass
-class _Snapshot:
-    t_ns: int
+class Snapshot:
+    t_ns: int  # when the totals were read (CLOCK_MONOTONIC)
+    ts: float  # the same moment, wall-clock
     total: CacheCounts
     rows: dict[RowKey, CacheCounts]
     raw_keys: dict[RowKey, bytes]  # each row's key as the map has it (comm bytes not always UTF-8)
 
 
-class CacheSampler:
-    """Page-cache lookups, hits, misses and dirtied pages, system-wide or for one process (``pid``) or
-    cgroup v2 directory (``cgroup``); ``by_file`` keeps rows per process and file (cachetop)::
+def snapshot(obj: BpfObject) -> Snapshot:
+    total_values = obj.maps["cache_total"].lookup(0)
+    # Timed after the read: the first one builds the map's numpy layout, which takes a while.
+    t_ns, ts = time.monotonic_ns(), time.time()
+    # Per-CPU counters: one value per CPU, summed.
+    total = CacheCounts.from_record({f: total_values[f].sum() for f in CacheCounts.__dataclass_fields__})
+    keys, values = obj.maps["cache_rows"].items()
+    rows, raw_keys = {}, {}
+    for k, v in zip(keys, values, strict=True):
+        key = _row_key(k)
+        rows[key] = CacheCounts.from_record(v)
+        raw_keys[key] = k.tobytes()
+    return Snapshot(t_ns, ts, total, rows, raw_keys)
 
-        with CacheSampler() as sampler:
-            time.sleep(5)
-            s = sampler.sample()        # since the sampler started (or the previous sample)
-            print(s.hit_ratio, s.misses, s.rows[0].key.comm)
-    """
 
-    def __init__(self, pid: int | None = None, cgroup: str | None = None, by_file: bool = False) -> None:
-        require(*REQUIRES)
-        rodata = {
-            "bs_targ_tgid": pid or 0,
-            "bs_targ_cgroup": cgroup_id(cgroup) if cgroup else 0,
-            "cache_by_file": by_file,
-        }
-        self.by_file = by_file
-        programs = {"cache_get_pages", "cache_map_pages", "cache_fault", "cache_add", "cache_dirty"}
-        self._obj = BpfObject(
-            tool_object("cachetop" if by_file else "cachestat"),
-            rodata=rodata,
-            autoload=programs | {"cache_name_file"} if by_file else programs,
-            # Names are cachetop's alone: without them one slot is all the map needs.
-            max_entries=None if by_file else {"cache_names": 1, "cache_name_scratch": 1},
-        )
-        try:
-            self._obj.attach()
-            self._snapshot()  # the first read builds the maps' numpy layouts: not inside an interval
-            self._prev = self._snapshot()
-        except BaseException:
-            self.close()
-            raise
+def _row_key(k: np.void) -> RowKey:
+    comm = bytes(k["comm"]).split(b"\0", 1)[0].decode(errors="replace")
+    s_dev = int(k["dev"])
+    return RowKey(int(k["tgid"]), comm, st_dev(s_dev) if s_dev else 0, int(k["ino"]))
 
-    def close(self) -> None:
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None  # type: ignore[assignment]
 
-    def __enter__(self) -> CacheSampler:
-        return self
+class PageCacheCollector(BpfCollector[C]):
+    """Page-cache lookups, hits, misses and dirtied pages, system-wide or for the tasks the configuration
+    selects, with a row per process (``by_file``: per process and file). Each ``sample()`` covers the time
+    since the previous one (or ``start()``). cachestat and cachetop are its two configurations."""
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    bpf_object = "cachestat"
+    # The lookup and dirtying programs are BTF tracepoints (BPF_PROG_TYPE_TRACING, which libbpf cannot
+    # probe alone: raw tracepoints stand in); page additions a classic one, whose record carries the
+    # folio's order.
+    requires = ("tracepoint", "raw_tracepoint")
+    loss_counters = {
+        "cache_rows_dropped": ("map_full", "events not in any row (too many rows; totals include them)")
+    }
+    by_file: ClassVar[bool] = False
+    PROGRAMS = frozenset({"cache_get_pages", "cache_map_pages", "cache_fault", "cache_add", "cache_dirty"})
+    NAMING_PROGRAM = "cache_name_file"  # the dentry names of files (per-file rows only)
 
-    def losses(self) -> str:
-        dropped = int(self._obj.bss["cache_rows_dropped"])
-        extra = f"; {dropped} events not in any row (too many rows; totals include them)" if dropped else ""
-        return self._obj.losses() + extra
+    @classmethod
+    def schemas(cls) -> tuple[Schema, ...]:
+        return cachestat_schemas()
 
-    def _snapshot(self) -> _Snapshot:
-        t_ns = time.monotonic_ns()
-        total_values = self._obj.maps["cache_total"].lookup(0)
-        # Per-CPU counters: one value per CPU, summed.
-        total = CacheCounts.from_record({f: total_values[f].sum() for f in CacheCounts.__dataclass_fields__})
-        keys, values = self._obj.maps["cache_rows"].items()
-        rows, raw_keys = {}, {}
-        for k, v in zip(keys, values, strict=True):
-            key = _row_key(k)
-            rows[key] = CacheCounts.from_record(v)
-            raw_keys[key] = k.tobytes()
-        return _Snapshot(t_ns, total, rows, raw_keys)
+    def rodata(self) -> dict[str, Any]:
+        return {**super().rodata(), "cache_by_file": self.by_file}
 
-    def restart(self) -> None:
-        """Forget what came before: the next sample starts now."""
-        self._prev = self._snapshot()
+    def autoload(self) -> set[str]:
+        return set(self.PROGRAMS | {self.NAMING_PROGRAM} if self.by_file else self.PROGRAMS)
 
-    def sample(self) -> CacheSample:
-        """What the page cache did since the previous sample (or since the sampler started)."""
-        cur, prev = self._snapshot(), self._prev
+    def max_entries(self) -> dict[str, int]:
+        # The names are for per-file rows alone: without them one slot is all their maps need.
+        return {} if self.by_file else {"cache_names": 1, "cache_name_scratch": 1}
+
+    def start(self) -> None:
+        assert self.obj is not None
+        snapshot(self.obj)  # the first read builds the maps' numpy layouts: not inside the interval
+        self._prev = snapshot(self.obj)
+        self._start_ns = self._prev.t_ns
+
+    def start_from_attach(self) -> None:
+        self._prev = Snapshot(time.monotonic_ns(), time.time(), CacheCounts(), {}, {})
+        self._start_ns = self._prev.t_ns
+
+    def interval(self) -> PageCacheSample:
+        """What the page cache did since the previous sample (or start), every active row included."""
+        assert self.obj is not None
+        cur, prev = snapshot(self.obj), self._prev
         self._prev = cur
-        itv = max((cur.t_ns - prev.t_ns) / 1e9, 1e-9)
         rows = []
         for key, counts in cur.rows.items():
             before = prev.rows.get(key)
@@ -267,40 +330,37 @@ class CacheSampler:
                 rows.append(CacheRow(key, diff))
         rows.sort(key=lambda r: (r.counts.misses, r.counts.lookups), reverse=True)
         self._evict_exited(cur, prev)
-        total = cur.total - prev.total
         buffers, cached = meminfo_mb()
-        return CacheSample(
-            lookups=total.lookups,
-            hits=total.hits,
-            misses=total.misses,
-            hit_ratio=total.hit_ratio,
-            dirtied=total.dirtied,
+        return PageCacheSample(
+            ts=cur.ts,
+            interval_s=max((cur.t_ns - prev.t_ns) / 1e9, 1e-9),
+            elapsed_s=(cur.t_ns - self._start_ns) / 1e9,
+            counts=cur.total - prev.total,
             buffers_mb=buffers,
             cached_mb=cached,
-            interval_s=itv,
-            ahead=total.ahead,
-            counts=total,
             rows=rows,
         )
 
     def file_names(self) -> dict[tuple[int, int], tuple[list[str], bool]]:
-        """(st_dev, ino) -> (names from the file system's root down, whether the root was reached), from the
-        dentry chains the kernel recorded (cachetop only)."""
+        """(st_dev, ino) -> (names from the file system's root down, whether the root was reached), from
+        the dentry chains the kernel recorded (per-file rows only)."""
+        assert self.obj is not None
         out = {}
-        keys, values = self._obj.maps["cache_names"].items()
+        keys, values = self.obj.maps["cache_names"].items()
         for k, v in zip(keys, values, strict=True):
             depth = int(v["depth"])
             names = [bytes(n).split(b"\0", 1)[0].decode(errors="replace") for n in v["names"][:depth]]
             complete = bool(v["complete"])
             if complete:
                 names = names[:-1]  # the root's own name, "/"
-            out[(kernel_dev_to_user(int(k["dev"])), int(k["ino"]))] = (names[::-1], complete)
+            out[(st_dev(int(k["dev"])), int(k["ino"]))] = (names[::-1], complete)
         return out
 
-    def _evict_exited(self, cur: _Snapshot, prev: _Snapshot) -> None:
+    def _evict_exited(self, cur: Snapshot, prev: Snapshot) -> None:
         """Rows of processes that exited and did nothing since the last sample make room in the map: such
         a process can add nothing more, and the totals do not depend on rows."""
-        cache_rows = self._obj.maps["cache_rows"]
+        assert self.obj is not None
+        cache_rows = self.obj.maps["cache_rows"]
         for key, counts in list(cur.rows.items()):
             if not key.tgid or prev.rows.get(key) != counts or Path(f"/proc/{key.tgid}").exists():
                 continue
@@ -308,9 +368,3 @@ class CacheSampler:
             # and a row left in the map but dropped here would show all its counts again next time.
             if cache_rows.delete(cur.raw_keys[key]):
                 del cur.rows[key]
-
-
-def _row_key(k: np.void) -> RowKey:
-    comm = bytes(k["comm"]).split(b"\0", 1)[0].decode(errors="replace")
-    s_dev = int(k["dev"])
-    return RowKey(int(k["tgid"]), comm, kernel_dev_to_user(s_dev) if s_dev else 0, int(k["ino"]))
