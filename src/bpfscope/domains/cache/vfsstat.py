@@ -7,51 +7,41 @@ read and write families (read, pread64, readv, preadv, preadv2 and their write t
 (open, openat, openat2, creat, open_by_handle_at), creates as the opens that created their file (asked
 for O_CREAT and marked FMODE_CREATED by the kernel at the call's exit), fsyncs as
 fsync, fdatasync, sync_file_range, syncfs, sync and msync(MS_SYNC), unlinks of files. io_uring
-operations and page faults on mmap()ed files are not system calls and are not seen.
+operations and page faults on mmap()ed files are not system calls and are not seen. bpfscope's own
+calls are left out unless asked (``include_self``).
 
-The collector is a Python API, used by ``bpfscope check`` too::
+The collector is the Python API, which ``bpfscope check`` uses too (health.py)::
 
-    with VfsSampler() as sampler:
-        sampler.start()
+    with VfsCollector(VfsConfig()) as vfs:
+        vfs.open(); vfs.start()
         time.sleep(5)
-        sample = sampler.sample()      # everything since start()
-        print(sample.total.per_second(sample.seconds), sample.top(3))
+        sample = vfs.sample()      # everything since start()
+        print(sample.total.per_second(sample.interval_s), sample.top(3))
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bpfscope.cli.tool import RunOptions, ticks, tool_options
-from bpfscope.engine import system
-from bpfscope.engine.bpf import BpfObject, require, tool_object
-from bpfscope.health.check import Row, SamplerProvider, Verdict
-from bpfscope.runtime.sampler import Counts, Sampler
-
-REQUIRES = ("tracepoint",)
-DEFAULT_INTERVAL = 1.0
-
-
-def present_tracepoints_only(obj: BpfObject) -> None:
-    """Load only the programs whose syscall tracepoint this kernel has: arm64 has no open, creat or
-    unlink (only their *at forms), and a kernel may lack a recent syscall such as openat2."""
-    # A kernel without syscall tracepoints (CONFIG_FTRACE_SYSCALLS off) gets the one-line error here.
-    system.require_tracepoint("syscalls", "sys_enter_read")
-    have = system.tracepoints()
-    for program in obj.programs.values():
-        kind, _, target = program.section.partition("/")
-        if kind == "tracepoint":
-            program.autoload = target.replace("/", ":", 1) in have
+from bpfscope.cli.options import Run, common_options, option
+from bpfscope.domains.cache.vfs import present_tracepoints_only
+from bpfscope.runtime.collector import BpfCollector, Collector, Config, Sample
+from bpfscope.runtime.counts import Counts
+from bpfscope.runtime.losses import Losses
+from bpfscope.runtime.schema import COMM, PID, Field, Schema, btf_fields
+from bpfscope.sinks.terminal import Terminal, View
 
 
 @dataclass
 class VfsCounts(Counts):
-    """Calls of each kind (see the module docstring for what each counts)."""
+    """Calls of each kind, named as struct vfs_counts' fields (see the module docstring)."""
 
     reads: int = 0
     writes: int = 0
@@ -66,6 +56,9 @@ class VfsCounts(Counts):
         return self.reads + self.writes + self.opens + self.fsyncs + self.unlinks
 
 
+COLUMNS = [f.name for f in fields(VfsCounts)]
+
+
 @dataclass
 class ProcessVfs:
     pid: int
@@ -73,35 +66,107 @@ class ProcessVfs:
     counts: VfsCounts
 
 
+@cache
+def vfsstat_schemas() -> tuple[Schema, Schema]:
+    """vfsstat's records: every selected task's calls over an interval, and one process's (-P)."""
+    counts = btf_fields(VfsCollector.btf().struct("vfs_counts"), only=COLUMNS)
+    total = Schema(
+        "vfsstat",
+        (*counts, *(Field(f"{name}_per_s", "float", "/s", f"{name} per second") for name in COLUMNS)),
+        doc="File system calls over an interval (system-wide, or the tasks -p or --cgroup select).",
+        interval=True,
+    )
+    process = Schema(
+        "vfsstat.process",
+        (PID, COMM, *counts),
+        doc="One process's file system calls over an interval (-P), the busiest first.",
+        interval=True,
+    )
+    return total, process
+
+
+def _rates(counts: VfsCounts, seconds: float) -> dict[str, float]:
+    return {name: round(rate, 1) for name, rate in counts.per_second(seconds).items()}
+
+
 @dataclass
-class VfsSample:
-    seconds: float
+class VfsSample(Sample):
+    ts: float
+    interval_s: float
+    elapsed_s: float  # since the collector started (for views)
     total: VfsCounts
-    processes: list[ProcessVfs] = field(default_factory=list)  # those with calls in the interval
-    processes_dropped: int = 0  # calls not attributed to a process (its map was full), since start
+    processes: list[ProcessVfs] = field(default_factory=list)  # with calls in the interval, busiest first
+    shown: int = 0  # processes given as vfsstat.process records
 
-    def top(self, n: int, key: str = "ops") -> list[ProcessVfs]:
-        return sorted(self.processes, key=lambda p: getattr(p.counts, key), reverse=True)[:n]
+    def top(self, n: int) -> list[ProcessVfs]:
+        return self.processes[:n]
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        total, process = vfsstat_schemas()
+        common = {"ts": self.ts, "interval_s": round(self.interval_s, 6)}
+        rates = {f"{name}_per_s": rate for name, rate in _rates(self.total, self.interval_s).items()}
+        yield total.record({**common, **self.total.to_dict(), **rates})
+        for p in self.top(self.shown):
+            yield process.record({**common, "pid": p.pid, "comm": p.comm, **p.counts.to_dict()})
 
 
-class VfsSampler(Sampler):
-    """Loads vfsstat.bpf.c and returns, at each sample(), the calls since the previous one."""
+@dataclass(kw_only=True)
+class VfsConfig(Config):
+    per_process: bool = False  # vfsstat.process records, the busiest first
+    rows: int = 10  # how many of them
 
-    def __init__(self, rodata: dict[str, Any] | None = None) -> None:
-        require(*REQUIRES)
-        self.obj = BpfObject(tool_object("vfsstat"), rodata=rodata)
+
+Processes = dict[int, tuple[str, VfsCounts]]  # pid -> (comm, its calls so far)
+
+
+class VfsCollector(BpfCollector[VfsConfig]):
+    """File system calls, in all and per process; each sample is the interval since the previous one."""
+
+    name = "vfsstat"
+    bpf_object = "vfsstat"
+    requires = ("tracepoint",)
+    default_interval_s = 1.0
+    loss_counters = {
+        "processes_dropped": ("map_full", "calls not attributed to a process (too many processes)"),
+        "creates_unseen": ("unseen", "opens with O_CREAT not known to create (no task storage)"),
+    }
+
+    def __init__(self, config: VfsConfig) -> None:
+        super().__init__(config)
+        self.run_total = VfsCounts()  # every call sampled so far, for the run's summary
+        self._start = self._t = time.monotonic()
+
+    @classmethod
+    def schemas(cls) -> tuple[Schema, ...]:
+        return vfsstat_schemas()
+
+    @property
+    def run_s(self) -> float:
+        """Seconds since start()."""
+        return time.monotonic() - self._start
+
+    def attach(self) -> None:
+        assert self.obj is not None
         present_tracepoints_only(self.obj)
-        self._total = VfsCounts()
-        self._processes: dict[int, tuple[str, VfsCounts]] = {}
-        self._t = time.monotonic()
+        super().attach()
 
     def start(self) -> None:
-        self.obj.attach()
-        self.sample()
+        self._read()  # the first read builds the maps' numpy layouts: not inside the interval
+        self._baseline(*self._read())
 
-    def _read(self) -> tuple[VfsCounts, dict[int, tuple[str, VfsCounts]]]:
-        _, per_cpu = self.obj.maps["totals"].items()
-        total = sum((VfsCounts.from_record(v) for v in per_cpu[0]), VfsCounts())
+    def start_from_attach(self) -> None:
+        self._baseline(VfsCounts(), {})
+
+    def _baseline(self, total: VfsCounts, processes: Processes) -> None:
+        self._total, self._processes = total, processes
+        self._t = self._start = time.monotonic()
+        self.run_total = VfsCounts()
+
+    def _read(self) -> tuple[VfsCounts, Processes]:
+        assert self.obj is not None
+        # Per-CPU totals: one value per CPU, summed.
+        per_cpu = self.obj.maps["totals"].lookup(0)
+        total = VfsCounts(**{name: int(per_cpu[name].sum()) for name in COLUMNS})
         keys, values = self.obj.maps["processes"].items()
         processes = {
             int(k): (
@@ -113,22 +178,33 @@ class VfsSampler(Sampler):
         return total, processes
 
     def sample(self) -> VfsSample:
-        now = time.monotonic()
         total, processes = self._read()
+        now = time.monotonic()
         rows = []
         for pid, (comm, counts) in processes.items():
             before = self._processes.get(pid)
             diff = counts - before[1] if before else counts
             if diff.ops:
                 rows.append(ProcessVfs(pid, comm, diff))
-        out = VfsSample(now - self._t, total - self._total, rows, int(self.obj.bss["processes_dropped"]))
+        rows.sort(key=lambda p: p.counts.ops, reverse=True)
+        interval = total - self._total
+        self.run_total += interval
+        sample = VfsSample(
+            ts=time.time(),
+            interval_s=max(now - self._t, 1e-9),
+            elapsed_s=now - self._start,
+            total=interval,
+            processes=rows,
+            shown=self.config.rows if self.config.per_process else 0,
+        )
         self._evict_exited(processes)
         self._total, self._processes, self._t = total, processes, now
-        return out
+        return sample
 
-    def _evict_exited(self, processes: dict[int, tuple[str, VfsCounts]]) -> None:
+    def _evict_exited(self, processes: Processes) -> None:
         """Forget processes that have exited and made no call since the last sample, so the map does not
         fill up over a long run; an exited process can make no more calls, so nothing is lost."""
+        assert self.obj is not None
         for pid, (_, counts) in list(processes.items()):
             before = self._processes.get(pid)
             if before and before[1].ops == counts.ops and not Path(f"/proc/{pid}").exists():
@@ -136,62 +212,37 @@ class VfsSampler(Sampler):
                 del processes[pid]
 
 
-COLUMNS = [f.name for f in fields(VfsCounts)]
+HEADERS = [name.upper() + "/s" for name in COLUMNS]
 
 
-def _rates(counts: VfsCounts, seconds: float) -> list[float]:
-    return [round(v, 1) for v in counts.per_second(seconds).values()]
+class VfsView(View):
+    """One line per interval under one header, as vmstat prints; per process (-P), a table each time."""
 
+    def __init__(self, per_process: bool) -> None:
+        self.per_process = per_process
+        self.header = None if per_process else f"{'TIME':>8} " + " ".join(f"{h:>10}" for h in HEADERS)
 
-def show(
-    opts: RunOptions, sample: VfsSample, elapsed: float, per_process: bool, rows: int, first: bool
-) -> None:
-    out = opts.output
-    headers = [c.upper() + "/s" for c in COLUMNS]
-    if opts.as_json:
-        out.record(
-            {
-                "kind": "total",
-                "interval": round(elapsed, 3),
-                "seconds": round(sample.seconds, 3),
-                **sample.total.to_dict(),
-                **{
-                    f"{c}_per_s": v
-                    for c, v in zip(COLUMNS, _rates(sample.total, sample.seconds), strict=True)
-                },
-            }
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, VfsSample)
+        rates = _rates(sample.total, sample.interval_s)
+        if not self.per_process:
+            term.line(f"{sample.elapsed_s:>7.1f}s " + " ".join(f"{v:>10.1f}" for v in rates.values()))
+            return
+        term.heading(
+            f"{sample.elapsed_s:.1f}s  total: " + ", ".join(f"{c} {v:g}/s" for c, v in rates.items())
         )
-        if per_process:
-            for p in sample.top(rows):
-                out.record(
-                    {
-                        "kind": "process",
-                        "interval": round(elapsed, 3),
-                        "pid": p.pid,
-                        "comm": p.comm,
-                        **p.counts.to_dict(),
-                    }
-                )
-        return
-    if per_process:
-        out.heading(
-            f"{elapsed:.1f}s  total: "
-            + ", ".join(
-                f"{c} {v:g}/s" for c, v in zip(COLUMNS, _rates(sample.total, sample.seconds), strict=True)
-            )
-        )
-        table = [[p.pid, p.comm, *_rates(p.counts, sample.seconds)] for p in sample.top(rows)]
+        table = [
+            [p.pid, p.comm, *_rates(p.counts, sample.interval_s).values()] for p in sample.top(sample.shown)
+        ]
         if table:
-            out.table(["PID", "COMM", *headers], table)
+            term.table(["PID", "COMM", *HEADERS], table)
         else:
-            out.line("no file system calls")
-    else:
-        # One line per interval under one header, as vmstat prints.
-        if first:
-            out.line(f"{'TIME':>8} " + " ".join(f"{h:>10}" for h in headers))
-        rates = _rates(sample.total, sample.seconds)
-        out.line(f"{elapsed:>7.1f}s " + " ".join(f"{v:>10.1f}" for v in rates))
-    out.stream.flush()
+            term.line("no file system calls")
+
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        assert isinstance(collector, VfsCollector)
+        counts = ", ".join(f"{c} {v}" for c, v in collector.run_total.to_dict().items())
+        return f"vfsstat: {collector.run_s:.1f} s, {counts}; {losses.text()}"
 
 
 EXAMPLES = """
@@ -205,67 +256,14 @@ Examples:
 
 
 @click.command(name="vfsstat", epilog=EXAMPLES)
-@click.option("-P", "--processes", "per_process", is_flag=True, help="Per process, busiest first.")
-@click.option(
-    "-r", "--rows", type=click.IntRange(min=1), default=10, show_default=True, help="Processes shown with -P."
-)
-@tool_options
-def command(opts: RunOptions, per_process: bool, rows: int) -> None:
+@option("per_process", help="Per process, busiest first.")
+@option("rows", default=10, type=click.IntRange(min=1), help="Processes shown with -P.")
+@common_options
+def command(run: Run, per_process: bool, max_rows: int) -> None:
     """File system calls per second (1 s intervals by default): reads, writes, opens, creates (opens that
     created their file), fsyncs (fsync, fdatasync, sync_file_range, syncfs, sync, msync MS_SYNC) and
     unlinks, counted in the kernel at each system call. Failed calls count. io_uring and mmap() page
     faults are not system calls and are not seen; sendfile, splice and copy_file_range are not counted.
     """
-    with VfsSampler(opts.filters()) as sampler:
-        sampler.start()
-        grand = VfsCounts()
-        start = time.monotonic()
-        note = "Tracing file system calls... Ctrl-C to end."
-        for n, elapsed in enumerate(ticks(opts, note, DEFAULT_INTERVAL)):
-            sample = sampler.sample()
-            grand += sample.total
-            show(opts, sample, elapsed, per_process, rows, first=n == 0)
-        seconds = time.monotonic() - start
-        losses = sampler.losses({"processes_dropped": "calls not attributed (too many processes)"})
-        counts = ", ".join(f"{c} {v}" for c, v in grand.to_dict().items())
-        opts.output.note(f"vfsstat: {seconds:.1f} s, {counts}; {losses}")
-
-
-class VfsProvider(SamplerProvider):
-    """``bpfscope check`` row: file system calls per second and the process making most of them.
-
-    Informational, always ok: a rate of calls is load, not a fault. An fsync storm or a flood of small
-    reads shows up as latency on the disk rows (device p99, queue depth, PSI io), which judge it; what
-    is "too many" fsyncs depends on the disk (a few hundred per second saturate a spinning disk, an
-    NVMe drive takes tens of thousands), so a fixed threshold here would be wrong on one or the other.
-    This row says who is calling when those rows are red.
-    """
-
-    name = "VFS"
-    requires = ("bpf",)
-    sampler_class = VfsSampler
-
-    def rows(self, window_s: float) -> list[Row]:
-        sample: VfsSample = self.sample()
-        rate = sample.total.per_second(sample.seconds)
-        ops = sample.total.ops / max(sample.seconds, 1e-9)
-        text = ", ".join(f"{rate[k]:.0f} {k}" for k in ("reads", "writes", "opens", "fsyncs")) + " /s"
-        detail = [f"creates {rate['creates']:.0f}/s, unlinks {rate['unlinks']:.0f}/s"]
-        top = sample.top(1)
-        if top:
-            p = top[0]
-            detail.insert(
-                0, f"top: {p.comm} ({p.pid}) {p.counts.ops / max(sample.seconds, 1e-9):.0f} calls/s"
-            )
-        return [
-            Row(
-                "VFS",
-                "calls/s",
-                ops,
-                "/s",
-                text,
-                Verdict.OK,
-                "informational: load, not a fault (disk rows judge its effect)",
-                "; ".join(detail),
-            )
-        ]
+    collector = VfsCollector(run.config(VfsConfig, per_process=per_process, rows=max_rows))
+    run.run(collector, VfsView(per_process), "Tracing file system calls... Ctrl-C to end.")
