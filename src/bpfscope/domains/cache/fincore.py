@@ -2,10 +2,10 @@
 writeback.
 
 The kernel's cachestat() system call (Linux 6.5+, ``cachestat(fd, &range, &stats, 0)``) answers for a
-whole file at once, with dirty and writeback pages and recent evictions. Where it is missing (ENOSYS:
-older kernels, or seccomp) fincore falls back to mincore() over a read-only shared mapping of the file,
-which reports residency page by page but knows nothing of dirty or writeback pages. No BPF is involved:
-nothing is traced, the kernel is asked.
+whole file at once, with dirty and writeback pages and recent evictions; its structs' layouts are read
+from the kernel's BTF. Where it is missing (ENOSYS: older kernels, or seccomp) fincore falls back to
+mincore() over a read-only shared mapping of the file, which reports residency page by page but knows
+nothing of dirty or writeback pages. No BPF is involved: nothing is traced, the kernel is asked, once.
 """
 
 from __future__ import annotations
@@ -16,17 +16,24 @@ import mmap
 import os
 import platform
 import stat
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import click
 
-from bpfscope.sinks.output import Output
+from bpfscope.cli.options import Run, option
+from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.collector import Collector, Config, Sample
+from bpfscope.runtime.schema import Field, Schema
+from bpfscope.sinks.terminal import Terminal, View, note
 
 PAGE_SIZE = mmap.PAGESIZE
 # cachestat() has the same number on every architecture (the generic table), from Linux 6.5.
 SYS_CACHESTAT = 451
+METHODS = ("auto", "cachestat", "mincore")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -42,24 +49,6 @@ _libc.mmap.argtypes = [
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-class _CachestatRange(ctypes.Structure):
-    """include/uapi/linux/mman.h: struct cachestat_range."""
-
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cachestat(ctypes.Structure):
-    """include/uapi/linux/mman.h: struct cachestat."""
-
-    _fields_ = [
-        ("nr_cache", ctypes.c_uint64),
-        ("nr_dirty", ctypes.c_uint64),
-        ("nr_writeback", ctypes.c_uint64),
-        ("nr_evicted", ctypes.c_uint64),
-        ("nr_recently_evicted", ctypes.c_uint64),
-    ]
 
 
 @dataclass(frozen=True)
@@ -80,7 +69,8 @@ class Residency:
     def cached_pct(self) -> float:
         return 100.0 * self.cached / self.pages if self.pages else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def values(self) -> dict[str, Any]:
+        """The fields of a fincore record."""
         return {
             "path": self.path,
             "size": self.size,
@@ -100,19 +90,33 @@ class CachestatUnavailable(Exception):
     """The kernel has no cachestat() (ENOSYS), or refuses it for this file type."""
 
 
-def cachestat(fd: int, offset: int = 0, length: int = 0) -> _Cachestat:
-    """The kernel's cachestat() for fd's range (length 0: to the end of the file)."""
+@cache
+def _cachestat_structs() -> tuple[Any, Any]:
+    """include/uapi/linux/mman.h's struct cachestat_range and struct cachestat, from the kernel's BTF."""
+    from bpfscope.engine.btf import kernel_btf
+
+    try:
+        btf = kernel_btf()
+        return btf.struct("cachestat_range"), btf.struct("cachestat")
+    except BpfscopeError as exc:
+        raise CachestatUnavailable(str(exc)) from None
+
+
+def cachestat(fd: int, offset: int = 0, length: int = 0) -> dict[str, int]:
+    """The kernel's cachestat() for fd's range (length 0: to the end of the file), as struct cachestat's
+    fields (nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted)."""
     if platform.machine() not in ("x86_64", "aarch64", "riscv64", "loongarch64", "s390x", "ppc64le"):
         raise CachestatUnavailable("system call number unknown here")
-    rng = _CachestatRange(offset, length)
-    out = _Cachestat()
-    if _libc.syscall(SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(out), 0) < 0:
+    range_type, stats_type = _cachestat_structs()
+    rng = ctypes.create_string_buffer(range_type.encode({"off": offset, "len": length}), range_type.size)
+    out = ctypes.create_string_buffer(stats_type.size)
+    if _libc.syscall(SYS_CACHESTAT, fd, rng, out, 0) < 0:
         err = ctypes.get_errno()
         if err in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
             # EBADF: a file cachestat() does not cover (hugetlbfs): mincore may still answer.
             raise CachestatUnavailable(os.strerror(err))
         raise OSError(err, os.strerror(err))
-    return out
+    return stats_type.decode(out.raw)
 
 
 def mincore_pages(fd: int, size: int) -> list[bool]:
@@ -148,11 +152,11 @@ def residency(path: str, method: str = "auto") -> Residency:
                     path,
                     size,
                     pages,
-                    cs.nr_cache,
-                    cs.nr_dirty,
-                    cs.nr_writeback,
-                    cs.nr_evicted,
-                    cs.nr_recently_evicted,
+                    cs["nr_cache"],
+                    cs["nr_dirty"],
+                    cs["nr_writeback"],
+                    cs["nr_evicted"],
+                    cs["nr_recently_evicted"],
                     "cachestat",
                 )
             except CachestatUnavailable:
@@ -183,7 +187,7 @@ def expand(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[str, str |
             continue
         if stat.S_ISDIR(st.st_mode):
             if not recursive:
-                yield path, "is a directory (use -r)"
+                yield path, "is a directory (use -R)"
                 continue
             for root, dirs, files in os.walk(path, onerror=None):
                 dirs.sort()
@@ -197,19 +201,119 @@ def expand(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[str, str |
             yield path, "not a regular file"
 
 
+FILE_SCHEMA = Schema(
+    "fincore",
+    (
+        Field("path", "str", label=True),
+        Field("size", "int", "bytes", "the file's size"),
+        Field("pages", "int", "pages", "pages the file spans"),
+        Field("cached", "int", "pages", "pages in the page cache"),
+        Field("cached_bytes", "int", "bytes"),
+        Field("cached_pct", "float", "%", "cached pages of the file's pages"),
+        Field("dirty", "int", "pages", "dirty among the cached (null from mincore)", nullable=True),
+        Field("writeback", "int", "pages", "under writeback (null from mincore)", nullable=True),
+        Field("evicted", "int", "pages", "evicted from the cache (null from mincore)", nullable=True),
+        Field("recently_evicted", "int", "pages", "evicted recently (null from mincore)", nullable=True),
+        Field("method", "enum", values=("cachestat", "mincore"), doc="which system call answered"),
+    ),
+    doc="One file's residency in the page cache, as the kernel tells it.",
+)
+TOTAL_SCHEMA = Schema(
+    "fincore.total",
+    (
+        Field("total_cached_bytes", "int", "bytes", "cached bytes of every file measured"),
+        Field("total_size", "int", "bytes", "their sizes"),
+        Field("failed", "int", doc="paths that could not be measured (each said on stderr)"),
+    ),
+    doc="The files measured, in all; the last record.",
+)
+
+
+@dataclass
+class FincoreSample(Sample):
+    ts: float
+    files: list[Residency] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, why it could not be measured)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for res in self.files:
+            yield FILE_SCHEMA.record({"ts": self.ts, **res.values()})
+        yield TOTAL_SCHEMA.record(
+            {
+                "ts": self.ts,
+                "total_cached_bytes": sum(r.cached for r in self.files) * PAGE_SIZE,
+                "total_size": sum(r.size for r in self.files),
+                "failed": len(self.errors),
+            }
+        )
+
+
+@dataclass(kw_only=True)
+class FincoreConfig(Config):
+    paths: tuple[str, ...] = ()
+    recursive: bool = False  # every file under the directories given
+    method: str = "auto"  # cachestat() where the kernel has it, else mincore(); or either alone
+
+
+class FincoreCollector(Collector[FincoreConfig]):
+    """The residency of the configured files, measured at each sample (no baseline: the kernel keeps it)."""
+
+    name = "fincore"
+    _schemas = (FILE_SCHEMA, TOTAL_SCHEMA)
+
+    def __init__(self, config: FincoreConfig) -> None:
+        if config.method not in METHODS:
+            raise BpfscopeError(f"fincore measures with {', '.join(METHODS)}, not {config.method!r}")
+        super().__init__(config)
+
+    def sample(self) -> FincoreSample:
+        sample = FincoreSample(time.time())
+        for path, error in expand(self.config.paths, self.config.recursive):
+            if error is None:
+                try:
+                    sample.files.append(residency(path, self.config.method))
+                except OSError as exc:
+                    error = exc.strerror or str(exc)
+            if error is not None:
+                sample.errors.append((path, error))
+        return sample
+
+
+class FincoreView(View):
+    def __init__(self, raw_bytes: bool) -> None:
+        self.size = (lambda n: n) if raw_bytes else human
+
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, FincoreSample)
+        rows = [
+            [
+                self.size(res.cached * PAGE_SIZE),
+                res.cached,
+                self.size(res.size),
+                f"{res.cached_pct:.1f}%",
+                "-" if res.dirty is None else res.dirty,
+                "-" if res.writeback is None else res.writeback,
+                res.path,
+            ]
+            for res in sample.files
+        ]
+        if rows:
+            term.table(["RES", "PAGES", "SIZE", "CACHED", "DIRTY", "WRITEBACK", "FILE"], rows)
+
+
 EXAMPLES = """
 \b
 Examples:
   bpfscope fincore /var/lib/postgresql/15/main/base/*/*
-  bpfscope fincore -r /var/log --json
+  bpfscope fincore -R /var/log --json
   bpfscope fincore --mincore big.db     # page by page, as util-linux fincore does
 """
 
 
 @click.command(name="fincore", epilog=EXAMPLES)
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("-r", "--recursive", is_flag=True, help="Measure every file under the directories given.")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines: one per file, then a total.")
+@click.option("-R", "--recursive", is_flag=True, help="Measure every file under the directories given.")
+@option("json", help="JSON lines: one per file, then a total.")
 @click.option("--mincore", "use_mincore", is_flag=True, help="Use mincore() even where cachestat() exists.")
 @click.option("-b", "--bytes", "raw_bytes", is_flag=True, help="Sizes in bytes, not human-readable.")
 def command(
@@ -220,42 +324,15 @@ def command(
     cachestat() is missing (no dirty or writeback figures then). Errors for single files (missing,
     unreadable) are one line each on stderr; the exit status is 2 if any file could not be measured.
     """
-    out = Output(as_json)
-    size = (lambda n: n) if raw_bytes or as_json else human
-    rows: list[list[Any]] = []
-    failed = 0
-    total_cached = total_size = 0
-    for path, error in expand(paths, recursive):
-        if error is None:
-            try:
-                res = residency(path, "mincore" if use_mincore else "auto")
-            except OSError as exc:
-                error = exc.strerror or str(exc)
-        if error is not None:
-            failed += 1
-            out.note(f"bpfscope: error: {path}: {error}")
-            continue
-        total_cached += res.cached
-        total_size += res.size
-        if as_json:
-            out.record(res.to_dict())
-            continue
-        rows.append(
-            [
-                size(res.cached * PAGE_SIZE),
-                res.cached,
-                size(res.size),
-                f"{res.cached_pct:.1f}%",
-                "-" if res.dirty is None else res.dirty,
-                "-" if res.writeback is None else res.writeback,
-                res.path,
-            ]
-        )
-    if as_json:
-        out.record(
-            {"total_cached_bytes": total_cached * PAGE_SIZE, "total_size": total_size, "failed": failed}
-        )
-    elif rows:
-        out.table(["RES", "PAGES", "SIZE", "CACHED", "DIRTY", "WRITEBACK", "FILE"], rows)
-    if failed:
+    config = FincoreConfig(paths=paths, recursive=recursive, method="mincore" if use_mincore else "auto")
+    collector = FincoreCollector(config)
+    # One measurement, now: the session is stepped once rather than run until a stop (no interval, no
+    # losses to report: nothing is traced).
+    with Run(as_json=as_json).session([collector], FincoreView(raw_bytes)) as session:
+        session.open().start()
+        sample = session.sample()[collector]
+    assert isinstance(sample, FincoreSample)
+    for path, error in sample.errors:
+        note(f"bpfscope: error: {path}: {error}")
+    if sample.errors:
         raise SystemExit(2)
