@@ -16,12 +16,12 @@ writeback_start -> writeback_written) and the pages each wrote; and per process,
 balance_dirty_pages() put a writer to sleep and for how long. Reasons are named from the tracepoint's own
 format (its __print_symbolic table), so a kernel that adds one names it too.
 
-The collector is a Python API, used by ``bpfscope check`` too::
+The collector is the Python API, which ``bpfscope check`` uses too (health.py)::
 
-    with WritebackSampler() as sampler:
-        sampler.start()
+    with WritebackCollector(WritebackConfig()) as writeback:
+        writeback.open(); writeback.start()
         time.sleep(5)
-        sample = sampler.sample()
+        sample = writeback.sample()
         print(sample.dirty_bytes, sample.pages_by_reason(), sample.throttled_ms)
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -37,14 +38,13 @@ from typing import Any
 
 import click
 
-from bpfscope.cli.tool import RunOptions, ticks, tool_options
+from bpfscope.cli.options import Run, common_options
 from bpfscope.engine import system
-from bpfscope.engine.bpf import BpfObject, require, tool_object
-from bpfscope.health.check import Row, SamplerProvider, Threshold
-from bpfscope.runtime.sampler import Sampler
+from bpfscope.runtime.collector import BpfCollector, Collector, Config, Sample
+from bpfscope.runtime.losses import Losses
+from bpfscope.runtime.schema import COMM, PID, Field, Schema, btf_field, btf_fields
+from bpfscope.sinks.terminal import Terminal, View
 
-REQUIRES = ("tracepoint",)
-DEFAULT_INTERVAL = 1.0
 VMSTAT = Path("/proc/vmstat")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20
@@ -86,6 +86,10 @@ def _cstr(raw: Any) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
 
 
+def _mib(n: int) -> float:
+    return round(n / MIB, 1)
+
+
 @dataclass
 class Flushes:
     bdi: str  # backing device, "major:minor"
@@ -106,9 +110,52 @@ class ThrottledWriter:
     pause_ms: int
 
 
+@cache
+def writeback_schemas() -> tuple[Schema, Schema, Schema]:
+    """writeback's records: the interval's summary, flushes per device and reason, throttled writers."""
+    btf = WritebackCollector.btf()
+    summary = Schema(
+        "writeback",
+        (
+            Field("dirty_mb", "float", "MB", "dirty pages at the end of the interval (nr_dirty)"),
+            Field("writeback_mb", "float", "MB", "pages under writeback at its end (nr_writeback)"),
+            Field("dirty_limit_mb", "float", "MB", "where writers are held (nr_dirty_threshold)"),
+            Field("background_limit_mb", "float", "MB", "where the flusher starts (background threshold)"),
+            Field("dirtied_mb_per_s", "float", "MB/s", "pages made dirty (nr_dirtied)"),
+            Field("written_mb_per_s", "float", "MB/s", "pages whose writeback completed (nr_written)"),
+            Field("flushes_per_s", "float", "/s", "flusher runs, every device and reason"),
+            Field("throttled_pauses", "int", doc="sleeps balance_dirty_pages() imposed on writers"),
+            Field("throttled_ms", "int", "ms", "their length, in all"),
+        ),
+        doc="Dirty memory against its limits and the writeback over an interval.",
+        interval=True,
+    )
+    flush = Schema(
+        "writeback.flush",
+        (
+            btf_field("bdi", btf.struct("flush_key").field("bdi").type, label=True, doc="major:minor"),
+            Field("reason", "str", label=True, doc="as the writeback_written tracepoint names it"),
+            *btf_fields(btf.struct("flush_stats"), only=("flushes", "pages")),
+            Field("flushes_per_s", "float", "/s"),
+            Field("pages_per_flush", "float", "pages"),
+        ),
+        doc="The flusher's runs for one backing device and reason over an interval.",
+        interval=True,
+    )
+    throttled = Schema(
+        "writeback.throttled",
+        (PID, COMM, *btf_fields(btf.struct("writer_stats"), only=("pauses", "pause_ms"))),
+        doc="One writer balance_dirty_pages() put to sleep over an interval, the longest asleep first.",
+        interval=True,
+    )
+    return summary, flush, throttled
+
+
 @dataclass
-class WritebackSample:
-    seconds: float
+class WritebackSample(Sample):
+    ts: float
+    interval_s: float
+    elapsed_s: float  # since the collector started (for views)
     vmstat: dict[str, int]  # values at the end of the interval
     dirtied_pages: int  # over the interval
     written_pages: int
@@ -151,26 +198,84 @@ class WritebackSample:
             out[f.reason] = out.get(f.reason, 0) + f.flushes
         return out
 
+    def summary(self) -> dict[str, Any]:
+        """The interval in MB and per second, as the heading and the summary record show it."""
+        secs = self.interval_s
+        return {
+            "dirty_mb": _mib(self.dirty_bytes),
+            "writeback_mb": _mib(self.writeback_bytes),
+            "dirty_limit_mb": _mib(self.dirty_limit_bytes),
+            "background_limit_mb": _mib(self.background_limit_bytes),
+            "dirtied_mb_per_s": round(self.dirtied_pages * PAGE_SIZE / MIB / secs, 2),
+            "written_mb_per_s": round(self.written_pages * PAGE_SIZE / MIB / secs, 2),
+            "flushes_per_s": round(sum(f.flushes for f in self.flushes) / secs, 2),
+            "throttled_pauses": self.throttled_pauses,
+            "throttled_ms": self.throttled_ms,
+        }
 
-class WritebackSampler(Sampler):
-    """/proc/vmstat plus writeback.bpf.c; each sample() covers the time since the previous one."""
+    def records(self) -> Iterator[dict[str, Any]]:
+        summary, flush, throttled = writeback_schemas()
+        common = {"ts": self.ts, "interval_s": round(self.interval_s, 6)}
+        yield summary.record({**common, **self.summary()})
+        for f in self.flushes:
+            rates = {
+                "flushes_per_s": round(f.flushes / self.interval_s, 2),
+                "pages_per_flush": round(f.pages_per_flush, 1),
+            }
+            values = {"bdi": f.bdi, "reason": f.reason, "flushes": f.flushes, "pages": f.pages}
+            yield flush.record({**common, **values, **rates})
+        for w in self.writers:
+            values = {"pid": w.pid, "comm": w.comm, "pauses": w.pauses, "pause_ms": w.pause_ms}
+            yield throttled.record({**common, **values})
 
-    def __init__(self, rodata: dict[str, Any] | None = None) -> None:
-        require(*REQUIRES)
-        self.obj = BpfObject(tool_object("writeback"), rodata=rodata)
-        self._flushes: dict[tuple[str, int], tuple[int, int]] = {}
-        self._writers: dict[int, tuple[str, int, int]] = {}
-        self._vmstat = read_vmstat()
-        self._pauses = (0, 0)
-        self._t = time.monotonic()
+
+@dataclass(kw_only=True)
+class WritebackConfig(Config):
+    """The task filter selects throttled writers only: flushes are the kernel's, done by its flusher
+    threads on everyone's behalf."""
+
+
+FlushCounts = dict[tuple[str, int], tuple[int, int]]  # (bdi, enum wb_reason) -> (flushes, pages)
+WriterCounts = dict[int, tuple[str, int, int]]  # pid -> (comm, pauses, pause_ms)
+
+
+class WritebackCollector(BpfCollector[WritebackConfig]):
+    """/proc/vmstat plus writeback.bpf.c; each sample covers the time since the previous one."""
+
+    name = "writeback"
+    bpf_object = "writeback"
+    requires = ("tracepoint",)
+    default_interval_s = 1.0
+    loss_counters = {
+        "flushes_dropped": ("map_full", "flushes not counted (too many devices)"),
+        "pauses_dropped": ("map_full", "pauses not attributed to a process (too many)"),
+        "flushes_unpaired": ("unseen", "flushes under way at start counted without pages"),
+    }
+
+    def __init__(self, config: WritebackConfig) -> None:
+        super().__init__(config)
+        self.run_flushes = self.run_pages = 0  # every flush sampled so far, for the run's summary
+        self._start = self._t = time.monotonic()
+
+    @classmethod
+    def schemas(cls) -> tuple[Schema, ...]:
+        return writeback_schemas()
 
     def start(self) -> None:
-        self.obj.attach()
-        self.sample()
+        self._read()  # the first read builds the maps' numpy layouts: not inside the interval
+        self._baseline(*self._read())
 
-    def sample(self) -> WritebackSample:
-        now = time.monotonic()
-        vmstat = read_vmstat()
+    def start_from_attach(self) -> None:
+        self._baseline({}, {}, (0, 0))
+
+    def _baseline(self, flushes: FlushCounts, writers: WriterCounts, pauses: tuple[int, int]) -> None:
+        self._flushes, self._writers, self._pauses = flushes, writers, pauses
+        self._vmstat = read_vmstat()
+        self._start = self._t = time.monotonic()
+
+    def _read(self) -> tuple[FlushCounts, WriterCounts, tuple[int, int]]:
+        """The counters so far: flushes, throttled writers, and every writer's (pauses, pause_ms)."""
+        assert self.obj is not None
         keys, values = self.obj.maps["flushes"].items()
         flushes = {
             (_cstr(k["bdi"]), int(k["reason"])): (int(v["flushes"]), int(v["pages"]))
@@ -182,8 +287,13 @@ class WritebackSampler(Sampler):
             for k, v in zip(keys, values, strict=True)
         }
         bss = self.obj.bss
-        pauses = (int(bss["pauses_total"]), int(bss["pause_ms_total"]))
+        return flushes, writers, (int(bss["pauses_total"]), int(bss["pause_ms_total"]))
 
+    def sample(self) -> WritebackSample:
+        assert self.obj is not None
+        flushes, writers, pauses = self._read()
+        vmstat = read_vmstat()
+        now = time.monotonic()
         rows = []
         for (bdi, reason), (count, pages) in flushes.items():
             before = self._flushes.get((bdi, reason), (0, 0))
@@ -194,84 +304,58 @@ class WritebackSampler(Sampler):
             before = self._writers.get(pid, (comm, 0, 0))
             if count > before[1]:
                 throttled.append(ThrottledWriter(pid, comm, count - before[1], ms - before[2]))
-        out = WritebackSample(
-            now - self._t,
-            vmstat,
-            vmstat["nr_dirtied"] - self._vmstat["nr_dirtied"],
-            vmstat["nr_written"] - self._vmstat["nr_written"],
-            sorted(rows, key=lambda f: f.pages, reverse=True),
-            sorted(throttled, key=lambda w: w.pause_ms, reverse=True),
-            pauses[0] - self._pauses[0],
-            pauses[1] - self._pauses[1],
+        sample = WritebackSample(
+            ts=time.time(),
+            interval_s=max(now - self._t, 1e-9),
+            elapsed_s=now - self._start,
+            vmstat=vmstat,
+            dirtied_pages=vmstat["nr_dirtied"] - self._vmstat["nr_dirtied"],
+            written_pages=vmstat["nr_written"] - self._vmstat["nr_written"],
+            flushes=sorted(rows, key=lambda f: f.pages, reverse=True),
+            writers=sorted(throttled, key=lambda w: w.pause_ms, reverse=True),
+            throttled_pauses=pauses[0] - self._pauses[0],
+            throttled_ms=pauses[1] - self._pauses[1],
         )
+        self.run_flushes += sum(f.flushes for f in rows)
+        self.run_pages += sum(f.pages for f in rows)
         for pid, (_, count, _) in list(writers.items()):
             # An exited writer that was not throttled since the last sample will not be again.
             if self._writers.get(pid, ("", -1, 0))[1] == count and not Path(f"/proc/{pid}").exists():
                 self.obj.maps["writers"].delete(pid)
                 del writers[pid]
-        self._flushes, self._writers, self._vmstat, self._pauses, self._t = (
-            flushes,
-            writers,
-            vmstat,
-            pauses,
-            now,
+        self._flushes, self._writers, self._pauses = flushes, writers, pauses
+        self._vmstat, self._t = vmstat, now
+        return sample
+
+
+class WritebackView(View):
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, WritebackSample)
+        s = sample.summary()
+        term.heading(
+            f"{sample.elapsed_s:.1f}s  dirty {s['dirty_mb']} MB  writeback {s['writeback_mb']} MB  "
+            f"(bg limit {s['background_limit_mb']} MB, limit {s['dirty_limit_mb']} MB)  "
+            f"dirtied {s['dirtied_mb_per_s']} MB/s  written {s['written_mb_per_s']} MB/s"
         )
-        return out
+        secs = sample.interval_s
+        flushes = [
+            [f.bdi, f.reason, f.flushes, round(f.flushes / secs, 2), f.pages, round(f.pages_per_flush, 1)]
+            for f in sample.flushes
+        ]
+        if flushes:
+            term.table(["BDI", "REASON", "FLUSHES", "FLUSHES/s", "PAGES", "PAGES/FLUSH"], flushes)
+        else:
+            term.line("no flushes")
+        if sample.writers:
+            term.table(
+                ["PID", "COMM", "THROTTLED", "PAUSED ms"],
+                [[w.pid, w.comm, w.pauses, w.pause_ms] for w in sample.writers],
+                title="writers throttled",
+            )
 
-
-LOSSES = {
-    "flushes_dropped": "flushes not counted (too many devices)",
-    "pauses_dropped": "pauses not attributed to a process (too many)",
-    "flushes_unpaired": "flushes under way at start counted without pages",
-}
-
-
-def _mib(n: int) -> float:
-    return round(n / MIB, 1)
-
-
-def show(opts: RunOptions, s: WritebackSample, elapsed: float) -> None:
-    out = opts.output
-    secs = max(s.seconds, 1e-9)
-    summary = {
-        "dirty_mb": _mib(s.dirty_bytes),
-        "writeback_mb": _mib(s.writeback_bytes),
-        "dirty_limit_mb": _mib(s.dirty_limit_bytes),
-        "background_limit_mb": _mib(s.background_limit_bytes),
-        "dirtied_mb_per_s": round(s.dirtied_pages * PAGE_SIZE / MIB / secs, 2),
-        "written_mb_per_s": round(s.written_pages * PAGE_SIZE / MIB / secs, 2),
-        "flushes_per_s": round(sum(f.flushes for f in s.flushes) / secs, 2),
-        "throttled_pauses": s.throttled_pauses,
-        "throttled_ms": s.throttled_ms,
-    }
-    flush_rows = [
-        [f.bdi, f.reason, f.flushes, round(f.flushes / secs, 2), f.pages, round(f.pages_per_flush, 1)]
-        for f in s.flushes
-    ]
-    flush_keys = ["bdi", "reason", "flushes", "flushes_per_s", "pages", "pages_per_flush"]
-    writer_rows = [[w.pid, w.comm, w.pauses, w.pause_ms] for w in s.writers]
-    if opts.as_json:
-        interval = round(elapsed, 3)
-        out.record({"kind": "summary", "interval": interval, "seconds": round(s.seconds, 3), **summary})
-        extra = {"kind": "flush", "interval": interval}
-        out.table(flush_keys, flush_rows, keys=flush_keys, extra=extra)
-        writer_keys = ["pid", "comm", "pauses", "pause_ms"]
-        out.table(
-            writer_keys, writer_rows, keys=writer_keys, extra={"kind": "throttled", "interval": interval}
-        )
-        return
-    out.heading(
-        f"{elapsed:.1f}s  dirty {summary['dirty_mb']} MB  writeback {summary['writeback_mb']} MB  "
-        f"(bg limit {summary['background_limit_mb']} MB, limit {summary['dirty_limit_mb']} MB)  "
-        f"dirtied {summary['dirtied_mb_per_s']} MB/s  written {summary['written_mb_per_s']} MB/s"
-    )
-    if flush_rows:
-        out.table(["BDI", "REASON", "FLUSHES", "FLUSHES/s", "PAGES", "PAGES/FLUSH"], flush_rows)
-    else:
-        out.line("no flushes")
-    if writer_rows:
-        out.table(["PID", "COMM", "THROTTLED", "PAUSED ms"], writer_rows, title="writers throttled")
-    out.stream.flush()
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        assert isinstance(collector, WritebackCollector)
+        return f"writeback: {collector.run_flushes} flushes, {collector.run_pages} pages; {losses.text()}"
 
 
 EXAMPLES = """
@@ -285,78 +369,12 @@ Examples:
 
 
 @click.command(name="writeback", epilog=EXAMPLES)
-@tool_options
-def command(opts: RunOptions) -> None:
+@common_options
+def command(run: Run) -> None:
     """Dirty and writeback memory against the dirty limits, pages dirtied and written per second, the
     flusher's flushes per device and reason (background, periodic, sync, vmscan, ...) with pages per flush,
     and the writers balance_dirty_pages() put to sleep. -p and --cgroup select throttled writers only:
     flushes are done by the kernel's flusher threads on everyone's behalf.
     """
-    with WritebackSampler(opts.filters()) as sampler:
-        sampler.start()
-        total_flushes = total_pages = 0
-        for elapsed in ticks(opts, "Tracing writeback... Ctrl-C to end.", DEFAULT_INTERVAL):
-            s = sampler.sample()
-            total_flushes += sum(f.flushes for f in s.flushes)
-            total_pages += sum(f.pages for f in s.flushes)
-            show(opts, s, elapsed)
-        opts.output.note(f"writeback: {total_flushes} flushes, {total_pages} pages; {sampler.losses(LOSSES)}")
-
-
-# Writers asleep in balance_dirty_pages(), as the share of the window the most throttled process slept.
-# Throttling begins half-way between the background and the dirty limit, where the kernel starts pacing
-# writers to the disk's speed: 1% asleep means that point was reached (the disk cannot take the writes as
-# fast as they come); at 10% a writer loses a tenth of its time waiting for the disk, which the
-# application feels directly (a slow write(), not a slow fsync).
-THROTTLE_WARN_PCT = 1.0
-THROTTLE_PROBLEM_PCT = 10.0
-
-
-class WritebackProvider(SamplerProvider):
-    """``bpfscope check`` rows: dirty memory against the kernel's dirty limits, and throttled writers.
-
-    Dirty memory warns where balance_dirty_pages() starts to throttle writers (half-way between the
-    background limit and the limit: the flusher is not keeping up) and is a PROBLEM at the limit, where
-    every writer is held until pages are written back.
-    """
-
-    name = "Writeback"
-    requires = ("bpf",)
-    sampler_class = WritebackSampler
-
-    def rows(self, window_s: float) -> list[Row]:
-        s: WritebackSample = self.sample()
-        secs = max(s.seconds, 1e-9)
-        dirty_mb = s.dirty_bytes / MIB
-        limit = Threshold(s.throttle_start_bytes / MIB, s.dirty_limit_bytes / MIB, " MB")
-        flushes = ", ".join(f"{reason} {n}" for reason, n in s.flushes_by_reason().items()) or "none"
-        written_mbs = s.written_pages * PAGE_SIZE / MIB / secs
-        dirty = Row(
-            "Writeback",
-            "dirty",
-            dirty_mb,
-            "MB",
-            f"{dirty_mb:.1f} MB",
-            limit.judge(dirty_mb),
-            f"warn >= {limit.warn:.0f} MB (throttling starts), PROBLEM >= {limit.problem:.0f} MB (limit)",
-            f"writeback {s.writeback_bytes / MIB:.1f} MB; written {written_mbs:.1f} MB/s; "
-            f"flushes: {flushes}; background limit {s.background_limit_bytes / MIB:.0f} MB",
-        )
-        worst = s.writers[0] if s.writers else None
-        worst_ms = worst.pause_ms if worst else s.throttled_ms
-        pct = 100.0 * worst_ms / (secs * 1000)
-        throttle = Threshold(THROTTLE_WARN_PCT, THROTTLE_PROBLEM_PCT, "%")
-        detail = f"{s.throttled_pauses} pauses, {s.throttled_ms} ms in all"
-        if worst:
-            detail = f"most: {worst.comm} ({worst.pid}) {worst.pause_ms} ms; " + detail
-        throttled = Row(
-            "Writeback",
-            "writers throttled",
-            pct,
-            "%",
-            f"{pct:.1f}% of the time",
-            throttle.judge(pct),
-            throttle.describe() + " of the window asleep in balance_dirty_pages",
-            detail,
-        )
-        return [dirty, throttled]
+    collector = WritebackCollector(run.config(WritebackConfig))
+    run.run(collector, WritebackView(), "Tracing writeback... Ctrl-C to end.")
