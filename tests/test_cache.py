@@ -1,12 +1,14 @@
-"""cachestat, cachetop and the "Page cache" health-check provider against known workloads.
+"""cachestat, cachetop and the "Page cache" health-check rule against known workloads.
 
 The truths are independent of the tracepoints: a file's size in pages (read cold after
 posix_fadvise(DONTNEED) dropped it from the cache, then warm), the bytes a process writes, and the share
 of a file the kernel's own cachestat() finds resident while a memory-limited process reads it at random.
 
-Every workload runs in a process whose pid (or cgroup) the sampler filters on in the kernel, so what other
-engineers run on the machine at the same time cannot enter the counts. Files live on the root file system
-(ext4), not on tmpfs, whose page cache these tracepoints do not see.
+Every workload runs in a process whose pid (or cgroup) the collector filters on in the kernel, so what
+other engineers run on the machine at the same time cannot enter the counts. Where that process is this
+one (or its child), the collector is told to include bpfscope's own process and children, which it
+leaves out by default. Files live on the root file system (ext4), not on tmpfs, whose page cache these
+tracepoints do not see.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bpfscope.domains.cache.cachestat import PageCacheProvider
+from bpfscope.domains.cache.cachestat import CachestatCollector, CachestatConfig
 from bpfscope.domains.cache.fincore import PAGE_SIZE, residency
-from bpfscope.domains.cache.pagecache import CacheSampler
-from bpfscope.health.check import Verdict, run_check
+from bpfscope.domains.cache.health import PageCacheRule, VfsRule
+from bpfscope.domains.cache.pagecache import PageCacheSample
+from bpfscope.domains.cache.vfsstat import VfsSample
+from bpfscope.health.verdict import Verdict
+from bpfscope.health.window import CheckWindow, run_check
 
 MIB = 1 << 20
 WORK_DIR = Path("/var/tmp")
@@ -64,6 +70,20 @@ def read_all(path: Path, block: int = MIB) -> int:
     return done
 
 
+@contextlib.contextmanager
+def cachestat(**config: Any) -> Iterator[CachestatCollector]:
+    """cachestat's collector, attached and started: each sample() covers the time since the last."""
+    with CachestatCollector(CachestatConfig(**config)) as collector:
+        collector.open()
+        collector.start()
+        yield collector
+
+
+def own(records: list[dict], name: str) -> list[dict]:
+    """The records of one schema (the JSON ends with the losses record)."""
+    return [r for r in records if r["record"] == name]
+
+
 @pytest.fixture
 def data_file() -> Iterator[Path]:
     path = make_file(WORK_DIR / f"bsc-cache-{os.getpid()}.dat", 32 * MIB)
@@ -75,13 +95,12 @@ def data_file() -> Iterator[Path]:
 
 def test_cold_then_warm_read(data_file: Path) -> None:
     pages = data_file.stat().st_size // PAGE_SIZE
-    with CacheSampler(pid=os.getpid()) as sampler:
-        sampler.sample()
+    with cachestat(pid=os.getpid(), include_self=True) as sampler:
         read_all(data_file)
         cold = sampler.sample()
         read_all(data_file, 4096)
         warm = sampler.sample()
-    print(f"pages {pages}; cold {cold.to_dict()}; warm {warm.to_dict()}")
+    print(f"pages {pages}; cold {list(cold.records())}; warm {list(warm.records())}")
     assert cold.hit_ratio is not None and warm.hit_ratio is not None
     # 2% of the pages: a read request is counted once however many batches the kernel splits it in, and
     # nothing but this file is read by this process between the samples.
@@ -97,8 +116,7 @@ def test_writes_are_dirtied_not_missed(tmp_path: Path) -> None:
     path = WORK_DIR / f"bsc-cache-write-{os.getpid()}.dat"
     size = 8 * MIB
     try:
-        with CacheSampler(pid=os.getpid()) as sampler:
-            sampler.sample()
+        with cachestat(pid=os.getpid(), include_self=True) as sampler:
             with path.open("wb", buffering=0) as f:
                 for _ in range(size // MIB):
                     f.write(b"w" * MIB)
@@ -122,11 +140,11 @@ def vmstat(name: str) -> int:
 
 def test_dirtied_matches_the_kernels_counter() -> None:
     """System-wide, dirtied pages against /proc/vmstat's nr_dirtied, which the kernel counts where the
-    tracepoint fires (folio_account_dirtied). Whatever else the machine writes meanwhile is in both."""
+    tracepoint fires (folio_account_dirtied). Whatever else the machine writes meanwhile is in both, and
+    this process's writes too: bpfscope's own are counted here, as the kernel counts them."""
     path = WORK_DIR / f"bsc-cache-vmstat-{os.getpid()}.dat"
     try:
-        with CacheSampler() as sampler:
-            sampler.sample()
+        with cachestat(include_self=True) as sampler:
             before = vmstat("nr_dirtied")
             with path.open("wb", buffering=0) as f:
                 for _ in range(8):
@@ -147,16 +165,20 @@ def test_cli_json_contract(data_file: Path) -> None:
 
     pages = data_file.stat().st_size // PAGE_SIZE
     out, err = trace_workload(
-        ["cachestat", "--json", "-p", "{pid}", "-T", "3"],
+        ["cachestat", "--json", "-p", "{pid}", "-r", "3"],
         f"f = open({str(data_file)!r}, 'rb', buffering=0)\nwhile f.read(1 << 20): pass\n",
     )
     records = [json.loads(line) for line in out.splitlines()]
-    assert len(records) == 1, out  # no interval: one record for the whole run
-    rec = records[0]
+    totals = own(records, "cachestat")
+    assert len(totals) == 1, out  # no interval: one record for the whole run
+    rec = totals[0]
     assert {"lookups", "hits", "misses", "hit_ratio", "dirtied", "buffers_mb", "cached_mb"} <= set(rec)
+    assert {"ts", "interval_s"} <= set(rec) and "elapsed_s" not in rec, rec
     assert abs(rec["misses"] - pages) <= 0.02 * pages, rec
     assert rec["hit_ratio"] <= 2.0, rec
-    assert rec["cached_mb"] > 0 and rec["top"][0]["misses"] == rec["misses"], rec
+    top = own(records, "cachestat.process")
+    assert rec["cached_mb"] > 0 and top[0]["misses"] == rec["misses"], records
+    assert records[-1]["record"] == "losses", records
     assert "events missed" in err
 
 
@@ -169,7 +191,7 @@ def test_cli_interval_records_and_null_ratio(run_cli) -> None:
         child.kill()
         child.wait()
     assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in result.stdout.splitlines()]
+    records = own([json.loads(line) for line in result.stdout.splitlines()], "cachestat")
     assert len(records) == 2
     for rec in records:
         assert rec["lookups"] == 0 and rec["hit_ratio"] is None, rec
@@ -180,7 +202,7 @@ def test_cli_interval_records_and_null_ratio(run_cli) -> None:
     [
         ["cachestat", "--cgroup", "/no/such/cgroup"],
         ["cachestat", "-p", "999999999"],
-        ["cachestat", "-T", "-1"],
+        ["cachestat", "-r", "-1"],
         ["cachestat", "0"],
         ["cachetop", "-s", "nonsense"],
         ["cachetop", "--cgroup", "relative/nowhere"],
@@ -273,9 +295,9 @@ def test_random_reads_beyond_a_memory_limit(cgroup: Path) -> None:
                 )
                 assert cli.stderr is not None
                 assert cli.stderr.readline().startswith("Tracing")
-                with CacheSampler(cgroup=str(v2)) as sampler:
+                # The reader is this process's child: bpfscope's own, unless included.
+                with cachestat(cgroup=str(v2), include_self=True) as sampler:
                     resident = []
-                    sampler.sample()
                     for _ in range(10):
                         resident.append(residency(str(path)).cached / pages)
                         _ask(child, "4000")
@@ -293,7 +315,7 @@ def test_random_reads_beyond_a_memory_limit(cgroup: Path) -> None:
         path.unlink(missing_ok=True)
     expected = 100.0 * sum(resident) / len(resident)
     print(f"resident {[round(r, 3) for r in resident]}; expected {expected:.2f}%")
-    print(f"measured {measured.to_dict()}")
+    print(f"measured {list(measured.records())}")
     print(f"cli {cli_out.strip()}")
     # The limit must have bitten: a file that fits would be 100% resident and prove nothing.
     assert 20.0 < expected < 90.0, resident
@@ -302,7 +324,7 @@ def test_random_reads_beyond_a_memory_limit(cgroup: Path) -> None:
     # come and go (sampled 11 times along the run), and 40000 reads give a sampling error of under one
     # point at these ratios.
     assert abs(measured.hit_ratio - expected) <= 5.0, (measured, expected)
-    records = [json.loads(line) for line in cli_out.splitlines()]
+    records = own([json.loads(line) for line in cli_out.splitlines()], "cachestat")
     assert len(records) == 1, cli_out + cli_err
     cli_ratio = records[0]["hit_ratio"]
     assert records[0]["lookups"] >= measured.lookups and abs(cli_ratio - expected) <= 5.0, records
@@ -343,8 +365,8 @@ def looping_reader(path: Path, cold: bool) -> Iterator[None]:
 def test_health_check_row(data_file: Path, cold: bool) -> None:
     if not cold:
         read_all(data_file)  # in the cache before the window opens
-    with looping_reader(data_file, cold):
-        report = run_check(3, providers=[PageCacheProvider])
+    with looping_reader(data_file, cold):  # this process's child: bpfscope's own, unless included
+        report = run_check(3, rules=[PageCacheRule], include_self=True)
     (row,) = report.rows
     assert row.resource == "Page cache" and row.metric == "hit ratio" and row.threshold
     assert "lookups" in row.detail and "misses" in row.detail
@@ -378,7 +400,7 @@ def test_cachetop_files_and_paths(tmp_path: Path) -> None:
     finally:
         kept.unlink(missing_ok=True)
         closed.unlink(missing_ok=True)
-    records = {r["path"]: r for r in map(json.loads, out.splitlines())}
+    records = {r["path"]: r for r in own(list(map(json.loads, out.splitlines())), "cachetop")}
     for path in (kept, closed):
         assert str(path) in records, records.keys()
         rec = records[str(path)]
@@ -386,7 +408,7 @@ def test_cachetop_files_and_paths(tmp_path: Path) -> None:
         # 2%: as in test_cold_then_warm_read.
         assert abs(rec["misses"] - pages) <= 0.02 * pages and rec["hit_ratio"] <= 2.0, rec
         assert rec["comm"] == "python" and rec["ino"] > 0, rec
-    ordered = [json.loads(line)["path"] for line in out.splitlines()]
+    ordered = [r["path"] for r in own(list(map(json.loads, out.splitlines())), "cachetop")]
     assert ordered.index(str(kept)) < ordered.index(str(closed))  # most misses first
 
 
@@ -398,8 +420,7 @@ def test_documented_blind_spots(data_file: Path) -> None:
 
     shm = Path(f"/dev/shm/bsc-cache-{os.getpid()}.dat")
     buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT wants
-    with CacheSampler(pid=os.getpid()) as sampler:
-        sampler.sample()
+    with cachestat(pid=os.getpid(), include_self=True) as sampler:
         fd = os.open(data_file, os.O_RDONLY | os.O_DIRECT)
         try:
             while os.readv(fd, [buf]):
@@ -415,3 +436,55 @@ def test_documented_blind_spots(data_file: Path) -> None:
         tmpfs = sampler.sample()
     assert not direct.counts.active, direct.counts
     assert not tmpfs.counts.active, tmpfs.counts
+
+
+# --- bpfscope never measures itself -------------------------------------------------------------------
+
+
+def test_check_never_names_bpfscope(data_file: Path) -> None:
+    """The check's page-cache and VFS rows over a window in which bpfscope's own process (this one, the
+    check running in it) reads a cold file and makes 2000 reads: neither row names it, and neither
+    collector holds a row of it. Asked to include itself, the collectors hold its work."""
+    pid = os.getpid()
+    pages = data_file.stat().st_size // PAGE_SIZE
+    for include_self in (False, True):
+        drop(data_file)
+        with CheckWindow([PageCacheRule, VfsRule], include_self=include_self) as window:
+            window.start()
+            read_all(data_file)
+            fd = os.open(data_file, os.O_RDONLY)
+            try:
+                for _ in range(2000):
+                    os.pread(fd, 16, 0)
+            finally:
+                os.close(fd)
+            report = window.finish()
+            assert window.session is not None
+            cache, vfs = (slot.last_sample for slot in window.session.slots)
+        assert isinstance(cache, PageCacheSample) and isinstance(vfs, VfsSample)
+        mine = [r.counts for r in cache.rows if r.key.tgid == pid]
+        calls = [p.counts for p in vfs.processes if p.pid == pid]
+        if include_self:
+            assert sum(c.misses for c in mine) >= 0.98 * pages, mine
+            assert sum(c.reads for c in calls) >= 2000, calls
+        else:
+            assert mine == [] and calls == [], (mine, calls)
+            for row in report.rows:
+                assert f"[{pid}]" not in row.detail and f"({pid})" not in row.detail, row
+
+
+def test_cli_never_counts_itself(run_cli) -> None:
+    """`bpfscope cachestat` imports numpy at its first sample, reading pages of its files through the page
+    cache: its own process is no row of its output, unless --include-self."""
+    for include_self in (False, True):
+        args = ["--include-self"] if include_self else []
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bpfscope", "cachestat", "--json", "-r", "100000", *args, "0.3", "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        pids = {r["pid"] for r in own([json.loads(line) for line in out.splitlines()], "cachestat.process")}
+        assert (proc.pid in pids) is include_self, (proc.pid, pids)

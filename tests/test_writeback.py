@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 from conftest import RunCli, trace_workload
 
-from bpfscope.domains.cache.writeback import PAGE_SIZE, WritebackProvider, WritebackSampler, reason_names
-from bpfscope.health.check import Verdict, run_check
+from bpfscope.domains.cache.health import WritebackRule
+from bpfscope.domains.cache.writeback import PAGE_SIZE, WritebackCollector, WritebackConfig, reason_names
+from bpfscope.health.verdict import Report, Verdict
+from bpfscope.health.window import CheckWindow
 
 DATA_MIB = 16
 DATA_PAGES = DATA_MIB * (1 << 20) // PAGE_SIZE
@@ -93,7 +95,8 @@ def test_reason_names_from_the_tracepoint_format() -> None:
 
 
 def test_syncfs_pages_are_the_data_written(loop_fs: LoopFs) -> None:
-    with WritebackSampler() as sampler:
+    with WritebackCollector(WritebackConfig()) as sampler:
+        sampler.open()
         sampler.start()
         sectors = loop_fs.sectors_written()
         write_and_syncfs(loop_fs.mount / "sync.dat", DATA_MIB)
@@ -119,12 +122,13 @@ os.system("sync -f {path}")
 """
     out, err = trace_workload(["writeback", "--json", "0.5"], workload)
     lines = [json.loads(line) for line in out.splitlines()]
-    summaries = [r for r in lines if r["kind"] == "summary"]
+    summaries = [r for r in lines if r["record"] == "writeback"]
     assert summaries and all(r["dirty_limit_mb"] >= r["background_limit_mb"] > 0 for r in summaries)
+    assert all(r["interval_s"] > 0 for r in summaries) and lines[-1]["record"] == "losses", lines
     sync_pages = sum(
         r["pages"]
         for r in lines
-        if r["kind"] == "flush" and r["bdi"] == loop_fs.bdi and r["reason"] == "sync"
+        if r["record"] == "writeback.flush" and r["bdi"] == loop_fs.bdi and r["reason"] == "sync"
     )
     assert DATA_PAGES <= sync_pages <= DATA_PAGES + METADATA_PAGES, lines
     assert "writeback:" in err and "flushes" in err
@@ -146,25 +150,19 @@ def test_bad_input(run_cli: RunCli, args: list[str]) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def writer_in_window(path: Path, mib: int) -> type[WritebackProvider]:
-    """The provider, with dd writing ``mib`` MiB to ``path`` and syncfs as the window opens; the rows wait
-    for it, so its flushes and pauses are all inside the window."""
-
-    class WriterInWindow(WritebackProvider):
-        def start(self) -> None:
-            super().start()
-            command = f"dd if=/dev/zero of={path} bs=1M count={mib} status=none; sync -f {path}"
-            self.writer = subprocess.Popen(["sh", "-c", command])
-
-        def rows(self, window_s: float) -> list:
-            assert self.writer.wait(timeout=60) == 0
-            return super().rows(window_s)
-
-    return WriterInWindow
+def check_with_writer(path: Path, mib: int) -> Report:
+    """The rule's rows over a window in which dd writes ``mib`` MiB to ``path`` and syncfs flushes it; the
+    window closes once they are done, so their flushes and pauses are all inside it. They are this
+    process's children: bpfscope's own, which the window is asked to include."""
+    with CheckWindow([WritebackRule], include_self=True) as window:
+        window.start()
+        command = f"dd if=/dev/zero of={path} bs=1M count={mib} status=none; sync -f {path}"
+        subprocess.run(["sh", "-c", command], check=True, timeout=60)
+        return window.finish()
 
 
-def test_check_provider(loop_fs: LoopFs) -> None:
-    report = run_check(1, providers=[writer_in_window(loop_fs.mount / "check.dat", DATA_MIB)])
+def test_check_rule(loop_fs: LoopFs) -> None:
+    report = check_with_writer(loop_fs.mount / "check.dat", DATA_MIB)
     rows = {r.metric: r for r in report.rows}
     assert set(rows) == {"dirty", "writers throttled"}
     # A writer flushing its own 16 MiB is no fault: dirty stays far below the limits (GiBs here).
@@ -175,9 +173,9 @@ def test_check_provider(loop_fs: LoopFs) -> None:
     assert throttled.verdict is Verdict.OK and throttled.value is not None, throttled
 
 
-def test_check_provider_throttled_writer(throttled_bdi: LoopFs) -> None:
+def test_check_rule_throttled_writer(throttled_bdi: LoopFs) -> None:
     # Measured: dd asleep about 300 ms of a 1 s window (30%): a PROBLEM, dd named.
-    report = run_check(0.2, providers=[writer_in_window(throttled_bdi.mount / "slow.dat", DATA_MIB)])
+    report = check_with_writer(throttled_bdi.mount / "slow.dat", DATA_MIB)
     throttled = next(r for r in report.rows if r.metric == "writers throttled")
     assert throttled.verdict in (Verdict.WARN, Verdict.PROBLEM), throttled
     assert throttled.detail.startswith("most: dd ("), throttled
@@ -227,7 +225,8 @@ def test_throttled_writer(throttled_bdi: LoopFs, tmp_path: Path) -> None:
     workload = THROTTLED_WORKLOAD.format(path=str(throttled_bdi.mount / "t.dat"), mib=64, report=str(report))
     out, _ = trace_workload(["writeback", "--json", "-p", "{pid}", "0.5"], workload)
     writer = json.loads(report.read_text())
-    throttled = [json.loads(line) for line in out.splitlines() if '"throttled"' in line]
+    lines = [json.loads(line) for line in out.splitlines()]
+    throttled = [r for r in lines if r["record"] == "writeback.throttled"]
     pauses = sum(r["pauses"] for r in throttled)
     pause_ms = sum(r["pause_ms"] for r in throttled)
     assert pauses > 0 and all(r["comm"].startswith("python") for r in throttled), throttled
@@ -236,5 +235,5 @@ def test_throttled_writer(throttled_bdi: LoopFs, tmp_path: Path) -> None:
     tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
     slack_ms = 2 * tick_ms + pauses * jiffy_ms()
     assert pause_ms <= writer["wall_ms"] - writer["cpu_ms"] + slack_ms, (pause_ms, writer)
-    summaries = [json.loads(line) for line in out.splitlines() if '"summary"' in line]
+    summaries = [r for r in lines if r["record"] == "writeback"]
     assert sum(r["throttled_pauses"] for r in summaries) == pauses

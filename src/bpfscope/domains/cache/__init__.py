@@ -9,4 +9,4 @@ TOOLS = {
     "filetop": "Top files by bytes read and written, with process and path.",
     "writeback": "Dirty and writeback pages, flushes, pages per flush, reason.",
 }
-RULES: list[tuple[int, str]] = []
+RULES = [(40, "health:PageCacheRule"), (50, "health:VfsRule"), (60, "health:WritebackRule")]
