@@ -176,8 +176,14 @@ class BiolatencyCollector(BpfCollector[BiolatencyConfig]):
         by_task = bool(config.pid or config.cgroup)
         # Device time needs no tracking of our own where the kernel keeps the issue time: one program per
         # I/O instead of four hash-map operations (benchmarks/block_overhead.py measures the difference).
-        # Requests are then the disk's, whoever submitted them, as in diskstats.
-        self.kernel_clock = not config.queued and not by_task and block.kernel_issue_clock(config.disk)
+        # Requests are then the disk's, whoever submitted them, as in diskstats: bpfscope's own too, so
+        # only with include_self.
+        self.kernel_clock = (
+            not config.queued
+            and not by_task
+            and config.include_self
+            and block.kernel_issue_clock(config.disk)
+        )
         self.loss_counters = (
             {"untimed": ("unseen", "completions without an issue time")}
             if self.kernel_clock
@@ -196,10 +202,11 @@ class BiolatencyCollector(BpfCollector[BiolatencyConfig]):
         }
 
     def autoload(self) -> set[str]:
-        # Latency per disk or flag needs no submitting process, unless -p or --cgroup select by it.
+        # Latency per disk or flag needs no submitting process, unless -p or --cgroup select by it, or
+        # bpfscope's own requests are to be left out.
         if self.kernel_clock:
             return {"rq_complete"}
-        by_task = bool(self.config.pid or self.config.cgroup)
+        by_task = bool(self.config.pid or self.config.cgroup) or not self.config.include_self
         return block.programs(queue_time=self.config.queued, submitter=by_task)
 
     def start(self) -> None:

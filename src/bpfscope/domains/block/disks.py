@@ -253,11 +253,27 @@ def device_filter(name: str | None) -> dict[str, int]:
 def kernel_issue_clock(name: str | None) -> bool:
     """Whether the kernel keeps each request's issue time itself (rq->io_start_time_ns) on disk ``name``
     (every request-based disk when None): it does where the queue collects I/O statistics, which
-    writeback throttling (wbt_lat_usec > 0) turns on."""
+    writeback throttling (wbt_lat_usec > 0) turns on, and where that time is the issue's (see
+    :func:`plug_caches_time`)."""
+    if plug_caches_time():
+        return False
     names = [resolve_disk(name).name] if name else [d.name for d in disks().values() if request_based(d.name)]
     return bool(names) and all(
         (_read(SYS_BLOCK / n / "queue" / "wbt_lat_usec") or "0").strip() not in ("", "0") for n in names
     )
+
+
+@cache
+def plug_caches_time() -> bool:
+    """Whether the block layer reads the clock once per plug (struct blk_plug has cur_ktime: Linux 6.9
+    and later). blk_mq_start_request then sets rq->io_start_time_ns to the plug's cached time, taken when
+    the submission began, before the request was even inserted (submit_bio itself plugs on recent
+    kernels): not the issue time. Measured on 6.18 against block_rq_issue, it added 3.6 us to the
+    mean of single 4k reads and 41 us (20%) to batches of 16."""
+    from bpfscope.engine.btf import kernel_btf
+
+    plug = kernel_btf().struct("blk_plug")
+    return any(f.name == "cur_ktime" for f in plug.fields)
 
 
 def rwbs(op: int, flags: int) -> str:
