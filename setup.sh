@@ -26,6 +26,8 @@ fi
 packages=(clang libbpf-dev libbpf1 bpftool linux-libc-dev python3 python3-venv python3-pip mount util-linux)
 if [ "$mode" = test ]; then
     packages+=(bpftrace fio sysstat libcap2-bin procps iproute2 iperf3 nftables nginx haproxy postgresql-15 e2fsprogs)
+    # The profilers' tests build C, Rust and Go programs and compare with perf (and py-spy, from PyPI).
+    packages+=(gcc libc6-dev rustc golang-go linux-perf)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -52,6 +52,7 @@ JSON_RUNS: dict[str, list[list[str]]] = {
     "trace": [["syscalls:sys_enter_getppid", "--count-by", "comm", "1", "2"]],
     "doctor": [[]],
     "check": [["--duration", "2"]],
+    "profile": [["--duration", "2"], ["--frequency", "99", "1", "2"]],
 }
 # Tools whose runs end by themselves (no interval or Ctrl-C to wait for).
 ONE_SHOT = {"fincore", "doctor"}
@@ -74,6 +75,7 @@ MUST_REPORT = {
     "trace",
     "doctor",
     "check",
+    "profile",
 }
 
 WORKLOAD = textwrap.dedent(

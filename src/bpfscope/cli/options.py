@@ -106,6 +106,9 @@ VOCABULARY: dict[str, Spec] = {
     "filter": _spec(
         ["-f", "--filter"], "filter_text", "Only events where EXPR holds (in kernel).", metavar="EXPR"
     ),
+    # Tools that write a file (the profilers).
+    "output": _spec(["-o", "--output"], "output", "Write to this file.", metavar="FILE"),
+    "format": _spec(["--format"], "format", "Format of the output."),
 }
 
 # (tool, BCC's flag) -> the vocabulary entry it stands for in that tool only.

@@ -1,0 +1,6 @@
+"""Profiling: on-CPU stacks sampled on every CPU (profile), with the symbolisers (symbols.py), the
+profile model and its records (profiles.py), and its formats (formats.py, flamegraph.py)."""
+
+TOOLS = {
+    "profile": "Where the CPU goes: stacks sampled on every CPU, flame graphs, pprof.",
+}

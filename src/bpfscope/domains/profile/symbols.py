@@ -1,0 +1,440 @@
+"""Addresses to function names: the kernel's from /proc/kallsyms, a process's from the ELF files it has
+mapped (.symtab and .dynsym, debug files found by build-id or .gnu_debuglink) and from perf maps that
+JITs write (/tmp/perf-PID.map).
+
+A process's memory map is read while it lives (:meth:`Symbolizer.watch`, called as soon as its samples
+show it), and every binary is read once per build-id, through /proc/PID/map_files, so that a deleted or
+replaced binary, or one in another mount namespace, is still the one that ran. An address that stays
+unnamed is counted by reason (:data:`REASONS`): nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Why a frame stayed unnamed, for people.
+REASONS = {
+    "no_mapping": "address in no mapping of the process (it exited before its map was read)",
+    "no_symbols": "no symbol covers the address",
+    "stripped": "binary stripped (no .symtab, no debug file)",
+    "jit_no_map": "anonymous executable memory without a perf map (JIT)",
+    "deleted_file": "binary deleted and no longer readable",
+    "unreadable": "binary unreadable or not ELF",
+    "kernel_unknown": "kernel address in no symbol of /proc/kallsyms",
+}
+
+DEBUG_DIR = Path("/usr/lib/debug")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame as shown: ``function`` is a name, or ``[module+0xoffset]`` where none was found."""
+
+    function: str
+    module: str
+    kind: str  # "user", "kernel", "python"
+    build_id: str = ""
+    unsymbolised: str = ""  # the reason of REASONS where no name was found
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.module, self.function)
+
+
+class SymbolTable:
+    """Sorted function symbols of one binary: start addresses, ends and names (numpy for bisecting)."""
+
+    def __init__(self, entries: list[tuple[int, int, str]]) -> None:
+        entries.sort()
+        self.starts = np.array([e[0] for e in entries], dtype=np.uint64)
+        self.ends = np.array([e[0] + max(e[1], 1) for e in entries], dtype=np.uint64)
+        self.names = [e[2] for e in entries]
+        # Symbols of size 0 (hand-written assembly) extend to the next symbol.
+        for i, (_start, size, _) in enumerate(entries):
+            if size == 0 and i + 1 < len(entries):
+                self.ends[i] = entries[i + 1][0]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def lookup(self, address: int) -> str | None:
+        i = int(np.searchsorted(self.starts, np.uint64(address), side="right")) - 1
+        if i < 0 or address >= int(self.ends[i]):
+            return None
+        return self.names[i]
+
+
+@dataclass
+class Segment:
+    offset: int
+    vaddr: int
+    filesz: int
+
+
+@dataclass
+class Binary:
+    """What bpfscope keeps of one ELF file: its build-id, load segments and symbols."""
+
+    path: str
+    build_id: str
+    segments: list[Segment]
+    symbols: SymbolTable
+    stripped: bool
+    error: str | None = None  # a reason of REASONS when the file could not be read
+
+    def vaddr(self, file_offset: int) -> int | None:
+        """The ELF virtual address of a file offset (how a mapped address finds its symbol)."""
+        for seg in self.segments:
+            if seg.offset <= file_offset < seg.offset + max(seg.filesz, 1):
+                return file_offset - seg.offset + seg.vaddr
+        return None
+
+
+def _elf_symbols(elf: object) -> list[tuple[int, int, str]]:
+    from elftools.elf.sections import SymbolTableSection
+
+    out: dict[int, tuple[int, int, str]] = {}
+    for name in (".symtab", ".dynsym"):
+        section = elf.get_section_by_name(name)  # type: ignore[attr-defined]
+        if not isinstance(section, SymbolTableSection):
+            continue
+        for sym in section.iter_symbols():
+            info = sym["st_info"]
+            if info["type"] not in ("STT_FUNC", "STT_GNU_IFUNC") or not sym["st_value"] or not sym.name:
+                continue
+            # One name per address: .symtab comes first and has the local functions.
+            out.setdefault(sym["st_value"], (sym["st_value"], sym["st_size"], sym.name))
+    return list(out.values())
+
+
+def build_id_of(elf: object) -> str:
+    from elftools.elf.sections import NoteSection
+
+    for section in elf.iter_sections():  # type: ignore[attr-defined]
+        if isinstance(section, NoteSection):
+            for note in section.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID":
+                    return str(note["n_desc"])
+    return ""
+
+
+def _debuglink(elf: object) -> str | None:
+    section = elf.get_section_by_name(".gnu_debuglink")  # type: ignore[attr-defined]
+    if section is None:
+        return None
+    data = section.data()
+    return data.split(b"\0", 1)[0].decode(errors="replace") or None
+
+
+def debug_file_candidates(path: str, build_id: str, debuglink: str | None) -> Iterator[Path]:
+    """Where GDB looks for separate debug information, in its order."""
+    if len(build_id) > 2:
+        yield DEBUG_DIR / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
+    if debuglink:
+        directory = Path(path).parent
+        yield directory / debuglink
+        yield directory / ".debug" / debuglink
+        yield DEBUG_DIR / directory.relative_to("/") / debuglink if directory.is_absolute() else Path()
+
+
+def read_binary(path: str, opened: str | None = None, data: bytes | None = None) -> Binary:
+    """Read ``opened`` (a /proc/PID/map_files entry, or ``path`` itself), or ``data`` (the vdso, read
+    from the process's memory), as the binary ``path``. Never raises for a bad file: the binary then
+    names its reason in ``error``."""
+    import io
+
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    source = opened or path
+    try:
+        with io.BytesIO(data) if data is not None else open(source, "rb") as stream:
+            elf = ELFFile(stream)
+            segments = [
+                Segment(seg["p_offset"], seg["p_vaddr"], seg["p_filesz"])
+                for seg in elf.iter_segments()
+                if seg["p_type"] == "PT_LOAD"
+            ]
+            build_id = build_id_of(elf)
+            entries = _elf_symbols(elf)
+            has_symtab = elf.get_section_by_name(".symtab") is not None
+            link = _debuglink(elf)
+    except FileNotFoundError:
+        return Binary(
+            path, "", [], SymbolTable([]), True, "deleted_file" if "(deleted)" in path else "unreadable"
+        )
+    except (OSError, ELFError, ValueError, KeyError, AssertionError, IndexError, TypeError, AttributeError):
+        # pyelftools raises a variety of errors on corrupt files; all of them mean "not a usable ELF".
+        return Binary(path, "", [], SymbolTable([]), True, "unreadable")
+    if not has_symtab:
+        for candidate in debug_file_candidates(path, build_id, link):
+            if candidate.is_file():
+                debug = read_binary(str(candidate))
+                if debug.error is None and len(debug.symbols):
+                    entries = _merge(entries, debug)
+                    has_symtab = True
+                    break
+    return Binary(path, build_id, segments, SymbolTable(entries), stripped=not has_symtab)
+
+
+def _merge(entries: list[tuple[int, int, str]], debug: Binary) -> list[tuple[int, int, str]]:
+    known = {e[0] for e in entries}
+    extra = [
+        (int(s), int(e) - int(s), n)
+        for s, e, n in zip(debug.symbols.starts, debug.symbols.ends, debug.symbols.names, strict=True)
+        if int(s) not in known
+    ]
+    return entries + extra
+
+
+class Kallsyms:
+    """The kernel's text symbols, from /proc/kallsyms (root sees the addresses)."""
+
+    def __init__(self, path: str = "/proc/kallsyms") -> None:
+        starts: list[int] = []
+        names: list[str] = []
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3 or parts[1] not in "tTwW":
+                    continue
+                address = int(parts[0], 16)
+                if address:
+                    starts.append(address)
+                    names.append(parts[2])
+        order = np.argsort(np.array(starts, dtype=np.uint64), kind="stable")
+        self.starts = np.array(starts, dtype=np.uint64)[order]
+        self.names = [names[i] for i in order]
+
+    def lookup(self, address: int) -> str | None:
+        i = int(np.searchsorted(self.starts, np.uint64(address), side="right")) - 1
+        return self.names[i] if i >= 0 else None
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    offset: int
+    path: str  # "" for anonymous memory
+    inode: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.path.endswith(" (deleted)")
+
+    @property
+    def anonymous(self) -> bool:
+        return self.inode == 0
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    """The executable mappings of a process, sorted by address ([] once it has exited)."""
+    out = []
+    try:
+        text = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 5 or "x" not in parts[1]:
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        out.append(Mapping(start, end, int(parts[2], 16), parts[5] if len(parts) > 5 else "", int(parts[4])))
+    return out
+
+
+def read_perf_map(pid: int) -> SymbolTable | None:
+    """A JIT's /tmp/perf-PID.map (Node --perf-basic-prof, Java agents, .NET DOTNET_PerfMapEnabled=1)."""
+    for path in (Path(f"/proc/{pid}/root/tmp/perf-{pid}.map"), Path(f"/tmp/perf-{pid}.map")):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        entries = []
+        for line in text.splitlines():
+            parts = line.split(maxsplit=2)
+            if len(parts) == 3:
+                try:
+                    entries.append((int(parts[0], 16), int(parts[1], 16), parts[2]))
+                except ValueError:
+                    continue
+        return SymbolTable(entries)
+    return None
+
+
+FileKey = tuple[int, int, int]  # (device, inode, mtime): one file, as it was when mapped
+
+
+@dataclass
+class Process:
+    pid: int
+    mappings: list[Mapping]
+    files: dict[Mapping, FileKey | Binary] = field(default_factory=dict)
+    starts: list[int] = field(default_factory=list)
+    perf_map: SymbolTable | None = None
+    perf_map_read: bool = False
+    frames: dict[int, Frame] = field(default_factory=dict)  # address -> frame, resolved once
+
+    def __post_init__(self) -> None:
+        self.starts = [m.start for m in self.mappings]
+
+    def mapping(self, address: int) -> Mapping | None:
+        i = bisect.bisect_right(self.starts, address) - 1
+        if i >= 0 and address < self.mappings[i].end:
+            return self.mappings[i]
+        return None
+
+    @property
+    def exe(self) -> str:
+        """The main binary's path (the first file mapping: the executable is mapped first)."""
+        return next((m.path for m in self.mappings if m.path and not m.anonymous), "")
+
+
+class Symbolizer:
+    """Names for the addresses of kernel and user stacks; what stays unnamed says why.
+
+    :meth:`watch` is cheap (about 10 us a mapping): it reads the process's map and opens each file it
+    maps, once per file, which keeps the very file alive (deleted, replaced or in another mount
+    namespace as it may be). The ELF is read when one of its addresses is first named, once per build-id.
+    """
+
+    def __init__(self, kernel: bool = True) -> None:
+        self._kernel = Kallsyms() if kernel else None
+        self._processes: dict[int, Process] = {}
+        self._binaries: dict[str, Binary] = {}  # by build-id, or by file without one
+        self._by_file: dict[FileKey, Binary] = {}
+        self._open: dict[FileKey, tuple[int, str]] = {}  # files mapped but not read yet: (fd, path)
+        self._lock = threading.RLock()
+
+    # --- processes -----------------------------------------------------------------------------------
+    def watch(self, pid: int) -> bool:
+        """Read a process's map and hold the files it maps, while it lives (again if its map changed).
+        False when the process has gone."""
+        mappings = read_maps(pid)
+        if not mappings:
+            return False
+        with self._lock:
+            known = self._processes.get(pid)
+            if known is not None and known.mappings == mappings:
+                return True
+            process = Process(pid, mappings)
+            for m in mappings:
+                if m.path and not m.anonymous and not m.path.startswith("["):
+                    process.files[m] = self._hold(pid, m)
+                elif m.path == "[vdso]":
+                    process.files[m] = self._vdso(pid, m)
+            self._processes[pid] = process
+        return True
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            self._processes.pop(pid, None)
+
+    def process(self, pid: int) -> Process | None:
+        return self._processes.get(pid)
+
+    def _hold(self, pid: int, m: Mapping) -> FileKey | Binary:
+        """The file a mapping maps, opened (or already read): through /proc/PID/map_files while the
+        process lives, else by its path."""
+        path = m.path.removesuffix(" (deleted)")
+        for source in (f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", path):
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+            if key in self._by_file or key in self._open:
+                os.close(fd)
+            else:
+                self._open[key] = (fd, path)
+            return key
+        return Binary(path, "", [], SymbolTable([]), True, "deleted_file" if m.deleted else "unreadable")
+
+    def _binary(self, key: FileKey | Binary) -> Binary:
+        if isinstance(key, Binary):
+            return key
+        binary = self._by_file.get(key)
+        if binary is None:
+            fd, path = self._open.pop(key)
+            try:
+                binary = read_binary(path, f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            # One copy per build-id: the same library in many processes (or containers) is read once.
+            binary = self._binaries.setdefault(binary.build_id or f"{key}", binary)
+            self._by_file[key] = binary
+        return binary
+
+    def _vdso(self, pid: int, m: Mapping) -> Binary:
+        """The vdso is an ELF image in the process's memory, the same for every process of a boot."""
+        try:
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(m.start)
+                data = mem.read(m.end - m.start)
+        except OSError:
+            return Binary("[vdso]", "", [], SymbolTable([]), True, "unreadable")
+        key = f"vdso:{hash(data)}"
+        if key not in self._binaries:
+            self._binaries[key] = read_binary("[vdso]", data=data)
+        return self._binaries[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._open.values():
+                os.close(fd)
+            self._open.clear()
+
+    # --- addresses -----------------------------------------------------------------------------------
+    def kernel_frame(self, address: int) -> Frame:
+        name = self._kernel.lookup(address) if self._kernel is not None else None
+        if name is None:
+            return Frame(f"[kernel 0x{address:x}]", "[kernel]", "kernel", unsymbolised="kernel_unknown")
+        return Frame(name, "[kernel]", "kernel")
+
+    def user_frame(self, pid: int, address: int) -> Frame:
+        with self._lock:
+            process = self._processes.get(pid)
+            if process is None:
+                return Frame(f"[unknown 0x{address:x}]", "[unknown]", "user", unsymbolised="no_mapping")
+            frame = process.frames.get(address)
+            if frame is None:
+                frame = process.frames[address] = self._user_frame(process, address)
+            return frame
+
+    def _user_frame(self, process: Process, address: int) -> Frame:
+        m = process.mapping(address)
+        if m is None:
+            return Frame(f"[unknown 0x{address:x}]", "[unknown]", "user", unsymbolised="no_mapping")
+        file = process.files.get(m)
+        if file is None:
+            return self._jit_frame(process, m, address)
+        binary = self._binary(file)
+        module = os.path.basename(m.path.removesuffix(" (deleted)"))
+        file_offset = address - m.start + m.offset
+        if binary.error is not None:
+            return Frame(f"[{module}+0x{file_offset:x}]", module, "user", unsymbolised=binary.error)
+        vaddr = binary.vaddr(file_offset)
+        name = binary.symbols.lookup(vaddr) if vaddr is not None else None
+        if name is None:
+            reason = "stripped" if binary.stripped else "no_symbols"
+            return Frame(f"[{module}+0x{file_offset:x}]", module, "user", binary.build_id, reason)
+        return Frame(name, module, "user", binary.build_id)
+
+    def _jit_frame(self, process: Process, m: Mapping, address: int) -> Frame:
+        if not process.perf_map_read or (process.perf_map and process.perf_map.lookup(address) is None):
+            # JITs append to their map as they compile: read it again when an address is missing.
+            process.perf_map = read_perf_map(process.pid)
+            process.perf_map_read = True
+        name = process.perf_map.lookup(address) if process.perf_map is not None else None
+        if name is None:
+            return Frame(f"[anon 0x{address:x}]", m.path or "[anon]", "user", unsymbolised="jit_no_map")
+        return Frame(name, "[jit]", "user")

@@ -1,0 +1,309 @@
+"""bpfscope profile on real programs built here: a C program that spends known shares of its CPU time in
+known functions (it measures them itself, with its thread's CPU clock, as the truth), profiled by
+bpfscope and by perf at once; the outputs read back by their own readers (go tool pprof among them);
+bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bpfscope.domains.profile.formats import parse_pprof
+from bpfscope.domains.profile.profiles import Profile
+
+# Three functions doing the same work 6, 3 and 1 times per round: 60/30/10 of the CPU. The volatile
+# accumulator gives each a stack frame (gcc leaves a frame pointer out of leaf functions that have
+# none, and a frame-pointer walk then skips their caller). The program measures the CPU time of each
+# call with its thread's CPU clock and prints the totals at the end: the truth.
+SHARES_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+static volatile unsigned long sink;
+#define WORK(n) do { volatile unsigned long x = sink; \
+	for (long i = 0; i < (n) * 200000L; i++) x = x * 6364136223846793005UL + 1442695040888963407UL; \
+	sink = x; } while (0)
+__attribute__((noinline)) void hot_a(void) { WORK(6); }
+__attribute__((noinline)) void hot_b(void) { WORK(3); }
+__attribute__((noinline)) void hot_c(void) { WORK(1); }
+static long cpu_ns(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+	return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+int main(int argc, char **argv) {
+	double seconds = argc > 1 ? atof(argv[1]) : 5;
+	long spent[3] = {0, 0, 0}, start = cpu_ns(), t;
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("ready\n");
+	while (cpu_ns() - start < seconds * 1e9) {
+		t = cpu_ns(); hot_a(); spent[0] += cpu_ns() - t;
+		t = cpu_ns(); hot_b(); spent[1] += cpu_ns() - t;
+		t = cpu_ns(); hot_c(); spent[2] += cpu_ns() - t;
+	}
+	long total = cpu_ns() - start;
+	printf("hot_a %ld\nhot_b %ld\nhot_c %ld\ntotal %ld\n", spent[0], spent[1], spent[2], total);
+	return 0;
+}
+"""
+FUNCTIONS = ("hot_a", "hot_b", "hot_c")
+# Enough samples for shares within 3 points: at 997 Hz a busy thread gives about 6000 in 6 s, and
+# still 1500 on a machine so loaded that it gets a quarter of a CPU: a standard error of 1.3 points
+# for a 60% share.
+FREQUENCY = "997"
+PROFILE_S = 6.0
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("profile")
+
+
+def build_c(build_dir: Path, name: str, *flags: str) -> Path:
+    source = build_dir / "shares.c"
+    source.write_text(SHARES_C)
+    binary = build_dir / name
+    subprocess.run(["gcc", "-O2", "-g", *flags, "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def shares_fp(build_dir: Path) -> Path:
+    return build_c(build_dir, "shares_fp", "-fno-omit-frame-pointer")
+
+
+class Workload:
+    """A program started now that prints "ready", then its truth (``name ns`` lines) when it ends."""
+
+    def __init__(self, binary: Path, cpu_seconds: float) -> None:
+        self.proc = subprocess.Popen([str(binary), str(cpu_seconds)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+        self.pid = self.proc.pid
+
+    def truth(self) -> dict[str, float]:
+        """Each function's percent of the program's CPU time."""
+        out, _ = self.proc.communicate(timeout=120)
+        ns = {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+        return {name: 100.0 * ns[name] / ns["total"] for name in FUNCTIONS}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def workload(shares_fp: Path) -> Iterator[Workload]:
+    # More CPU time than the profile lasts, so the program is busy all along however loaded the
+    # machine is; the truth is over its whole run (the shares are the same in every round).
+    work = Workload(shares_fp, 2 * PROFILE_S)
+    yield work
+    work.stop()
+
+
+def bpfscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bpfscope", *args], capture_output=True, text=True, timeout=timeout, cwd="/"
+    )
+
+
+def profile_records(stdout: str) -> Profile:
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert records[-1]["record"] == "losses" and records[-1]["total"] == 0, records[-1]
+    return Profile.from_records(records)
+
+
+def perf_shares(data: Path, pid: int) -> tuple[dict[str, float], int]:
+    """Percent of perf's samples of ``pid`` with each function on the stack, and the sample count."""
+    script = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "pid,ip,sym"], capture_output=True, text=True, check=True
+    ).stdout
+    samples = 0
+    on_stack: Counter[str] = Counter()
+    for block in script.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.strip()]
+        if not lines or int(lines[0].split()[0]) != pid:
+            continue
+        samples += 1
+        names = {line.split()[1] for line in lines[1:] if len(line.split()) > 1}
+        on_stack.update(names)
+    return {name: 100.0 * on_stack[name] / samples for name in FUNCTIONS}, samples
+
+
+def test_c_with_frame_pointers_matches_its_truth_and_perf(workload: Workload, tmp_path: Path) -> None:
+    data = tmp_path / "perf.data"
+    perf = subprocess.Popen(
+        [
+            "perf",
+            "record",
+            "-F",
+            FREQUENCY,
+            "-g",
+            "-p",
+            str(workload.pid),
+            "-o",
+            str(data),
+            "--",
+            "sleep",
+            str(PROFILE_S),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    result = bpfscope(
+        "profile", "-p", str(workload.pid), "--frequency", FREQUENCY, "--duration", str(PROFILE_S), "--json"
+    )
+    assert perf.wait(timeout=60) == 0
+    assert result.returncode == 0, result.stderr
+    profile = profile_records(result.stdout)
+    truth = workload.truth()
+    ours = profile.shares(workload.pid)
+    theirs, perf_samples = perf_shares(data, workload.pid)
+    total = sum(n for (thread, _), n in profile.samples.items() if thread.pid == workload.pid)
+    assert total > 500 and perf_samples > 500, (total, perf_samples)
+    for name in FUNCTIONS:
+        assert abs(ours[name] - truth[name]) <= 3, (name, ours[name], truth[name], total)
+        assert abs(ours[name] - theirs[name]) <= 3, (name, ours[name], theirs[name], total, perf_samples)
+    assert ours["main"] >= 95, ours["main"]
+    assert profile.roots["shares_fp"][0] >= 0.95 * profile.roots["shares_fp"][1], profile.roots
+    assert not profile.unsymbolised.get("no_symbols") and not profile.unsymbolised.get("no_mapping")
+
+
+def test_outputs_are_read_by_their_readers(workload: Workload, tmp_path: Path) -> None:
+    """One run, every format of it: pprof through go tool pprof, folded, speedscope and the HTML page."""
+    pb = tmp_path / "cpu.pb.gz"
+    result = bpfscope(
+        "profile", "-p", str(workload.pid), "--frequency", "99", "--duration", "2", "-o", str(pb)
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"to {pb}" in result.stderr
+    profile = parse_pprof(pb.read_bytes())
+    assert {"hot_a", "main"} <= set(profile.shares())
+    top = subprocess.run(
+        ["go", "tool", "pprof", "-top", str(pb)], capture_output=True, text=True, timeout=120
+    )
+    assert top.returncode == 0, top.stderr
+    assert "hot_a" in top.stdout and "hot_b" in top.stdout
+    folded = bpfscope(
+        "profile", "-p", str(workload.pid), "--frequency", "99", "--duration", "1", "--format", "folded"
+    )
+    assert folded.returncode == 0, folded.stderr
+    lines = folded.stdout.splitlines()
+    assert lines and all(line.startswith("shares_fp;") and line.rsplit(" ", 1)[1].isdigit() for line in lines)
+    assert any(";main;hot_a" in line for line in lines)
+    for name, check in (("cpu.json", _check_speedscope), ("cpu.html", _check_html)):
+        out = tmp_path / name
+        result = bpfscope(
+            "profile", "-p", str(workload.pid), "--frequency", "99", "--duration", "1", "-o", str(out)
+        )
+        assert result.returncode == 0, result.stderr
+        check(out.read_text())
+
+
+def _check_speedscope(text: str) -> None:
+    doc = json.loads(text)
+    names = {f["name"] for f in doc["shared"]["frames"]}
+    assert {"hot_a", "main"} <= names
+    (prof,) = doc["profiles"]
+    assert prof["type"] == "sampled" and len(prof["samples"]) == len(prof["weights"])
+
+
+def _check_html(text: str) -> None:
+    assert text.startswith("<!DOCTYPE html>") and "hot_a" in text
+    # Self-contained: nothing is fetched from anywhere.
+    assert "http://" not in text.replace("http://www.w3.org", "") and "src=" not in text
+
+
+# Reading /dev/zero spends its time in the kernel, under read(2).
+ZERO_READER = "import os\nf = os.open('/dev/zero', os.O_RDONLY)\nwhile True: os.read(f, 1 << 20)"
+
+
+def profile_zero_reader(*args: str) -> Profile:
+    reader = subprocess.Popen([sys.executable, "-c", ZERO_READER])
+    try:
+        time.sleep(0.2)
+        result = bpfscope("profile", "-p", str(reader.pid), "--frequency", "199", "--duration", "1.5", *args)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert result.returncode == 0, result.stderr
+    return profile_records(result.stdout)
+
+
+def test_kernel_stacks_are_named() -> None:
+    profile = profile_zero_reader("--json")
+    kernel = {f.function for _, frames in profile.samples for f in frames if f.kind == "kernel"}
+    assert {"ksys_read", "vfs_read"} & kernel, sorted(kernel)[:40]
+    # --user-only leaves them out.
+    profile = profile_zero_reader("--user-only", "--json")
+    assert profile.samples and not any(f.kind == "kernel" for _, frames in profile.samples for f in frames)
+
+
+def test_a_process_that_exits_while_profiled_keeps_its_profile(shares_fp: Path) -> None:
+    profiler = subprocess.Popen(
+        [sys.executable, "-m", "bpfscope", "profile", "--frequency", "99", "--duration", "4", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert profiler.stderr is not None and profiler.stderr.readline().startswith("Tracing")
+    short = Workload(shares_fp, 0.5)
+    short.truth()  # it has exited
+    out, err = profiler.communicate(timeout=60)
+    assert profiler.returncode == 0, err
+    assert profile_records(out).shares(short.pid).get("hot_a", 0) > 30
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-p", "999999999"], "no process with pid 999999999"),
+        (["--kernel-only", "--user-only"], "leave nothing to sample"),
+        (["--frequency", "0"], "--frequency"),
+        (["--format", "svg"], "--format"),
+        (["--json", "--format", "html"], "give -o FILE"),
+    ],
+)
+def test_bad_input_is_one_line(args: list[str], message: str) -> None:
+    result = bpfscope("profile", "--duration", "1", *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_sigint_writes_the_profile(shares_fp: Path, tmp_path: Path) -> None:
+    work = Workload(shares_fp, 30)
+    out = tmp_path / "cpu.folded"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bpfscope",
+            "profile",
+            "-p",
+            str(work.pid),
+            "--frequency",
+            "99",
+            "-o",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None and proc.stderr.readline().startswith("Tracing")
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        work.stop()
+    assert proc.returncode == 0, err
+    assert "hot_a" in out.read_text()

@@ -1,0 +1,163 @@
+"""The profile's pure-Python parts: records and their round trip, folded stacks, pprof (written and read
+back), speedscope, the HTML flame graph, and the ELF symboliser, with the parsers of captured data
+fuzzed (hypothesis): bad bytes are a counted reason or a one-line error, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpfscope.domains.profile import flamegraph, formats
+from bpfscope.domains.profile.profiles import SCHEMAS, Profile, Thread
+from bpfscope.domains.profile.symbols import Frame, SymbolTable, read_binary
+from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.schema import schema_for
+
+MAIN = Frame("main", "app", "user", "ab12")
+A = Frame("hot_a", "app", "user", "ab12")
+B = Frame("hot_b", "app", "user", "ab12")
+READ = Frame("vfs_read", "[kernel]", "kernel")
+
+
+def sample_profile() -> Profile:
+    profile = Profile(kind="cpu", frequency_hz=99, duration_s=2.0, start_ts=1_700_000_000.0)
+    app = Thread(10, 11, "app", 5, None)
+    profile.add(app, (MAIN, A), 60, 60 * 10_101_010, "app")
+    profile.add(app, (MAIN, B), 30, 30 * 10_101_010, "app")
+    profile.add(app, (MAIN, B, READ), 10, 10 * 10_101_010, "app")
+    return profile
+
+
+def test_shares_and_functions() -> None:
+    profile = sample_profile()
+    shares = profile.shares()
+    assert shares["main"] == 100 and shares["hot_a"] == 60 and shares["hot_b"] == 40
+    rows = {fn: (own, total) for fn, _, own, total in profile.functions()}
+    assert rows["hot_b"] == (30, 40) and rows["vfs_read"] == (10, 10)
+
+
+def test_records_follow_their_schemas_and_round_trip() -> None:
+    profile = sample_profile()
+    records = list(profile.records(ts=1_700_000_002.0, interval_s=2.0))
+    for record in records:
+        schema = schema_for(SCHEMAS, record)
+        assert schema is not None and schema.check(record) == [], record
+    again = Profile.from_records(json.loads(json.dumps(records)))
+    assert again.stacks() == profile.stacks()
+    assert again.frequency_hz == 99 and again.duration_s == 2.0
+
+
+def test_folded_round_trip() -> None:
+    text = formats.folded(sample_profile())
+    assert "app;main;hot_b;vfs_read_[k] 10" in text.splitlines()
+    assert formats.parse_folded(text).stacks() == sample_profile().stacks()
+
+
+def test_pprof_round_trip() -> None:
+    profile = sample_profile()
+    data = formats.pprof(profile)
+    assert data[:2] == b"\x1f\x8b"
+    again = formats.parse_pprof(data)
+    assert again.stacks() == profile.stacks()
+    assert again.frequency_hz == 99
+    (thread,) = {t for t, _ in again.samples}
+    assert (thread.pid, thread.tid, thread.comm, thread.cgroup) == (10, 11, "app", 5)
+    frames = {f for _, fs in again.samples for f in fs}
+    assert Frame("hot_a", "app", "user", "ab12") in frames
+
+
+def test_speedscope() -> None:
+    doc = json.loads(formats.speedscope(sample_profile()))
+    (prof,) = doc["profiles"]
+    assert sum(prof["weights"]) == 100
+    names = [f["name"] for f in doc["shared"]["frames"]]
+    assert "hot_a" in names and "vfs_read_[k]" in names
+
+
+def test_html_is_self_contained_and_diffs() -> None:
+    page = flamegraph.html(sample_profile(), "t</script>")
+    assert "<script>" in page and "</script>" in page and "t&lt;/script&gt;" in page
+    data = json.loads(page.split('type="application/json">', 1)[1].split("</script>", 1)[0])
+    assert data["root"][1] == 100 and not data["diff"]
+    before = Profile(kind="cpu")
+    app = Thread(10, 11, "app")
+    before.add(app, (MAIN, A), 90, 0)
+    before.add(app, (MAIN, B), 10, 0)
+    diff = flamegraph.html(sample_profile(), "diff", baseline=before)
+    data = json.loads(diff.split('type="application/json">', 1)[1].split("</script>", 1)[0])
+    app_node = data["root"][2][0]
+    main = app_node[2][0]
+    hot_a = next(n for n in main[2] if n[0] == "hot_a")
+    assert data["diff"] and hot_a[1] == 60 and hot_a[3] == 90
+
+
+def test_format_from_file_name() -> None:
+    assert formats.format_for("x.pb.gz", None) == "pprof"
+    assert formats.format_for("x.html", None) == "html"
+    assert formats.format_for("x.json", None) == "speedscope"
+    assert formats.format_for("x.anything", None) == "folded"
+    assert formats.format_for("x.html", "folded") == "folded"
+
+
+def test_symbol_table_lookup() -> None:
+    table = SymbolTable([(0x2000, 0x10, "b"), (0x1000, 0x100, "a"), (0x3000, 0, "asm"), (0x4000, 8, "c")])
+    assert table.lookup(0x1000) == "a" and table.lookup(0x10FF) == "a"
+    assert table.lookup(0x1100) is None and table.lookup(0xFFF) is None
+    assert table.lookup(0x3010) == "asm"
+
+
+def test_read_binary_names_a_real_function() -> None:
+    python = Path(sys.executable).resolve()
+    binary = read_binary(str(python))
+    assert binary.error is None and len(binary.symbols) > 100
+    assert binary.segments and any(seg.vaddr == 0 or seg.offset == 0 for seg in binary.segments)
+
+
+def test_read_binary_counts_bad_files(tmp_path: Path) -> None:
+    (tmp_path / "text").write_text("not an ELF")
+    assert read_binary(str(tmp_path / "text")).error == "unreadable"
+    assert read_binary(str(tmp_path / "missing (deleted)")).error == "deleted_file"
+    assert read_binary(str(tmp_path / "missing")).error == "unreadable"
+
+
+def _elf_prefix() -> bytes:
+    true = shutil.which("true") or "/bin/true"
+    return Path(true).read_bytes()
+
+
+ELF = _elf_prefix()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, len(ELF) - 1), st.binary(min_size=1, max_size=64), st.integers(64, len(ELF)))
+def test_fuzz_corrupt_elf_is_a_reason_not_a_traceback(offset: int, junk: bytes, cut: int) -> None:
+    data = (ELF[:offset] + junk + ELF[offset + len(junk) :])[:cut]
+    binary = read_binary("/fuzz", data=data)
+    assert binary.error in (None, "unreadable")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512))
+def test_fuzz_pprof_bytes_are_an_error_or_a_profile(data: bytes) -> None:
+    with contextlib.suppress(BpfscopeError):
+        formats.parse_pprof(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_fuzz_folded_text_is_an_error_or_a_profile(text: str) -> None:
+    with contextlib.suppress(BpfscopeError):
+        formats.parse_folded(text)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x1f\x8b", b"\x1f\x8bgarbage"])
+def test_bad_pprof_is_one_line(data: bytes) -> None:
+    with pytest.raises(BpfscopeError, match="not a pprof profile"):
+        formats.parse_pprof(data)
