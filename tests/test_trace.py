@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from conftest import RunCli, trace_workload
 
+from bpfscope.domains.trace.trace import TraceCollector, TraceConfig
+from bpfscope.runtime.session import MemorySink, Session
 from bpfscope.sources.syscalls import syscall_number
 
 GETPPID = syscall_number("getppid")
@@ -139,6 +141,45 @@ def test_intervals_report_what_changed() -> None:
     counts = [r["count"] for r in _records(out)]
     assert sum(counts) == 500
     assert len(counts) >= 2
+
+
+def test_a_query_s_records_follow_its_own_schema() -> None:
+    """The schema is the query's: its keys (one named as a value of the record is renamed), then the
+    values asked for. This process does the writes, so it traces itself (bpfscope leaves itself out
+    unless told)."""
+    fd = os.open("/dev/null", os.O_WRONLY)
+
+    def run(collector: TraceCollector) -> list[dict]:
+        sink = MemorySink()
+        with Session([collector], [sink]) as session:
+            session.open()
+            session.start()
+            for size in (10, 10, 20):
+                os.write(fd, b"x" * size)
+            session.finish()
+        return sink.records("trace")
+
+    config = TraceConfig(
+        tracepoint="syscalls:sys_enter_write",
+        count_by=("count", "pid"),
+        sum_field="count",
+        filter_text=f"fd == {fd}",
+        pid=os.getpid(),
+        include_self=True,
+    )
+    collector = TraceCollector(config)
+    (schema,) = collector.schemas()
+    assert schema.names == ["ts", "interval_s", "count_field", "pid", "count", "sum", "min", "max"]
+    assert schema.field("pid").label and schema.field("count_field").type == "int"
+    try:
+        records = run(collector)
+        assert run(TraceCollector(config.replace(include_self=False))) == []
+    finally:
+        os.close(fd)
+    assert all(schema.check(r) == [] for r in records), records
+    rows = {r["count_field"]: r for r in records}
+    assert (rows[10]["count"], rows[10]["sum"], rows[20]["count"], rows[20]["sum"]) == (2, 20, 1, 20)
+    assert {r["pid"] for r in records} == {os.getpid()}
 
 
 def test_list_and_info(run_cli: RunCli) -> None:

@@ -109,7 +109,9 @@ class BpftraceCollector(Collector[BpftraceConfig]):
         super().__init__(config)
         self.ended = ended
         self.proc: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []  # bpftrace's JSON lines after it attached, read by a thread
+        self.early: list[str] = []  # what the program printed before it attached (its own BEGIN)
+        self.lines: list[str] = []  # bpftrace's JSON lines after it attached, read by self.reader
+        self.reader: threading.Thread | None = None
         self.stopping = False  # the run is over: bpftrace was told to print its maps and exit
         self.lost = 0  # events bpftrace says it lost
 
@@ -135,7 +137,6 @@ class BpftraceCollector(Collector[BpftraceConfig]):
             preexec_fn=_die_with_parent,
         )
         assert self.proc.stdout is not None
-        self.early: list[str] = []  # what the program printed before our marker (its own BEGIN)
         for line in self.proc.stdout:
             record = json.loads(line) if line.startswith("{") else {}
             if record.get("type") == "attached_probes":
@@ -170,7 +171,7 @@ class BpftraceCollector(Collector[BpftraceConfig]):
 
     def sample(self) -> BpftraceOutput:
         """The run is over: bpftrace prints its maps on SIGINT, then exits."""
-        assert self.proc is not None
+        assert self.proc is not None and self.reader is not None
         self.stopping = True
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -190,14 +191,19 @@ class BpftraceCollector(Collector[BpftraceConfig]):
         return Losses([Loss(RING_FULL, self.lost, "events lost (bpftrace's output buffer full)")])
 
     def close(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream is not None:
-                    stream.close()
-            self.proc = None
+        if self.proc is None:
+            return
+        self.stopping = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        # Its output ends with it: the reader is done before the pipes close under it.
+        if self.reader is not None:
+            self.reader.join()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        self.proc = None
 
 
 def _die_with_parent() -> None:
