@@ -419,3 +419,28 @@ def test_rules_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert report.rows[0].detail == "no network card" and report.rows[0].text == "-"
     assert report.rows[1].detail == "cannot load here"
     assert report.summary().startswith("PROBLEM: Cache hit ratio")
+
+
+def test_stop_ends_the_window_and_stays_the_callers() -> None:
+    from bpfscope.domains.system.health import CpuRule
+    from bpfscope.runtime.session import StopToken
+
+    def open_fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    stop = StopToken()
+    try:
+        before = open_fds()
+        report = run_check(0.05, rules=[CpuRule], stop=stop)
+        assert [r.name for r in report.rows] == ["CPU busy"]
+        # The window closed what it opened, and neither closed nor kept the caller's token.
+        assert open_fds() == before
+        os.fstat(stop.fileno())
+        # Set (Ctrl-C in bpfscope check), the token ends the window at once, with the rows so far.
+        stop.set("SIGINT")
+        started = time.monotonic()
+        report = run_check(30, rules=[CpuRule], stop=stop)
+        assert time.monotonic() - started < 5 and report.window_s < 5
+        assert [r.name for r in report.rows] == ["CPU busy"]
+    finally:
+        stop.close()

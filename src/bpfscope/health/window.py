@@ -27,11 +27,19 @@ if TYPE_CHECKING:
 
 
 class CheckWindow:
-    def __init__(self, rules: Sequence[Rule | type[Rule]] | None = None, include_self: bool = False) -> None:
+    """``stop`` (the caller's, which stays the caller's to close) ends :meth:`wait` early."""
+
+    def __init__(
+        self,
+        rules: Sequence[Rule | type[Rule]] | None = None,
+        include_self: bool = False,
+        stop: StopToken | None = None,
+    ) -> None:
         chosen = default_rules() if rules is None else list(rules)
         self.rules = [r if isinstance(r, Rule) else r(include_self=include_self) for r in chosen]
         self.unavailable: dict[Rule, str] = {}
         self.session: Session | None = None
+        self.stop = stop
         self._start = 0.0
 
     def open(self) -> CheckWindow:
@@ -46,7 +54,7 @@ class CheckWindow:
                 collectors += rule.opened()
             except Exception as exc:  # a collector that cannot even be configured here
                 self.unavailable[rule] = str(exc)
-        self.session = Session(collectors, on_error="isolate")
+        self.session = Session(collectors, on_error="isolate", stop=self.stop)
         self.session.open()
         for rule in self.rules:
             failed = (
@@ -83,12 +91,11 @@ class CheckWindow:
         self.close()
         return Report(rows, window_s)
 
-    def wait(self, duration_s: float, stop: StopToken | None = None) -> None:
-        """Let the window run ``duration_s`` seconds (or until ``stop``), with the rings drained."""
+    def wait(self, duration_s: float) -> None:
+        """Let the window run ``duration_s`` seconds (or until the window's ``stop``), with the rings
+        drained."""
         assert self.session is not None
         self.session.duration = duration_s
-        if stop is not None:
-            self.session.stop_token = stop
         self.session.loop()
 
     def close(self) -> None:
@@ -110,7 +117,7 @@ def run_check(
 ) -> Report:
     """Every rule over one window of ``duration_s`` seconds (or until ``stop``: the rows of the window so
     far)."""
-    with CheckWindow(rules, include_self=include_self) as window:
+    with CheckWindow(rules, include_self=include_self, stop=stop) as window:
         window.start()
-        window.wait(duration_s, stop)
+        window.wait(duration_s)
         return window.finish()
