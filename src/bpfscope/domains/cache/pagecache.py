@@ -29,6 +29,7 @@ a fifth there), while the hit ratio holds. Reads served by a file system that ke
 with direct_io, some network file systems in direct mode) are not seen. Attribution is to the task in
 whose context the kernel ran: synchronous and asynchronous read-ahead run in the reader's context, so
 misses are charged to the reader.
+
 bpfscope's own reads (its start-up, its reads of /proc) are left out, in the kernel, unless asked
 (``include_self``): right after a cache drop they would otherwise be what misses most.
 """
