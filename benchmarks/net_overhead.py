@@ -2,8 +2,9 @@
 connections, conn_churn.c) with nothing attached, with every bpfscope network tool running at once in
 its counting mode (tcptop, tcpretrans -c, tcplife --hist, tcpconn -c, sockstat), with one bpftrace program
 doing the same work (bytes per socket, retransmits per connection, connection lifetimes, connects and
-accepts, buffer-full events), and with tcplife and tcpconn printing every connection as it happens,
-each case in the same run.
+accepts, buffer-full events), with tcpretrans -c alone (the one tool that reads every connection's
+segments sent, for its rate), and with tcplife and tcpconn printing every connection as it happens, each
+case in the same run.
 
 Reported: per case, iperf3 Gbit/s and connections per second, as a fraction of the untraced run.
 
@@ -55,6 +56,8 @@ BPFSCOPE_COUNTING = [
     ["tcpconn", "-c", "1"],
     ["sockstat", "1"],
 ]
+# Retransmits per connection with their rate: the denominator (segments sent) is what costs.
+BPFSCOPE_RETRANS_RATE = [["tcpretrans", "-c", "1"]]
 # One line per connection opened, accepted and closed, printed as it happens (as BCC's tools do).
 BPFSCOPE_PER_EVENT = [["tcplife"], ["tcpconn"]]
 
@@ -91,6 +94,7 @@ def main() -> None:
         "none": contextlib.nullcontext,
         "bpfscope (5 tools)": lambda: tools(bpfscope, BPFSCOPE_COUNTING),
         "bpftrace (same work)": lambda: common.tracer([bpftrace, "-e", BPFTRACE_PROGRAM], "attached"),
+        "bpfscope tcpretrans -c": lambda: tools(bpfscope, BPFSCOPE_RETRANS_RATE),
         "bpfscope per event": lambda: tools(bpfscope, BPFSCOPE_PER_EVENT),
     }
     with tempfile.TemporaryDirectory(prefix="bpfscope-bench-") as tmp:

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -217,11 +217,16 @@ class ConnConfig(Config):
     lport: int | None = None  # only this local port (--lport)
     dport: int | None = None  # only this remote port (--dport)
 
+    @cached_property
+    def owner_filter(self) -> tuple[int, int]:
+        """The -p and --cgroup targets (tgid, cgroup id; 0: any)."""
+        targets = self.task_filter()
+        return targets["bs_targ_tgid"], targets["bs_targ_cgroup"]
+
     def selects(self, owner: Owner, conn: Conn) -> bool:
         """The kernel's filters (bs_owner_selected, bs_conn_selected), for connections user space found
         itself. An unknown owner passes only when no task filter is set."""
-        targets = self.task_filter()
-        tgid, cgroup = targets["bs_targ_tgid"], targets["bs_targ_cgroup"]
+        tgid, cgroup = self.owner_filter
         if (tgid or cgroup) and not owner.pid:
             return False
         if (tgid and owner.pid != tgid) or (cgroup and owner.cgroup != cgroup):
