@@ -121,6 +121,18 @@ def workload() -> Iterator[None]:
             proc.wait()
 
 
+def _query_schemas() -> tuple[Schema, ...]:
+    """A trace query's records have the schema of that query: the collector built as JSON_RUNS runs it."""
+    from bpfscope.domains.trace.trace import TraceCollector, TraceConfig
+
+    config = TraceConfig(tracepoint="syscalls:sys_enter_getppid", count_by=("comm",))
+    return tuple(TraceCollector(config).schemas())
+
+
+# Tools whose schemas depend on the run's arguments.
+RUN_SCHEMAS = {"trace": _query_schemas}
+
+
 def schemas_of(tool: str) -> dict[str, Schema]:
     """The schemas a tool's JSON may hold: its module's SCHEMAS, or those its collectors declare."""
     module = importlib.import_module(registry.tools()[tool].module)
@@ -128,6 +140,8 @@ def schemas_of(tool: str) -> dict[str, Schema]:
     for _, cls in inspect.getmembers(module, inspect.isclass):
         if issubclass(cls, Collector) and cls.__module__ == module.__name__:
             declared += cls.schemas()
+    if tool in RUN_SCHEMAS:
+        declared += RUN_SCHEMAS[tool]()
     assert declared, f"{tool} declares no schema"
     return {s.name: s for s in [*declared, LOSSES_SCHEMA]}
 

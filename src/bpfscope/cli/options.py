@@ -117,6 +117,8 @@ BCC_ALIASES: dict[tuple[str, str], str] = {
     ("tcplife", "-D"): "dport",
     ("syscount", "--process"): "per_process",
     ("execsnoop", "--fails"): "failures",
+    ("syscount", "--top"): "rows",
+    ("trace", "--top"): "rows",
 }
 
 

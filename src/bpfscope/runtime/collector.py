@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
-from bpfscope.runtime.losses import Losses, bpf_losses
+from bpfscope.runtime.losses import MALFORMED, Loss, Losses, bpf_losses
 
 if TYPE_CHECKING:
     from bpfscope.engine.bpf import BpfObject
@@ -131,6 +131,11 @@ class Collector(Generic[C]):
     def losses(self) -> Losses:
         return Losses()
 
+    def done(self) -> bool:
+        """Whether the collector has nothing more to give (a program it runs has exited): a session
+        whose collectors are all done ends."""
+        return False
+
     def close(self) -> None:
         """Release everything open() took; safe to call twice and after a failed open()."""
 
@@ -200,10 +205,14 @@ class BpfCollector(Collector[C]):
             max_entries=self.max_entries(),
         )
         try:
+            self.configure()
             self.attach()
         except BaseException:
             self.close()
             raise
+
+    def configure(self) -> None:
+        """Between opening the object and loading it: map sizes and layouts a configuration decides."""
 
     def attach(self) -> None:
         """Attach the programs (all autoattach ones by default) and open the rings."""
@@ -222,7 +231,12 @@ class BpfCollector(Collector[C]):
     def losses(self) -> Losses:
         if self.obj is None:
             return Losses()
-        return bpf_losses(self.obj, self.loss_counters)
+        losses = bpf_losses(self.obj, self.loss_counters)
+        malformed = sum(ring.malformed for ring in self.rings.values())
+        if malformed:
+            # Records of another size than the ring's struct: a bug in the BPF program, never decoded.
+            losses = losses + Losses([Loss(MALFORMED, malformed, "malformed records skipped")])
+        return losses
 
     def close(self) -> None:
         self.rings.clear()

@@ -27,6 +27,7 @@ RING_FULL = "ring_full"
 RECURSION = "recursion"
 MAP_FULL = "map_full"
 UNSEEN = "unseen"
+MALFORMED = "malformed"
 
 # Shown even at zero: a reader should see that these were counted and none was lost.
 ALWAYS_SHOWN = (RING_FULL, RECURSION)

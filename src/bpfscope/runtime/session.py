@@ -274,6 +274,10 @@ class Session:
                 registered = self._register(poller, registered)
                 if self._count_reached():
                     self.stop_token.set("count")
+                elif all(slot.collector.done() for slot in self.slots if slot.open) and any(
+                    slot.open for slot in self.slots
+                ):
+                    self.stop_token.set("done")
         finally:
             poller.close()
 

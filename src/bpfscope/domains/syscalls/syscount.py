@@ -260,7 +260,7 @@ Examples:
 @option("latency", help="Measure latency: average and p50/p99/p99.9.")
 @option("failures", help="Only failed syscalls.")
 @click.option("--syscall", metavar="NAME", help="Only this syscall (e.g. openat).")
-@option("rows", default=10, help="Rows per interval, the most called first.")
+@option("rows", "--top", default=10, help="Rows per interval, the most called first.")
 @common_options
 def command(
     run: Run, per_process: bool, latency: bool, failures: bool, syscall: str | None, max_rows: int

@@ -325,11 +325,14 @@ class TraceCollector(BpfCollector[TraceConfig]):
             sizes[f"hists_{self.query.hist}"] = 2048
         return sizes
 
-    def attach(self) -> None:
+    def configure(self) -> None:
         assert self.obj is not None
         # Keys are laid out per query: the maps' key size is set before load.
         for name in ("aggs", "hists_log2", "hists_loglin"):
             self.obj.maps[name].key_size = self.query.key_size
+
+    def attach(self) -> None:
+        assert self.obj is not None
         self.obj.load()
         tp = self.query.tracepoint
         if self.raw:
@@ -488,7 +491,7 @@ Examples:
   bpfscope trace syscalls:sys_enter_openat --filter 'comm == "nginx"' --print pid,comm,filename
   bpfscope trace sched:sched_process_exec --print pid,filename --duration 10
   bpfscope trace net:net_dev_xmit --sum len --count-by dev 1 5
-  bpfscope trace raw_syscalls:sys_enter --count-by comm --filter 'id == 39 or id == 110' --top 5
+  bpfscope trace raw_syscalls:sys_enter --count-by comm --filter 'id == 39 or id == 110' -r 5
 \b
 Fields are the tracepoint's (see --info; args[2] indexes an array); the builtins pid, tid, uid, comm,
 cgroup and cpu work everywhere (a tracepoint field of the same name wins). Filters compare fields with
@@ -518,13 +521,7 @@ numbers or "strings" (==, !=, <, <=, >, >=) joined by and/or/not, and run in the
 @click.option(
     "--print", "print_fields", multiple=True, metavar="F[,F..]", help="Print these fields per event."
 )
-@click.option(
-    "--top",
-    type=click.IntRange(min=0),
-    default=20,
-    show_default=True,
-    help="Keys shown per interval, largest first.",
-)
+@option("rows", "--top", default=20, help="Keys shown per interval, largest first.")
 @click.option(
     "--bpftrace",
     "bpftrace_program",
@@ -544,7 +541,7 @@ def command(
     hist_field: str | None,
     log2: bool,
     print_fields: tuple[str, ...],
-    top: int,
+    max_rows: int,
     bpftrace_program: str | None,
 ) -> None:
     """Count, sum, histogram or print any tracepoint's events, filtered in the kernel.
@@ -561,7 +558,7 @@ def command(
     if bpftrace_program:
         from bpfscope.domains.trace.trace_bpftrace import run_bpftrace
 
-        run_bpftrace(run, bpftrace_program, top)
+        run_bpftrace(run, bpftrace_program, max_rows)
         return
     if not tracepoint:
         raise BpfscopeError("name a tracepoint (category:name), or use --list or --info", hint="see --help")
@@ -575,7 +572,7 @@ def command(
         hist_field=hist_field,
         log2=log2,
         print_fields=tuple(_split(print_fields)),
-        rows=top,
+        rows=max_rows,
     )
     collector = TraceCollector(config)
     view = TraceView(collector.query, per_interval=run.interval is not None)
