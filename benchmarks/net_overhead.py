@@ -56,7 +56,8 @@ BPFSCOPE_COUNTING = [
     ["tcpconn", "-c", "1"],
     ["sockstat", "1"],
 ]
-# Retransmits per connection with their rate: the denominator (segments sent) is what costs.
+# Retransmits per connection with their rate, whose denominator (segments sent) once cost a program run
+# per segment.
 BPFSCOPE_RETRANS_RATE = [["tcpretrans", "-c", "1"]]
 # One line per connection opened, accepted and closed, printed as it happens (as BCC's tools do).
 BPFSCOPE_PER_EVENT = [["tcplife"], ["tcpconn"]]

@@ -27,6 +27,7 @@ from bpfscope.sinks.terminal import Terminal, View
 if TYPE_CHECKING:
     import numpy as np
 
+    from bpfscope.engine.bpf import BpfObject
     from bpfscope.engine.btf import Btf
     from bpfscope.runtime.collector import Collector
     from bpfscope.runtime.losses import Losses
@@ -134,7 +135,7 @@ def comm_text(raw: Any) -> str:
     return data.split(b"\0", 1)[0].decode(errors="replace")
 
 
-def owners(obj: Any) -> dict[int, Owner]:
+def owners(obj: BpfObject) -> dict[int, Owner]:
     """Socket cookie -> owner, as net.bpf.h's bs_owners map holds them now."""
     keys, values = obj.maps["bs_owners"].items()
     return {
