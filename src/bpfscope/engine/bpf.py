@@ -137,10 +137,27 @@ class Program:
         self.check_hook()
         return self._link(libbpf.lib.bpf_program__attach(self._h), self.section)
 
-    def attach_tracepoint(self, category: str, name: str) -> Link:
+    def attach_tracepoint(self, category: str, name: str, cookie: int | None = None) -> Link:
+        """Attach to tracepoint category:name; ``cookie`` is what bpf_get_attach_cookie returns there
+        (one program on many tracepoints tells them apart by it)."""
         system.require_tracepoint(category, name)
-        ptr = libbpf.lib.bpf_program__attach_tracepoint(self._h, category.encode(), name.encode())
+        if cookie is None:
+            ptr = libbpf.lib.bpf_program__attach_tracepoint(self._h, category.encode(), name.encode())
+        else:
+            opts = libbpf.TracepointOpts(sz=ctypes.sizeof(libbpf.TracepointOpts), bpf_cookie=cookie)
+            ptr = libbpf.lib.bpf_program__attach_tracepoint_opts(
+                self._h, category.encode(), name.encode(), ctypes.byref(opts)
+            )
         return self._link(ptr, f"tracepoint {category}:{name}")
+
+    def attach_cgroup(self, path: str | Path) -> Link:
+        """Attach a cgroup program (cgroup/connect4, ...) to a cgroup v2 directory, beside any other
+        program there (a link: detached when it is destroyed or this process ends)."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return self._link(libbpf.lib.bpf_program__attach_cgroup(self._h, fd), f"cgroup {path}")
+        finally:
+            os.close(fd)
 
     def attach_raw_tracepoint(self, name: str) -> Link:
         system.require_raw_tracepoint(name)

@@ -59,6 +59,12 @@ class UprobeOpts(Structure):
     ]
 
 
+class TracepointOpts(Structure):
+    """struct bpf_tracepoint_opts: a cookie the program reads with bpf_get_attach_cookie."""
+
+    _fields_ = [("sz", c_size_t), ("bpf_cookie", c_uint64)]
+
+
 class MapBatchOpts(Structure):
     _fields_ = [("sz", c_size_t), ("elem_flags", c_uint64), ("flags", c_uint64)]
 
@@ -106,6 +112,8 @@ _sig("bpf_program__autoattach", c_bool, prog_p)
 _sig("bpf_program__attach", link_p, prog_p)
 _sig("bpf_program__attach_tracepoint", link_p, prog_p, c_char_p, c_char_p)
 _sig("bpf_program__attach_raw_tracepoint", link_p, prog_p, c_char_p)
+_sig("bpf_program__attach_tracepoint_opts", link_p, prog_p, c_char_p, c_char_p, POINTER(TracepointOpts))
+_sig("bpf_program__attach_cgroup", link_p, prog_p, c_int)
 _sig("bpf_program__attach_perf_event", link_p, prog_p, c_int)
 _sig("bpf_program__attach_uprobe_opts", link_p, prog_p, c_int, c_char_p, c_size_t, POINTER(UprobeOpts))
 _sig("bpf_link__destroy", c_int, link_p)
@@ -153,7 +161,15 @@ _libc.vsnprintf.restype = c_int
 _libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
 
 # Program and map type numbers from the kernel UAPI (linux/bpf.h), used for feature probes.
-PROG_TYPES = {"kprobe": 2, "tracepoint": 5, "perf_event": 7, "raw_tracepoint": 17, "tracing": 26, "lsm": 29}
+PROG_TYPES = {
+    "kprobe": 2,
+    "tracepoint": 5,
+    "perf_event": 7,
+    "raw_tracepoint": 17,
+    "cgroup_sock_addr": 18,
+    "tracing": 26,
+    "lsm": 29,
+}
 MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_PERCPU_HASH = 10
