@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -105,3 +106,54 @@ def cgroup_path(cgroup: int) -> str | None:
         if path is not None:
             return path.rstrip("/") or "/"
     return None
+
+
+# --- which container (or unit) a cgroup is ------------------------------------------------------------
+
+# A runtime's cgroup directory, by its name (systemd driver: NAME-ID.scope; cgroupfs driver: /RUNTIME/ID).
+_RUNTIME_DIRS = (
+    (re.compile(r"^docker-([0-9a-f]{64})\.scope$"), "docker"),
+    (re.compile(r"^cri-containerd-([0-9a-f]{64})\.scope$"), "containerd"),
+    (re.compile(r"^crio-([0-9a-f]{64})\.scope$"), "cri-o"),
+    (re.compile(r"^libpod-([0-9a-f]{64})(?:\.scope)?$"), "podman"),
+)
+# The parent directory that names the runtime under the cgroupfs driver.
+_RUNTIME_PARENTS = {"docker": "docker", "libpod_parent": "podman", "machine.slice": "podman"}
+# kubepods-burstable-pod<uid with _>.slice (systemd) or pod<uid> (cgroupfs).
+_POD_DIR = re.compile(
+    r"^(?:kubepods(?:-[a-z]+)*-)?pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?$"
+)
+_UNIT = re.compile(r"^[^/]+\.(service|scope)$")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a cgroup path says about who runs there: a container (its runtime and id, and the Kubernetes
+    pod it belongs to) or a systemd unit."""
+
+    runtime: str | None = None  # docker, containerd, cri-o, podman, cri (a kubepods container), systemd
+    container_id: str | None = None
+    pod_uid: str | None = None
+    unit: str | None = None  # the systemd unit, for processes outside containers
+
+
+def workload(cgroup_path: str | None) -> Workload:
+    """The container, pod and systemd unit a cgroup path names (all None for the root)."""
+    if not cgroup_path:
+        return Workload()
+    parts = [p for p in cgroup_path.split("/") if p]
+    pod = next((m.group(1).replace("_", "-") for p in parts if (m := _POD_DIR.match(p))), None)
+    for i in range(len(parts) - 1, -1, -1):
+        name = parts[i]
+        for pattern, runtime in _RUNTIME_DIRS:
+            match = pattern.match(name)
+            if match:
+                return Workload(runtime, match.group(1), pod)
+        if re.fullmatch(r"[0-9a-f]{64}", name):
+            parent = parts[i - 1] if i else ""
+            runtime = _RUNTIME_PARENTS.get(parent, "cri" if pod else "docker" if parent == "docker" else None)
+            return Workload(runtime or "cri", name, pod)
+    unit = next((p for p in reversed(parts) if _UNIT.match(p)), None)
+    if unit is not None:
+        return Workload("systemd", None, pod, unit)
+    return Workload(None, None, pod)

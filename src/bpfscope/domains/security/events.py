@@ -1,0 +1,232 @@
+"""Security events as Tetragon writes them (its JSON export), so that jq queries and pipelines written for
+Tetragon keep working: ``{"process_exec": {"process": {...}, "parent": {...}, "ancestors": [...]},
+"node_name": ..., "time": ...}``, and likewise ``process_exit`` and ``process_tracepoint``; and the
+compact one-line form of ``tetra getevents -o compact``.
+
+bpfscope adds to the process object what Tetragon keeps elsewhere: ``cgroup`` (its path) and
+``container`` (runtime, id, pod uid, systemd unit).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from bpfscope.domains.security.policy import CAPABILITIES
+from bpfscope.domains.security.processes import Process, ProcessCache
+from bpfscope.sources.cgroups import cgroup_path, workload
+
+NS_JSON = (
+    "uts",
+    "ipc",
+    "mnt",
+    "pid",
+    "pid_for_children",
+    "net",
+    "time",
+    "time_for_children",
+    "cgroup",
+    "user",
+)
+ACTION_NAMES = {
+    "Post": "KPROBE_ACTION_POST",
+    "NoPost": "KPROBE_ACTION_NOPOST",
+    "Sigkill": "KPROBE_ACTION_SIGKILL",
+    "Signal": "KPROBE_ACTION_SIGNAL",
+    "Block": "KPROBE_ACTION_BLOCK",
+}
+COMPACT_ICONS = {"process_exec": "🚀", "process_exit": "💥", "process_tracepoint": "🔎"}
+
+
+def rfc3339(wall_ns: int) -> str:
+    """Tetragon's timestamps: UTC, nanoseconds."""
+    seconds, ns = divmod(wall_ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ns:09d}Z"
+
+
+def cap_names(mask: int) -> list[str]:
+    return [name for bit, name in enumerate(CAPABILITIES) if mask >> bit & 1]
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def join_arguments(arguments: tuple[str, ...]) -> str:
+    """Tetragon's ``arguments``: argv after argv[0], space-separated, an argument with spaces quoted."""
+    return " ".join(f'"{a}"' if (" " in a or not a) else a for a in arguments[1:])
+
+
+@lru_cache(maxsize=4096)
+def _container(cgroup_id: int) -> tuple[str | None, dict[str, Any] | None]:
+    path = cgroup_path(cgroup_id) if cgroup_id else None
+    w = workload(path)
+    info = None
+    if w.runtime or w.pod_uid:
+        info = {"runtime": w.runtime, "id": w.container_id, "pod_uid": w.pod_uid, "unit": w.unit}
+    return path, info
+
+
+@lru_cache(maxsize=1)
+def _host_namespaces() -> tuple[int, ...]:
+    from bpfscope.domains.security.policy import NAMESPACES, host_namespace
+
+    return tuple(host_namespace(name) for name in NAMESPACES)
+
+
+class Formatter:
+    """Tetragon-shaped dictionaries for the processes of a cache (a process printed often, as a parent or
+    ancestor, is formatted once while it stays among the recent)."""
+
+    def __init__(self, cache: ProcessCache, ancestors: bool = True) -> None:
+        self.cache = cache
+        self.with_ancestors = ancestors
+        self._recent: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def process(self, p: Process) -> dict[str, Any]:
+        key = (p.pid, p.ktime)
+        cached = self._recent.get(key)
+        if cached is not None:
+            return cached
+        out = self._process(p)
+        if len(self._recent) >= 4096:
+            self._recent.pop(next(iter(self._recent)))
+        self._recent[key] = out
+        return out
+
+    def _process(self, p: Process) -> dict[str, Any]:
+        cache = self.cache
+        uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, _ = p.creds or (0,) * 10
+        path, container = _container(p.cgroup_id)
+        host = _host_namespaces()
+        out: dict[str, Any] = {
+            "exec_id": cache.exec_id(p),
+            "pid": p.pid,
+            "uid": uid,
+            "cwd": p.cwd,
+            "binary": p.binary,
+            "arguments": join_arguments(p.arguments),
+            "flags": p.flags,
+            "start_time": rfc3339(p.ktime + cache.boot_offset_ns),
+            "auid": loginuid,
+            "parent_exec_id": cache.exec_id(p.parent) if p.parent else None,
+            "tid": p.tid or p.pid,
+            "cap": {
+                "effective": cap_names(p.caps[0]),
+                "permitted": cap_names(p.caps[1]),
+                "inheritable": cap_names(p.caps[2]),
+            },
+            "ns": {
+                name: {"inum": inum, "is_host": inum == host[i]}
+                for i, (name, inum) in enumerate(zip(NS_JSON, p.ns, strict=False))
+            },
+            "process_credentials": {
+                "uid": uid,
+                "gid": gid,
+                "euid": euid,
+                "egid": egid,
+                "suid": suid,
+                "sgid": sgid,
+                "fsuid": fsuid,
+                "fsgid": fsgid,
+            },
+            "cgroup": path,
+        }
+        if container is not None:
+            out["container"] = container
+            if container["id"]:
+                out["docker"] = container["id"][:31]  # Tetragon's field: the id's first 31 characters
+            if container["pod_uid"]:
+                out["pod"] = {"uid": container["pod_uid"], "container": {"id": container["id"]}}
+        return out
+
+    def lineage(self, p: Process) -> dict[str, Any]:
+        out: dict[str, Any] = {"process": self.process(p)}
+        if p.parent is not None:
+            out["parent"] = self.process(p.parent)
+        if self.with_ancestors:
+            ancestors = [self.process(a) for a in self.cache.ancestors(p)]
+            if ancestors:
+                out["ancestors"] = ancestors
+        return out
+
+
+@dataclass
+class SecurityEvent:
+    """One event of the stream: its kind (Tetragon's key), time, process and what else it says."""
+
+    kind: str  # process_exec, process_exit, process_tracepoint
+    wall_ns: int
+    process: Process
+    fields: dict[str, Any] = field(default_factory=dict)
+    # Tracepoint hits: the rule that matched, for the compact view.
+    policy: str = ""
+    tracepoint: str = ""
+    action: str = ""
+    args: list[dict[str, Any]] = field(default_factory=list)
+
+    def tetragon(self, formatter: Formatter) -> dict[str, Any]:
+        body = {**formatter.lineage(self.process), **self.fields}
+        if self.kind == "process_tracepoint":
+            subsys, _, event = self.tracepoint.partition(":")
+            body.update(
+                {
+                    "subsys": subsys,
+                    "event": event,
+                    "args": self.args,
+                    "policy_name": self.policy,
+                    "action": ACTION_NAMES.get(self.action, self.action),
+                }
+            )
+        return {self.kind: body, "node_name": formatter.cache.node, "time": rfc3339(self.wall_ns)}
+
+    def compact(self, width_binary: bool = True) -> str:
+        p = self.process
+        where = _compact_where(p)
+        command = f"{p.binary} {join_arguments(p.arguments)}".rstrip()
+        if self.kind == "process_exec":
+            return f"🚀 process {where} {command}"
+        if self.kind == "process_exit":
+            status = self.fields.get("signal") or self.fields.get("status")
+            return f"💥 exit    {where} {command} {status}"
+        icon = {"Sigkill": "☠️ ", "Signal": "📶", "Block": "⛔"}.get(self.action, "🔎")
+        event = self.tracepoint.partition(":")[2].removeprefix("sys_enter_").removeprefix("sys_exit_")
+        shown = " ".join(_compact_arg(a) for a in self.args)
+        return f"{icon} {event:<7} {where} {p.binary} {shown} [{self.policy} {self.action}]".rstrip()
+
+
+def _compact_where(p: Process) -> str:
+    _, container = _container(p.cgroup_id)
+    if container and container["id"]:
+        return f"{container['runtime']}/{container['id'][:12]}"
+    return socket.gethostname()
+
+
+def _compact_arg(arg: dict[str, Any]) -> str:
+    (kind, value), *_ = ((k, v) for k, v in arg.items() if k != "label")
+    if kind == "sockaddr_arg":
+        if value.get("path") is not None:
+            return value["path"]
+        return f"{value['addr']}:{value['port']}"
+    if kind == "file_arg":
+        return value["path"]
+    return str(value)
+
+
+def sockaddr_json(family: int, port: int, addr: bytes, path: str) -> dict[str, Any]:
+    name = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}.get(
+        family, str(family)
+    )
+    if family == socket.AF_INET:
+        return {"family": name, "addr": str(ipaddress.IPv4Address(addr[:4])), "port": port}
+    if family == socket.AF_INET6:
+        return {"family": name, "addr": str(ipaddress.IPv6Address(addr[:16])), "port": port}
+    return {"family": name, "path": path}

@@ -1,0 +1,246 @@
+"""The process cache in user space: every process with what it ran, who started it, and its exec_id.
+
+Fed by the kernel's lifecycle records (exec, clone, exit: secure.bpf.c) and seeded from /proc at start,
+so that processes older than bpfscope have their lineage too. A process keeps a reference to its parent,
+so an ancestor that has exited stays as long as a descendant needs it, and goes with the last one; the
+cache itself holds live processes only, at most ``limit`` of them (the oldest leave first, counted).
+
+exec_id is Tetragon's: base64 of ``node:ktime:pid``, where ktime is the boot-clock time (ns) of the exec
+that made the process what it is (for a process only seen as a clone, of its fork; for one found in /proc,
+its start time, which /proc gives in clock ticks).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+NS_NAMES = (
+    "uts",
+    "ipc",
+    "mnt",
+    "pid",
+    "pid_for_children",
+    "net",
+    "time",
+    "time_for_children",
+    "cgroup",
+    "user",
+)
+DEFAULT_LIMIT = 65536 * 2
+# Shared, immutable values: most processes have the same credentials, capabilities and namespaces.
+_interned: dict[Any, Any] = {}
+
+
+def intern(value: Any) -> Any:
+    return _interned.setdefault(value, value)
+
+
+@dataclass(slots=True, eq=False)
+class Process:
+    pid: int
+    ktime: int  # boot ns of its exec (or fork): with pid and the node, its identity
+    binary: str
+    arguments: tuple[str, ...]
+    cwd: str
+    creds: tuple[int, ...]  # uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, securebits
+    caps: tuple[int, int, int]  # effective, permitted, inheritable
+    ns: tuple[int, ...]  # inode numbers, NS_NAMES order
+    cgroup_id: int
+    flags: str  # Tetragon's: execve, clone, procFS, rootcwd, truncArgs
+    parent: Process | None
+    ppid: int
+    tid: int = 0
+    exited: bool = False
+
+    @property
+    def uid(self) -> int:
+        return self.creds[0]
+
+    @property
+    def euid(self) -> int:
+        return self.creds[1]
+
+
+class ProcessCache:
+    """Live processes by pid; see the module's text."""
+
+    def __init__(self, node: str | None = None, limit: int = DEFAULT_LIMIT) -> None:
+        self.node = node or socket.gethostname()
+        self.limit = limit
+        self.live: dict[int, Process] = {}
+        self.evicted = 0  # processes dropped because the cache was full
+        self.unknown_parents = 0  # execs and clones whose parent the cache did not know
+        # Boot-clock ns -> wall-clock ns.
+        self.boot_offset_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def exec_id(self, process: Process) -> str:
+        return base64.b64encode(f"{self.node}:{process.ktime}:{process.pid}".encode()).decode()
+
+    def get(self, pid: int) -> Process | None:
+        return self.live.get(pid)
+
+    def add(self, process: Process) -> Process:
+        old = self.live.pop(process.pid, None)
+        if old is not None:
+            old.exited = True
+        self.live[process.pid] = process
+        if len(self.live) > self.limit:
+            oldest = next(iter(self.live))
+            self.live.pop(oldest).exited = True
+            self.evicted += 1
+        return process
+
+    def parent_of(self, ppid: int, parent_ktime: int) -> Process | None:
+        parent = self.live.get(ppid)
+        if parent is None or (parent_ktime and parent.ktime != parent_ktime):
+            self.unknown_parents += 1
+            return parent if parent is not None and not parent_ktime else None
+        return parent
+
+    def clone(self, pid: int, ppid: int, ktime: int, parent_ktime: int) -> Process:
+        parent = self.parent_of(ppid, parent_ktime)
+        if parent is None:
+            return self.add(Process(pid, ktime, "", (), "", (), (0, 0, 0), (), 0, "clone", None, ppid, pid))
+        child = Process(
+            pid,
+            ktime,
+            parent.binary,
+            parent.arguments,
+            parent.cwd,
+            parent.creds,
+            parent.caps,
+            parent.ns,
+            parent.cgroup_id,
+            "clone",
+            parent,
+            ppid,
+            pid,
+        )
+        return self.add(child)
+
+    def exit(self, pid: int) -> Process | None:
+        process = self.live.pop(pid, None)
+        if process is not None:
+            process.exited = True
+        return process
+
+    def ancestors(self, process: Process, limit: int = 32) -> Iterator[Process]:
+        """Its parent's parent and up (the parent itself is reported on its own)."""
+        current = process.parent.parent if process.parent else None
+        for _ in range(limit):
+            if current is None:
+                return
+            yield current
+            current = current.parent
+
+    # --- /proc ------------------------------------------------------------------------------------
+    def seed(self, proc: Path = Path("/proc"), skip: set[int] | None = None) -> list[Process]:
+        """Every process /proc lists, parents before children; returns those added."""
+        found = []
+        for entry in proc.iterdir():
+            if not entry.name.isdigit() or (skip and int(entry.name) in skip):
+                continue
+            process = read_proc(entry)
+            if process is not None:
+                found.append(process)
+        found.sort(key=lambda p: p.ktime)
+        added = []
+        for process in found:
+            if process.pid in self.live:
+                continue  # the kernel told us of it since: that is newer
+            process.parent = self.live.get(process.ppid)
+            added.append(self.add(process))
+        return added
+
+
+def read_proc(path: Path) -> Process | None:
+    """One process from /proc/PID; None if it went away meanwhile."""
+    try:
+        stat = (path / "stat").read_text()
+        status = (path / "status").read_text()
+        cmdline = (path / "cmdline").read_bytes()
+    except OSError:
+        return None
+    # The comm in stat may hold spaces and parentheses: the fields start after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    ppid = int(fields[1])
+    ktime = int(fields[19]) * (1_000_000_000 // CLOCK_TICKS)
+    values = {}
+    for line in status.splitlines():
+        key, _, rest = line.partition(":")
+        values[key] = rest.split()
+    if "Tgid" not in values or values["Tgid"][0] != path.name:
+        return None
+    uid, euid, suid, fsuid = (int(v) for v in values["Uid"])
+    gid, egid, sgid, fsgid = (int(v) for v in values["Gid"])
+    caps = tuple(int(values[k][0], 16) for k in ("CapEff", "CapPrm", "CapInh"))
+    try:
+        loginuid = int((path / "loginuid").read_text())
+    except (OSError, ValueError):
+        loginuid = 0xFFFFFFFF
+    binary = _readlink(path / "exe")
+    cwd = _readlink(path / "cwd")
+    ns = tuple(_ns_inode(path, name) for name in NS_NAMES)
+    arguments = tuple(a.decode(errors="replace") for a in cmdline.split(b"\0")[:-1]) if cmdline else ()
+    try:
+        cgroup_id = _cgroup2_id(path)
+    except OSError:
+        cgroup_id = 0
+    flags = "procFS" + (" rootcwd" if cwd == "/" else "")
+    return Process(
+        int(path.name),
+        ktime,
+        intern(binary),
+        arguments,
+        intern(cwd),
+        intern((uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, 0)),
+        intern(caps),
+        intern(ns),
+        cgroup_id,
+        flags,
+        None,
+        ppid,
+        int(path.name),
+    )
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path).removesuffix(" (deleted)")
+    except OSError:
+        return ""
+
+
+def _ns_inode(path: Path, name: str) -> int:
+    try:
+        return os.stat(path / "ns" / name).st_ino
+    except OSError:
+        return 0
+
+
+_cgroup_ids: dict[str, int] = {}
+
+
+def _cgroup2_id(path: Path) -> int:
+    """The cgroup v2 id of a process: the inode of its cgroup2 directory."""
+    from bpfscope.sources.cgroups import cgroup2_mounts
+
+    for line in (path / "cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            relative = line[3:]
+            if relative not in _cgroup_ids:
+                mounts = cgroup2_mounts()
+                _cgroup_ids[relative] = os.stat(f"{mounts[0]}{relative}").st_ino if mounts else 0
+            return _cgroup_ids[relative]
+    return 0

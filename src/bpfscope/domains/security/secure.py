@@ -1,0 +1,556 @@
+"""bpfscope secure: one stream of security events (process_exec, process_exit, process_tracepoint), each with
+the whole process and its lineage, filtered in the kernel by policies and enforced there.
+
+The kernel side (secure.bpf.c) keeps a process cache and evaluates the policies' selectors on the hooked
+tracepoints; user space sees matches only. :class:`SecureCollector` compiles the policies
+(compiler.py), fills the kernel's maps, seeds both caches from /proc, attaches, and turns each drain of
+the two rings into a :class:`SecurityBatch`: Tetragon's JSON (``--json``) or its compact lines.
+
+Enforcement says what already happened: see docs in the tool's --help and the tests (Sigkill at a syscall's
+entry does not undo it; Block refuses a connect before any packet; Sigkill at exec stops the new image
+before its first instruction).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from bpfscope.cli.options import Run, common_options
+from bpfscope.domains.security import compiler
+from bpfscope.domains.security.events import Formatter, SecurityEvent, signal_name, sockaddr_json
+from bpfscope.domains.security.policy import Policy, check_names, load_policy, parse_policies
+from bpfscope.domains.security.processes import DEFAULT_LIMIT, Process, ProcessCache, intern
+from bpfscope.runtime.collector import BpfCollector, Config, Sample
+from bpfscope.runtime.schema import Field, Schema
+from bpfscope.sinks.terminal import Terminal, View
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bpfscope.runtime.collector import Collector
+    from bpfscope.runtime.losses import Losses
+
+LIFECYCLE_PROGRAMS = {"process_fork", "process_exec", "process_exit"}
+BLOCK_PROGRAMS = {
+    "block_connect4": "connect4",
+    "block_connect6": "connect6",
+    "block_sendmsg4": "sendmsg4",
+    "block_sendmsg6": "sendmsg6",
+}
+ENUMS = ("sec_match_op", "sec_arg_type", "sec_proc_attr", "sec_ns_kind", "sec_cap_kind", "sec_action")
+
+
+@dataclass(kw_only=True)
+class SecureConfig(Config):
+    policies: list[Policy] = field(default_factory=list)
+    default_policy: bool = True  # the shipped policy, besides the given ones
+    exec_events: bool = True  # process_exec and process_exit events (off: policy hits only)
+    ancestors: bool = True
+    cache_size: int = DEFAULT_LIMIT  # processes the kernel and user-space caches hold
+    node: str | None = None  # node_name (default: the host name)
+
+
+def policies_from(paths: list[str], default_policy: bool) -> list[Policy]:
+    """The default policy (unless left out) and the given files, all checked, names unique."""
+    from bpfscope.domains.security.default_policy import DEFAULT_POLICY
+
+    policies = parse_policies(DEFAULT_POLICY, "default-policy.yaml") if default_policy else []
+    for path in paths:
+        policies += load_policy(path)
+    check_names(policies)
+    return policies
+
+
+class SecureCollector(BpfCollector[SecureConfig]):
+    name = "secure"
+    bpf_object = "secure"
+    requires = ("tracepoint", "ringbuf")
+    loss_counters = {"procs_dropped": ("map_full", "processes the kernel cache had no room for")}
+
+    def __init__(self, config: SecureConfig) -> None:
+        super().__init__(config)
+        self.cache = ProcessCache(config.node, config.cache_size)
+        self.formatter = Formatter(self.cache, ancestors=config.ancestors)
+        self.seen = {"exec": 0, "exit": 0, "tracepoint": 0}
+        self.compiled: compiler.Compiled | None = None
+
+    @classmethod
+    def schemas(cls) -> tuple[Schema, ...]:
+        return tetragon_schemas()
+
+    def enums(self) -> dict[str, dict[str, int]]:
+        btf = self.btf()
+        return {name: dict(btf.enum(name)) for name in ENUMS}
+
+    def compile(self) -> compiler.Compiled:
+        """The policies as kernel filters; a PolicyError before anything is loaded."""
+        if self.compiled is None:
+            self.compiled = compiler.compile_policies(self.config.policies, self.enums())
+        return self.compiled
+
+    def rodata(self) -> dict[str, Any]:
+        return {**super().rodata(), "exec_hook": self.compile().exec_hook}
+
+    def autoload(self) -> set[str]:
+        programs = set(LIFECYCLE_PROGRAMS)
+        if any(h.tracepoint != compiler.EXEC_TRACEPOINT for h in self.compile().hooks):
+            programs.add("policy_hook")
+        if self.compile().blocks:
+            programs |= set(BLOCK_PROGRAMS)
+        return programs
+
+    def max_entries(self) -> dict[str, int]:
+        return {"procs": self.config.cache_size}
+
+    def open(self) -> None:
+        self.compile()
+        super().open()
+
+    def configure(self) -> None:
+        # Attached by hand: the policy hook to each tracepoint with its cookie, Block to the cgroup root.
+        assert self.obj is not None
+        for name in ("policy_hook", *BLOCK_PROGRAMS):
+            self.obj.programs[name].autoattach = False
+
+    def attach(self) -> None:
+        from bpfscope.engine.bpf import require
+
+        obj = self.obj
+        assert obj is not None
+        compiled = self.compile()
+        if compiled.blocks:
+            require("cgroup_sock_addr")
+        obj.load()
+        self._fill_maps(compiled)
+        # The cache is seeded before anything is attached that might evict or replace an entry.
+        self._seed()
+        obj.attach()
+        for index, hook in enumerate(compiled.hooks):
+            if hook.tracepoint != compiler.EXEC_TRACEPOINT:
+                category, name = hook.tracepoint.split(":")
+                obj.programs["policy_hook"].attach_tracepoint(category, name, cookie=index)
+        if compiled.blocks:
+            from bpfscope.sources.cgroups import cgroup2_mounts
+
+            root = cgroup2_mounts()[0]
+            for program in BLOCK_PROGRAMS:
+                obj.programs[program].attach_cgroup(root)
+        self.ring("hits")
+        self.ring("lifecycle")
+        kinds = dict(self.btf().enum("sec_proc_event_kind"))
+        self.exec_kind, self.clone_kind, self.exit_kind = (
+            kinds["PROC_EXEC"],
+            kinds["PROC_CLONE"],
+            kinds["PROC_EXIT"],
+        )
+        flags = dict(self.btf().enum("sec_proc_flag"))
+        self.selected_flag, self.truncated_flag = flags["PROC_SELECTED"], flags["PROC_ARGS_TRUNCATED"]
+        actions = {v: k for k, v in self.btf().enum("sec_action")}
+        self.action_names = {v: compiler_action_word(k) for v, k in actions.items()}
+
+    def _fill_maps(self, compiled: compiler.Compiled) -> None:
+        obj = self.obj
+        assert obj is not None
+        for index, value in enumerate(compiled.hook_values):  # type: ignore[attr-defined]
+            obj.maps["hooks"].update(index, value)
+        for index, value in enumerate(compiled.blocks):
+            obj.maps["blocks"].update(index, value)
+        for set_id, text in compiled.strings:
+            obj.maps["string_sets"].update({"set": set_id, "str": text.encode()}, 1)
+        for set_id, text in compiled.prefixes:
+            key = {"prefixlen": 32 + 8 * len(text.encode()), "set": set_id, "str": text.encode()}
+            obj.maps["prefix_sets"].update(key, 1)
+        for set_id, text in compiled.postfixes:
+            key = {"prefixlen": 32 + 8 * len(text.encode()), "set": set_id, "str": text.encode()}
+            obj.maps["postfix_sets"].update(key, 1)
+        for set_id, network in compiled.cidrs:
+            obj.maps["cidr_sets"].update(compiler.cidr_key(set_id, network), 1)
+
+    def _seed(self) -> None:
+        """Processes already running, into both caches (the kernel's only where it has nothing newer)."""
+        obj = self.obj
+        assert obj is not None
+        skip = set() if self.config.include_self else {os.getpid()}
+        procs = obj.maps["procs"]
+        for process in self.cache.seed(skip=skip):
+            value = {
+                "exec_ktime": process.ktime,
+                "ppid": process.ppid,
+                "binary": process.binary.encode()[:251],
+            }
+            try:
+                procs.update(process.pid, value, flags=1)  # BPF_NOEXIST
+            except Exception:
+                continue  # the kernel has it already (or is full: counted there)
+
+    def drain(self) -> SecurityBatch | None:
+        # Hits first: a hit read now was committed after its process's exec, which the lifecycle ring,
+        # read next, therefore holds.
+        hits = self.rings["hits"].read()
+        lifecycle = self.rings["lifecycle"].read()
+        if not len(hits) and not len(lifecycle):
+            return None
+        events = self._lifecycle(lifecycle, hits)
+        return SecurityBatch(events, self.formatter)
+
+    def _wall(self, ktime: int) -> int:
+        return ktime + self.cache.boot_offset_ns
+
+    def _lifecycle(self, batch: np.ndarray, hits: np.ndarray) -> list[SecurityEvent]:
+        """The lifecycle records in order, each hit taken where it happened among them (a hit after its
+        process's exit in the same drain must still find the process)."""
+        out: list[SecurityEvent] = []
+        hit_times = hits["ktime"].tolist() if len(hits) else []
+        order = sorted(range(len(hit_times)), key=hit_times.__getitem__)
+        next_hit = 0
+        cache = self.cache
+        emit = self.config.exec_events
+        raw = batch.tobytes()
+        stride = batch.dtype.itemsize
+        args_offset = batch.dtype.fields["args"][1]
+        for i, record in enumerate(batch):
+            ktime = int(record["ktime"])
+            while next_hit < len(order) and hit_times[order[next_hit]] <= ktime:
+                out.append(self._hit(hits[order[next_hit]]))
+                next_hit += 1
+            kind = int(record["kind"])
+            pid, ppid = int(record["pid"]), int(record["ppid"])
+            if kind == self.clone_kind:
+                cache.clone(pid, ppid, int(record["exec_ktime"]), int(record["parent_exec_ktime"]))
+                continue
+            selected = bool(record["flags"] & self.selected_flag)
+            if kind == self.exec_kind:
+                start = i * stride + args_offset
+                size = int(record["args_size"])
+                argv = raw[start : start + size].split(b"\0")
+                if argv and argv[-1] == b"":
+                    argv.pop()
+                process = self._exec_process(record, tuple(a.decode(errors="replace") for a in argv))
+                cache.add(process)
+                if emit and selected:
+                    self.seen["exec"] += 1
+                    out.append(SecurityEvent("process_exec", self._wall(int(record["ktime"])), process))
+            elif kind == self.exit_kind:
+                process = cache.exit(pid)
+                if process is None:
+                    continue
+                status = int(record["exit_code"])
+                if emit and selected:
+                    self.seen["exit"] += 1
+                    fields = {
+                        "signal": signal_name(status & 0x7F) if status & 0x7F else "",
+                        "status": status >> 8 & 0xFF,
+                    }
+                    out.append(
+                        SecurityEvent("process_exit", self._wall(int(record["ktime"])), process, fields)
+                    )
+        out.extend(self._hit(hits[j]) for j in order[next_hit:])
+        return out
+
+    def _exec_process(self, r: Any, arguments: tuple[str, ...]) -> Process:
+        c = r["creds"]
+        cwd = _text(r["cwd"])
+        flags = "execve" + (" rootcwd" if cwd == "/" else "")
+        if r["flags"] & self.truncated_flag:
+            flags += " truncArgs"
+        parent = self.cache.parent_of(int(r["ppid"]), int(r["parent_exec_ktime"]))
+        return Process(
+            int(r["pid"]),
+            int(r["exec_ktime"]),
+            intern(_text(r["binary"])),
+            arguments,
+            intern(cwd),
+            intern(
+                (
+                    int(c["uid"]),
+                    int(c["euid"]),
+                    int(c["suid"]),
+                    int(c["fsuid"]),
+                    int(c["gid"]),
+                    int(c["egid"]),
+                    int(c["sgid"]),
+                    int(c["fsgid"]),
+                    int(c["loginuid"]),
+                    int(c["securebits"]),
+                )
+            ),
+            intern((int(c["cap_effective"]), int(c["cap_permitted"]), int(c["cap_inheritable"]))),
+            intern(tuple(int(x) for x in r["ns"])),
+            int(r["cgroup_id"]),
+            flags,
+            parent,
+            int(r["ppid"]),
+            int(r["tid"]),
+        )
+
+    def _hit(self, r: Any) -> SecurityEvent:
+        if True:
+            rule = self.compile().rules[int(r["rule"])]
+            pid = int(r["pid"])
+            process = self.cache.get(pid) or self._unknown(r)
+            action = self.action_names.get(int(r["action"]), "Post")
+            args = block_args(r) if action == "Block" else hook_args(rule, r)
+            fields: dict[str, Any] = {}
+            if action in ("Sigkill", "Signal"):
+                fields["signal"] = signal_name(int(r["signal"]))
+                fields["signal_result"] = int(r["action_result"])
+            creds = r["creds"]
+            if (int(creds["uid"]), int(creds["euid"])) != (process.uid, process.euid) and action != "Block":
+                fields["process_credentials"] = {
+                    "uid": int(creds["uid"]),
+                    "euid": int(creds["euid"]),
+                    "gid": int(creds["gid"]),
+                    "egid": int(creds["egid"]),
+                }
+            if rule.hook.message:
+                fields["message"] = rule.hook.message
+            if rule.hook.tags:
+                fields["tags"] = rule.hook.tags
+            self.seen["tracepoint"] += 1
+            event = SecurityEvent(
+                "process_tracepoint",
+                self._wall(int(r["ktime"])),
+                process,
+                fields,
+                policy=rule.policy,
+                tracepoint=rule.tracepoint,
+                action=action,
+                args=args,
+            )
+            return event
+
+    def _unknown(self, r: Any) -> Process:
+        """A process the cache does not have (it started before a full cache, say): what the hit knows."""
+        c = r["creds"]
+        return Process(
+            int(r["pid"]),
+            int(r["exec_ktime"]),
+            "",
+            (),
+            "",
+            (int(c["uid"]), int(c["euid"]), 0, 0, int(c["gid"]), int(c["egid"]), 0, 0, 0, 0),
+            (int(c["cap_effective"]), 0, 0),
+            (),
+            int(r["cgroup_id"]),
+            "unknown",
+            None,
+            0,
+            int(r["tid"]),
+        )
+
+    def losses(self) -> Losses:
+        from bpfscope.runtime.losses import Loss
+
+        losses = super().losses()
+        if self.cache.evicted:
+            losses.items.append(
+                Loss("map_full:user_cache", self.cache.evicted, "processes evicted (cache full)")
+            )
+        return losses
+
+    @property
+    def rate_limited(self) -> int:
+        return int(self.obj.bss["rate_limited"]) if self.obj is not None else 0
+
+
+def compiler_action_word(member: str) -> str:
+    """ACTION_SIGKILL -> Sigkill: the policy's word for a kernel action."""
+    return {"ACTION_NOPOST": "NoPost"}.get(member, member.removeprefix("ACTION_").capitalize())
+
+
+def _text(raw: bytes) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def hook_args(rule: compiler.Rule, r: Any) -> list[dict[str, Any]]:
+    """Tetragon's args: one object per argument, of the kind its type gives."""
+    out = []
+    for i, arg in enumerate(rule.args):
+        value = r["args"][i]
+        text = _text(value["str"])
+        if arg.type in ("string", "kstring"):
+            item: dict[str, Any] = {"string_arg": text}
+        elif arg.type == "fd":
+            item = {"file_arg": {"path": text}, "int_arg": int(value["num"])}
+        elif arg.type == "sockaddr":
+            item = {
+                "sockaddr_arg": sockaddr_json(
+                    int(value["family"]), int(value["port"]), bytes(value["addr"]), text
+                )
+            }
+        else:
+            item = {"int_arg": int(value["num"])}
+        item["label"] = arg.label
+        out.append(item)
+    return out
+
+
+def block_args(r: Any) -> list[dict[str, Any]]:
+    value = r["args"][0]
+    return [
+        {
+            "sockaddr_arg": sockaddr_json(int(value["family"]), int(value["port"]), bytes(value["addr"]), ""),
+            "label": "destination",
+        }
+    ]
+
+
+@dataclass
+class SecurityBatch(Sample):
+    events: list[SecurityEvent]
+    formatter: Formatter
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def ts(self) -> float:  # type: ignore[override]
+        return self.events[-1].wall_ns / 1e9 if self.events else 0.0
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        schemas = {s.name: s for s in tetragon_schemas()}
+        for event in self.events:
+            body = event.tetragon(self.formatter)
+            yield schemas[f"secure.{event.kind}"].record({"ts": round(event.wall_ns / 1e9, 6), **body})
+
+
+@cache
+def tetragon_schemas() -> tuple[Schema, ...]:
+    common = (
+        Field("node_name", "str", doc="the node (host name)"),
+        Field("time", "str", doc="RFC 3339, UTC, ns"),
+    )
+    return (
+        Schema(
+            "secure.process_exec",
+            (
+                Field("process_exec", "dict", doc="Tetragon's process_exec: process, parent, ancestors"),
+                *common,
+            ),
+            doc="A program started (exec).",
+        ),
+        Schema(
+            "secure.process_exit",
+            (
+                Field("process_exit", "dict", doc="Tetragon's process_exit: process, parent, signal, status"),
+                *common,
+            ),
+            doc="A process ended (its last thread).",
+        ),
+        Schema(
+            "secure.process_tracepoint",
+            (
+                Field(
+                    "process_tracepoint",
+                    "dict",
+                    doc="Tetragon's process_tracepoint: process, parent, subsys, event, args, policy_name, "
+                    "action",
+                ),
+                *common,
+            ),
+            doc="A policy's selector matched on a hooked tracepoint.",
+        ),
+    )
+
+
+class SecureView(View):
+    """One line per event, as `tetra getevents -o compact` prints them."""
+
+    def show(self, sample: Sample, term: Terminal) -> None:
+        assert isinstance(sample, SecurityBatch)
+        term.lines([event.compact() for event in sample.events])
+
+    def summary(self, collector: Collector, losses: Losses) -> str:
+        assert isinstance(collector, SecureCollector)
+        counts = ", ".join(f"{n} {kind}" for kind, n in collector.seen.items())
+        limited = collector.rate_limited
+        extra = f", {limited} hits rate-limited" if limited else ""
+        return f"secure: {counts} events{extra}, {losses.text()}"
+
+
+EXAMPLES = """
+\b
+Examples:
+  bpfscope secure                          # execs, exits and the default policy's hits, compact
+  bpfscope secure --json | jq 'select(.process_tracepoint)'   # Tetragon's JSON
+  bpfscope secure --policy my.yaml         # the default policy and mine
+  bpfscope secure --policy my.yaml --no-default-policy --no-exec-events   # my policy's hits only
+  bpfscope secure --check --policy my.yaml # check a policy, load nothing
+  bpfscope secure --container 3f2a         # one container's processes
+"""
+
+
+@click.command(name="secure", epilog=EXAMPLES)
+@click.option(
+    "--policy",
+    "policy_paths",
+    multiple=True,
+    metavar="FILE",
+    help="A TracingPolicy YAML file (repeat for more).",
+)
+@click.option(
+    "--no-default-policy",
+    is_flag=True,
+    help="Leave out the shipped policy (its rules: --print-default-policy).",
+)
+@click.option("--print-default-policy", is_flag=True, help="Print the shipped policy and exit.")
+@click.option("--check", "check_only", is_flag=True, help="Check the policies and exit (nothing is loaded).")
+@click.option("--no-exec-events", is_flag=True, help="Policy hits only, no process_exec / process_exit.")
+@click.option("--no-ancestors", is_flag=True, help="Leave the ancestors out of each event.")
+@click.option(
+    "--cache-size",
+    type=click.IntRange(min=1024, max=1 << 22),
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    help="Processes the caches hold (kernel and user space).",
+)
+@common_options
+def command(
+    run: Run,
+    policy_paths: tuple[str, ...],
+    no_default_policy: bool,
+    print_default_policy: bool,
+    check_only: bool,
+    no_exec_events: bool,
+    no_ancestors: bool,
+    cache_size: int,
+) -> None:
+    """Security observability and enforcement: every exec and exit with the process's lineage, and the
+    hits of policies (TracingPolicy YAML on tracepoints) filtered in the kernel.
+
+    Enforcement (Sigkill, Signal at a hook; Block for connects and sends) happens in the kernel. A signal
+    sent at a syscall's entry arrives after the syscall ran: the file was opened (and truncated), the
+    SYN sent. Block refuses a connect or send (EPERM) before anything leaves; Sigkill at
+    sched:sched_process_exec kills the new program before its first instruction. Arguments read from
+    user memory at a syscall's entry can change after the check (TOCTOU): prefer kernel-resident data
+    (sys_exit_openat's fd, the exec's file, the cgroup hook's address).
+    """
+    from bpfscope.domains.security.default_policy import DEFAULT_POLICY
+
+    if print_default_policy:
+        click.echo(DEFAULT_POLICY, nl=False)
+        return
+    policies = policies_from(list(policy_paths), not no_default_policy)
+    config = run.config(
+        SecureConfig,
+        policies=policies,
+        exec_events=not no_exec_events,
+        ancestors=not no_ancestors,
+        cache_size=cache_size,
+    )
+    collector = SecureCollector(config)
+    collector.compile()
+    if check_only:
+        hooks = len(collector.compile().hooks)
+        rules = len(collector.compile().rules)
+        click.echo(
+            f"policies OK: {len(policies)} policies, {rules} selectors on {hooks} tracepoints", err=True
+        )
+        return
+    run.run(collector, SecureView(), "Tracing security events... Ctrl-C to end.")
