@@ -15,10 +15,10 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* The user stack copied per sample in DWARF mode: the page holding sp and the 4 above it, 16-20 KiB
+/* The user stack copied per sample in DWARF mode: the page holding sp and the 2 above it, 8-12 KiB
  * (perf's default is 8 KiB). */
 #define PAGE_BYTES 4096
-#define STACK_COPY_PAGES 5
+#define STACK_COPY_PAGES 3
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -31,6 +31,7 @@ from bpfscope.domains.profile.profiles import SCHEMAS, Profile, Thread, unsymbol
 from bpfscope.domains.profile.symbols import Frame, Symbolizer
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.collector import BpfCollector, Config, Sample
+from bpfscope.runtime.losses import Losses
 from bpfscope.runtime.session import Sink
 from bpfscope.sinks.terminal import Terminal, View, note
 
@@ -38,10 +39,12 @@ if TYPE_CHECKING:
     import numpy as np
 
     from bpfscope.runtime.collector import Collector
-    from bpfscope.runtime.losses import Losses
     from bpfscope.runtime.session import Session
 
 DEFAULT_HZ = 19
+
+
+UNWINDERS = ("dwarf", "fp")
 
 
 @dataclass(kw_only=True)
@@ -49,6 +52,9 @@ class ProfileConfig(Config):
     frequency_hz: int = DEFAULT_HZ
     user: bool = True  # user stacks (--kernel-only turns them off)
     kernel: bool = True  # kernel stacks (--user-only turns them off)
+    # dwarf: user stacks copied and unwound here from .eh_frame (right without frame pointers);
+    # fp: walked by frame pointers in the kernel (cheaper, wrong where code has none).
+    unwind: str = "dwarf"
 
 
 @dataclass
@@ -89,28 +95,25 @@ class StackCounts:
                 yield self.keys[i], diff
 
 
-def symbolise(symbols: Symbolizer, key: Any) -> tuple[Thread, tuple[Frame, ...]]:
-    """A counted key's thread and frames, root first: the user stack, then the kernel's."""
-    pid = int(key["tgid"])
-    frames: list[Frame] = []
-    n_user = int(key["user_frames"])
-    if n_user > 0:
-        user = key["user"][:n_user].tolist()
-        # Every frame but the first is a return address: the call is the byte before it.
-        frames += [symbols.user_frame(pid, a - (i > 0)) for i, a in enumerate(user)][::-1]
-    n_kernel = int(key["kernel_frames"])
-    if n_kernel > 0:
-        kernel = key["kernel"][:n_kernel].tolist()
-        frames += [symbols.kernel_frame(a - (i > 0)) for i, a in enumerate(kernel)][::-1]
-    cgroup = int(key["cgroup"])
-    thread = Thread(
-        pid,
-        int(key["tid"]),
-        bytes(key["comm"]).split(b"\0", 1)[0].decode(errors="replace"),
-        cgroup,
-        container_of(cgroup),
-    )
-    return thread, tuple(frames)
+def symbolise(symbols: Symbolizer, pid: int, user: list[int], kernel: list[int]) -> tuple[Frame, ...]:
+    """Frames root first, the user stack then the kernel's, from addresses leaf first."""
+    # Every address but the first is a return address: the call is the byte before it.
+    frames = [symbols.user_frame(pid, a - (i > 0)) for i, a in enumerate(user)][::-1]
+    frames += [symbols.kernel_frame(a - (i > 0)) for i, a in enumerate(kernel)][::-1]
+    return tuple(frames)
+
+
+def thread_of(pid: int, tid: int, comm: bytes, cgroup: int) -> Thread:
+    return Thread(pid, tid, comm.split(b"\0", 1)[0].decode(errors="replace"), cgroup, container_of(cgroup))
+
+
+def counted_stack(key: Any) -> tuple[Thread, list[int], list[int]]:
+    """A key of the counts map: its thread, user and kernel addresses (leaf first)."""
+    n_user, n_kernel = int(key["user_frames"]), int(key["kernel_frames"])
+    user = key["user"][:n_user].tolist() if n_user > 0 else []
+    kernel = key["kernel"][:n_kernel].tolist() if n_kernel > 0 else []
+    thread = thread_of(int(key["tgid"]), int(key["tid"]), bytes(key["comm"]), int(key["cgroup"]))
+    return thread, user, kernel
 
 
 class ProfileCollector(BpfCollector[ProfileConfig]):
@@ -123,15 +126,28 @@ class ProfileCollector(BpfCollector[ProfileConfig]):
     loss_counters = {"counts_dropped": ("map_full", "samples not counted (too many distinct stacks)")}
 
     def rodata(self) -> dict[str, Any]:
-        return {**super().rodata(), "want_user": self.config.user, "want_kernel": self.config.kernel}
+        return {
+            **super().rodata(),
+            "want_user": self.config.user,
+            "want_kernel": self.config.kernel,
+            "copy_user_stack": self.dwarf,
+        }
+
+    @property
+    def dwarf(self) -> bool:
+        return self.config.user and self.config.unwind == "dwarf"
 
     def attach(self) -> None:
         from bpfscope.domains.profile.tracker import Tracker
 
         assert self.obj is not None
+        if self.config.unwind not in UNWINDERS:
+            raise BpfscopeError(f"unknown unwinder {self.config.unwind!r} (one of {', '.join(UNWINDERS)})")
         self.obj.load()
-        self.symbols = Symbolizer(kernel=self.config.kernel)
-        self.tracker = Tracker(self.obj, self.symbols)
+        self.symbols = Symbolizer(kernel=self.config.kernel, unwind_tables=self.dwarf)
+        # Not self.ring(): the tracker's thread reads it, not the session.
+        ring = self.obj.ring_buffer("user_samples") if self.dwarf else None
+        self.tracker = Tracker(self.obj, self.symbols, ring)
         self.tracker.start()
         self.obj.programs["on_sample"].attach_sampling(self.config.frequency_hz)
         self.before: dict[bytes, int] = {}
@@ -158,13 +174,28 @@ class ProfileCollector(BpfCollector[ProfileConfig]):
             kind="cpu", frequency_hz=self.config.frequency_hz, idle_samples=idle - self.idle_before
         )
         for key, samples in counts.since(self.before):
-            thread, frames = symbolise(self.symbols, key)
+            thread, user, kernel = counted_stack(key)
+            frames = symbolise(self.symbols, thread.pid, user, kernel)
             profile.add(thread, frames, samples, samples * period_ns, self.tracker.exe(thread.pid))
+        for (pid, tid, comm, cgroup, user, kernel), samples in self.tracker.take_stacks().items():
+            frames = symbolise(self.symbols, pid, list(user), list(kernel))
+            thread = thread_of(pid, tid, comm, cgroup)
+            profile.add(thread, frames, samples, samples * period_ns, self.tracker.exe(pid))
         profile.duration_s = now - self.t0
         profile.start_ts = time.time() - profile.duration_s
         self.before, self.idle_before, self.t0 = counts.counts, idle, now
         self.tracker.forget_exited()
         return ProfileSample(time.time(), profile.duration_s, profile)
+
+    def losses(self) -> Losses:
+        from bpfscope.runtime.losses import Loss
+
+        losses = super().losses()
+        tracker = getattr(self, "tracker", None)
+        if self.dwarf and tracker is not None:
+            what = "samples dropped while waiting for a binary to be read (backlog full)"
+            losses += Losses([Loss("map_full:unwind_backlog", tracker.backlog_dropped, what)])
+        return losses
 
     def close(self) -> None:
         tracker = getattr(self, "tracker", None)
@@ -193,8 +224,15 @@ def show_profile(profile: Profile, term: Terminal, max_rows: int) -> None:
         f"{total} {what} in {profile.duration_s:.1f}s"
         + (f" at {profile.frequency_hz} Hz, {profile.idle_samples} idle" if profile.kind == "cpu" else "")
     )
+    from rich.markup import escape
+
     rows = [
-        [f"{100 * n / total:.1f}" if total else "0", f"{100 * own / total:.1f}" if total else "0", fn, module]
+        [
+            f"{100 * n / total:.1f}" if total else "0",
+            f"{100 * own / total:.1f}" if total else "0",
+            escape(fn),  # [kernel], [vdso] are names, not markup
+            escape(module),
+        ]
         for fn, module, own, n in profile.functions()[:max_rows]
     ]
     if rows:
@@ -312,6 +350,14 @@ Examples:
     metavar="HZ",
     help="Samples per second on each CPU (19 costs least; 49 or 99 for short runs).",
 )
+@click.option(
+    "--unwind",
+    type=click.Choice(UNWINDERS),
+    default="dwarf",
+    show_default=True,
+    help="User stacks: copied and unwound from .eh_frame (right without frame pointers), or walked by "
+    "frame pointers in the kernel (cheaper; code built without them loses callers).",
+)
 @click.option("--kernel-only", is_flag=True, help="Kernel stacks only.")
 @click.option("--user-only", is_flag=True, help="User stacks only.")
 @option("format", choices=formats.FORMATS)
@@ -321,6 +367,7 @@ Examples:
 def command(
     run: Run,
     frequency: int,
+    unwind: str,
     kernel_only: bool,
     user_only: bool,
     format: str | None,
@@ -338,7 +385,9 @@ def command(
     """
     if kernel_only and user_only:
         raise BpfscopeError("--kernel-only and --user-only leave nothing to sample: give one")
-    config = run.config(ProfileConfig, frequency_hz=frequency, user=not kernel_only, kernel=not user_only)
+    config = run.config(
+        ProfileConfig, frequency_hz=frequency, user=not kernel_only, kernel=not user_only, unwind=unwind
+    )
     what = f"process {run.pid}" if run.pid else "every CPU"
     run_profile(
         run,

@@ -11,13 +11,20 @@ unnamed is counted by reason (:data:`REASONS`): nothing is dropped silently.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
+import queue
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from bpfscope.domains.profile.unwind import UnwindTable
 
 # Why a frame stayed unnamed, for people.
 REASONS = {
@@ -88,6 +95,7 @@ class Binary:
     symbols: SymbolTable
     stripped: bool
     error: str | None = None  # a reason of REASONS when the file could not be read
+    unwind: UnwindTable | None = None  # its .eh_frame compiled, when stacks are unwound here
 
     def vaddr(self, file_offset: int) -> int | None:
         """The ELF virtual address of a file offset (how a mapped address finds its symbol)."""
@@ -110,8 +118,63 @@ def _elf_symbols(elf: object) -> list[tuple[int, int, str]]:
             if info["type"] not in ("STT_FUNC", "STT_GNU_IFUNC") or not sym["st_value"] or not sym.name:
                 continue
             # One name per address: .symtab comes first and has the local functions.
-            out.setdefault(sym["st_value"], (sym["st_value"], sym["st_size"], sym.name))
+            out.setdefault(sym["st_value"], (sym["st_value"], sym["st_size"], demangle(sym.name)))
     return list(out.values())
+
+
+# Rust's legacy mangling (rustc before v0): _ZN, length-prefixed path segments, a hash, E; escapes
+# for characters C++ names cannot hold.
+_RUST_HASH = re.compile(r"h[0-9a-f]{16}")
+_LLVM_SUFFIX = re.compile(r"\.llvm\.\d+$")
+_RUST_ESCAPES = {
+    "$SP$": "@",
+    "$BP$": "*",
+    "$RF$": "&",
+    "$LT$": "<",
+    "$GT$": ">",
+    "$LP$": "(",
+    "$RP$": ")",
+    "$C$": ",",
+    "$u7e$": "~",
+    "$u20$": " ",
+    "$u27$": "'",
+    "$u5b$": "[",
+    "$u5d$": "]",
+    "$u7b$": "{",
+    "$u7d$": "}",
+    "$u3b$": ";",
+    "$u2b$": "+",
+    "$u22$": '"',
+}
+
+
+def demangle(name: str) -> str:
+    """Rust's legacy mangled names as Rust writes them (``_ZN6shares5hot_a17h...E`` ->
+    ``shares::hot_a``); every other name as it is."""
+    # LLVM's suffix on functions it made local in a (thin) LTO build.
+    name = _LLVM_SUFFIX.sub("", name)
+    if not name.startswith("_ZN") or not name.endswith("E"):
+        return name
+    parts, i, body = [], 3, name[:-1]
+    while i < len(body):
+        j = i
+        while j < len(body) and body[j].isdigit():
+            j += 1
+        if j == i:
+            return name
+        n = int(body[i:j])
+        parts.append(body[j : j + n])
+        i = j + n
+    if i != len(body) or not parts or not _RUST_HASH.fullmatch(parts[-1]):
+        return name  # a C++ name: left as the linker has it
+    out = []
+    for part in parts[:-1]:
+        part = part[1:] if part.startswith("_$") else part  # "_" guards a leading escape
+        part = part.replace("..", "::")
+        for escape, char in _RUST_ESCAPES.items():
+            part = part.replace(escape, char)
+        out.append(part)
+    return "::".join(out)
 
 
 def build_id_of(elf: object) -> str:
@@ -251,6 +314,13 @@ def read_maps(pid: int) -> list[Mapping]:
     return out
 
 
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        return ""  # a kernel thread, or gone
+
+
 def read_perf_map(pid: int) -> SymbolTable | None:
     """A JIT's /tmp/perf-PID.map (Node --perf-basic-prof, Java agents, .NET DOTNET_PerfMapEnabled=1)."""
     for path in (Path(f"/proc/{pid}/root/tmp/perf-{pid}.map"), Path(f"/tmp/perf-{pid}.map")):
@@ -273,6 +343,10 @@ def read_perf_map(pid: int) -> SymbolTable | None:
 FileKey = tuple[int, int, int]  # (device, inode, mtime): one file, as it was when mapped
 
 
+class NotReady(Exception):
+    """A binary the unwinder needs is still being read."""
+
+
 @dataclass
 class Process:
     pid: int
@@ -292,10 +366,7 @@ class Process:
             return self.mappings[i]
         return None
 
-    @property
-    def exe(self) -> str:
-        """The main binary's path (the first file mapping: the executable is mapped first)."""
-        return next((m.path for m in self.mappings if m.path and not m.anonymous), "")
+    exe: str = ""  # the executable's path, as /proc/PID/exe says
 
 
 class Symbolizer:
@@ -306,12 +377,18 @@ class Symbolizer:
     namespace as it may be). The ELF is read when one of its addresses is first named, once per build-id.
     """
 
-    def __init__(self, kernel: bool = True) -> None:
+    def __init__(self, kernel: bool = True, unwind_tables: bool = False) -> None:
         self._kernel = Kallsyms() if kernel else None
+        self._unwind_tables = unwind_tables
         self._processes: dict[int, Process] = {}
         self._binaries: dict[str, Binary] = {}  # by build-id, or by file without one
         self._by_file: dict[FileKey, Binary] = {}
         self._open: dict[FileKey, tuple[int, str]] = {}  # files mapped but not read yet: (fd, path)
+        self._loading: dict[FileKey, threading.Event] = {}
+        # Binaries read in the background for the unwinder, which must not wait for them.
+        self._queued: set[FileKey] = set()
+        self._reader_queue: queue.Queue[FileKey | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
         self._lock = threading.RLock()
 
     # --- processes -----------------------------------------------------------------------------------
@@ -325,7 +402,7 @@ class Symbolizer:
             known = self._processes.get(pid)
             if known is not None and known.mappings == mappings:
                 return True
-            process = Process(pid, mappings)
+            process = Process(pid, mappings, exe=_exe(pid))
             for m in mappings:
                 if m.path and not m.anonymous and not m.path.startswith("["):
                     process.files[m] = self._hold(pid, m)
@@ -360,19 +437,67 @@ class Symbolizer:
         return Binary(path, "", [], SymbolTable([]), True, "deleted_file" if m.deleted else "unreadable")
 
     def _binary(self, key: FileKey | Binary) -> Binary:
+        """The binary of a file held, read now if it was not (once: another thread reading it is waited
+        for)."""
         if isinstance(key, Binary):
             return key
-        binary = self._by_file.get(key)
-        if binary is None:
-            fd, path = self._open.pop(key)
-            try:
-                binary = read_binary(path, f"/proc/self/fd/{fd}")
-            finally:
-                os.close(fd)
+        with self._lock:
+            binary = self._by_file.get(key)
+            if binary is not None:
+                return binary
+            loading = self._loading.get(key)
+            if loading is None:
+                fd, path = self._open.pop(key)
+                loading = self._loading[key] = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            loading.wait()
+            return self._by_file[key]
+        try:
+            # Outside the lock: reading a large binary takes seconds, and other processes' frames are
+            # named meanwhile.
+            binary = read_binary(path, f"/proc/self/fd/{fd}")
+            if self._unwind_tables and binary.error is None:
+                from bpfscope.domains.profile.unwind import table_for
+
+                binary.unwind = table_for(path, binary.build_id, f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        with self._lock:
             # One copy per build-id: the same library in many processes (or containers) is read once.
             binary = self._binaries.setdefault(binary.build_id or f"{key}", binary)
             self._by_file[key] = binary
+            del self._loading[key]
+        loading.set()
         return binary
+
+    def ready(self, key: FileKey | Binary) -> Binary | None:
+        """The binary if it has been read, else None and it is read in the background."""
+        if isinstance(key, Binary):
+            return key
+        with self._lock:
+            binary = self._by_file.get(key)
+            if binary is None and key not in self._loading and key not in self._queued:
+                self._queued.add(key)
+                self._reader_queue.put(key)
+                if self._reader is None:
+                    self._reader = threading.Thread(
+                        target=self._read_queued, name="bpfscope-elf", daemon=True
+                    )
+                    self._reader.start()
+        return binary
+
+    def _read_queued(self) -> None:
+        while True:
+            key = self._reader_queue.get()
+            if key is None:
+                return
+            with contextlib.suppress(KeyError):  # closed meanwhile
+                self._binary(key)
+            with self._lock:
+                self._queued.discard(key)
 
     def _vdso(self, pid: int, m: Mapping) -> Binary:
         """The vdso is an ELF image in the process's memory, the same for every process of a boot."""
@@ -384,10 +509,37 @@ class Symbolizer:
             return Binary("[vdso]", "", [], SymbolTable([]), True, "unreadable")
         key = f"vdso:{hash(data)}"
         if key not in self._binaries:
-            self._binaries[key] = read_binary("[vdso]", data=data)
+            binary = read_binary("[vdso]", data=data)
+            if self._unwind_tables and binary.error is None:
+                import io
+
+                from elftools.elf.elffile import ELFFile
+
+                from bpfscope.domains.profile.unwind import compile_table
+
+                binary.unwind = compile_table(ELFFile(io.BytesIO(data)))
+            self._binaries[key] = binary
         return self._binaries[key]
 
+    def locate(self, pid: int, pc: int, wait: bool = True) -> tuple[UnwindTable | None, int]:
+        """The unwind table of the code at ``pc`` and the address as its ELF file counts it. Without
+        ``wait``, raises :class:`NotReady` while the binary is being read."""
+        with self._lock:
+            process = self._processes.get(pid)
+            m = process.mapping(pc) if process is not None else None
+            file = process.files.get(m) if process is not None and m is not None else None
+        if m is None or file is None:
+            return None, 0
+        binary = self._binary(file) if wait else self.ready(file)
+        if binary is None:
+            raise NotReady()
+        vaddr = binary.vaddr(pc - m.start + m.offset)
+        return (binary.unwind, vaddr) if vaddr is not None else (None, 0)
+
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader_queue.put(None)
+            self._reader.join(timeout=30)
         with self._lock:
             for fd, _ in self._open.values():
                 os.close(fd)

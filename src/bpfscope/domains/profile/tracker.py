@@ -1,54 +1,159 @@
 """The profilers' watcher of processes: every process the kernel side has sampled (its ``seen_tgids``
-map) has its memory map and binaries read by a thread while the process lives, a few times a second, so
-that its frames can be named at the end of the window even if it has exited by then. A process that
-lived less than one period may be missed: its frames are then counted as ``no_mapping``."""
+map) has its memory map and mapped files held by a thread while the process lives, a few times a
+second, so that its frames can be named at the end of the window even if it has exited by then. A
+process that lived less than one period may be missed: its frames are then counted as ``no_mapping``.
+
+With ``--unwind dwarf`` the same thread takes the samples' user stacks from the ring as they come and
+unwinds them at once (unwind.py), while their processes' maps are known, and counts the stacks."""
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bpfscope.domains.profile.symbols import NotReady
+from bpfscope.domains.profile.unwind import Registers, StackCopy, unwind
 
 if TYPE_CHECKING:
     from bpfscope.domains.profile.symbols import Symbolizer
     from bpfscope.engine.bpf import BpfObject
+    from bpfscope.engine.ringbuf import RingBuffer
+
+# (tgid, tid, comm, cgroup, user addresses leaf first, kernel addresses leaf first)
+StackKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...]]
+# Samples kept while a binary they need is read (a large one takes seconds: python3.11 about 2 s),
+# about 12 KiB each; beyond this many the oldest are dropped, and counted.
+BACKLOG = 4096
+
+
+@dataclass
+class CopiedStack:
+    """A sample's user stack as the kernel copied it, waiting to be unwound."""
+
+    pid: int
+    tid: int
+    comm: bytes
+    cgroup: int
+    regs: Registers
+    stack: StackCopy
+    kernel: tuple[int, ...]
+
 
 # How often new processes are looked for (seconds): reading the small map costs about 50 us.
 PERIOD_S = 0.25
 
 
 class Tracker:
-    def __init__(self, obj: BpfObject, symbols: Symbolizer) -> None:
+    def __init__(self, obj: BpfObject, symbols: Symbolizer, ring: RingBuffer | None = None) -> None:
         self.obj = obj
         self.symbols = symbols
+        self.ring = ring
+        self.stacks: Counter[StackKey] = Counter()  # unwound here, since the last take_stacks()
+        self.unwinds: Counter[str] = Counter()  # how each unwind ended (root, truncated, lost)
+        self.backlog: list[CopiedStack] = []
+        self.backlog_dropped = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bpfscope-tracker", daemon=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._exes: dict[int, str] = {}
         self._exited: set[int] = set()
+        self.error: Exception | None = None
 
     def start(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:
+        # The ring holds seconds of samples (8 MiB; 99 Hz on 2 CPUs sends about 4 MiB/s): reading it a
+        # few times a second unwinds in batches instead of waking for every sample.
         while not self._stop.wait(PERIOD_S):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as exc:  # raised again in the session's thread, at the next take_stacks()
+                self.error = exc
+                return
 
     def refresh(self) -> None:
-        """Read the map of every process sampled since the previous refresh."""
+        """Read the map of every process sampled since the previous refresh, and unwind the stacks the
+        ring holds."""
         with self._lock:
-            seen = self.obj.maps["seen_tgids"]
-            for raw in list(seen.keys_bytes()):
-                pid = int.from_bytes(raw, "little")
-                if pid in self._exes or pid in self._exited:
-                    continue
-                if self.symbols.watch(pid):
-                    process = self.symbols.process(pid)
-                    self._exes[pid] = Path(process.exe).name if process is not None else ""
-                else:
-                    self._exited.add(pid)
-                # Seen once is enough: the map keeps room for new processes.
-                seen.delete(raw)
+            self._watch_new()
+            if self.ring is not None:
+                self._unwind_ring()
+
+    def take_stacks(self) -> Counter[StackKey]:
+        """The stacks unwound since the previous call; the backlog is unwound first, waiting for the
+        binaries it needs, so that a window holds every sample taken in it."""
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            self.refresh()
+            self._unwind_backlog(wait=True)
+            out, self.stacks = self.stacks, Counter()
+        return out
+
+    def _unwind_ring(self) -> None:
+        assert self.ring is not None
+        batch = self.ring.read()
+        if not len(batch):
+            return
+        # The copies as bytes (a char array's numpy form would drop trailing zero bytes).
+        copies = np.ascontiguousarray(batch["stack"]).view(np.uint8).reshape(len(batch), -1)
+        for rec, copy in zip(batch, copies, strict=True):
+            pid = int(rec["tgid"])
+            if pid not in self._exes:
+                self._watch(pid)
+            n_kernel = int(rec["kernel_frames"])
+            self.backlog.append(
+                CopiedStack(
+                    pid,
+                    int(rec["tid"]),
+                    bytes(rec["comm"]),
+                    int(rec["cgroup"]),
+                    Registers(int(rec["ip"]), int(rec["sp"]), int(rec["bp"])),
+                    StackCopy(int(rec["stack_base"]), copy[: int(rec["stack_bytes"])].tobytes()),
+                    tuple(rec["kernel"][:n_kernel].tolist()) if n_kernel > 0 else (),
+                )
+            )
+        self._unwind_backlog(wait=False)
+        if len(self.backlog) > BACKLOG:
+            self.backlog_dropped += len(self.backlog) - BACKLOG
+            del self.backlog[: len(self.backlog) - BACKLOG]
+
+    def _unwind_backlog(self, wait: bool) -> None:
+        waiting = []
+        for sample in self.backlog:
+            try:
+                result = unwind(
+                    sample.regs, sample.stack, lambda pc, pid=sample.pid: self.symbols.locate(pid, pc, wait)
+                )
+            except NotReady:
+                waiting.append(sample)
+                continue
+            self.unwinds[result.status] += 1
+            key = (sample.pid, sample.tid, sample.comm, sample.cgroup, tuple(result.addresses), sample.kernel)
+            self.stacks[key] += 1
+        self.backlog = waiting
+
+    def _watch(self, pid: int) -> None:
+        if self.symbols.watch(pid):
+            process = self.symbols.process(pid)
+            self._exes[pid] = Path(process.exe).name if process is not None else ""
+        else:
+            self._exited.add(pid)
+
+    def _watch_new(self) -> None:
+        seen = self.obj.maps["seen_tgids"]
+        for raw in list(seen.keys_bytes()):
+            pid = int.from_bytes(raw, "little")
+            if pid not in self._exes and pid not in self._exited:
+                self._watch(pid)
+            # Seen once is enough: the map keeps room for new processes.
+            seen.delete(raw)
 
     def exe(self, pid: int) -> str:
         """The executable's file name of a process watched, "" if it was never seen alive."""
