@@ -189,7 +189,8 @@ def io_file() -> Iterator[Path]:
 def own_io(path: Path) -> tuple[int, list[int]]:
     """Disk I/O by this process and a child of it: direct reads, and page-cache writes made durable with
     fsync. Returns the requests it made at least, and the pids that did them."""
-    reads = 400
+    # Enough requests and bytes to stand out even beside another test's fio on the same disk.
+    reads = 2000
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, IO_BLOCK)  # page-aligned, as O_DIRECT wants
     try:
@@ -204,11 +205,9 @@ def own_io(path: Path) -> tuple[int, list[int]]:
         os.fsync(fd)
     finally:
         os.close(fd)
-    child = subprocess.Popen(
-        ["dd", f"if={path}", "of=/dev/null", f"bs={IO_BLOCK}", "count=200", "iflag=direct", "status=none"]
-    )
+    child = subprocess.Popen(["dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"])
     assert child.wait(timeout=60) == 0
-    return reads + 200, [os.getpid(), child.pid]
+    return reads + IO_SIZE // (1 << 20), [os.getpid(), child.pid]
 
 
 def disk_rows_during_own_io(path: Path, include_self: bool) -> tuple[dict[str, Row], float, int, list[int]]:
