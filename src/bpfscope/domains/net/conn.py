@@ -138,9 +138,42 @@ def comm_text(raw: Any) -> str:
 def owners(obj: BpfObject) -> dict[int, Owner]:
     """Socket cookie -> owner, as net.bpf.h's bs_owners map holds them now."""
     keys, values = obj.maps["bs_owners"].items()
+    columns = zip(
+        keys.tolist(),
+        values["tgid"].tolist(),
+        values["comm"].tolist(),
+        values["cgroup"].tolist(),
+        strict=True,
+    )
     return {
-        int(cookie): Owner.from_record(value) for cookie, value in zip(keys.tolist(), values, strict=True)
+        cookie: Owner(pid, comm.decode(errors="replace"), cgroup) for cookie, pid, comm, cgroup in columns
     }
+
+
+def owners_and_conns(records: np.ndarray) -> list[tuple[Owner, Conn]]:
+    """The owner and connection of each record with a struct bs_owner ``owner`` and a struct bs_conn
+    ``conn`` (ring records, map rows); whole columns become Python lists first (much faster than one
+    numpy scalar per field)."""
+    owner, conn = records["owner"], records["conn"]
+    columns = zip(
+        owner["tgid"].tolist(),
+        owner["comm"].tolist(),
+        owner["cgroup"].tolist(),
+        conn["netns"].tolist(),
+        conn["family"].tolist(),
+        conn["saddr"].tolist(),
+        conn["sport"].tolist(),
+        conn["daddr"].tolist(),
+        conn["dport"].tolist(),
+        strict=True,
+    )
+    return [
+        (
+            Owner(pid, comm.decode(errors="replace"), cgroup),
+            Conn(address(family, saddr), sport, address(family, daddr), dport, netns),
+        )
+        for pid, comm, cgroup, netns, family, saddr, sport, daddr, dport in columns
+    ]
 
 
 # --- record fields ------------------------------------------------------------------------------------
@@ -273,35 +306,10 @@ class ConnCollector(BpfCollector[CC]):
 
 
 def event_rows(events: np.ndarray, wall_offset_ns: int) -> list[dict[str, Any]]:
-    """What every TCP ring record has (ts, owner, conn) as record fields; whole columns become Python
-    lists first (much faster than one numpy scalar per field)."""
-    owner, conn = events["owner"], events["conn"]
-    columns = zip(
-        events["ts"].tolist(),
-        owner["tgid"].tolist(),
-        owner["comm"].tolist(),
-        owner["cgroup"].tolist(),
-        conn["netns"].tolist(),
-        conn["family"].tolist(),
-        conn["saddr"].tolist(),
-        conn["sport"].tolist(),
-        conn["daddr"].tolist(),
-        conn["dport"].tolist(),
-        strict=True,
-    )
+    """What every TCP ring record has (ts, owner, conn) as record fields."""
     return [
-        {
-            "ts": round((ts + wall_offset_ns) / 1e9, 6),
-            "pid": pid,
-            "comm": comm.decode(errors="replace"),
-            "cgroup": cgroup,
-            "netns": netns,
-            "saddr": address(family, saddr),
-            "sport": sport,
-            "daddr": address(family, daddr),
-            "dport": dport,
-        }
-        for ts, pid, comm, cgroup, netns, family, saddr, sport, daddr, dport in columns
+        {"ts": round((ts + wall_offset_ns) / 1e9, 6), **owner.to_dict(), **conn.to_dict()}
+        for ts, (owner, conn) in zip(events["ts"].tolist(), owners_and_conns(events), strict=True)
     ]
 
 

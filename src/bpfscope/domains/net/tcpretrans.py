@@ -35,6 +35,7 @@ from bpfscope.domains.net.conn import (
     Owner,
     conn_fields,
     owners,
+    owners_and_conns,
     state_field,
     state_name,
 )
@@ -256,6 +257,7 @@ class _Look:
     counts: dict[int, _Counts] = field(default_factory=dict)
     who: dict[int, tuple[Owner, Conn]] = field(default_factory=dict)
     closed: set[int] = field(default_factory=set)  # rows of closed connections
+    half_open: set[int] = field(default_factory=set)  # rows of SYN-ACKs retransmitted
     namespaces: set[int] = field(default_factory=set)  # those sock_diag listed (inodes)
 
 
@@ -348,17 +350,26 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         assert self.obj is not None
         look = _Look()
         listed = _listed_segs_out(look.namespaces)
-        keys, values = self.obj.maps["conns"].items()
+        keys, rows = self.obj.maps["conns"].items()
         known = owners(self.obj)
-        for cookie, row in zip(keys.tolist(), values, strict=True):
-            owner = Owner.from_record(row["owner"])
-            conn = Conn.from_record(row["conn"])
-            segs_out = max(int(row["segs_out"]), listed.pop(cookie, (0, conn))[0])
-            kinds_now = tuple(row["kinds"].tolist())
-            look.counts[cookie] = _Counts(int(row["retrans"]), segs_out, kinds_now, conn.netns)
+        columns = zip(
+            keys.tolist(),
+            owners_and_conns(rows),
+            rows["retrans"].tolist(),
+            rows["segs_out"].tolist(),
+            rows["kinds"].tolist(),
+            rows["closed"].tolist(),
+            rows["half_open"].tolist(),
+            strict=True,
+        )
+        for cookie, (owner, conn), retrans, segs_out, by_kind, closed, half_open in columns:
+            segs_out = max(segs_out, listed.pop(cookie, (0, conn))[0])
+            look.counts[cookie] = _Counts(retrans, segs_out, tuple(by_kind), conn.netns)
             look.who[cookie] = (owner if owner.pid else known.get(cookie, UNKNOWN_OWNER), conn)
-            if int(row["closed"]):
+            if closed:
                 look.closed.add(cookie)
+            elif half_open:
+                look.half_open.add(cookie)
         none = (0,) * len(kinds())
         for cookie, (segs_out, conn) in listed.items():
             owner = known.get(cookie, UNKNOWN_OWNER)
@@ -368,14 +379,13 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         return look
 
     def _forget_closed(self, look: _Look) -> None:
-        """Delete the rows of closed connections that did not change since the previous look: all their
-        counts have been shown, and nothing adds to them any more (a SYN-ACK row, which may still grow,
-        only goes once it stopped)."""
+        """Delete the rows whose counts have been shown and will not grow: those of closed connections
+        at once, and a SYN-ACK row (whose request sock is never seen to close) once it stopped growing."""
         assert self.obj is not None
-        for cookie in look.closed:
-            if look.counts[cookie] == self.before.get(cookie):
-                self.obj.maps["conns"].delete(cookie)
-                del look.counts[cookie]
+        unchanged = {cookie for cookie in look.half_open if look.counts[cookie] == self.before.get(cookie)}
+        for cookie in look.closed | unchanged:
+            self.obj.maps["conns"].delete(cookie)
+            del look.counts[cookie]
         for cookie in self.first_segs_out.keys() - look.counts.keys():
             del self.first_segs_out[cookie]
 
