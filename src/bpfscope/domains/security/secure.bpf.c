@@ -431,8 +431,14 @@ static long path_walk_up(__u64 i, void *data)
 		return 0;
 	}
 	parent = BPF_CORE_READ(dentry, d_parent);
-	if (parent == dentry || !parent)
+	if (!parent)
 		return 1;
+	if (parent == dentry) {
+		/* A file of no mount (a memfd, an anonymous file): its own name is all the path it has. */
+		if (w->n < PATH_DEPTH)
+			w->names[w->n++ & 31] = BPF_CORE_READ(dentry, d_name.name);
+		return 1;
+	}
 	if (w->n >= PATH_DEPTH) {
 		w->truncated = 1;
 		return 1;
