@@ -234,29 +234,44 @@ def load_yaml(text: str, source: str) -> list[Node]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise PolicyError(f"{source}:{line}: not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise PolicyError(
+            f"{source}:{line}: not valid YAML: character {exc.character!r} is not allowed"
+        ) from None
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PolicyError(f"{source}: not valid YAML: {first}") from None
     return [_convert(doc, source) for doc in documents if doc is not None]
 
 
-def _convert(node: Any, source: str) -> Node:
+def _convert(node: Any, source: str, inside: frozenset[int] = frozenset()) -> Node:
     import yaml
 
     line = node.start_mark.line + 1
+    if id(node) in inside:
+        raise PolicyError(f"{source}:{line}: an alias refers to a value that holds it")
+    inside = inside | {id(node)}
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Node] = {}
         for key_node, value_node in node.value:
             key = key_node.value
+            if not isinstance(key, str):
+                raise PolicyError(f"{source}:{key_node.start_mark.line + 1}: a key must be a plain word")
             if key in out:
                 raise PolicyError(f"{source}:{key_node.start_mark.line + 1}: {key!r} is given twice")
-            child = _convert(value_node, source)
+            child = _convert(value_node, source, inside)
             child.key_line = key_node.start_mark.line + 1
-            out[str(key)] = child
+            out[key] = child
         return Node(out, line, source)
     if isinstance(node, yaml.SequenceNode):
-        return Node([_convert(item, source) for item in node.value], line, source)
-    # A scalar, typed as YAML's safe loader would type it.
-    value = yaml.SafeLoader(yaml.safe_dump(None)).construct_object(node, deep=True)
+        return Node([_convert(item, source, inside) for item in node.value], line, source)
+    # A scalar, typed as YAML's safe loader types it (no other tag is accepted).
+    try:
+        value = yaml.SafeLoader("").construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        problem = getattr(exc, "problem", None) or f"unreadable value ({type(exc).__name__})"
+        raise PolicyError(f"{source}:{line}: {problem.splitlines()[0]}") from None
     return Node(value, line, source)
 
 
@@ -365,7 +380,7 @@ def _policy(doc: Node) -> Policy:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
         raise metadata["name"].fail(f"policy name {name!r} must be letters, digits, '.', '_' or '-'")
     spec = top["spec"].mapping(
-        "spec", ("tracepoints", "kprobes", "uprobes", "lsmhooks", "options", "podSelector"), ("tracepoints",)
+        "spec", ("tracepoints", "kprobes", "uprobes", "lsmhooks", "options", "podSelector")
     )
     for unsupported in ("kprobes", "lsmhooks"):
         if unsupported in spec:
@@ -375,6 +390,8 @@ def _policy(doc: Node) -> Policy:
     for later in ("uprobes", "podSelector", "options"):
         if later in spec:
             raise spec[later].key_fail(f"{later} are not supported by bpfscope secure")
+    if "tracepoints" not in spec:
+        raise top["spec"].fail("spec needs 'tracepoints'")
     hooks = [_hook(name, node) for node in spec["tracepoints"].sequence("spec.tracepoints")]
     if not hooks:
         raise spec["tracepoints"].fail("spec.tracepoints is empty")
