@@ -192,8 +192,8 @@ def conn_fields(btf: Btf) -> tuple[Field, ...]:
     )
 
 
-def state_field(name: str = "state") -> Field:
-    return Field(name, "enum", values=tuple(tcp_states().values()), doc="TCP state (the kernel's names)")
+def state_field() -> Field:
+    return Field("state", "enum", values=tuple(tcp_states().values()), doc="TCP state (the kernel's names)")
 
 
 # --- network namespaces -------------------------------------------------------------------------------

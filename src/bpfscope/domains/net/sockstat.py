@@ -376,7 +376,8 @@ class SockstatCollector(BpfCollector[SockstatConfig]):
         counters, described = self._counters()
         now = time.monotonic()
         namespaces = diag.network_namespaces()
-        rows = self.sockets(namespaces)
+        protocols = self.config.protocols or ("tcp", "udp")
+        rows = [row for ns in namespaces for row in diag_sockets(ns, protocols)]
         seen = {row.inode for row in rows}
         holders = socket_holders()
         for row in rows:
@@ -397,11 +398,6 @@ class SockstatCollector(BpfCollector[SockstatConfig]):
         sample = SocketSample(time.time(), now - self.t0, selected, namespaces, self.obj is not None)
         self.before, self.t0 = counters, now
         return sample
-
-    def sockets(self, namespaces: list[diag.NetNamespace] | None = None) -> list[SocketRow]:
-        """Every socket sock_diag lists now (no events, no processes), in these or every namespace."""
-        protocols = self.config.protocols or ("tcp", "udp")
-        return [row for ns in namespaces or diag.network_namespaces() for row in diag_sockets(ns, protocols)]
 
     def losses(self) -> Losses:
         return super().losses() if self.obj is not None else Losses()

@@ -194,7 +194,6 @@ def _counts(keys: Any, values: Any) -> dict[bytes, int]:
 
 class ConnEventLines(ConnEventView):
     columns = f"{'KIND':<8} ERROR"
-    what = "events"
 
     def text(self, row: dict[str, Any]) -> str:
         return f"{row['kind'].upper():<8} {row['error']}"
