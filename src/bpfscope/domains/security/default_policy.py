@@ -300,6 +300,12 @@ spec:
       - namespace: Mnt
         operator: NotIn
         values: [host_ns]
+      # The runtimes set containers up with mounts and setns: not them. (runc runs a copy of itself,
+      # named /runc, from a file of no mount: a name another program could take, a known limit.)
+      matchBinaries: &runtimes
+      - operator: NotIn
+        values: [/runc, /usr/sbin/runc, /usr/bin/runc, /usr/bin/crun, /usr/bin/conmon,
+                 /usr/bin/containerd-shim-runc-v2]
   - subsystem: syscalls
     event: sys_enter_setns
     message: "Namespace entered from a container"
@@ -311,6 +317,7 @@ spec:
       - namespace: Mnt
         operator: NotIn
         values: [host_ns]
+      matchBinaries: *runtimes
   - subsystem: syscalls
     event: sys_enter_mount
     message: "Mount inside a container"
@@ -323,4 +330,5 @@ spec:
       - namespace: Mnt
         operator: NotIn
         values: [host_ns]
+      matchBinaries: *runtimes
 """

@@ -424,8 +424,16 @@ static long path_walk_up(__u64 i, void *data)
 	if (dentry == mnt_root) {
 		struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
 
-		if (up == mnt || !up)
+		if (up == mnt || !up) {
+			/* The root of a mount attached nowhere (a memfd's, runc's cloned binary): its name. */
+			const unsigned char *name = BPF_CORE_READ(dentry, d_name.name);
+			char first = '/';
+
+			bpf_probe_read_kernel(&first, 1, name);
+			if (w->n == 0 && first != '/')
+				w->names[w->n++ & 31] = name;
 			return 1;
+		}
 		w->dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
 		w->mnt = up;
 		return 0;
