@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -16,7 +17,16 @@ from hypothesis import strategies as st
 
 from bpfscope.domains.profile import flamegraph, formats
 from bpfscope.domains.profile.profiles import SCHEMAS, Profile, Thread
-from bpfscope.domains.profile.symbols import Frame, SymbolTable, read_binary
+from bpfscope.domains.profile.symbols import Frame, SymbolTable, _unwind_table, read_binary
+from bpfscope.domains.profile.unwind import (
+    CFA_RBP,
+    CFA_RSP,
+    Registers,
+    Rule,
+    StackCopy,
+    UnwindTable,
+    unwind,
+)
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.schema import schema_for
 
@@ -161,3 +171,64 @@ def test_fuzz_folded_text_is_an_error_or_a_profile(text: str) -> None:
 def test_bad_pprof_is_one_line(data: bytes) -> None:
     with pytest.raises(BpfscopeError, match="not a pprof profile"):
         formats.parse_pprof(data)
+
+
+# --- unwinding -------------------------------------------------------------------------------------
+
+
+class FakeTable:
+    """Rules by address, as UnwindTable gives them."""
+
+    def __init__(self, rules: dict[int, Rule]) -> None:
+        self.rules = rules
+
+    def rule(self, pc: int) -> Rule | None:
+        return self.rules.get(pc & ~0xFF)
+
+
+def test_unwind_walks_cfa_rules_and_frame_pointers() -> None:
+    # leaf at 0x1010: frameless, CFA = rsp + 8; its caller at 0x2000: rbp saved, CFA = rbp + 16;
+    # the caller's caller at 0x3000 has no table (frame pointer); then the root (return address 0).
+    base = 0x7000
+    words = {
+        0x7000: 0x2010,  # leaf's return address (rsp + 8 - 8)
+        0x7010: 0x7040,  # caller's saved rbp, at CFA - 16
+        0x7018: 0x3010,  # caller's return address, at CFA - 8
+        0x7040: 0x0,  # the frame-pointer frame's saved rbp
+        0x7048: 0x0,  # ... and its return address: none, the root
+    }
+    data = b"".join(struct.pack("<Q", words.get(base + i, 0xDEAD)) for i in range(0, 0x60, 8))
+    table = FakeTable({0x1000: Rule(CFA_RSP, 8, None, False), 0x2000: Rule(CFA_RBP, 16, -16, False)})
+    result = unwind(Registers(0x1010, 0x7000, 0x7010), StackCopy(base, data), lambda pc: (table, pc))
+    assert result.addresses == [0x1010, 0x2010, 0x3010] and result.status == "root"
+
+
+def test_unwind_stops_at_the_end_of_the_copy() -> None:
+    table = FakeTable({0x1000: Rule(CFA_RSP, 64, None, False)})
+    result = unwind(Registers(0x1010, 0x7000, 0), StackCopy(0x7000, b"\0" * 16), lambda pc: (table, pc))
+    assert result.status == "truncated" and result.addresses == [0x1010]
+
+
+def test_unwind_table_of_a_real_binary() -> None:
+    from elftools.elf.elffile import ELFFile
+
+    python = Path(sys.executable).resolve()
+    with open(python, "rb") as f:
+        elf = ELFFile(f)
+        table = UnwindTable.of(elf)
+        symbols = read_binary(str(python)).symbols
+    assert table is not None and len(table) > 1000
+    entry = int(symbols.starts[len(symbols) // 2])
+    rule = table.rule(entry)
+    # At a function's first instruction the return address is on top of the stack.
+    assert rule is not None and rule.cfa_kind == CFA_RSP and rule.cfa_offset == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, len(ELF) - 1), st.binary(min_size=1, max_size=64), st.integers(0, 1 << 20))
+def test_fuzz_corrupt_unwind_tables_are_none_or_rules(offset: int, junk: bytes, pc: int) -> None:
+    data = ELF[:offset] + junk + ELF[offset + len(junk) :]
+    table = _unwind_table(data=data)
+    if table is not None:
+        rule = table.rule(pc)
+        assert rule is None or isinstance(rule, Rule)

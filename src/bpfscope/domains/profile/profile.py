@@ -193,8 +193,14 @@ class ProfileCollector(BpfCollector[ProfileConfig]):
         losses = super().losses()
         tracker = getattr(self, "tracker", None)
         if self.dwarf and tracker is not None:
-            what = "samples dropped while waiting for a binary to be read (backlog full)"
-            losses += Losses([Loss("map_full:unwind_backlog", tracker.backlog_dropped, what)])
+            full = "samples dropped while waiting for a binary to be read (backlog full)"
+            pending = "samples not unwound: their binary was still being read"
+            losses += Losses(
+                [
+                    Loss("map_full:unwind_backlog", tracker.backlog_dropped, full),
+                    Loss("unseen:unwind_pending", len(tracker.backlog), pending),
+                ]
+            )
         return losses
 
     def close(self) -> None:

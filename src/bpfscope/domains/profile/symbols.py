@@ -38,6 +38,10 @@ REASONS = {
 }
 
 DEBUG_DIR = Path("/usr/lib/debug")
+# Where what was read of a binary is kept, by build-id (symbols here, unwind tables in unwind.py).
+CACHE_DIR = Path(os.environ.get("BPFSCOPE_CACHE", "/var/cache/bpfscope"))
+# Bump when the layout of a cached file changes: old files are then ignored.
+CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,83 @@ def read_binary(path: str, opened: str | None = None, data: bytes | None = None)
     return Binary(path, build_id, segments, SymbolTable(entries), stripped=not has_symtab)
 
 
+def peek_build_id(source: str) -> str:
+    """A binary's build-id, from its notes alone (cheap: no symbol is read)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(source, "rb") as stream:
+            return build_id_of(ELFFile(stream))
+    except (OSError, ELFError, ValueError, KeyError, AssertionError, IndexError, TypeError, AttributeError):
+        return ""
+
+
+def cached_binary(path: str, opened: str | None = None) -> Binary:
+    """:func:`read_binary`, through the cache by build-id: a binary is read once per machine (python3.11's
+    symbols take about a second to read, a few milliseconds to load)."""
+    build_id = peek_build_id(opened or path)
+    cached = CACHE_DIR / "symbols" / f"{build_id}.npz" if build_id else None
+    if cached is not None:
+        binary = _load_symbols(cached, path, build_id)
+        if binary is not None:
+            return binary
+    binary = read_binary(path, opened)
+    if cached is not None and binary.error is None:
+        with contextlib.suppress(OSError):  # a read-only cache: read again next time
+            _save_symbols(cached, binary)
+    return binary
+
+
+def _save_symbols(path: Path, binary: Binary) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    names = "\0".join(binary.symbols.names).encode()
+    segments = [(seg.offset, seg.vaddr, seg.filesz) for seg in binary.segments]
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            version=np.array([CACHE_VERSION]),
+            starts=binary.symbols.starts,
+            ends=binary.symbols.ends,
+            names=np.frombuffer(names, dtype=np.uint8),
+            segments=np.array(segments, dtype=np.uint64).reshape(-1, 3),
+            stripped=np.array([binary.stripped]),
+        )
+    os.replace(tmp, path)
+
+
+def _load_symbols(path: Path, binary_path: str, build_id: str) -> Binary | None:
+    try:
+        with np.load(path) as data:
+            if int(data["version"][0]) != CACHE_VERSION:
+                return None
+            table = SymbolTable([])
+            table.starts, table.ends = data["starts"], data["ends"]
+            blob = data["names"].tobytes().decode()
+            table.names = blob.split("\0") if blob else []
+            segments = [Segment(int(o), int(v), int(n)) for o, v, n in data["segments"]]
+            return Binary(binary_path, build_id, segments, table, bool(data["stripped"][0]))
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _unwind_table(source: str | None = None, data: bytes | None = None) -> UnwindTable | None:
+    """A binary's unwind table (None where it has no .eh_frame_hdr, or is not a usable ELF)."""
+    import io
+
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    from bpfscope.domains.profile.unwind import UnwindTable
+
+    try:
+        with io.BytesIO(data) if data is not None else open(source or "", "rb") as stream:
+            return UnwindTable.of(ELFFile(stream))
+    except (OSError, ELFError, ValueError, KeyError, AssertionError, IndexError, TypeError, AttributeError):
+        return None
+
+
 def _merge(entries: list[tuple[int, int, str]], debug: Binary) -> list[tuple[int, int, str]]:
     known = {e[0] for e in entries}
     extra = [
@@ -389,6 +470,7 @@ class Symbolizer:
         self._queued: set[FileKey] = set()
         self._reader_queue: queue.Queue[FileKey | None] = queue.Queue()
         self._reader: threading.Thread | None = None
+        self._closing = False
         self._lock = threading.RLock()
 
     # --- processes -----------------------------------------------------------------------------------
@@ -458,11 +540,9 @@ class Symbolizer:
         try:
             # Outside the lock: reading a large binary takes seconds, and other processes' frames are
             # named meanwhile.
-            binary = read_binary(path, f"/proc/self/fd/{fd}")
+            binary = cached_binary(path, f"/proc/self/fd/{fd}")
             if self._unwind_tables and binary.error is None:
-                from bpfscope.domains.profile.unwind import table_for
-
-                binary.unwind = table_for(path, binary.build_id, f"/proc/self/fd/{fd}")
+                binary.unwind = _unwind_table(f"/proc/self/fd/{fd}")
         finally:
             os.close(fd)
         with self._lock:
@@ -492,7 +572,7 @@ class Symbolizer:
     def _read_queued(self) -> None:
         while True:
             key = self._reader_queue.get()
-            if key is None:
+            if key is None or self._closing:
                 return
             with contextlib.suppress(KeyError):  # closed meanwhile
                 self._binary(key)
@@ -511,13 +591,7 @@ class Symbolizer:
         if key not in self._binaries:
             binary = read_binary("[vdso]", data=data)
             if self._unwind_tables and binary.error is None:
-                import io
-
-                from elftools.elf.elffile import ELFFile
-
-                from bpfscope.domains.profile.unwind import compile_table
-
-                binary.unwind = compile_table(ELFFile(io.BytesIO(data)))
+                binary.unwind = _unwind_table(data=data)
             self._binaries[key] = binary
         return self._binaries[key]
 
@@ -537,9 +611,15 @@ class Symbolizer:
         return (binary.unwind, vaddr) if vaddr is not None else (None, 0)
 
     def close(self) -> None:
+        """Stop reading binaries; the files held are closed (unless a reader is still busy with one:
+        then the process's exit closes them)."""
+        with self._lock:
+            self._closing = True
         if self._reader is not None:
             self._reader_queue.put(None)
-            self._reader.join(timeout=30)
+            self._reader.join(timeout=1)
+            if self._reader.is_alive():
+                return
         with self._lock:
             for fd, _ in self._open.values():
                 os.close(fd)

@@ -9,6 +9,7 @@ unwinds them at once (unwind.py), while their processes' maps are known, and cou
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ StackKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...]]
 # Samples kept while a binary they need is read (a large one takes seconds: python3.11 about 2 s),
 # about 12 KiB each; beyond this many the oldest are dropped, and counted.
 BACKLOG = 4096
+# A window waits for them at most this long (reading a binary's symbols the first time a machine sees
+# it takes up to seconds); samples still waiting then go to the next window, and at the end are
+# counted as lost.
+BACKLOG_MAX_WAIT_S = 30.0
+BACKLOG_POLL_S = 0.05
 
 
 @dataclass
@@ -84,17 +90,22 @@ class Tracker:
             self._watch_new()
             if self.ring is not None:
                 self._unwind_ring()
+                self._unwind_backlog()
 
     def take_stacks(self) -> Counter[StackKey]:
         """The stacks unwound since the previous call; the backlog is unwound first, waiting for the
         binaries it needs, so that a window holds every sample taken in it."""
-        if self.error is not None:
-            raise self.error
-        with self._lock:
-            self.refresh()
-            self._unwind_backlog(wait=True)
-            out, self.stacks = self.stacks, Counter()
-        return out
+        deadline = time.monotonic() + BACKLOG_MAX_WAIT_S
+        while True:
+            if self.error is not None:
+                raise self.error
+            with self._lock:
+                self.refresh()
+                if not self.backlog or time.monotonic() > deadline:
+                    out, self.stacks = self.stacks, Counter()
+                    return out
+            # Binaries are being read in the background; meanwhile the thread keeps the ring drained.
+            time.sleep(BACKLOG_POLL_S)
 
     def _unwind_ring(self) -> None:
         assert self.ring is not None
@@ -119,17 +130,18 @@ class Tracker:
                     tuple(rec["kernel"][:n_kernel].tolist()) if n_kernel > 0 else (),
                 )
             )
-        self._unwind_backlog(wait=False)
         if len(self.backlog) > BACKLOG:
             self.backlog_dropped += len(self.backlog) - BACKLOG
             del self.backlog[: len(self.backlog) - BACKLOG]
 
-    def _unwind_backlog(self, wait: bool) -> None:
+    def _unwind_backlog(self) -> None:
         waiting = []
         for sample in self.backlog:
             try:
                 result = unwind(
-                    sample.regs, sample.stack, lambda pc, pid=sample.pid: self.symbols.locate(pid, pc, wait)
+                    sample.regs,
+                    sample.stack,
+                    lambda pc, pid=sample.pid: self.symbols.locate(pid, pc, wait=False),
                 )
             except NotReady:
                 waiting.append(sample)
