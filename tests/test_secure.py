@@ -8,6 +8,7 @@ burst of execs with nothing lost, and bad policies (exit 2 with the line, nothin
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import os
 import select
@@ -65,12 +66,19 @@ class SecureRun:
         return losses
 
 
+def _stop_with_parent() -> None:
+    """The tool ends (as on Ctrl-C) if the test process dies: an enforcing tool must not outlive it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+
 def start_secure(args: list[str], timeout: float = 60.0) -> subprocess.Popen[str]:
     """The tool, started and attached (its note seen on stderr). Its records go to a file: a pipe nobody
     reads while the workload runs would fill and hold the tool up."""
     output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read and closed by stop_secure
     tool = subprocess.Popen(
         [sys.executable, "-m", "bpfscope", "secure", "--json", *args],
+        preexec_fn=_stop_with_parent,
         stdout=output,
         stderr=subprocess.PIPE,
         text=True,

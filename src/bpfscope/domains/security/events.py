@@ -46,11 +46,17 @@ COMPACT_ICONS = {"process_exec": "🚀", "process_exit": "💥", "process_tracep
 def rfc3339(wall_ns: int) -> str:
     """Tetragon's timestamps: UTC, nanoseconds."""
     seconds, ns = divmod(wall_ns, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ns:09d}Z"
+    return f"{_utc_second(seconds)}.{ns:09d}Z"
 
 
-def cap_names(mask: int) -> list[str]:
-    return [name for bit, name in enumerate(CAPABILITIES) if mask >> bit & 1]
+@lru_cache(maxsize=64)
+def _utc_second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@lru_cache(maxsize=256)
+def cap_names(mask: int) -> tuple[str, ...]:
+    return tuple(name for bit, name in enumerate(CAPABILITIES) if mask >> bit & 1)
 
 
 def signal_name(number: int) -> str:

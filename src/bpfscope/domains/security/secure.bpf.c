@@ -744,7 +744,9 @@ static __always_inline void read_raw_arg(void *ctx, struct sec_arg_spec *spec, s
 	v->len = 0;
 	v->family = 0;
 	v->port = 0;
-	__builtin_memset(v->str, 0, STR_LEN);
+	/* Strings are compared whole, padding included: zeroed first (integers need none of it). */
+	if (spec->type != ARG_INT && spec->type != ARG_PROC)
+		__builtin_memset(v->str, 0, STR_LEN);
 	if (spec->type == ARG_PROC || spec->type == ARG_BINARY)
 		return;
 	if (size == 0 || size > 8 || bpf_probe_read_kernel(&raw, size, (char *)ctx + spec->offset))
@@ -940,7 +942,6 @@ static __always_inline bool caps_match(struct sec_selector *s, struct sec_creds 
 __noinline int selector_matches(struct sec_hook *h, __u32 index, struct sec_hook_event *e,
 			     struct sec_key_scratch *ks)
 {
-	struct task_struct *task = current_task();
 	struct sec_proc *self = NULL, *parent = NULL;
 	struct sec_selector *s;
 
@@ -951,7 +952,7 @@ __noinline int selector_matches(struct sec_hook *h, __u32 index, struct sec_hook
 		return false;
 	if (!caps_match(s, &e->creds))
 		return false;
-	if (s->nns && !ns_matches(s, task))
+	if (s->nns && !ns_matches(s, current_task()))
 		return false;
 	if (s->bin_op || s->parent_bin_op) {
 		__u32 tgid = e->pid;
@@ -960,6 +961,7 @@ __noinline int selector_matches(struct sec_hook *h, __u32 index, struct sec_hook
 		if (s->bin_op && !binary_matches(self, s->bin_op, s->bin_set, ks))
 			return false;
 		if (s->parent_bin_op) {
+			struct task_struct *task = current_task();
 			__u32 ppid = self ? self->ppid : BPF_CORE_READ(task, real_parent, tgid);
 
 			parent = bpf_map_lookup_elem(&procs, &ppid);
@@ -1007,8 +1009,8 @@ static __always_inline int run_hook(void *ctx, __u32 hook_id)
 
 	if (!h || !e || !ks || !h->nselectors)
 		return 0;
-	if (!bs_task_selected())
-		return 0;
+	/* The task filter (-p, --cgroup, bpfscope itself) is checked once a selector matched: most events
+	 * match none, and the filter costs more than a cheap selector. */
 	e->pid = tgid;
 	e->tid = (__u32)pid_tgid;
 	e->hook = hook_id;
@@ -1018,8 +1020,11 @@ static __always_inline int run_hook(void *ctx, __u32 hook_id)
 	for (int i = 0; i < MAX_ARGS; i++) {
 		if (i >= h->nargs)
 			break;
-		read_raw_arg(ctx, &h->args[i & (MAX_ARGS - 1)], &e->args[i & (MAX_ARGS - 1)]);
-		resolve_arg(&h->args[i & (MAX_ARGS - 1)], &e->args[i & (MAX_ARGS - 1)], &e->creds, ks);
+		struct sec_arg_spec *spec = &h->args[i & (MAX_ARGS - 1)];
+
+		read_raw_arg(ctx, spec, &e->args[i & (MAX_ARGS - 1)]);
+		if (spec->type != ARG_INT && spec->type != ARG_KSTR)
+			resolve_arg(spec, &e->args[i & (MAX_ARGS - 1)], &e->creds, ks);
 	}
 	for (int i = 0; i < MAX_SELECTORS; i++) {
 		struct sec_selector *s = &h->selectors[i];
@@ -1031,6 +1036,8 @@ static __always_inline int run_hook(void *ctx, __u32 hook_id)
 			continue;
 		if (!selector_matches(h, i, e, ks))
 			continue;
+		if (!bs_task_selected())
+			return 0;
 		if (s->signal)
 			sent = bpf_send_signal(s->signal);
 		if (!s->post)

@@ -471,7 +471,8 @@ class SecureView(View):
         counts = ", ".join(f"{n} {kind}" for kind, n in collector.seen.items())
         limited = collector.rate_limited
         extra = f", {limited} hits rate-limited" if limited else ""
-        return f"secure: {counts} events{extra}, {losses.text()}"
+        cached = len(collector.cache)
+        return f"secure: {counts} events{extra}, {cached} processes cached, {losses.text()}"
 
 
 EXAMPLES = """
