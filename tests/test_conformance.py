@@ -54,6 +54,7 @@ JSON_RUNS: dict[str, list[list[str]]] = {
     "doctor": [[]],
     "check": [["--duration", "2"]],
     "profile": [["--duration", "2"], ["--frequency", "99", "1", "2"]],
+    "offcputime": [["--duration", "2"], ["--unwind", "fp", "1", "2"]],
 }
 # Tools whose runs end by themselves (no interval or Ctrl-C to wait for).
 ONE_SHOT = {"fincore", "doctor"}
@@ -78,6 +79,7 @@ MUST_REPORT = {
     "doctor",
     "check",
     "profile",
+    "offcputime",
 }
 
 WORKLOAD = textwrap.dedent(

@@ -6,9 +6,11 @@ bad input."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -110,6 +112,80 @@ fn main() {
 }
 """
 FUNCTIONS = ("hot_a", "hot_b", "hot_c")
+
+# Off-CPU: a thread that blocks in three known ways, and times each call: its blocked time is the
+# monotonic clock's less the thread's CPU clock (the truth; a 1 MiB direct read is on the CPU for 6% of
+# its time here): nanosleep for 20 ms, a read on a pipe answered 15 ms later by another thread, and
+# 1 MiB O_DIRECT reads from a file on the disk (argv[2]).
+OFFCPU_C = r"""#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+static int request[2], reply[2], disk;
+static long file_bytes;
+static long clock_ns(clockid_t clock) {
+	struct timespec t;
+	clock_gettime(clock, &t);
+	return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+static long now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
+/* Wall-clock time less CPU time: the time the thread was off the CPU. */
+static long off_cpu_ns(void) { return now_ns() - clock_ns(CLOCK_THREAD_CPUTIME_ID); }
+/* The other end of the pipe: answers each request 15 ms later. */
+static void *writer(void *arg) {
+	char c;
+	struct timespec wait = {0, 15000000};
+	while (read(request[0], &c, 1) == 1) {
+		nanosleep(&wait, NULL);
+		if (write(reply[1], &c, 1) != 1) break;
+	}
+	return arg;
+}
+__attribute__((noinline)) long sleep_a(void) {
+	struct timespec wait = {0, 20000000};
+	long t = off_cpu_ns();
+	nanosleep(&wait, NULL);
+	return off_cpu_ns() - t;
+}
+__attribute__((noinline)) long pipe_b(void) {
+	char c = 'x';
+	if (write(request[1], &c, 1) != 1) exit(1);
+	long t = off_cpu_ns();
+	if (read(reply[0], &c, 1) != 1) exit(1);
+	return off_cpu_ns() - t;
+}
+__attribute__((noinline)) long disk_c(void *buf) {
+	off_t at = (random() % (file_bytes / (1 << 20))) << 20;
+	long t = off_cpu_ns();
+	if (pread(disk, buf, 1 << 20, at) != 1 << 20) exit(1);
+	return off_cpu_ns() - t;
+}
+int main(int argc, char **argv) {
+	double seconds = atof(argv[1]);
+	long spent[3] = {0, 0, 0}, start;
+	void *buf;
+	pthread_t thread;
+	disk = open(argv[2], O_RDONLY | O_DIRECT);
+	file_bytes = lseek(disk, 0, SEEK_END);
+	if (disk < 0 || pipe(request) || pipe(reply) || posix_memalign(&buf, 4096, 1 << 20)) return 1;
+	pthread_create(&thread, NULL, writer, NULL);
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("ready\n");
+	if (!fgets((char *)buf, 64, stdin)) return 1; /* "go": the profiler has attached */
+	start = now_ns();
+	while (now_ns() - start < seconds * 1e9) {
+		spent[0] += sleep_a();
+		spent[1] += pipe_b();
+		for (int i = 0; i < 4; i++) spent[2] += disk_c(buf);
+	}
+	printf("sleep_a %ld\npipe_b %ld\ndisk_c %ld\n", spent[0], spent[1], spent[2]);
+	return 0;
+}
+"""
+BLOCKERS = ("sleep_a", "pipe_b", "disk_c")
 # Enough samples for shares within 3 points: at 997 Hz a busy thread gives about 6000 in 6 s, and
 # still 1500 on a machine so loaded that it gets a quarter of a CPU: a standard error of 1.3 points
 # for a 60% share.
@@ -400,3 +476,47 @@ def test_sigint_writes_the_profile(shares_fp: Path, tmp_path: Path) -> None:
         work.stop()
     assert proc.returncode == 0, err
     assert "hot_a" in out.read_text()
+
+
+def test_offcpu_blocked_time_per_stack_matches_the_truth(build_dir: Path) -> None:
+    source = build_dir / "offcpu.c"
+    source.write_text(OFFCPU_C)
+    binary = build_dir / "offcpu"
+    subprocess.run(["gcc", "-O2", "-g", "-pthread", "-o", str(binary), str(source)], check=True)
+    with tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="bpfscope-offcpu-") as data:
+        data.write(os.urandom(64 << 20))
+        data.flush()
+        work = subprocess.Popen(
+            [str(binary), "4", data.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert work.stdin is not None and work.stdout is not None
+        assert work.stdout.readline().strip() == "ready"
+        tracer = subprocess.Popen(
+            [sys.executable, "-m", "bpfscope", "offcputime", "-p", str(work.pid), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert tracer.stderr is not None and tracer.stderr.readline().startswith("Tracing")
+            work.stdin.write("go\n")
+            work.stdin.flush()
+            out, _ = work.communicate(timeout=120)
+            tracer.send_signal(signal.SIGINT)
+            records, err = tracer.communicate(timeout=120)
+        finally:
+            for proc in (work, tracer):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    assert tracer.returncode == 0, err
+    truth = {name: int(ns) for name, ns in (line.split() for line in out.splitlines())}
+    profile = profile_records(records)
+    blocked: Counter[str] = Counter()
+    for (_, frames), ns in profile.weights.items():
+        for name in {f.function for f in frames} & set(BLOCKERS):
+            blocked[name] += ns
+    for name in BLOCKERS:
+        assert abs(blocked[name] - truth[name]) <= 0.05 * truth[name], (name, blocked, truth)
+    kernel = {f.function for _, frames in profile.samples for f in frames if f.kind == "kernel"}
+    assert {"do_nanosleep", "anon_pipe_read", "__iomap_dio_rw"} <= kernel, sorted(kernel)

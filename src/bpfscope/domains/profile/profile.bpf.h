@@ -74,4 +74,96 @@ static __always_inline struct stack_key *bs_capture_stacks(void *ctx)
 	return key;
 }
 
+/* DWARF mode (--unwind dwarf): the user stack is not walked here. The user registers and a copy of the
+ * top of the user stack go to user space, which unwinds them with the binaries' .eh_frame. The copy is
+ * the page holding sp and the 2 above it, 8-12 KiB (perf's default is 8 KiB). */
+#define PAGE_BYTES 4096
+#define STACK_COPY_PAGES 3
+
+const volatile bool copy_user_stack = false;
+
+struct user_sample {
+	__u32 tgid;
+	__u32 tid;
+	__u64 cgroup;
+	char comm[16];
+	__u64 weight_ns; /* off-CPU: the time blocked; 0 for a sample (weighed by the period) */
+	__s32 kernel_frames;
+	__u32 stack_bytes; /* bytes of stack[] copied, from stack_base up */
+	__u64 ip;
+	__u64 sp;
+	__u64 bp;
+	__u64 stack_base; /* sp rounded down to its page */
+	__u64 kernel[BS_MAX_FRAMES];
+	__u8 stack[STACK_COPY_PAGES * PAGE_BYTES];
+};
+
+BS_RINGBUF_VAR(user_samples, 8 << 20, struct user_sample);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct user_sample);
+} scratch_sample SEC(".maps");
+
+/* This CPU's sample being built, with the current task's identity (NULL only if the map is absent). */
+static __always_inline struct user_sample *bs_user_sample(void)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct user_sample *s;
+	__u32 zero = 0;
+
+	s = bpf_map_lookup_elem(&scratch_sample, &zero);
+	if (!s)
+		return NULL;
+	s->tgid = pid_tgid >> 32;
+	s->tid = (__u32)pid_tgid;
+	s->cgroup = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(s->comm, sizeof(s->comm));
+	return s;
+}
+
+/* The current task's user registers and stack into `s`, and `s` to the ring. */
+static __always_inline void bs_send_user_stack(struct user_sample *s)
+{
+	struct pt_regs *regs;
+	__u32 pages;
+
+	/* The registers saved at the task's entry into the kernel: the interrupted ones when a sample hit
+	 * user mode, the system call's otherwise. */
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	s->ip = regs->ip;
+	s->sp = regs->sp;
+	s->bp = regs->bp;
+	/* Whole pages from the one holding sp, so that a stack shorter than the copy (its top is
+	 * page-aligned) is copied up to its end instead of failing at once, and every read has a constant
+	 * size. */
+	s->stack_base = s->sp & ~(__u64)(PAGE_BYTES - 1);
+	for (pages = 0; pages < STACK_COPY_PAGES; pages++) {
+		if (bpf_probe_read_user(&s->stack[pages * PAGE_BYTES], PAGE_BYTES,
+					(void *)(s->stack_base + pages * PAGE_BYTES)))
+			break;
+	}
+	s->stack_bytes = pages * PAGE_BYTES;
+	if (s->stack_bytes > sizeof(s->stack))
+		return; /* never: tells the verifier the size below is in bounds */
+	bs_output(&user_samples, s, offsetof(struct user_sample, stack) + s->stack_bytes);
+}
+
+/* Processes seen, for user space to read their memory maps while they live. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u32);
+	__type(value, __u8);
+} seen_tgids SEC(".maps");
+
+static __always_inline void bs_seen(__u32 tgid)
+{
+	__u8 yes = 1;
+
+	bpf_map_update_elem(&seen_tgids, &tgid, &yes, BPF_ANY);
+}
+
 #endif

@@ -48,6 +48,7 @@ class CopiedStack:
     regs: Registers
     stack: StackCopy
     kernel: tuple[int, ...]
+    weight_ns: int
 
 
 # How often new processes are looked for (seconds): reading the small map costs about 50 us.
@@ -59,10 +60,12 @@ class Tracker:
         self.obj = obj
         self.symbols = symbols
         self.ring = ring
-        self.stacks: Counter[StackKey] = Counter()  # unwound here, since the last take_stacks()
+        # Unwound here since the last take_stacks(): [samples, nanoseconds the records carried].
+        self.stacks: dict[StackKey, list[int]] = {}
         self.unwinds: Counter[str] = Counter()  # how each unwind ended (root, truncated, lost)
         self.backlog: list[CopiedStack] = []
         self.backlog_dropped = 0
+        self.gave_up = 0  # stacks still waiting when the last window was cut
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bpfscope-tracker", daemon=True)
         self._lock = threading.RLock()
@@ -92,7 +95,7 @@ class Tracker:
                 self._unwind_ring()
                 self._unwind_backlog()
 
-    def take_stacks(self) -> Counter[StackKey]:
+    def take_stacks(self) -> dict[StackKey, list[int]]:
         """The stacks unwound since the previous call; the backlog is unwound first, waiting for the
         binaries it needs, so that a window holds every sample taken in it."""
         deadline = time.monotonic() + BACKLOG_MAX_WAIT_S
@@ -102,7 +105,9 @@ class Tracker:
             with self._lock:
                 self.refresh()
                 if not self.backlog or time.monotonic() > deadline:
-                    out, self.stacks = self.stacks, Counter()
+                    # Left for the next window; if this was the last, they are lost.
+                    self.gave_up = len(self.backlog)
+                    out, self.stacks = self.stacks, {}
                     return out
             # Binaries are being read in the background; meanwhile the thread keeps the ring drained.
             time.sleep(BACKLOG_POLL_S)
@@ -128,6 +133,7 @@ class Tracker:
                     Registers(int(rec["ip"]), int(rec["sp"]), int(rec["bp"])),
                     StackCopy(int(rec["stack_base"]), copy[: int(rec["stack_bytes"])].tobytes()),
                     tuple(rec["kernel"][:n_kernel].tolist()) if n_kernel > 0 else (),
+                    int(rec["weight_ns"]),
                 )
             )
         if len(self.backlog) > BACKLOG:
@@ -148,7 +154,9 @@ class Tracker:
                 continue
             self.unwinds[result.status] += 1
             key = (sample.pid, sample.tid, sample.comm, sample.cgroup, tuple(result.addresses), sample.kernel)
-            self.stacks[key] += 1
+            counted = self.stacks.setdefault(key, [0, 0])
+            counted[0] += 1
+            counted[1] += sample.weight_ns
         self.backlog = waiting
 
     def _watch(self, pid: int) -> None:
