@@ -172,10 +172,9 @@ class FiletopCollector(BpfCollector[FiletopConfig]):
     def rodata(self) -> dict[str, Any]:
         return {**super().rodata(), "all_files": self.config.all_files}
 
-    def attach(self) -> None:
+    def configure(self) -> None:
         assert self.obj is not None
         present_tracepoints_only(self.obj)
-        super().attach()
 
     def start(self) -> None:
         self._snapshot()  # the first read builds the maps' numpy layouts: not inside the interval

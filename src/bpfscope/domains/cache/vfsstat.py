@@ -145,10 +145,9 @@ class VfsCollector(BpfCollector[VfsConfig]):
         """Seconds since start()."""
         return time.monotonic() - self._start
 
-    def attach(self) -> None:
+    def configure(self) -> None:
         assert self.obj is not None
         present_tracepoints_only(self.obj)
-        super().attach()
 
     def start(self) -> None:
         self._read()  # the first read builds the maps' numpy layouts: not inside the interval
