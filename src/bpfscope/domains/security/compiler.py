@@ -214,8 +214,12 @@ def _hook_value(compiled: Compiled, kernel_hook: KernelHook, v: dict[str, int]) 
         }
         for a in kernel_hook.args
     ]
+    # Each policy decides for itself (the kernel keeps a bit per policy: 64 of them).
+    policies = {name: i for i, name in enumerate(dict.fromkeys(r.policy for r in compiled.rules))}
     selectors = [
-        _selector_value(compiled, kernel_hook, s, rule, arg_map, v)
+        _selector_value(
+            policies[compiled.rules[rule].policy] % 64, compiled, kernel_hook, s, rule, arg_map, v
+        )
         for s, rule, arg_map in kernel_hook.selectors
     ]
     needs_creds = any(a.type == "process" for a in kernel_hook.args) or any(
@@ -237,6 +241,7 @@ def _binaries(compiled: Compiled, match: Any, v: dict[str, int]) -> tuple[int, i
 
 
 def _selector_value(
+    policy_index: int,
     compiled: Compiled,
     kernel_hook: KernelHook,
     s: Selector,
@@ -291,6 +296,7 @@ def _selector_value(
         "cap_op": v["MATCH_EQUAL" if s.cap_operator == "In" else "MATCH_NOT_EQUAL"] if s.cap_operator else 0,
         "caps": caps,
         "nns": len(s.namespaces),
+        "policy": policy_index,
         "ns": [
             {
                 "ns": v[NS_NAMES[n.namespace]],

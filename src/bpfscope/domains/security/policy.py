@@ -25,8 +25,8 @@ A policy hooks tracepoints by name and filters their events with selectors::
           matchActions:
           - action: Post
 
-Selectors are ORed (the first that matches decides), their filters ANDed, the values of one filter ORed,
-as in Tetragon. Everything is checked before anything is loaded: a mistake is a :class:`PolicyError`
+Selectors are ORed (a policy's first selector that matches decides for that policy; every policy on a
+tracepoint decides for itself), their filters ANDed, the values of one filter ORed, as in Tetragon. Everything is checked before anything is loaded: a mistake is a :class:`PolicyError`
 naming the file, the line and the reason, and nothing running changes.
 """
 

@@ -8,7 +8,8 @@
  *
  * Policies become `hooks` (one per tracepoint; the attach cookie names it), each with up to
  * MAX_SELECTORS selectors. A selector matches when every one of its filters does (arguments, binaries,
- * parent binaries, namespaces, pids, capabilities); the first selector that matches decides: Post sends
+ * parent binaries, namespaces, pids, capabilities); a policy's first selector that matches decides for
+ * that policy (each policy on the tracepoint decides for itself): Post sends
  * the event (at most once per rate-limit window and process), NoPost stays silent, Sigkill and Signal
  * send a signal to the process with bpf_send_signal. Strings are matched through maps keyed by
  * (set, string): a hash for Equal/In, longest-prefix tries for Prefix and, on the reversed string,
@@ -204,7 +205,8 @@ struct sec_selector {
 	__u8 post;   /* send the event (0: NoPost) */
 	__u8 nargs, bin_op, parent_bin_op, pid_op;
 	__u8 npids, pid_follow_forks, cap_kind, cap_op;
-	__u8 nns, pad[3];
+	__u8 nns, policy; /* which policy (of at most 64): each decides for itself */
+	__u8 pad[2];
 	__u32 rate_limit_ms;
 	__u32 rule; /* which policy rule this selector came from: reported with the event */
 	__u32 bin_set, parent_bin_set;
@@ -1006,6 +1008,8 @@ static __always_inline int run_hook(void *ctx, __u32 hook_id)
 	struct task_struct *task = current_task();
 	struct sec_proc *self;
 	__u32 tgid = pid_tgid >> 32;
+	__u64 decided = 0;
+	bool selected = false;
 
 	if (!h || !e || !ks || !h->nselectors)
 		return 0;
@@ -1028,23 +1032,30 @@ static __always_inline int run_hook(void *ctx, __u32 hook_id)
 	}
 	for (int i = 0; i < MAX_SELECTORS; i++) {
 		struct sec_selector *s = &h->selectors[i];
+		__u64 policy_bit;
 		long sent = 0;
 
 		if (i >= h->nselectors)
 			break;
-		if (!s->used || s->action == ACTION_BLOCK)
+		policy_bit = 1ULL << (s->policy & 63);
+		if (!s->used || s->action == ACTION_BLOCK || (decided & policy_bit))
 			continue;
 		if (!selector_matches(h, i, e, ks))
 			continue;
-		if (!bs_task_selected())
-			return 0;
+		/* The first selector of a policy that matches decides for that policy; the others go on. */
+		decided |= policy_bit;
+		if (!selected) {
+			if (!bs_task_selected())
+				return 0;
+			selected = true;
+		}
 		if (s->signal)
 			sent = bpf_send_signal(s->signal);
 		if (!s->post)
-			return 0;
+			continue;
 		e->ktime = bpf_ktime_get_boot_ns();
 		if (s->rate_limit_ms && rate_limited_now(e, i, s->rate_limit_ms))
-			return 0;
+			continue;
 		if (!h->needs_creds)
 			read_creds(task, &e->creds);
 		e->cgroup_id = bpf_get_current_cgroup_id();
@@ -1055,7 +1066,6 @@ static __always_inline int run_hook(void *ctx, __u32 hook_id)
 		e->signal = s->signal;
 		e->action_result = sent;
 		bs_output(&hits, e, sizeof(*e));
-		return 0;
 	}
 	return 0;
 }
