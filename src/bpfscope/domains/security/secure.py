@@ -13,6 +13,7 @@ before its first instruction).
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,27 @@ BLOCK_PROGRAMS = {
     "block_sendmsg4": "sendmsg4",
     "block_sendmsg6": "sendmsg6",
 }
+# Process.creds and Process.caps, in their order (processes.py).
+CREDS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid", "loginuid", "securebits")
+CAPS = ("cap_effective", "cap_permitted", "cap_inheritable")
+# The lifecycle record's fields, read per batch as lists (secure.bpf.c's struct sec_proc_event).
+LIFECYCLE_COLUMNS = (
+    "kind",
+    "flags",
+    "pid",
+    "tid",
+    "ppid",
+    "ktime",
+    "exec_ktime",
+    "parent_exec_ktime",
+    "exit_code",
+    "args_size",
+    "cgroup_id",
+    "creds",
+    "ns",
+    "binary",
+    "cwd",
+)
 ENUMS = ("sec_match_op", "sec_arg_type", "sec_proc_attr", "sec_ns_kind", "sec_cap_kind", "sec_action")
 
 
@@ -151,6 +173,10 @@ class SecureCollector(BpfCollector[SecureConfig]):
         )
         flags = dict(self.btf().enum("sec_proc_flag"))
         self.selected_flag, self.truncated_flag = flags["PROC_SELECTED"], flags["PROC_ARGS_TRUNCATED"]
+        # A record's creds come as a tuple in the C struct's order: Process wants them in its own.
+        creds = [f.name for f in self.btf().pointee("bs_record__lifecycle").field("creds").type.fields]
+        self.pick_creds = operator.itemgetter(*(creds.index(name) for name in CREDS))
+        self.pick_caps = operator.itemgetter(*(creds.index(name) for name in CAPS))
         actions = {v: k for k, v in self.btf().enum("sec_action")}
         self.action_names = {v: compiler_action_word(k) for v, k in actions.items()}
 
@@ -204,7 +230,8 @@ class SecureCollector(BpfCollector[SecureConfig]):
 
     def _lifecycle(self, batch: np.ndarray, hits: np.ndarray) -> list[SecurityEvent]:
         """The lifecycle records in order, each hit taken where it happened among them (a hit after its
-        process's exit in the same drain must still find the process)."""
+        process's exit in the same drain must still find the process). Columns become Python lists once
+        per batch: a field read from a numpy record costs far more than an item of a list."""
         out: list[SecurityEvent] = []
         hit_times = hits["ktime"].tolist() if len(hits) else []
         order = sorted(range(len(hit_times)), key=hit_times.__getitem__)
@@ -214,79 +241,70 @@ class SecureCollector(BpfCollector[SecureConfig]):
         raw = batch.tobytes()
         stride = batch.dtype.itemsize
         args_offset = batch.dtype.fields["args"][1]
-        for i, record in enumerate(batch):
-            ktime = int(record["ktime"])
+        columns = {name: batch[name].tolist() for name in LIFECYCLE_COLUMNS}
+        for i, (kind, ktime, pid, ppid, flags) in enumerate(
+            zip(
+                columns["kind"],
+                columns["ktime"],
+                columns["pid"],
+                columns["ppid"],
+                columns["flags"],
+                strict=True,
+            )
+        ):
             while next_hit < len(order) and hit_times[order[next_hit]] <= ktime:
                 out.append(self._hit(hits[order[next_hit]]))
                 next_hit += 1
-            kind = int(record["kind"])
-            pid, ppid = int(record["pid"]), int(record["ppid"])
             if kind == self.clone_kind:
-                cache.clone(pid, ppid, int(record["exec_ktime"]), int(record["parent_exec_ktime"]))
+                cache.clone(pid, ppid, columns["exec_ktime"][i], columns["parent_exec_ktime"][i])
                 continue
-            selected = bool(record["flags"] & self.selected_flag)
+            selected = bool(flags & self.selected_flag)
             if kind == self.exec_kind:
                 start = i * stride + args_offset
-                size = int(record["args_size"])
-                argv = raw[start : start + size].split(b"\0")
+                argv = raw[start : start + columns["args_size"][i]].split(b"\0")
                 if argv and argv[-1] == b"":
                     argv.pop()
-                process = self._exec_process(record, tuple(a.decode(errors="replace") for a in argv))
+                process = self._exec_process(columns, i, tuple(a.decode(errors="replace") for a in argv))
                 cache.add(process)
                 if emit and selected:
                     self.seen["exec"] += 1
-                    out.append(SecurityEvent("process_exec", self._wall(int(record["ktime"])), process))
+                    out.append(SecurityEvent("process_exec", self._wall(ktime), process))
             elif kind == self.exit_kind:
                 process = cache.exit(pid)
                 if process is None:
                     continue
-                status = int(record["exit_code"])
+                status = columns["exit_code"][i]
                 if emit and selected:
                     self.seen["exit"] += 1
                     fields = {
                         "signal": signal_name(status & 0x7F) if status & 0x7F else "",
                         "status": status >> 8 & 0xFF,
                     }
-                    out.append(
-                        SecurityEvent("process_exit", self._wall(int(record["ktime"])), process, fields)
-                    )
+                    out.append(SecurityEvent("process_exit", self._wall(ktime), process, fields))
         out.extend(self._hit(hits[j]) for j in order[next_hit:])
         return out
 
-    def _exec_process(self, r: Any, arguments: tuple[str, ...]) -> Process:
-        c = r["creds"]
-        cwd = _text(r["cwd"])
+    def _exec_process(self, columns: dict[str, list[Any]], i: int, arguments: tuple[str, ...]) -> Process:
+        creds = columns["creds"][i]
+        cwd = columns["cwd"][i].decode(errors="replace")
         flags = "execve" + (" rootcwd" if cwd == "/" else "")
-        if r["flags"] & self.truncated_flag:
+        if columns["flags"][i] & self.truncated_flag:
             flags += " truncArgs"
-        parent = self.cache.parent_of(int(r["ppid"]), int(r["parent_exec_ktime"]))
+        ppid = columns["ppid"][i]
         return Process(
-            int(r["pid"]),
-            int(r["exec_ktime"]),
-            intern(_text(r["binary"])),
+            columns["pid"][i],
+            columns["exec_ktime"][i],
+            intern(columns["binary"][i].decode(errors="replace")),
             arguments,
             intern(cwd),
-            intern(
-                (
-                    int(c["uid"]),
-                    int(c["euid"]),
-                    int(c["suid"]),
-                    int(c["fsuid"]),
-                    int(c["gid"]),
-                    int(c["egid"]),
-                    int(c["sgid"]),
-                    int(c["fsgid"]),
-                    int(c["loginuid"]),
-                    int(c["securebits"]),
-                )
-            ),
-            intern((int(c["cap_effective"]), int(c["cap_permitted"]), int(c["cap_inheritable"]))),
-            intern(tuple(int(x) for x in r["ns"])),
-            int(r["cgroup_id"]),
+            intern(self.pick_creds(creds)),
+            intern(self.pick_caps(creds)),
+            intern(tuple(columns["ns"][i])),
+            columns["cgroup_id"][i],
             flags,
-            parent,
-            int(r["ppid"]),
-            int(r["tid"]),
+            self.cache.parent_of(ppid, columns["parent_exec_ktime"][i]),
+            ppid,
+            columns["tid"][i],
         )
 
     def _hit(self, r: Any) -> SecurityEvent:
