@@ -27,7 +27,7 @@ packages=(clang libbpf-dev libbpf1 bpftool linux-libc-dev python3 python3-venv p
 if [ "$mode" = test ]; then
     packages+=(bpftrace fio sysstat libcap2-bin procps iproute2 iperf3 nftables nginx haproxy postgresql-15 e2fsprogs)
     # The profilers' tests build C, Rust and Go programs and compare with perf (and py-spy, from PyPI).
-    packages+=(gcc libc6-dev rustc golang-go linux-perf)
+    packages+=(gcc libc6-dev rustc golang-go linux-perf python3.11-dev)
     # bpfscope secure's tests: a real container runtime and a locally built image (debootstrap), the
     # red-team suite's tools (setpriv from util-linux, passwd, dpkg-deb).
     packages+=(podman runc debootstrap passwd)

@@ -186,6 +186,56 @@ int main(int argc, char **argv) {
 }
 """
 BLOCKERS = ("sleep_a", "pipe_b", "disk_c")
+
+# The same shares in Python: three functions calling one loop 6, 3 and 1 times as long; the program
+# times each call with its thread's CPU clock (the truth).
+SHARES_PY = """import sys, time
+def work(n):
+    x = 0
+    for i in range(n):
+        x = (x * 31 + i) % 1000003
+    return x
+def py_a(): return work(60000)
+def py_b(): return work(30000)
+def py_c(): return work(10000)
+seconds = float(sys.argv[1])
+spent = dict.fromkeys(("py_a", "py_b", "py_c"), 0.0)
+print("ready", flush=True)
+start = time.thread_time()
+while time.thread_time() - start < seconds:
+    for name, f in (("py_a", py_a), ("py_b", py_b), ("py_c", py_c)):
+        t = time.thread_time(); f(); spent[name] += time.thread_time() - t
+total = time.thread_time() - start
+for name, s in spent.items(): print(name, int(s * 1e9))
+print("total", int(total * 1e9))
+"""
+PY_FUNCTIONS = ("py_a", "py_b", "py_c")
+
+# CPython 3.11's struct offsets bpfscope uses (python.py), compiled against the installed headers.
+PY_OFFSETS_C = r"""
+#define Py_BUILD_CORE 1
+#include <Python.h>
+#include <stddef.h>
+#include <stdio.h>
+#include "internal/pycore_runtime.h"
+#include "internal/pycore_frame.h"
+int main(void) {
+	printf("runtime_tstate_current %zu\n", offsetof(_PyRuntimeState, gilstate.tstate_current));
+	printf("tstate_native_thread_id %zu\n", offsetof(PyThreadState, native_thread_id));
+	printf("tstate_cframe %zu\n", offsetof(PyThreadState, cframe));
+	printf("cframe_current_frame %zu\n", offsetof(_PyCFrame, current_frame));
+	printf("frame_code %zu\n", offsetof(_PyInterpreterFrame, f_code));
+	printf("frame_previous %zu\n", offsetof(_PyInterpreterFrame, previous));
+	printf("frame_is_entry %zu\n", offsetof(_PyInterpreterFrame, is_entry));
+	printf("code_qualname %zu\n", offsetof(PyCodeObject, co_qualname));
+	printf("code_filename %zu\n", offsetof(PyCodeObject, co_filename));
+	printf("unicode_length %zu\n", offsetof(PyASCIIObject, length));
+	printf("unicode_state %zu\n", offsetof(PyASCIIObject, state));
+	printf("ascii_data %zu\n", sizeof(PyASCIIObject));
+	printf("compact_data %zu\n", sizeof(PyCompactUnicodeObject));
+	return 0;
+}
+"""
 # Enough samples for shares within 3 points: at 997 Hz a busy thread gives about 6000 in 6 s, and
 # still 1500 on a machine so loaded that it gets a quarter of a CPU: a standard error of 1.3 points
 # for a 60% share.
@@ -520,3 +570,94 @@ def test_offcpu_blocked_time_per_stack_matches_the_truth(build_dir: Path) -> Non
         assert abs(blocked[name] - truth[name]) <= 0.05 * truth[name], (name, blocked, truth)
     kernel = {f.function for _, frames in profile.samples for f in frames if f.kind == "kernel"}
     assert {"do_nanosleep", "anon_pipe_read", "__iomap_dio_rw"} <= kernel, sorted(kernel)
+
+
+def test_python_offsets_are_cpython_311s(build_dir: Path) -> None:
+    from bpfscope.domains.profile.python import OFFSETS
+
+    source = build_dir / "offsets.c"
+    source.write_text(PY_OFFSETS_C)
+    binary = build_dir / "offsets"
+    subprocess.run(["gcc", "-I/usr/include/python3.11", "-o", str(binary), str(source)], check=True)
+    out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
+    truth = {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+    assert vars(OFFSETS[(3, 11)]) == truth
+
+
+def test_python_shares_match_the_truth_and_py_spy(build_dir: Path, tmp_path: Path) -> None:
+    """Mixed stacks of a CPython 3.11 program: Python functions within 3 points of its own CPU clocks and
+    of py-spy's on the same run, and a Python frame in 99% of its samples."""
+    script = build_dir / "py_shares.py"
+    script.write_text(SHARES_PY)
+    work = subprocess.Popen(
+        ["/usr/bin/python3.11", str(script), str(2 * PROFILE_S)], stdout=subprocess.PIPE, text=True
+    )
+    assert work.stdout is not None and work.stdout.readline().strip() == "ready"
+    raw = tmp_path / "py-spy.txt"
+    py_spy = Path(sys.executable).with_name("py-spy")
+    peer = subprocess.Popen(
+        [str(py_spy), "record", "--pid", str(work.pid), "--rate", "199", "--duration", str(int(PROFILE_S)),
+         "--format", "raw", "--output", str(raw), "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        result = bpfscope(
+            "profile", "-p", str(work.pid), "--frequency", "199", "--duration", str(PROFILE_S), "--json"
+        )
+        assert peer.wait(timeout=60) == 0
+        out, _ = work.communicate(timeout=120)
+    finally:
+        for proc in (work, peer):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert result.returncode == 0, result.stderr
+    ns = {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+    profile = profile_records(result.stdout)
+    # Shares among the three functions: on a loaded machine the interpreter's time between them (the
+    # loop, the clock reads) varies by a few percent, in the truth and the samples alike.
+    truth = among({name: float(ns[name]) for name in PY_FUNCTIONS})
+    ours = among(profile.shares(work.pid))
+    theirs = among(py_spy_shares(raw.read_text()))
+    samples = sum(n for (thread, _), n in profile.samples.items() if thread.pid == work.pid)
+    with_python = sum(
+        n
+        for (thread, frames), n in profile.samples.items()
+        if thread.pid == work.pid and any(f.kind == "python" for f in frames)
+    )
+    assert samples > 400 and with_python >= 0.99 * samples, (samples, with_python)
+    for name in PY_FUNCTIONS:
+        assert abs(ours[name] - truth[name]) <= 3, (
+            name,
+            {n: ours[n] for n in PY_FUNCTIONS},
+            truth,
+            theirs,
+            ns,
+        )
+        assert abs(ours[name] - theirs[name]) <= 3, (name, ours, theirs)
+    python_frames = {
+        (f.function, f.module) for _, frames in profile.samples for f in frames if f.kind == "python"
+    }
+    assert ("py_a", str(script)) in python_frames and ("<module>", str(script)) in python_frames
+
+
+def among(shares: dict[str, float]) -> dict[str, float]:
+    """The percent of each of PY_FUNCTIONS of their sum."""
+    whole = sum(shares.get(name, 0.0) for name in PY_FUNCTIONS)
+    return {name: 100.0 * shares.get(name, 0.0) / whole for name in PY_FUNCTIONS}
+
+
+def py_spy_shares(raw: str) -> dict[str, float]:
+    """Percent of py-spy's samples with each function on the stack, from its raw (folded) output:
+    ``frame (file:line);... count``."""
+    total = 0
+    on_stack: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        total += int(count)
+        for name in {frame.split(" (", 1)[0] for frame in stack.split(";")}:
+            on_stack[name] += int(count)
+    return {name: 100.0 * on_stack[name] / total for name in PY_FUNCTIONS}

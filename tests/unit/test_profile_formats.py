@@ -232,3 +232,15 @@ def test_fuzz_corrupt_unwind_tables_are_none_or_rules(offset: int, junk: bytes, 
     if table is not None:
         rule = table.rule(pc)
         assert rule is None or isinstance(rule, Rule)
+
+
+def test_python_frames_take_the_place_of_the_interpreter_loops_that_ran_them() -> None:
+    from bpfscope.domains.profile.python import merge
+
+    native = ["_start", "main", "EVAL", "PyObject_Call", "EVAL", "leaf"]
+    # Innermost first; the first frame each run of the loop ran is its entry frame.
+    python = [("inner_b", False), ("inner_a", True), ("outer_b", False), ("<module>", True)]
+    merged = merge(native, python, lambda f: f == "EVAL")
+    assert merged == ["_start", "main", "<module>", "outer_b", "PyObject_Call", "inner_a", "inner_b", "leaf"]
+    # No interpreter frame unwound: the Python frames go on top.
+    assert merge(["_start"], [("f", True)], lambda f: f == "EVAL") == ["_start", "f"]

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from bpfscope.domains.profile import formats
 from bpfscope.domains.profile.profiles import SCHEMAS, Profile, Thread, unsymbolised_text
+from bpfscope.domains.profile.python import EVAL_LOOP
+from bpfscope.domains.profile.python import merge as merge_python
 from bpfscope.domains.profile.symbols import Frame, Symbolizer
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.collector import BpfCollector, Config, Sample
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from bpfscope.cli.options import Run
+    from bpfscope.domains.profile.tracker import PythonFrames
     from bpfscope.runtime.collector import Collector
     from bpfscope.runtime.session import Session
 
@@ -88,10 +91,20 @@ class StackCounts:
                 yield self.keys[i], (samples - old_samples, ns - old_ns)
 
 
-def symbolise(symbols: Symbolizer, pid: int, user: list[int], kernel: list[int]) -> tuple[Frame, ...]:
-    """Frames root first, the user stack then the kernel's, from addresses leaf first."""
+def symbolise(
+    symbols: Symbolizer,
+    pid: int,
+    user: list[int],
+    kernel: list[int],
+    python: PythonFrames = (),
+) -> tuple[Frame, ...]:
+    """Frames root first, the user stack then the kernel's, from addresses leaf first; the Python
+    frames (innermost first) in place of the interpreter loop's native frames that ran them."""
     # Every address but the first is a return address: the call is the byte before it.
     frames = [symbols.user_frame(pid, a - (i > 0)) for i, a in enumerate(user)][::-1]
+    if python:
+        py_frames = [(Frame(name, file, "python"), entry) for name, file, entry in python]
+        frames = merge_python(frames, py_frames, lambda f: f.function == EVAL_LOOP)
     kernel_frames = [symbols.kernel_frame(a - (i > 0)) for i, a in enumerate(kernel)]
     # A stack taken in a tracepoint starts in the BPF program that took it: not the traced code's.
     while kernel_frames and kernel_frames[0].function.startswith(BPF_MACHINERY):
@@ -143,7 +156,7 @@ class StackCollector(BpfCollector[C]):
         # Not self.ring(): the tracker's thread reads it, not the session.
         ring = self.obj.ring_buffer("user_samples") if self.dwarf else None
         self.tracker = Tracker(self.obj, self.symbols, ring)
-        self.tracker.start()
+        self.tracker.start(self.config.pid)
         self.attach_programs()
         self.before: dict[bytes, Any] = {}
         self.t0 = time.monotonic()
@@ -180,8 +193,11 @@ class StackCollector(BpfCollector[C]):
             thread, user, kernel = counted_stack(key)
             frames = symbolise(self.symbols, thread.pid, user, kernel)
             profile.add(thread, frames, *value, self.tracker.exe(thread.pid))
-        for (pid, tid, comm, cgroup, user, kernel), (samples, weight) in self.tracker.take_stacks().items():
-            frames = symbolise(self.symbols, pid, list(user), list(kernel))
+        for (pid, tid, comm, cgroup, user, kernel, py), (
+            samples,
+            weight,
+        ) in self.tracker.take_stacks().items():
+            frames = symbolise(self.symbols, pid, list(user), list(kernel), py)
             thread = thread_of(pid, tid, comm, cgroup)
             profile.add(thread, frames, samples, self.ring_weight(samples, weight), self.tracker.exe(pid))
         profile.duration_s = now - self.t0

@@ -82,6 +82,27 @@ static __always_inline struct stack_key *bs_capture_stacks(void *ctx)
 
 const volatile bool copy_user_stack = false;
 
+/* CPython: where a process's interpreter keeps its threads and frames (python.py fills one entry per
+ * Python process, from the interpreter version's struct offsets). */
+#define BS_PY_FRAMES 128
+
+struct py_process {
+	__u64 tstate_current; /* address of _PyRuntime's thread state holding the GIL */
+	__u32 tstate_native_thread_id;
+	__u32 tstate_cframe; /* 3.11: PyThreadState.cframe -> _PyCFrame.current_frame */
+	__u32 cframe_current_frame;
+	__u32 frame_code;
+	__u32 frame_previous;
+	__u32 frame_is_entry;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct py_process);
+} py_processes SEC(".maps");
+
 struct user_sample {
 	__u32 tgid;
 	__u32 tid;
@@ -95,6 +116,11 @@ struct user_sample {
 	__u64 bp;
 	__u64 stack_base; /* sp rounded down to its page */
 	__u64 kernel[BS_MAX_FRAMES];
+	/* Python frames, innermost first: code object addresses, bit 0 set on the first frame a call of
+	 * the interpreter's loop ran (is_entry). py_frames is -1 where the thread does not hold the GIL. */
+	__s32 py_frames;
+	__u32 pad;
+	__u64 py[BS_PY_FRAMES];
 	__u8 stack[STACK_COPY_PAGES * PAGE_BYTES];
 };
 
@@ -124,6 +150,40 @@ static __always_inline struct user_sample *bs_user_sample(void)
 	return s;
 }
 
+/* The Python frames of the current thread, if its process is a Python interpreter and the thread holds
+ * the GIL (a thread running Python code does). */
+static __always_inline void bs_python_stack(struct user_sample *s)
+{
+	struct py_process *py = bpf_map_lookup_elem(&py_processes, &s->tgid);
+	__u64 tstate = 0, cframe = 0, frame = 0, code = 0, tid = 0;
+	__u8 entry = 0;
+	int i;
+
+	s->py_frames = 0;
+	if (!py)
+		return;
+	if (bpf_probe_read_user(&tstate, sizeof(tstate), (void *)py->tstate_current) || !tstate)
+		goto not_holding;
+	bpf_probe_read_user(&tid, sizeof(tid), (void *)(tstate + py->tstate_native_thread_id));
+	if ((__u32)tid != s->tid)
+		goto not_holding;
+	bpf_probe_read_user(&cframe, sizeof(cframe), (void *)(tstate + py->tstate_cframe));
+	if (!cframe || bpf_probe_read_user(&frame, sizeof(frame), (void *)(cframe + py->cframe_current_frame)))
+		return;
+	for (i = 0; i < BS_PY_FRAMES && frame; i++) {
+		if (bpf_probe_read_user(&code, sizeof(code), (void *)(frame + py->frame_code)))
+			break;
+		bpf_probe_read_user(&entry, sizeof(entry), (void *)(frame + py->frame_is_entry));
+		s->py[i & (BS_PY_FRAMES - 1)] = code | (entry ? 1 : 0);
+		s->py_frames = i + 1;
+		if (bpf_probe_read_user(&frame, sizeof(frame), (void *)(frame + py->frame_previous)))
+			break;
+	}
+	return;
+not_holding:
+	s->py_frames = -1;
+}
+
 /* The current task's user registers and stack into `s`, and `s` to the ring. */
 static __always_inline void bs_send_user_stack(struct user_sample *s)
 {
@@ -146,6 +206,7 @@ static __always_inline void bs_send_user_stack(struct user_sample *s)
 			break;
 	}
 	s->stack_bytes = pages * PAGE_BYTES;
+	bs_python_stack(s);
 	if (s->stack_bytes > sizeof(s->stack))
 		return; /* never: tells the verifier the size below is in bounds */
 	bs_output(&user_samples, s, offsetof(struct user_sample, stack) + s->stack_bytes);

@@ -8,6 +8,7 @@ unwinds them at once (unwind.py), while their processes' maps are known, and cou
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bpfscope.domains.profile import python
 from bpfscope.domains.profile.symbols import NotReady
 from bpfscope.domains.profile.unwind import Registers, StackCopy, unwind
 
@@ -25,8 +27,10 @@ if TYPE_CHECKING:
     from bpfscope.engine.bpf import BpfObject
     from bpfscope.engine.ringbuf import RingBuffer
 
-# (tgid, tid, comm, cgroup, user addresses leaf first, kernel addresses leaf first)
-StackKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...]]
+# (tgid, tid, comm, cgroup, user addresses leaf first, kernel addresses leaf first, Python frames
+# innermost first as (qualified name, file, is_entry))
+PythonFrames = tuple[tuple[str, str, bool], ...]
+StackKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...], PythonFrames]
 # Samples kept while a binary they need is read (a large one takes seconds: python3.11 about 2 s),
 # about 12 KiB each; beyond this many the oldest are dropped, and counted.
 BACKLOG = 4096
@@ -49,10 +53,22 @@ class CopiedStack:
     stack: StackCopy
     kernel: tuple[int, ...]
     weight_ns: int
+    python: tuple[int, ...]  # code object addresses, innermost first, bit 0: is_entry
 
 
 # How often new processes are looked for (seconds): reading the small map costs about 50 us.
 PERIOD_S = 0.25
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
 
 
 class Tracker:
@@ -66,6 +82,7 @@ class Tracker:
         self.backlog: list[CopiedStack] = []
         self.backlog_dropped = 0
         self.gave_up = 0  # stacks still waiting when the last window was cut
+        self.python: dict[int, python.PyProcess] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bpfscope-tracker", daemon=True)
         self._lock = threading.RLock()
@@ -73,7 +90,16 @@ class Tracker:
         self._exited: set[int] = set()
         self.error: Exception | None = None
 
-    def start(self) -> None:
+    def start(self, pid: int | None = None) -> None:
+        """Start watching; the process ``pid`` (or every Python interpreter running, with the kernel
+        side's filter deciding which are sampled) is read at once: a process is otherwise read only once
+        it has been sampled, and its first samples would have no Python frames."""
+        if self.ring is not None:
+            for candidate in [pid] if pid else _pids():
+                if candidate == os.getpid():
+                    continue
+                if pid or python.is_interpreter(_exe(candidate)):
+                    self._watch(candidate)
         self._thread.start()
 
     def _run(self) -> None:
@@ -134,6 +160,7 @@ class Tracker:
                     StackCopy(int(rec["stack_base"]), copy[: int(rec["stack_bytes"])].tobytes()),
                     tuple(rec["kernel"][:n_kernel].tolist()) if n_kernel > 0 else (),
                     int(rec["weight_ns"]),
+                    tuple(rec["py"][: int(rec["py_frames"])].tolist()) if int(rec["py_frames"]) > 0 else (),
                 )
             )
         if len(self.backlog) > BACKLOG:
@@ -153,18 +180,38 @@ class Tracker:
                 waiting.append(sample)
                 continue
             self.unwinds[result.status] += 1
-            key = (sample.pid, sample.tid, sample.comm, sample.cgroup, tuple(result.addresses), sample.kernel)
+            key = (
+                sample.pid,
+                sample.tid,
+                sample.comm,
+                sample.cgroup,
+                tuple(result.addresses),
+                sample.kernel,
+                self._python_frames(sample),
+            )
             counted = self.stacks.setdefault(key, [0, 0])
             counted[0] += 1
             counted[1] += sample.weight_ns
         self.backlog = waiting
 
+    def _python_frames(self, sample: CopiedStack) -> PythonFrames:
+        py = self.python.get(sample.pid)
+        if py is None or not sample.python:
+            return ()
+        return tuple((*py.code_name(value & ~1), bool(value & 1)) for value in sample.python)
+
     def _watch(self, pid: int) -> None:
-        if self.symbols.watch(pid):
-            process = self.symbols.process(pid)
-            self._exes[pid] = Path(process.exe).name if process is not None else ""
-        else:
+        if not self.symbols.watch(pid):
             self._exited.add(pid)
+            return
+        process = self.symbols.process(pid)
+        self._exes[pid] = Path(process.exe).name if process is not None else ""
+        if self.ring is not None and process is not None:
+            # A Python interpreter: the kernel side walks its frames from now on.
+            py = python.detect(process)
+            if py is not None:
+                self.python[pid] = py
+                self.obj.maps["py_processes"].update(pid, py.bpf_entry())
 
     def _watch_new(self) -> None:
         seen = self.obj.maps["seen_tgids"]
@@ -186,6 +233,8 @@ class Tracker:
                 if not Path(f"/proc/{pid}").exists():
                     self.symbols.forget(pid)
                     del self._exes[pid]
+                    if self.python.pop(pid, None) is not None:
+                        self.obj.maps["py_processes"].delete(pid)
             self._exited.clear()
 
     def stop(self) -> None:
