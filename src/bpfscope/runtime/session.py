@@ -256,6 +256,9 @@ class Session:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline - _SLACK_S:
                     break
+                if self._all_done():
+                    self.stop_token.set("done")
+                    break
                 wakes = [t for t in (deadline, *self._timers()) if t is not None]
                 timeout = max(0.0, min(wakes) - now) if wakes else -1
                 events = poller.poll(timeout)
@@ -274,10 +277,6 @@ class Session:
                 registered = self._register(poller, registered)
                 if self._count_reached():
                     self.stop_token.set("count")
-                elif all(slot.collector.done() for slot in self.slots if slot.open) and any(
-                    slot.open for slot in self.slots
-                ):
-                    self.stop_token.set("done")
         finally:
             poller.close()
 
@@ -439,6 +438,12 @@ class Session:
         for fd in wanted.keys() - registered.keys():
             poller.register(fd, select.EPOLLIN)
         return wanted
+
+    def _all_done(self) -> bool:
+        """Every open collector has nothing more to give (checked before each wait, so a collector done
+        at once never leaves the loop waiting for nothing)."""
+        opened = [slot for slot in self.slots if slot.open]
+        return bool(opened) and all(slot.collector.done() for slot in opened)
 
     def _count_reached(self) -> bool:
         if not self.count:
