@@ -372,3 +372,34 @@ def test_default_policy_checks_and_prints() -> None:
     assert result.returncode == 0 and result.stderr.startswith("policies OK: 5 policies"), result.stderr
     printed = bpfscope("secure", "--print-default-policy").stdout
     assert "kind: TracingPolicy" in printed and "name: sensitive-files" in printed
+
+
+def test_a_hit_says_when_credentials_changed_since_the_exec(tmp_path: Path) -> None:
+    """uid/euid as the process runs now (a setuid since its exec), beside those it was started with."""
+    marker = tmp_path / "after-setuid"
+    marker.write_text("x")
+    marker.chmod(0o644)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: cilium.io/v1alpha1\nkind: TracingPolicy\nmetadata:\n  name: creds\nspec:\n"
+        "  tracepoints:\n  - subsystem: syscalls\n    event: sys_enter_openat\n"
+        "    args:\n    - name: filename\n"
+        f"    selectors:\n    - matchArgs:\n      - name: filename\n        operator: Equal\n"
+        f"        values: [{marker}]\n"
+    )
+    # Refused (the test's directory is root's), but asked: the hook is at the syscall's entry.
+    code = (
+        "import os, sys\nos.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+        "try:\n    open(sys.argv[1])\nexcept PermissionError:\n    pass\n"
+    )
+    pids: list[int] = []
+
+    def workload() -> None:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(marker)])
+        assert proc.wait(timeout=30) == 0
+        pids.append(proc.pid)
+
+    run = trace(["--no-default-policy", "--policy", str(policy)], workload)
+    (hit,) = run.of("process_tracepoint", pid=pids[0])
+    assert hit["process"]["uid"] == 0
+    assert hit["process_credentials"] == {"uid": 65534, "euid": 65534, "gid": 65534, "egid": 65534}

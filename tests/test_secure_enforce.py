@@ -16,6 +16,7 @@ The policies are scoped to what only these tests do (this test's descendants, ad
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -197,6 +198,13 @@ def py(code: str, *args: str) -> Attempt:
     return attempt(PRELUDE + textwrap.dedent(code), *args)
 
 
+def shut(server: socket.socket) -> None:
+    """Shut down first: the thread blocked in accept() would otherwise keep the port bound."""
+    with contextlib.suppress(OSError):
+        server.shutdown(socket.SHUT_RDWR)
+    server.close()
+
+
 def tcp_server(host: str, family: int = socket.AF_INET) -> tuple[socket.socket, list[str]]:
     """A listener that records every connection it accepts."""
     server = socket.socket(family, socket.SOCK_STREAM)
@@ -308,7 +316,7 @@ def enforced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SecureR
             str(server.getsockname()[1]),
         )
         results["block4"].extra["accepted"] = list(accepted)
-        server.close()
+        shut(server)
 
         server6, accepted6 = tcp_server_on("::1", v6_port)
         results["block6"] = py(
@@ -328,8 +336,8 @@ def enforced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SecureR
             "socket.create_connection(('::1', int(sys.argv[1])), timeout=5); print('connected')",
             str(other.getsockname()[1]),
         )
-        server6.close()
-        other.close()
+        shut(server6)
+        shut(other)
 
         udp, received = udp_server("127.66.0.2")
         results["sendto"] = py(
@@ -345,7 +353,7 @@ def enforced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SecureR
         )
         threading.Event().wait(0.2)
         results["sendto"].extra["received"] = list(received)
-        udp.close()
+        shut(udp)
 
         # Sigkill at connect's entry: the SYN has left, the kernel completes the handshake.
         server, accepted = tcp_server("127.67.0.1")
@@ -361,7 +369,7 @@ def enforced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SecureR
                 break
             threading.Event().wait(0.1)
         results["kill_connect"].extra["accepted"] = list(accepted)
-        server.close()
+        shut(server)
 
         # TOCTOU: the user-memory name is checked; a link spells another name.
         results["shadow_by_name"] = py("open('/etc/shadow').read(); print('read')")

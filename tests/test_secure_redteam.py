@@ -277,6 +277,13 @@ def listener(host: str = "127.0.0.1", port: int = 0, family: int = socket.AF_INE
     return server
 
 
+def close(server: socket.socket) -> None:
+    """Shut down first: the thread blocked in accept() would otherwise keep the port bound."""
+    with contextlib.suppress(OSError):
+        server.shutdown(socket.SHUT_RDWR)
+    server.close()
+
+
 def reverse_shell(tmp: Path) -> Outcome:
     server = listener()
     code = """
@@ -289,7 +296,7 @@ def reverse_shell(tmp: Path) -> Outcome:
     try:
         return Outcome(python(code, str(server.getsockname()[1])), PYTHON_BINARY)
     finally:
-        server.close()
+        close(server)
 
 
 def connect_to_suspicious_port(tmp: Path) -> Outcome:
@@ -301,7 +308,7 @@ def connect_to_suspicious_port(tmp: Path) -> Outcome:
     try:
         return Outcome(python(code), PYTHON_BINARY)
     finally:
-        server.close()
+        close(server)
 
 
 def docker_socket(tmp: Path) -> Outcome:
@@ -314,7 +321,7 @@ def docker_socket(tmp: Path) -> Outcome:
     try:
         return Outcome(python(code, str(path)), PYTHON_BINARY)
     finally:
-        server.close()
+        close(server)
 
 
 # --- the look-alikes --------------------------------------------------------------------------------
@@ -380,7 +387,7 @@ def ordinary_connect(tmp: Path) -> Outcome:
     try:
         return Outcome(python(code, str(server.getsockname()[1])), PYTHON_BINARY)
     finally:
-        server.close()
+        close(server)
 
 
 def shell_from_python(tmp: Path) -> Outcome:

@@ -116,6 +116,7 @@ class Compiled:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     exec_hook: int = -1
     next_set: int = 1
+    hook_values: list[dict[str, Any]] = field(default_factory=list)  # each hook as the kernel's map holds it
 
     def new_set(self, step: int = 1) -> int:
         value = self.next_set
@@ -160,7 +161,7 @@ def compile_policies(policies: list[Policy], enums: dict[str, dict[str, int]]) -
     for index, kernel_hook in enumerate(compiled.hooks):
         if kernel_hook.tracepoint == EXEC_TRACEPOINT:
             compiled.exec_hook = index
-    compiled.hook_values = [_hook_value(compiled, h, values) for h in compiled.hooks]  # type: ignore[attr-defined]
+    compiled.hook_values = [_hook_value(compiled, h, values) for h in compiled.hooks]
     return compiled
 
 

@@ -40,7 +40,6 @@ ACTION_NAMES = {
     "Signal": "KPROBE_ACTION_SIGNAL",
     "Block": "KPROBE_ACTION_BLOCK",
 }
-COMPACT_ICONS = {"process_exec": "🚀", "process_exit": "💥", "process_tracepoint": "🔎"}
 
 
 def rfc3339(wall_ns: int) -> str:
@@ -103,7 +102,7 @@ class Formatter:
         if cached is not None:
             return cached
         out = self._process(p)
-        if len(self._recent) >= 4096:
+        if len(self._recent) >= 1024:
             self._recent.pop(next(iter(self._recent)))
         self._recent[key] = out
         return out
@@ -194,7 +193,7 @@ class SecurityEvent:
             )
         return {self.kind: body, "node_name": formatter.cache.node, "time": rfc3339(self.wall_ns)}
 
-    def compact(self, width_binary: bool = True) -> str:
+    def compact(self) -> str:
         p = self.process
         where = _compact_where(p)
         command = f"{p.binary} {join_arguments(p.arguments)}".rstrip()

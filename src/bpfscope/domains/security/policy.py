@@ -26,8 +26,9 @@ A policy hooks tracepoints by name and filters their events with selectors::
           - action: Post
 
 Selectors are ORed (a policy's first selector that matches decides for that policy; every policy on a
-tracepoint decides for itself), their filters ANDed, the values of one filter ORed, as in Tetragon. Everything is checked before anything is loaded: a mistake is a :class:`PolicyError`
-naming the file, the line and the reason, and nothing running changes.
+tracepoint decides for itself), their filters ANDed, the values of one filter ORed, as in Tetragon.
+Everything is checked before anything is loaded: a mistake is a :class:`PolicyError` naming the file, the
+line and the reason, and nothing running changes.
 """
 
 from __future__ import annotations

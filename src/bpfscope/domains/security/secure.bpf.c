@@ -393,8 +393,6 @@ const volatile __s32 exec_hook = -1;
 __u64 rate_limited = 0;
 /* Processes the kernel cache had no room for. */
 __u64 procs_dropped = 0;
-/* Hook records that could not be read (a fault on user memory is a value of length 0, not this). */
-__u64 hook_errors = 0;
 
 static const struct sec_proc empty_proc = {};
 

@@ -183,7 +183,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
     def _fill_maps(self, compiled: compiler.Compiled) -> None:
         obj = self.obj
         assert obj is not None
-        for index, value in enumerate(compiled.hook_values):  # type: ignore[attr-defined]
+        for index, value in enumerate(compiled.hook_values):
             obj.maps["hooks"].update(index, value)
         for index, value in enumerate(compiled.blocks):
             obj.maps["blocks"].update(index, value)
@@ -308,40 +308,40 @@ class SecureCollector(BpfCollector[SecureConfig]):
         )
 
     def _hit(self, r: Any) -> SecurityEvent:
-        if True:
-            rule = self.compile().rules[int(r["rule"])]
-            pid = int(r["pid"])
-            process = self.cache.get(pid) or self._unknown(r)
-            action = self.action_names.get(int(r["action"]), "Post")
-            args = block_args(r) if action == "Block" else hook_args(rule, r)
-            fields: dict[str, Any] = {}
-            if action in ("Sigkill", "Signal"):
-                fields["signal"] = signal_name(int(r["signal"]))
-                fields["signal_result"] = int(r["action_result"])
-            creds = r["creds"]
-            if (int(creds["uid"]), int(creds["euid"])) != (process.uid, process.euid) and action != "Block":
-                fields["process_credentials"] = {
-                    "uid": int(creds["uid"]),
-                    "euid": int(creds["euid"]),
-                    "gid": int(creds["gid"]),
-                    "egid": int(creds["egid"]),
-                }
-            if rule.hook.message:
-                fields["message"] = rule.hook.message
-            if rule.hook.tags:
-                fields["tags"] = rule.hook.tags
-            self.seen["tracepoint"] += 1
-            event = SecurityEvent(
-                "process_tracepoint",
-                self._wall(int(r["ktime"])),
-                process,
-                fields,
-                policy=rule.policy,
-                tracepoint=rule.tracepoint,
-                action=action,
-                args=args,
-            )
-            return event
+        """A policy hit: the rule that matched, its arguments, and the credentials at that moment when they
+        are no longer those of the exec (a setuid since)."""
+        rule = self.compile().rules[int(r["rule"])]
+        pid = int(r["pid"])
+        process = self.cache.get(pid) or self._unknown(r)
+        action = self.action_names.get(int(r["action"]), "Post")
+        args = block_args(r) if action == "Block" else hook_args(rule, r)
+        fields: dict[str, Any] = {}
+        if action in ("Sigkill", "Signal"):
+            fields["signal"] = signal_name(int(r["signal"]))
+            fields["signal_result"] = int(r["action_result"])
+        creds = r["creds"]
+        if (int(creds["uid"]), int(creds["euid"])) != (process.uid, process.euid) and action != "Block":
+            fields["process_credentials"] = {
+                "uid": int(creds["uid"]),
+                "euid": int(creds["euid"]),
+                "gid": int(creds["gid"]),
+                "egid": int(creds["egid"]),
+            }
+        if rule.hook.message:
+            fields["message"] = rule.hook.message
+        if rule.hook.tags:
+            fields["tags"] = rule.hook.tags
+        self.seen["tracepoint"] += 1
+        return SecurityEvent(
+            "process_tracepoint",
+            self._wall(int(r["ktime"])),
+            process,
+            fields,
+            policy=rule.policy,
+            tracepoint=rule.tracepoint,
+            action=action,
+            args=args,
+        )
 
     def _unknown(self, r: Any) -> Process:
         """A process the cache does not have (it started before a full cache, say): what the hit knows."""
