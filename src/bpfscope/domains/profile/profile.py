@@ -15,6 +15,7 @@ flame graph.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ from bpfscope.domains.profile.collect import (
 from bpfscope.domains.profile.profiles import Profile
 
 DEFAULT_HZ = 19
+# A sample's record in the ring with its stack copy, at most (struct user_sample).
+RECORD_BYTES = 14 << 10
 
 
 @dataclass(kw_only=True)
@@ -46,6 +49,17 @@ class ProfileCollector(StackCollector[ProfileConfig]):
     bpf_object = "profile"
     requires = ("perf_event",)
     kind = "cpu"
+
+    def max_entries(self) -> dict[str, int]:
+        """The copies' ring holds a second of samples at the rate asked for (a copy is 9-14 KiB): 1 MiB
+        at 19 Hz on 2 CPUs, 32 MiB at 997 Hz; the thread unwinding them reads it 10 times a second."""
+        if not self.dwarf:
+            return {"user_samples": 4096 * 16}  # unused without copies: its smallest
+        wanted = self.config.frequency_hz * (os.cpu_count() or 1) * RECORD_BYTES
+        size = 1 << 20
+        while size < min(wanted, 32 << 20):
+            size <<= 1
+        return {"user_samples": size}
 
     def attach_programs(self) -> None:
         assert self.obj is not None

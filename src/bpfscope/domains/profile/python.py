@@ -134,6 +134,8 @@ def detect(process: Process) -> PyProcess | None:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
+    from bpfscope.domains.profile.symbols import BAD_ELF
+
     for m in process.mappings:
         match = _INTERPRETER.search(os.path.basename(m.path))
         if not match or m.anonymous:
@@ -144,7 +146,7 @@ def detect(process: Process) -> PyProcess | None:
                 runtime = _symbol(elf, "_PyRuntime")
                 version_at = _symbol(elf, "Py_Version")
                 bias = _load_bias(elf, m)
-        except (OSError, ELFError, ValueError, KeyError, AssertionError, IndexError, TypeError):
+        except (ELFError, *BAD_ELF):
             continue
         if runtime is None or bias is None:
             continue

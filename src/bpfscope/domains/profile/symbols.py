@@ -15,6 +15,7 @@ import contextlib
 import os
 import queue
 import re
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from bpfscope.domains.profile.unwind import UnwindTable
+    from bpfscope.domains.profile.unwind import GoTable, UnwindTable
 
 # Why a frame stayed unnamed, for people.
 REASONS = {
@@ -38,6 +39,20 @@ REASONS = {
 }
 
 DEBUG_DIR = Path("/usr/lib/debug")
+# What pyelftools raises on corrupt or truncated files (fuzzed: tests/unit/test_profile_formats.py),
+# beside its ELFError: all of them mean "not a usable ELF".
+BAD_ELF = (
+    OSError,
+    ValueError,
+    KeyError,
+    AssertionError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    struct.error,
+)
 # Where what was read of a binary is kept, by build-id (symbols here, unwind tables in unwind.py).
 CACHE_DIR = Path(os.environ.get("BPFSCOPE_CACHE", "/var/cache/bpfscope"))
 # Bump when the layout of a cached file changes: old files are then ignored.
@@ -99,7 +114,7 @@ class Binary:
     symbols: SymbolTable
     stripped: bool
     error: str | None = None  # a reason of REASONS when the file could not be read
-    unwind: UnwindTable | None = None  # its .eh_frame compiled, when stacks are unwound here
+    unwind: UnwindTable | GoTable | None = None  # how its frames unwind, when stacks are unwound here
 
     def vaddr(self, file_offset: int) -> int | None:
         """The ELF virtual address of a file offset (how a mapped address finds its symbol)."""
@@ -181,6 +196,65 @@ def demangle(name: str) -> str:
     return "::".join(out)
 
 
+# Go's function table (runtime/symtab.go, "pclntab"), kept in every Go binary, stripped ones too: its
+# header (magic; pad; instruction quantum; pointer size; then pointer-sized nfunc, nfiles, textStart and
+# the offsets of the function name table and of the function table, whose entries are (entry offset,
+# func offset) pairs of uint32) and each _func (entry offset, name offset).
+_GO_PCLNTAB_MAGICS = (0xFFFFFFF0, 0xFFFFFFF1)  # Go 1.18-1.19, 1.20 and later
+
+
+def _go_pclntab(elf: object) -> tuple[bytes, int, int, int, int, int] | None:
+    """(data, nfunc, textStart, function names, pc tables, function table) of a Go binary's pclntab."""
+    section = elf.get_section_by_name(".gopclntab")  # type: ignore[attr-defined]
+    if section is None:
+        return None
+    data = section.data()
+    if len(data) < 72:
+        return None
+    magic, _, ptr_size = struct.unpack_from("<I2xBB", data, 0)
+    if magic not in _GO_PCLNTAB_MAGICS or ptr_size != 8:
+        return None
+    nfunc, _, text_start, funcnames, _, _, pctab, functab = struct.unpack_from("<8Q", data, 8)
+    if not 0 < nfunc < len(data) // 8 or functab + 8 * (nfunc + 1) > len(data):
+        return None
+    return data, nfunc, text_start, funcnames, pctab, functab
+
+
+def go_unwind_table(elf: object) -> GoTable | None:
+    from bpfscope.domains.profile.unwind import GoTable
+
+    pclntab = _go_pclntab(elf)
+    if pclntab is None:
+        return None
+    data, nfunc, text_start, _, pctab, functab = pclntab
+    table = GoTable(data, text_start, pctab, functab, nfunc)
+    table.goexit = {start for start, _, name in go_symbols(elf) if name == "runtime.goexit"}
+    return table
+
+
+def go_symbols(elf: object) -> list[tuple[int, int, str]]:
+    """Function symbols from a Go binary's .gopclntab: how stripped Go binaries are named."""
+    pclntab = _go_pclntab(elf)
+    if pclntab is None:
+        return []
+    data, nfunc, text_start, funcnames, _, functab = pclntab
+    table = np.frombuffer(data, dtype="<u4", count=2 * (nfunc + 1), offset=functab).reshape(-1, 2)
+    out = []
+    for i in range(nfunc):
+        entry, func = int(table[i, 0]), int(table[i, 1])
+        at = functab + func
+        if at + 8 > len(data):
+            continue
+        name_offset = struct.unpack_from("<i", data, at + 4)[0]
+        start = funcnames + name_offset
+        end = data.find(b"\0", start)
+        if start < 0 or end < 0:
+            continue
+        name = data[start:end].decode(errors="replace")
+        out.append((text_start + entry, int(table[i + 1, 0]) - entry, name))
+    return out
+
+
 def build_id_of(elf: object) -> str:
     from elftools.elf.sections import NoteSection
 
@@ -232,13 +306,16 @@ def read_binary(path: str, opened: str | None = None, data: bytes | None = None)
             build_id = build_id_of(elf)
             entries = _elf_symbols(elf)
             has_symtab = elf.get_section_by_name(".symtab") is not None
+            if not has_symtab:
+                go = go_symbols(elf)
+                entries += go
+                has_symtab = bool(go)
             link = _debuglink(elf)
     except FileNotFoundError:
         return Binary(
             path, "", [], SymbolTable([]), True, "deleted_file" if "(deleted)" in path else "unreadable"
         )
-    except (OSError, ELFError, ValueError, KeyError, AssertionError, IndexError, TypeError, AttributeError):
-        # pyelftools raises a variety of errors on corrupt files; all of them mean "not a usable ELF".
+    except (ELFError, *BAD_ELF):
         return Binary(path, "", [], SymbolTable([]), True, "unreadable")
     if not has_symtab:
         for candidate in debug_file_candidates(path, build_id, link):
@@ -259,7 +336,7 @@ def peek_build_id(source: str) -> str:
     try:
         with open(source, "rb") as stream:
             return build_id_of(ELFFile(stream))
-    except (OSError, ELFError, ValueError, KeyError, AssertionError, IndexError, TypeError, AttributeError):
+    except (ELFError, *BAD_ELF):
         return ""
 
 
@@ -312,7 +389,7 @@ def _load_symbols(path: Path, binary_path: str, build_id: str) -> Binary | None:
         return None
 
 
-def _unwind_table(source: str | None = None, data: bytes | None = None) -> UnwindTable | None:
+def _unwind_table(source: str | None = None, data: bytes | None = None) -> UnwindTable | GoTable | None:
     """A binary's unwind table (None where it has no .eh_frame_hdr, or is not a usable ELF)."""
     import io
 
@@ -323,8 +400,9 @@ def _unwind_table(source: str | None = None, data: bytes | None = None) -> Unwin
 
     try:
         with io.BytesIO(data) if data is not None else open(source or "", "rb") as stream:
-            return UnwindTable.of(ELFFile(stream))
-    except (OSError, ELFError, ValueError, KeyError, AssertionError, IndexError, TypeError, AttributeError):
+            elf = ELFFile(stream)
+            return UnwindTable.of(elf) or go_unwind_table(elf)
+    except (ELFError, *BAD_ELF):
         return None
 
 

@@ -56,8 +56,9 @@ class CopiedStack:
     python: tuple[int, ...]  # code object addresses, innermost first, bit 0: is_entry
 
 
-# How often new processes are looked for (seconds): reading the small map costs about 50 us.
-PERIOD_S = 0.25
+# How often new processes are looked for and the ring read (seconds): reading the small map costs
+# about 50 us.
+PERIOD_S = 0.1
 
 
 def _pids() -> list[int]:
@@ -103,8 +104,8 @@ class Tracker:
         self._thread.start()
 
     def _run(self) -> None:
-        # The ring holds seconds of samples (8 MiB; 99 Hz on 2 CPUs sends about 4 MiB/s): reading it a
-        # few times a second unwinds in batches instead of waking for every sample.
+        # The ring holds a second of samples: reading it 10 times a second unwinds in batches instead of
+        # waking for every sample.
         while not self._stop.wait(PERIOD_S):
             try:
                 self.refresh()

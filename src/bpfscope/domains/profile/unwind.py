@@ -126,6 +126,86 @@ class UnwindTable:
         return _Entry(start, end, [line["pc"] for line in table], [_rule(line) for line in table])
 
 
+class GoTable:
+    """Go's own unwind information, in every Go binary (stripped ones too): the pclntab's per-function
+    table of how far the stack pointer has moved at each address (pcsp, runtime/symtab.go). The return
+    address is just above the frame: CFA = rsp + that + 8. Decoded a function at a time."""
+
+    def __init__(self, data: bytes, text_start: int, pctab: int, functab: int, nfunc: int) -> None:
+        self.data = data
+        self.text_start = text_start
+        self.pctab = pctab
+        self.functab = functab
+        table = np.frombuffer(data, dtype="<u4", count=2 * (nfunc + 1), offset=functab).reshape(-1, 2)
+        self.entries = table[:, 0].astype(np.uint64) + np.uint64(text_start)
+        self.funcs = table[:, 1]
+        self._decoded: dict[int, _Entry | None] = {}
+        self.goexit: set[int] = set()  # entries of runtime.goexit: the root of every goroutine
+        self.bad_entries = 0
+
+    def __len__(self) -> int:
+        return len(self.entries) - 1
+
+    def rule(self, pc: int) -> Rule | None:
+        i = int(np.searchsorted(self.entries, np.uint64(pc), side="right")) - 1
+        if i < 0 or i >= len(self):
+            return None
+        entry = self._decoded.get(i, ...)
+        if entry is ...:
+            entry = self._decoded[i] = self._decode(i)
+        if entry is None or not entry.start <= pc < entry.end:
+            return None
+        j = bisect.bisect_right(entry.pcs, pc) - 1
+        return entry.rules[j] if j >= 0 else None
+
+    def _decode(self, i: int) -> _Entry | None:
+        start, end = int(self.entries[i]), int(self.entries[i + 1])
+        at = self.functab + int(self.funcs[i])
+        try:
+            (pcsp,) = struct.unpack_from("<I", self.data, at + 16)  # _func.pcsp
+            steps = _pc_values(self.data, self.pctab + pcsp, start)
+        except (struct.error, IndexError, ValueError):
+            self.bad_entries += 1
+            return None
+        root = start in self.goexit
+        pcs, rules = [], []
+        for pc, sp_delta in steps:
+            pcs.append(pc)
+            # A frame saves the caller's rbp just below the return address (Go's frame pointers).
+            rules.append(Rule(CFA_RSP, sp_delta + 8, -16 if sp_delta > 0 else None, root))
+        return _Entry(start, end, pcs, rules)
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _pc_values(data: bytes, at: int, pc: int) -> list[tuple[int, int]]:
+    """A pc-value table: (from this address on, the value) pairs, as runtime.step reads them."""
+    out: list[tuple[int, int]] = []
+    value = -1
+    first = True
+    while len(out) < 100_000:
+        delta, at = _varint(data, at)
+        if delta == 0 and not first:
+            break
+        first = False
+        value += -((delta >> 1) + 1) if delta & 1 else delta >> 1
+        step, at = _varint(data, at)
+        out.append((pc, value))
+        pc += step  # the instruction quantum is 1 on x86-64
+    return out
+
+
 # The CFA expression every x86-64 PLT entry has: rsp + 8, plus 8 once past the push in the 16-byte
 # entry (DW_OP_breg7 8; DW_OP_breg16 0; DW_OP_lit15; DW_OP_and; DW_OP_litN; DW_OP_ge; DW_OP_lit3;
 # DW_OP_shl; DW_OP_plus).
