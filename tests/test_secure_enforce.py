@@ -330,6 +330,22 @@ def enforced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SecureR
             str(v6_port),
         )
         results["block6"].extra["accepted"] = list(accepted6)
+        # An IPv6 socket to the IPv4-mapped address of a blocked one: refused all the same.
+        mapped, mapped_accepted = tcp_server("127.66.0.3")
+        results["block_mapped"] = py(
+            """
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.settimeout(5)
+            try:
+                s.connect(("::ffff:127.66.0.3", int(sys.argv[1])))
+                print("connected")
+            except PermissionError:
+                print("EPERM")
+            """,
+            str(mapped.getsockname()[1]),
+        )
+        results["block_mapped"].extra["accepted"] = list(mapped_accepted)
+        shut(mapped)
         # Another port of ::1 is not blocked.
         other, _ = tcp_server("::1", socket.AF_INET6)
         results["v6_other_port"] = py(
@@ -452,7 +468,7 @@ def test_rate_limit_posts_once_and_counts_the_rest(enforced: Any) -> None:
     assert match and int(match.group(1)) >= 9, run.stderr
 
 
-@pytest.mark.parametrize("case", ["block4", "block6"])
+@pytest.mark.parametrize("case", ["block4", "block6", "block_mapped"])
 def test_block_refuses_a_connect_before_any_packet(case: str, enforced: Any) -> None:
     run, results = enforced
     r = results[case]
@@ -461,7 +477,7 @@ def test_block_refuses_a_connect_before_any_packet(case: str, enforced: Any) -> 
     (hit,) = hits(run, r.pid)
     assert hit["action"] == "KPROBE_ACTION_BLOCK" and hit["policy_name"] == "enforce-network"
     destination = hit["args"][0]["sockaddr_arg"]
-    assert destination["addr"] in ("127.66.0.1", "::1")
+    assert destination["addr"] in ("127.66.0.1", "::1", "::ffff:127.66.0.3")
 
 
 def test_block_is_as_narrow_as_its_selector(enforced: Any) -> None:

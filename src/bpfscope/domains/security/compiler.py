@@ -198,9 +198,16 @@ def _string_set(compiled: Compiled, operator: str, strings: list[str]) -> int:
 
 
 def _cidr_set(compiled: Compiled, networks: list[Any]) -> int:
+    """IPv4 CIDRs in the set, IPv6 ones in set + 1; an IPv4 CIDR is also there as IPv4-mapped IPv6
+    (::ffff:a.b.c.d), which an IPv6 socket may connect to."""
     set_id = compiled.new_set(step=2)
     for network in networks:
         compiled.cidrs.append((set_id + (network.version == 6), network))
+        if network.version == 4:
+            mapped = ipaddress.IPv6Network(
+                (int(network.network_address) | 0xFFFF << 32, 96 + network.prefixlen)
+            )
+            compiled.cidrs.append((set_id + 1, mapped))
     return set_id
 
 

@@ -233,5 +233,7 @@ def sockaddr_json(family: int, port: int, addr: bytes, path: str) -> dict[str, A
     if family == socket.AF_INET:
         return {"family": name, "addr": str(ipaddress.IPv4Address(addr[:4])), "port": port}
     if family == socket.AF_INET6:
-        return {"family": name, "addr": str(ipaddress.IPv6Address(addr[:16])), "port": port}
+        address = ipaddress.IPv6Address(addr[:16])
+        mapped = address.ipv4_mapped
+        return {"family": name, "addr": f"::ffff:{mapped}" if mapped else str(address), "port": port}
     return {"family": name, "path": path}
