@@ -244,3 +244,34 @@ def test_python_frames_take_the_place_of_the_interpreter_loops_that_ran_them() -
     assert merged == ["_start", "main", "<module>", "outer_b", "PyObject_Call", "inner_a", "inner_b", "leaf"]
     # No interpreter frame unwound: the Python frames go on top.
     assert merge(["_start"], [("f", True)], lambda f: f == "EVAL") == ["_start", "f"]
+
+
+def test_diff_compares_shares_not_counts() -> None:
+    from bpfscope.domains.profile.diff import changes
+
+    before = sample_profile()  # hot_a 60%, hot_b 40%
+    after = Profile(kind="cpu")
+    app = Thread(10, 11, "app")
+    after.add(app, (MAIN, A), 300, 0)  # ten times the samples, hot_a 30%
+    after.add(app, (MAIN, B), 700, 0)
+    by_name = {c.function: c for c in changes(before, after)}
+    assert by_name["hot_a"].delta == pytest.approx(-30) and by_name["hot_b"].delta == pytest.approx(30)
+    assert by_name["main"].delta == 0
+    assert changes(before, after)[0].function in ("hot_a", "hot_b")
+
+
+def test_profile_diff_command(tmp_path: Path) -> None:
+    import subprocess
+
+    before, after, page = tmp_path / "a.folded", tmp_path / "b.folded", tmp_path / "d.html"
+    before.write_text("app;main;hot_a 60\napp;main;hot_b 40\n")
+    after.write_text("app;main;hot_a 30\napp;main;hot_b 70\n")
+    run = [sys.executable, "-m", "bpfscope", "profile", "diff", str(before), str(after)]
+    result = subprocess.run([*run, "-o", str(page)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:4] == ["hot_a", "60.0", "30.0", "-30.0"] for line in lines), lines
+    data = json.loads(page.read_text().split('type="application/json">', 1)[1].split("</script>", 1)[0])
+    assert data["diff"] and data["root"][1] == 100
+    bad = subprocess.run([*run[:-1], str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

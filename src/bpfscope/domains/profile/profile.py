@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from bpfscope.cli.options import Run, common_options
+from bpfscope.domains.profile import diff
 from bpfscope.domains.profile.collect import (
     ProfileView,
     StackCollector,
@@ -92,6 +93,29 @@ class ProfileCollector(StackCollector[ProfileConfig]):
         self.idle_before = int(self.obj.bss["idle_samples"])
 
 
+class ProfileCommand(click.Group):
+    """``bpfscope profile [options] [interval [count]]`` profiles; ``bpfscope profile diff A B`` compares
+    two profiles. A group whose own arguments are the profiler's, unless the first is a subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in self.commands:
+            ctx.meta["bpfscope.subcommand"] = (args[0], args[1:])
+            return []
+        return click.Command.parse_args(self, ctx, args)
+
+    def invoke(self, ctx: click.Context) -> object:
+        if "bpfscope.subcommand" in ctx.meta:
+            name, args = ctx.meta["bpfscope.subcommand"]
+            sub = self.commands[name]
+            # Its path is "bpfscope profile diff", without the profiler's own arguments.
+            with sub.make_context(f"{ctx.info_name} {name}", args, parent=ctx.parent) as sub_ctx:
+                return sub.invoke(sub_ctx)
+        return click.Command.invoke(self, ctx)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "[OPTIONS] [INTERVAL] [COUNT] | diff A B")
+
+
 EXAMPLES = """
 \b
 Examples:
@@ -100,10 +124,11 @@ Examples:
   bpfscope profile --frequency 99 -o cpu.pb.gz  # pprof, for go tool pprof, Pyroscope or Parca
   bpfscope profile --format folded > out.folded # folded stacks for flamegraph.pl or inferno
   bpfscope profile --kernel-only 10 3           # kernel stacks, a profile every 10 s, 3 times
+  bpfscope profile diff before.pb.gz after.pb.gz -o diff.html   # what changed, as a flame graph
 """
 
 
-@click.command(name="profile", epilog=EXAMPLES)
+@click.group(name="profile", cls=ProfileCommand, epilog=EXAMPLES, invoke_without_command=True)
 @click.option(
     "--frequency",
     type=click.IntRange(1, 1000),
@@ -143,3 +168,6 @@ def command(
         format,
         f"Tracing on-CPU stacks of {what} at {frequency} Hz... Ctrl-C to end.",
     )
+
+
+command.add_command(diff.command)
