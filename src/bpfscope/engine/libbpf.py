@@ -144,6 +144,7 @@ _sig(
     POINTER(c_uint32),
     POINTER(MapBatchOpts),
 )
+_sig("bpf_map_delete_batch", c_int, c_int, c_void_p, POINTER(c_uint32), POINTER(MapBatchOpts))
 _sig("bpf_obj_get_info_by_fd", c_int, c_int, c_void_p, POINTER(c_uint32))
 _sig("libbpf_probe_bpf_prog_type", c_int, c_int, c_void_p)
 _sig("libbpf_probe_bpf_map_type", c_int, c_int, c_void_p)

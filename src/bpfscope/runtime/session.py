@@ -195,12 +195,13 @@ class Session:
 
     def start(self) -> Session:
         """Baselines, then the clocks start; the sinks learn the session is running."""
-        now = time.monotonic()
         for slot in self.slots:
             begin = slot.collector.start_from_attach if self.from_attach else slot.collector.start
             if slot.open and self._guard(slot, begin) is not _FAILED:
-                slot.next_tick = now + slot.interval_s if slot.interval_s else None
-        self.started_at = now
+                # From when this collector's baseline was taken: a slow start does not shorten its
+                # first interval.
+                slot.next_tick = time.monotonic() + slot.interval_s if slot.interval_s else None
+        self.started_at = time.monotonic()
         for sink in self.sinks:
             sink.open(self)
         return self

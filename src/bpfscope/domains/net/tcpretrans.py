@@ -383,8 +383,9 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         at once, and a SYN-ACK row (whose request sock is never seen to close) once it stopped growing."""
         assert self.obj is not None
         unchanged = {cookie for cookie in look.half_open if look.counts[cookie] == self.before.get(cookie)}
-        for cookie in look.closed | unchanged:
-            self.obj.maps["conns"].delete(cookie)
+        gone = look.closed | unchanged
+        self.obj.maps["conns"].delete_many(gone)
+        for cookie in gone:
             del look.counts[cookie]
         for cookie in self.first_segs_out.keys() - look.counts.keys():
             del self.first_segs_out[cookie]
