@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Self
 
@@ -53,9 +52,11 @@ class Watcher:
     """A bpfscope tool running in the background with --json, writing to a file (a pipe nobody reads
     would block it); its records once it has stopped.
 
-    It is started once ``attached`` shows on its stderr (None: at once). With ``t0`` (a time.time()),
-    each record gets ``t``: seconds from t0 to the end of its interval (when the tool attached plus the
-    record's "interval", the tool's own clock).
+    It is started once ``attached`` shows on its stderr (None: at once). Every record names its schema
+    (``record``) and has ``ts``, the wall-clock time of its event or of the end of its interval; with
+    ``t0`` (a time.time()), each record also gets ``t``: seconds from t0 to its ``ts``. The ``losses``
+    records a tool ends with are kept apart, in :attr:`losses` (collector -> what it lost, by reason),
+    so that the records returned are the measurements alone.
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class Watcher:
                 self.kill()
                 raise RuntimeError(f"bpfscope {args[0]} did not start: {line}{self.proc.stderr.read()}")
         self.t0 = t0
-        self.started = time.time() - t0 if t0 is not None else 0.0
+        self.losses: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> Self:
         return self
@@ -113,12 +114,20 @@ class Watcher:
             command = " ".join(self.args)
             raise RuntimeError(f"bpfscope {command} exited with {self.proc.returncode}: {tail}")
         self.output.seek(0)
-        records = [json.loads(line) for line in self.output if line.startswith("{")]
+        records = []
+        for line in self.output:
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if record["record"] == "losses":
+                self.losses[record["collector"]] = {"total": record["total"], "reasons": record["reasons"]}
+                continue
+            if self.t0 is not None:
+                record["t"] = round(record["ts"] - self.t0, 3)
+            records.append(record)
         self.output.close()
-        if self.t0 is not None:
-            for record in records:
-                interval = record.get("interval")
-                if isinstance(interval, str):  # "1.0s"
-                    interval = float(interval.rstrip("s"))
-                record["t"] = round(self.started + (interval or 0.0), 3)
         return records
+
+    def lost(self) -> int:
+        """Everything the tool's collectors lost (known once it has stopped)."""
+        return sum(loss["total"] for loss in self.losses.values())

@@ -24,14 +24,16 @@ def test_experiment_finds_the_saturated_disk(tmp_path: Path) -> None:
     # The database slows down a lot...
     assert loaded["pgbench"]["tps"] < base["pgbench"]["tps"] / 2
     # ...while CPU and RAM are not the problem, and the check names the disk.
-    verdicts = {(r["resource"], r["metric"]): r["verdict"] for r in loaded["check"] if r.get("kind") == "row"}
+    rows = [r for r in loaded["check"] if r["record"] == "check.row"]
+    verdicts = {(r["resource"], r["metric"]): r["verdict"] for r in rows}
     assert verdicts[("CPU", "busy")] != "PROBLEM" and verdicts[("RAM", "used")] == "ok"
-    summary = next(r["summary"] for r in loaded["check"] if r.get("kind") == "summary")
+    summary = next(r["summary"] for r in loaded["check"] if r["record"] == "check.summary")
     assert summary.startswith("PROBLEM: Disk vda"), summary
-    base_summary = next(r["summary"] for r in base["check"] if r.get("kind") == "summary")
+    base_summary = next(r["summary"] for r in base["check"] if r["record"] == "check.summary")
     assert "Disk vda" not in base_summary, base_summary
     # biotop names the backup job as the process doing the I/O.
-    top = max(loaded["biotop"], key=lambda r: r["read_kb"] + r["write_kb"])
+    biotop = [r for r in loaded["biotop"] if r["record"] == "biotop"]
+    top = max(biotop, key=lambda r: r["read_kb"] + r["write_kb"])
     assert top["comm"] == "fio"
     for picture in ("latency_heatmap.png", "latency_histograms.png"):
         assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"

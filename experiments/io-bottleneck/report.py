@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
+
+from bpfscope.health.verdict import ms
 
 if TYPE_CHECKING:
     from run import Phase
@@ -21,8 +23,8 @@ def heatmap(phases: list[Phase], path: Path) -> None:
     times, lats = [], []
     for phase in phases:
         for r in phase.biosnoop:
-            times.append(phase.start + r["time"])
-            lats.append(max(r["latency_ms"] + r.get("queue_ms", 0.0), 1e-3))
+            times.append(r["t"])  # seconds since the experiment's clock started, as phase.start
+            lats.append(max(r["latency_ms"] + r["queue_ms"], 1e-3))
     fig, ax = plt.subplots(figsize=(10, 4))
     if times:
         t = np.array(times)
@@ -49,12 +51,11 @@ def histograms(phases: list[Phase], path: Path) -> None:
     """biolatency's distribution per phase, on the same log axis."""
     fig, ax = plt.subplots(figsize=(10, 4))
     for phase in phases:
-        for record in phase.biolatency[:1]:
-            buckets = record.get("hist", [])
+        for record in _biolatency(phase)[:1]:
+            buckets = record["hist"]
             if not buckets:
                 continue
-            scale = 1e-3 if str(record.get("unit", "")).startswith("us") else 1.0
-            mids = [(b["low"] + b["high"]) / 2 * scale for b in buckets]
+            mids = [(b["low"] + b["high"]) / 2 / 1000 for b in buckets]  # buckets of microseconds
             total = sum(b["count"] for b in buckets)
             ax.plot(mids, [b["count"] / total * 100 for b in buckets], marker="o", label=phase.name)
     ax.set_xscale("log")
@@ -70,19 +71,18 @@ def histograms(phases: list[Phase], path: Path) -> None:
 def _check_table(phase: Phase) -> list[str]:
     lines = ["| resource | metric | value | verdict | detail |", "|---|---|---|---|---|"]
     for row in phase.check:
-        if row.get("kind") == "row":
+        if row["record"] == "check.row":
             lines.append(
                 f"| {row['resource']} | {row['metric']} | {row['text']} | {row['verdict']} | "
-                f"{row.get('detail', '')} |"
+                f"{row['detail']} |"
             )
-    summary = next((r["summary"] for r in phase.check if r.get("kind") == "summary"), "")
+    summary = next((r["summary"] for r in phase.check if r["record"] == "check.summary"), "")
     return [*lines, "", f"Summary: **{summary}**"]
 
 
 def _top_table(phase: Phase, limit: int = 5) -> list[str]:
-    rows = sorted(phase.biotop, key=lambda r: r.get("read_kb", 0) + r.get("write_kb", 0), reverse=True)[
-        :limit
-    ]
+    rows = [r for r in phase.biotop if r["record"] == "biotop"]
+    rows = sorted(rows, key=lambda r: r["read_kb"] + r["write_kb"], reverse=True)[:limit]
     lines = [
         "| pid | comm | disk | reads | writes | read kB | write kB | avg ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -99,12 +99,12 @@ def _postgres_io(phases: list[Phase]) -> list[str]:
     """PostgreSQL's own I/Os (biosnoop, filtered on its cgroup): how long each waited on the disk."""
     lines = ["| phase | I/Os | p50 ms | p99 ms | max ms | slowest kind |", "|---|---|---|---|---|---|"]
     for phase in phases:
-        lat = np.array([r["latency_ms"] + r.get("queue_ms", 0) for r in phase.biosnoop])
+        lat = np.array([r["latency_ms"] + r["queue_ms"] for r in phase.biosnoop])
         if not len(lat):
             lines.append(f"| {phase.name} | 0 | - | - | - | - |")
             continue
         slowest = max(phase.biosnoop, key=lambda r: r["latency_ms"])
-        kind = f"{slowest['op']} {'/'.join(slowest.get('flags', []))} by {slowest['comm']}".strip()
+        kind = f"{slowest['op']} {'/'.join(slowest['flags'])} by {slowest['comm']}".strip()
         lines.append(
             f"| {phase.name} | {len(lat)} | {np.percentile(lat, 50):.2f} | {np.percentile(lat, 99):.2f} | "
             f"{lat.max():.2f} | {kind} |"
@@ -112,11 +112,28 @@ def _postgres_io(phases: list[Phase]) -> list[str]:
     return lines
 
 
+def _biolatency(phase: Phase) -> list[dict[str, Any]]:
+    return [r for r in phase.biolatency if r["record"] == "biolatency"]
+
+
 def _percentiles(phase: Phase) -> str:
-    record = phase.biolatency[0] if phase.biolatency else {}
-    unit = record.get("unit", "us")
-    parts = [f"{k.split('_')[0]} {v} {unit}" for k, v in record.items() if k.startswith("p") and "_" in k]
+    """biolatency's percentiles (its JSON is in microseconds), for people."""
+    records = _biolatency(phase)
+    record = records[0] if records else {}
+    parts = [
+        f"{key.removesuffix('_us')} {ms(value)}"
+        for key, value in record.items()
+        if key.startswith("p") and key.endswith("_us") and value is not None
+    ]
     return ", ".join(parts) or "no I/O"
+
+
+def _losses(phases: list[Phase]) -> str:
+    """What the tools could not see, from the losses record each ends its JSON with."""
+    lost = [f"{tool} {n} in {p.name}" for p in phases for tool, n in p.lost.items() if n]
+    if not lost:
+        return "The tools lost no event (biosnoop, biolatency and biotop, both phases)."
+    return "Events the tools lost: " + ", ".join(lost) + "."
 
 
 def write_report(out: Path, phases: list[Phase], backup_pid: int) -> Path:
@@ -143,10 +160,12 @@ def write_report(out: Path, phases: list[Phase], backup_pid: int) -> Path:
         "",
         f"Throughput fell {tps_drop:.1f}x when the backup job (fio, pid {backup_pid}) shared the disk.",
         "",
+        _losses(phases),
+        "",
     ]
     for p in phases:
         lines += [f"## bpfscope check: {p.name}", "", *_check_table(p), ""]
-        lines += [f"Device latency (biolatency): {_percentiles(p)}", ""]
+        lines += [f"All I/O on vda, queue + device time (biolatency -Q): {_percentiles(p)}", ""]
     lines += [
         "## PostgreSQL's own I/O (biosnoop on its cgroup; queue and device time)",
         "",

@@ -120,14 +120,17 @@ class Phase:
     biolatency: list[dict[str, Any]] = field(default_factory=list)
     biotop: list[dict[str, Any]] = field(default_factory=list)
     biosnoop: list[dict[str, Any]] = field(default_factory=list)
-    start: float = 0.0
+    start: float = 0.0  # seconds since the experiment's first phase began
+    lost: dict[str, int] = field(default_factory=dict)  # tool -> events its collectors lost
 
 
 def run_phase(name: str, socket_dir: Path, cgroup: Path, seconds: int, t0: float) -> Phase:
-    phase = Phase(name, start=time.monotonic() - t0)
+    """One phase; ``t0`` (a time.time()) is where the experiment's clock starts: biosnoop's I/Os get
+    ``t``, seconds since then."""
+    phase = Phase(name, start=time.time() - t0)
     window = str(seconds - 2)
     with contextlib.ExitStack() as stack:
-        snoop = stack.enter_context(Watcher("biosnoop", "--cgroup", str(cgroup)))
+        snoop = stack.enter_context(Watcher("biosnoop", "--cgroup", str(cgroup), t0=t0))
         latency = stack.enter_context(Watcher("biolatency", "-d", "vda", "-Q", window, "1"))
         top = stack.enter_context(Watcher("biotop", "-C", window, "1"))
         check = stack.enter_context(Watcher("check", "--duration", window, attached=None, exit_codes=(0, 1)))
@@ -140,6 +143,7 @@ def run_phase(name: str, socket_dir: Path, cgroup: Path, seconds: int, t0: float
         phase.biolatency = latency.wait()
         phase.biotop = top.wait()
         phase.biosnoop = snoop.stop()
+        phase.lost = {w.args[0]: w.lost() for w in (snoop, latency, top)}
     return phase
 
 
@@ -164,7 +168,7 @@ def main() -> None:
         with postgres_cluster(work / "pg", cgroup) as socket_dir:
             print(f"loading pgbench tables (scale {PGBENCH_SCALE})...", file=sys.stderr)
             pgbench(socket_dir, "-i", "-s", str(PGBENCH_SCALE), "-q")
-            t0 = time.monotonic()
+            t0 = time.time()
             print("phase 1: PostgreSQL alone", file=sys.stderr)
             baseline = run_phase("baseline", socket_dir, cgroup, args.seconds, t0)
             print("phase 2: PostgreSQL while a backup job writes to the same disk", file=sys.stderr)
