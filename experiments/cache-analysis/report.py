@@ -22,9 +22,8 @@ PLATEAU_GAIN = 0.15
 
 
 def hit_ratio(setting: dict[str, Any]) -> float | None:
-    """bpfscope cachestat's hit ratio where it ran, else the independent one."""
-    value = setting.get("cache", {}).get("hit_ratio")
-    return float(value) if value is not None else setting.get("truth_hit_ratio")
+    """bpfscope cachestat's hit ratio (None: no lookups in the window)."""
+    return setting["cache"]["hit_ratio"]
 
 
 def per_second(setting: dict[str, Any], value: float | None) -> float:
@@ -93,9 +92,8 @@ def picture(results: dict[str, Any], knee: dict[str, Any] | None, path: Path) ->
     top.set_ylabel("transactions per second", color="tab:blue")
     top.set_ylim(bottom=0)
     ratio_axis = top.twinx()
-    if results["tools"]["cachestat"]:
-        ratios = [s["cache"].get("hit_ratio") for s in settings]
-        ratio_axis.plot(limits, ratios, "s-", color="tab:red", label="hit ratio (bpfscope cachestat)")
+    ratios = [s["cache"]["hit_ratio"] for s in settings]
+    ratio_axis.plot(limits, ratios, "s-", color="tab:red", label="hit ratio (bpfscope cachestat)")
     truths = [s["truth_hit_ratio"] for s in settings]
     ratio_axis.plot(limits, truths, "x--", color="tab:orange", label="hit ratio (/proc/PID/io and blkio)")
     ratio_axis.set_ylabel("page-cache hit ratio (%)", color="tab:red")
@@ -111,14 +109,12 @@ def picture(results: dict[str, Any], knee: dict[str, Any] | None, path: Path) ->
     top.legend(handles=handles, loc="upper left", fontsize="small")
     top.set_title("PostgreSQL select-only workload against the RAM its cgroup may use")
 
-    if results["tools"]["vfsstat"]:
-        vfs = [per_tx(s, s["vfs_reads"]) for s in settings]
-        bottom.plot(limits, vfs, "s-", label="VFS reads (bpfscope vfsstat)")
-    if results["tools"]["cachestat"]:
-        lookups = [per_tx(s, s["cache"].get("lookups")) for s in settings]
-        bottom.plot(limits, lookups, "D-", label="page-cache lookups, pages (bpfscope cachestat)")
-        misses = [per_tx(s, s["cache"].get("misses")) for s in settings]
-        bottom.plot(limits, misses, "^-", label="page-cache misses, pages (bpfscope cachestat)")
+    vfs = [per_tx(s, s["vfs_reads"]) for s in settings]
+    bottom.plot(limits, vfs, "s-", label="VFS reads (bpfscope vfsstat)")
+    lookups = [per_tx(s, s["cache"]["lookups"]) for s in settings]
+    bottom.plot(limits, lookups, "D-", label="page-cache lookups, pages (bpfscope cachestat)")
+    misses = [per_tx(s, s["cache"]["misses"]) for s in settings]
+    bottom.plot(limits, misses, "^-", label="page-cache misses, pages (bpfscope cachestat)")
     disk = [per_tx(s, s["cgroup_read_ios"]) for s in settings]
     bottom.plot(limits, disk, "o-", label="disk reads (cgroup blkio)")
     bottom.set_ylabel("per transaction")
@@ -140,7 +136,7 @@ def _service_table(settings: list[dict[str, Any]]) -> list[str]:
     for s in settings:
         full = 100 * s["memory_after"]["usage_in_bytes"] / (s["limit_mb"] << 20)
         ram = f"{s['ram_used_pct']:.0f}% ({s['ram_available_gb']:.1f} GiB available)"
-        vfs = "-" if s["vfs_reads"] is None else f"{per_second(s, s['vfs_reads']):.0f}"
+        vfs = f"{per_second(s, s['vfs_reads']):.0f}"
         cpu = f"{s['cpu_busy_pct']:.0f}% ({s['cpu_others_pct']:.0f}%)"
         lines.append(
             f"| {s['limit_mb']} MB | {s['tps']:.0f} | {s['pgbench'].get('latency_ms', 0):.3f} ms | "
@@ -160,14 +156,14 @@ def _agreement_table(settings: list[dict[str, Any]]) -> list[str]:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in settings:
-        cache = s.get("cache", {})
-        faults = per_second(s, cache.get("fault_pages"))
-        ours, truth = cache.get("hit_ratio"), s["truth_hit_ratio"]
+        cache = s["cache"]
+        faults = per_second(s, cache["fault_pages"])
+        ours, truth = cache["hit_ratio"], s["truth_hit_ratio"]
         diff = f"{ours - truth:+.2f} pts" if ours is not None and truth is not None else "-"
-        vfs = "-" if s["vfs_reads"] is None else f"{per_second(s, s['vfs_reads']):.0f}"
+        vfs = f"{per_second(s, s['vfs_reads']):.0f}"
         lines.append(
-            f"| {s['limit_mb']} MB | {per_second(s, cache.get('lookups')):.0f} | {faults:.0f} | "
-            f"{per_second(s, s['proc_io']['rchar'] / PAGE):.0f} | {per_second(s, cache.get('misses')):.0f} | "
+            f"| {s['limit_mb']} MB | {per_second(s, cache['lookups']):.0f} | {faults:.0f} | "
+            f"{per_second(s, s['proc_io']['rchar'] / PAGE):.0f} | {per_second(s, cache['misses']):.0f} | "
             f"{per_second(s, s['cgroup_read_bytes'] / PAGE):.0f} | {_pct(ours)} | {_pct(truth)} | {diff} | "
             f"{vfs} | {per_second(s, s['proc_io']['syscr']):.0f} | "
             f"{s['memory_after'].get('cache', 0) / (1 << 20):.0f} MB |"
@@ -183,40 +179,40 @@ def _check_table(settings: list[dict[str, Any]]) -> list[str]:
         "|---:|" + "---|" * (len(shown) + 1),
     ]
     for s in settings:
-        rows = {(r["resource"], r["metric"]): r for r in s["check"] if r.get("kind") == "row"}
+        rows = {(r["resource"], r["metric"]): r for r in s["check"] if r["record"] == "check.row"}
         cells = [f"{rows[k]['text']} {rows[k]['verdict']}" if k in rows else "-" for k in shown]
-        summary = next((r["summary"] for r in s["check"] if r.get("kind") == "summary"), "")
+        summary = next((r["summary"] for r in s["check"] if r["record"] == "check.summary"), "")
         lines.append(f"| {s['limit_mb']} MB | " + " | ".join(cells) + f" | {summary} |")
     return lines
 
 
 def _cli_table(settings: list[dict[str, Any]]) -> list[str]:
     """The seconds `bpfscope cachestat --json --cgroup PATH 1` printed inside each window, added up,
-    beside the sampler's figure for the whole window."""
+    beside the collector's figure for the whole window."""
     lines = [
         "| RAM limit | seconds | lookups/s | misses/s | hit ratio (CLI) | hit ratio (whole window) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for s in settings:
-        records = s.get("cachestat_cli", [])
+        records = s["cachestat_cli"]
         seconds = sum(r["interval_s"] for r in records)
         lookups, misses = sum(r["lookups"] for r in records), sum(r["misses"] for r in records)
         ratio = 100.0 * (lookups - misses) / lookups if lookups else None
         rate = 1 / seconds if seconds else 0.0
         lines.append(
             f"| {s['limit_mb']} MB | {seconds:.1f} | {lookups * rate:.0f} | {misses * rate:.0f} | "
-            f"{_pct(ratio)} | {_pct(s['cache'].get('hit_ratio'))} |"
+            f"{_pct(ratio)} | {_pct(s['cache']['hit_ratio'])} |"
         )
     return lines
 
 
 def _cli_section(settings: list[dict[str, Any]]) -> list[str]:
     keys = ("lookups", "hits", "misses", "hit_ratio", "cached_mb")
-    first = [{k: r[k] for k in keys} for r in settings[0].get("cachestat_cli", [])[:3]]
+    first = [{k: r[k] for k in keys} for r in settings[0]["cachestat_cli"][:3]]
     return [
         "## `bpfscope cachestat --cgroup` as a person runs it",
         "",
-        "`bpfscope cachestat --json --cgroup CGROUP 1` ran beside the sampler, on the server's cgroup v2 "
+        "`bpfscope cachestat --json --cgroup CGROUP 1` ran beside the collector, on the server's cgroup v2 "
         f"directory, one line a second. Its first lines at {settings[0]['limit_mb']} MB:",
         "",
         "```",
@@ -280,15 +276,12 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         "",
         *_agreement_table(settings),
         "",
-        *(_cli_section(settings) if results["tools"]["cachestat"] else []),
+        *_cli_section(settings),
         "## Picture",
         "",
         "![TPS and hit ratio against RAM](tps_hit_ratio_vs_ram.png)",
         "",
     ]
-    missing = [tool for tool, present in results["tools"].items() if not present]
-    if missing:
-        lines += [f"Not measured in this run: bpfscope {', '.join(missing)} (not in this bpfscope).", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

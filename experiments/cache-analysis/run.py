@@ -14,11 +14,11 @@ watches the server's cgroup. Page cache is charged to the memory cgroup, so the 
 the data the server keeps cached.
 
 At each setting, over one window in the middle of a pgbench run: TPS and latency (pgbench), page-cache
-lookups, misses and hit ratio (bpfscope cachestat's sampler, on the server's cgroup), VFS reads (vfsstat's),
-bpfscope check's verdicts, and beside them independent truths: each server process's I/O accounting
-(/proc/PID/io), the bytes its cgroup read from disk (blkio), its memory.stat, and CPU and RAM as a
-dashboard sees them (system-wide). The report (--out) has a table per setting, a picture of TPS and hit
-ratio against RAM, and the point where adding RAM stops paying.
+lookups, misses and hit ratio (bpfscope cachestat's collector, on the server's cgroup), VFS reads
+(vfsstat's), bpfscope check's verdicts (its rules, on the same window), and beside them independent
+truths: each server process's I/O accounting (/proc/PID/io), the bytes its cgroup read from disk (blkio),
+its memory.stat, and CPU and RAM as a dashboard sees them (system-wide). The report (--out) has a table
+per setting, a picture of TPS and hit ratio against RAM, and the point where adding RAM stops paying.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 HERE = Path(__file__).resolve().parent
 VENV_PYTHON = HERE.parent.parent / ".venv" / "bin" / "python"
@@ -53,6 +53,9 @@ except ImportError:
     sys.exit("cache-analysis: psutil is missing: run ./setup.sh first")
 sys.path.insert(0, str(HERE.parent))
 from scenario import Watcher, as_postgres, parse_pgbench  # noqa: E402 - after its directory is on the path
+
+if TYPE_CHECKING:
+    from bpfscope.health.window import CheckWindow
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 MB = 1 << 20
@@ -94,7 +97,7 @@ def v1_mount(controller: str) -> Path | None:
 
 
 def cgroup2_mount() -> Path | None:
-    from bpfscope.cli.tool import cgroup2_mounts
+    from bpfscope.sources.cgroups import cgroup2_mounts
 
     return next(iter(cgroup2_mounts()), None)
 
@@ -362,12 +365,12 @@ def parse_progress(text: str, start: float, end: float) -> dict[str, Any]:
 
 
 def seconds_within(records: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
-    """cachestat's interval records that lie inside [start, end] (seconds since it attached); 50 ms of
-    slack for the time it takes to print "Tracing" and to be read."""
+    """cachestat's interval records that lie inside [start, end] (wall-clock seconds: a record's ts is the
+    end of its interval); 50 ms of slack for the moment between the tool's clock and ours."""
     return [
         r
         for r in records
-        if r["elapsed_s"] - r["interval_s"] >= start - 0.05 and r["elapsed_s"] <= end + 0.05
+        if r["record"] == "cachestat" and r["ts"] - r["interval_s"] >= start - 0.05 and r["ts"] <= end + 0.05
     ]
 
 
@@ -390,7 +393,7 @@ class Setting:
     pgbench_run: dict[str, float] = field(default_factory=dict)
     # bpfscope, on the server's cgroup
     cache: dict[str, float] = field(default_factory=dict)
-    vfs_reads: int | None = None
+    vfs_reads: int = 0
     # independent truths: the processes' I/O accounting, the cgroup's blkio and memory.stat
     proc_io: dict[str, int] = field(default_factory=dict)
     cgroup_read_bytes: int = 0
@@ -425,65 +428,15 @@ class Setting:
         return {**dataclasses.asdict(self), "tps": self.tps, "truth_hit_ratio": self.truth_hit_ratio}
 
 
-def bpfscope_samplers() -> tuple[type | None, type | None]:
-    """bpfscope's page-cache and VFS samplers (cachestat's and vfsstat's Python API), where this bpfscope
-    has them."""
-    try:
-        from bpfscope.domains.cache.pagecache import CacheSampler
-    except ImportError:
-        CacheSampler = None
-    try:
-        from bpfscope.domains.cache.vfsstat import VfsSampler
-    except ImportError:
-        VfsSampler = None
-    return CacheSampler, VfsSampler
+def health_window() -> CheckWindow:
+    """bpfscope check's rules over the measured window: the verdicts and the summary line a person
+    running `bpfscope check` then would read. pgbench, the cachestat command and the psql calls are this
+    process's children, which bpfscope leaves out of what it watches unless told: include_self keeps
+    them in, as `bpfscope check` run beside the experiment sees them."""
+    from bpfscope.health.rule import default_rules
+    from bpfscope.health.window import CheckWindow
 
-
-class CheckWindow:
-    """bpfscope check's providers (with the page cache's, registered or not) over the measured window:
-    the verdicts and the summary line a person running `bpfscope check` then would read."""
-
-    def __init__(self) -> None:
-        from bpfscope.health.check import PROVIDERS
-
-        classes = list(PROVIDERS)
-        with contextlib.suppress(ImportError):
-            from bpfscope.domains.cache.cachestat import PageCacheProvider
-
-            if PageCacheProvider not in classes:
-                classes.append(PageCacheProvider)
-        self.providers: list[Any] = []
-        try:
-            for cls in classes:
-                self.providers.append(cls())
-                self.providers[-1].prepare()
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self) -> CheckWindow:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def start(self) -> None:
-        for provider in self.providers:
-            provider.start()
-
-    def finish(self, window_s: float) -> list[dict[str, Any]]:
-        """The rows, then the summary, as `bpfscope check --json` prints them."""
-        from bpfscope.health.check import Report
-
-        rows = [row for provider in self.providers for row in provider.rows(window_s)]
-        return [
-            *(row.to_dict() for row in rows),
-            {"kind": "summary", "summary": Report(rows, window_s).summary()},
-        ]
-
-    def close(self) -> None:
-        for provider in self.providers:
-            provider.close()
+    return CheckWindow(default_rules(), include_self=True)
 
 
 def cpu_busy_pct(before: Any, after: Any) -> float:
@@ -514,22 +467,21 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
     """One RAM limit: pgbench -S runs for warm-up + window + a margin; the window is measured in the middle
     of the run, after every client has connected, so that the backends' start-up (page faults on the
     server's binary and libraries) stays out of it and every backend lives through it."""
+    from bpfscope.domains.cache.cachestat import CachestatCollector, CachestatConfig
+    from bpfscope.domains.cache.vfsstat import VfsCollector, VfsConfig
+
     setting = Setting(limit_mb)
     reset_cache(server, cgroups, limit_mb)
-    CacheSampler, VfsSampler = bpfscope_samplers()
     cgroup = str(cgroups.unified)
     disk = disk_of(server.data)
     with contextlib.ExitStack() as stack:
-        cache = stack.enter_context(CacheSampler(cgroup=cgroup)) if CacheSampler else None
-        cli = stack.enter_context(Watcher("cachestat", "--cgroup", cgroup, "1")) if CacheSampler else None
-        cli_start = time.monotonic()
-        vfs = None
-        if VfsSampler:
-            from bpfscope.cli.tool import RunOptions
-
-            vfs = stack.enter_context(VfsSampler(RunOptions(cgroup=cgroup).filters()))
-            vfs.start()
-        check = stack.enter_context(CheckWindow())
+        # Every program loaded and attached before the window opens.
+        cache = stack.enter_context(CachestatCollector(CachestatConfig(cgroup=cgroup)))
+        cache.open()
+        vfs = stack.enter_context(VfsCollector(VfsConfig(cgroup=cgroup)))
+        vfs.open()
+        cli = stack.enter_context(Watcher("cachestat", "--cgroup", cgroup, "1"))
+        check = stack.enter_context(health_window())
         progress = stack.enter_context(tempfile.TemporaryFile("w+"))
         # Started as the postgres user directly (not through runuser), so that killing it kills pgbench.
         bench = subprocess.Popen(
@@ -548,24 +500,21 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
         disk_before, cpu_before = diskstats_reads(disk), psutil.cpu_times()
         ours_before = cpu_seconds([*cgroups.tasks(), bench.pid])
         setting.memory_before = cgroups.memory_stat()
-        if cache:
-            cache.restart()
-        if vfs:
-            vfs.sample()
+        cache.start()
+        vfs.start()
         io_before, blk_before = cgroup_io(cgroups.tasks()), cgroups.disk_reads()
-        start = time.monotonic()
+        start, wall_start = time.monotonic(), time.time()
         time.sleep(mode.seconds)
-        end = time.monotonic()
-        cache_sample = cache.sample() if cache else None
-        vfs_sample = vfs.sample() if vfs else None
+        end, wall_end = time.monotonic(), time.time()
+        cache_sample = cache.sample()
+        vfs_sample = vfs.sample()
         io_after, blk_after = cgroup_io(cgroups.tasks()), cgroups.disk_reads()
         disk_after, cpu_after = diskstats_reads(disk), psutil.cpu_times()
         ours = cpu_seconds([*cgroups.tasks(), bench.pid]) - ours_before
         setting.memory_after = cgroups.memory_stat()
         vm = psutil.virtual_memory()
-        setting.check = check.finish(end - start)
-        if cli:
-            setting.cachestat_cli = seconds_within(cli.stop(), start - cli_start, end - cli_start)
+        setting.check = check.finish().records(time.time())
+        setting.cachestat_cli = seconds_within(cli.stop(), wall_start, wall_end)
 
         out, _ = bench.communicate(timeout=60)
         if bench.returncode != 0:
@@ -575,19 +524,17 @@ def measure(server: Server, cgroups: ServerCgroups, mode: Mode, limit_mb: int) -
         setting.pgbench = parse_progress(progress.read(), start - t0, end - t0)
         setting.pgbench_run = parse_pgbench(out)
     setting.seconds = end - start
-    if cache_sample is not None:
-        counts = cache_sample.counts
-        setting.cache = {
-            "lookups": cache_sample.lookups,
-            "read_pages": counts.read_pages,
-            "fault_pages": counts.fault_pages,
-            "hits": cache_sample.hits,
-            "misses": cache_sample.misses,
-            "hit_ratio": cache_sample.hit_ratio,
-            "ahead": cache_sample.ahead,
-        }
-    if vfs_sample is not None:
-        setting.vfs_reads = vfs_sample.total.reads
+    counts = cache_sample.counts
+    setting.cache = {
+        "lookups": cache_sample.lookups,
+        "read_pages": counts.read_pages,
+        "fault_pages": counts.fault_pages,
+        "hits": cache_sample.hits,
+        "misses": cache_sample.misses,
+        "hit_ratio": cache_sample.hit_ratio,
+        "ahead": cache_sample.ahead,
+    }
+    setting.vfs_reads = vfs_sample.total.reads
     setting.proc_io = io_delta(io_before, io_after)
     setting.cgroup_read_bytes = blk_after[0] - blk_before[0]
     setting.cgroup_read_ios = blk_after[1] - blk_before[1]
@@ -615,8 +562,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def run(mode: Mode, port: int, read_iops: int) -> dict[str, Any]:
     name = f"bse-cache-{os.getpid()}"
-    samplers = bpfscope_samplers()
-    tools = {"cachestat": samplers[0] is not None, "vfsstat": samplers[1] is not None}
     settings: list[Setting] = []
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{name}-", dir="/var/tmp")))
@@ -635,7 +580,7 @@ def run(mode: Mode, port: int, read_iops: int) -> dict[str, Any]:
         relations = server.relation_bytes()
         for limit in mode.limits_mb:
             setting = measure(server, cgroups, mode, limit)
-            ratio = setting.cache.get("hit_ratio", setting.truth_hit_ratio)
+            ratio = setting.cache["hit_ratio"]
             print(
                 f"RAM limit {limit} MB: {setting.tps:.0f} TPS, hit ratio {ratio or 0:.1f}%", file=sys.stderr
             )
@@ -647,7 +592,6 @@ def run(mode: Mode, port: int, read_iops: int) -> dict[str, Any]:
         "shared_buffers": SHARED_BUFFERS,
         "relations": relations,
         "data_mb": sum(relations.values()) / MB,
-        "tools": tools,
         "settings": [s.to_dict() for s in settings],
     }
 
