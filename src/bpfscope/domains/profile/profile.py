@@ -97,6 +97,8 @@ class ProfileCommand(click.Group):
     """``bpfscope profile [options] [interval [count]]`` profiles; ``bpfscope profile diff A B`` compares
     two profiles. A group whose own arguments are the profiler's, unless the first is a subcommand."""
 
+    allow_interspersed_args = True  # options after [interval [count]], as every tool takes them
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] in self.commands:
             ctx.meta["bpfscope.subcommand"] = (args[0], args[1:])
