@@ -112,10 +112,12 @@ def stop(proc: subprocess.Popen[str]) -> str:
     return err
 
 
-def exec_storm(bins: dict[str, Path], rate: int, seconds: float, as_json: bool) -> dict[str, Any]:
+def exec_storm(
+    bins: dict[str, Path], rate: int, seconds: float, as_json: bool, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The storm under the tool writing Tetragon's JSON lines (as_json) or the compact view."""
     with tempfile.TemporaryFile("w+") as output:
-        tool = start_secure([*(["--json"] if as_json else []), "--no-default-policy"], output)
+        tool = start_secure([*(["--json"] if as_json else []), "--no-default-policy", *extra], output)
         before = cpu_seconds(tool.pid)
         t0 = time.monotonic()
         storm = subprocess.run(
@@ -144,7 +146,7 @@ def exec_storm(bins: dict[str, Path], rate: int, seconds: float, as_json: bool) 
             losses = sum(int(n) for n in re.findall(r"(\d+) events (?:lost|missed)", err))
     spawned, reached = storm.stdout.split()
     return {
-        "output": "json" if as_json else "compact",
+        "output": ("json" if as_json else "compact") + "".join(f" {a}" for a in extra),
         "target_rate": rate,
         "spawned": int(spawned),
         "exec_rate": float(reached),
@@ -274,7 +276,8 @@ def main() -> None:
         report: dict[str, Any] = {}
         if "exec" in parts:
             report["exec"] = [
-                exec_storm(bins, args.exec_rate, args.seconds, as_json) for as_json in (True, False)
+                exec_storm(bins, args.exec_rate, args.seconds, as_json, extra)
+                for as_json, extra in ((True, ()), (True, ("--no-ancestors",)), (False, ()))
             ]
         if "syscalls" in parts:
             report["syscalls"] = syscall_storm(bins, workdir, args.calls, args.rounds)
