@@ -1,0 +1,307 @@
+"""The embedded store: records kept on disk, by kind and by hour, and queried with DuckDB.
+
+Each kind of record (a :class:`~bpfscope.runtime.schema.Schema`) is a table, its columns made from
+the schema's fields (int -> BIGINT, float -> DOUBLE, str and enum -> VARCHAR, bool -> BOOLEAN, list
+and dict -> JSON). A table is a directory of Parquet files partitioned by hour::
+
+    STORE/profile.stack/date=2026-12-06/hour=14/part-1796520000123-4242.parquet
+
+Why files rather than one database file: DuckDB lets one process hold a database file for writing and
+no other process read it meanwhile, while a store must be read (``bpfscope profile diff``, a report)
+while the agent writes. A writer buffers records and flushes them every ``flush_s`` seconds as a new
+file, written beside its final name and renamed into place (after an fsync), so a reader sees whole
+files only, and ``kill -9`` loses at most the records since the last flush, never a file. Retention
+deletes whole hours: older than ``max_age_s``, then the oldest while the store is larger than
+``max_bytes``.
+
+    with Store("/var/lib/bpfscope/store") as store:
+        rows = store.query('SELECT pid, sum(samples) FROM "profile.stack" GROUP BY pid')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.schema import RECORD_KEY, Schema
+from bpfscope.runtime.session import Sink
+
+if TYPE_CHECKING:
+    from bpfscope.runtime.collector import Collector, Sample
+    from bpfscope.runtime.losses import Losses
+
+SQL_TYPES = {
+    "int": "BIGINT",
+    "float": "DOUBLE",
+    "str": "VARCHAR",
+    "enum": "VARCHAR",
+    "bool": "BOOLEAN",
+    "list": "JSON",
+    "dict": "JSON",
+}
+# Flushed this often by default: a file per table and minute keeps a day of a continuous profile to
+# about 1,500 small files, which DuckDB reads in one scan.
+FLUSH_S = 60.0
+_TABLE = re.compile(r"[a-z][a-z0-9_.]*")
+
+
+def _hour(ts: float) -> tuple[str, str]:
+    moment = datetime.fromtimestamp(ts, tz=UTC)
+    return moment.strftime("%Y-%m-%d"), moment.strftime("%H")
+
+
+class Store:
+    """A store directory: tables of records, written by at most one :class:`StoreWriter` at a time and
+    read by any number of processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # --- reading -------------------------------------------------------------------------------------
+    def tables(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and _TABLE.fullmatch(p.name))
+
+    def connect(self) -> Any:
+        """An in-memory DuckDB connection with one view per table (its name quoted: "profile.stack")."""
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        for table in self.tables():
+            files = list((self.path / table).glob("date=*/hour=*/*.parquet"))
+            if not files:
+                continue
+            pattern = str(self.path / table / "date=*" / "hour=*" / "*.parquet").replace("'", "''")
+            con.execute(
+                f"CREATE VIEW \"{table}\" AS SELECT * FROM read_parquet('{pattern}', "
+                "hive_partitioning = true, union_by_name = true)"
+            )
+        return con
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        con = self.connect()
+        try:
+            return con.execute(sql, list(params)).fetchall()
+        finally:
+            con.close()
+
+    def records(
+        self,
+        schema: Schema,
+        start: float | None = None,
+        end: float | None = None,
+        where: str = "",
+        params: Iterable[Any] = (),
+    ) -> list[dict[str, Any]]:
+        """The records of one kind whose ``ts`` is in [start, end), as the collector made them (JSON
+        columns decoded)."""
+        if schema.name not in self.tables():
+            return []
+        conditions = [c for c in (where, "ts >= ?" if start else "", "ts < ?" if end else "") if c]
+        args = [*params, *([start] if start else []), *([end] if end else [])]
+        names = ", ".join(f'"{f.name}"' for f in schema.fields)
+        sql = f'SELECT {names} FROM "{schema.name}"' + (
+            f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        )
+        con = self.connect()
+        try:
+            rows = con.execute(sql + " ORDER BY ts", args).fetchall()
+        finally:
+            con.close()
+        decode = [f.type in ("list", "dict") for f in schema.fields]
+        out = []
+        for row in rows:
+            values = {
+                f.name: json.loads(v) if json_field and isinstance(v, str) else v
+                for f, v, json_field in zip(schema.fields, row, decode, strict=True)
+            }
+            out.append(schema.record(values))
+        return out
+
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.path.glob("*/date=*/hour=*/*.parquet"))
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class StoreWriter:
+    """Buffers records of declared schemas and flushes them to the store as Parquet files."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        schemas: Iterable[Schema],
+        flush_s: float = FLUSH_S,
+        max_age_s: float | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.store = Store(path)
+        self.store.path.mkdir(parents=True, exist_ok=True)
+        self.schemas = {s.name: s for s in schemas}
+        for name in self.schemas:
+            if not _TABLE.fullmatch(name):
+                raise BpfscopeError(f"cannot store records named {name!r}")
+        self.flush_s = flush_s
+        self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
+        self.pending: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        self.last_flush = time.monotonic()
+        self.files_written = 0
+        self.rows_written = 0
+
+    def add(self, records: Iterable[Mapping[str, Any]]) -> None:
+        for record in records:
+            schema = self.schemas.get(record.get(RECORD_KEY, ""))
+            if schema is None:
+                continue  # a kind of record this store was not made for (losses go to the terminal)
+            date, hour = _hour(float(record["ts"]))
+            self.pending.setdefault((schema.name, date, hour), []).append(dict(record))
+        if time.monotonic() - self.last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Every buffered record to disk (one new file per table and hour), then the retention."""
+        import duckdb
+
+        pending, self.pending = self.pending, {}
+        self.last_flush = time.monotonic()
+        if pending:
+            con = duckdb.connect(":memory:")
+            try:
+                for (table, date, hour), rows in pending.items():
+                    self._write(con, self.schemas[table], date, hour, rows)
+            finally:
+                con.close()
+        self.apply_retention()
+
+    def _write(self, con: Any, schema: Schema, date: str, hour: str, rows: list[dict[str, Any]]) -> None:
+        directory = self.store.path / schema.name / f"date={date}" / f"hour={hour}"
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = f"part-{time.time_ns()}-{os.getpid()}"
+        staged = directory / f".{stem}.jsonl"
+        written = directory / f".{stem}.parquet.tmp"
+        final = directory / f"{stem}.parquet"
+        try:
+            with open(staged, "w") as f:
+                for row in rows:
+                    f.write(json.dumps({n: row.get(n) for n in schema.names}) + "\n")
+            columns = ", ".join(f"'{f.name}': '{SQL_TYPES[f.type]}'" for f in schema.fields)
+            con.execute(
+                f"COPY (SELECT * FROM read_json('{_quote(staged)}', format = 'newline_delimited', "
+                f"columns = {{{columns}}})) TO '{_quote(written)}' (FORMAT parquet)"
+            )
+            # On disk before it has its name: a crash leaves a hidden temporary, never a torn file.
+            fd = os.open(written, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(written, final)
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            staged.unlink(missing_ok=True)
+            written.unlink(missing_ok=True)
+        self.files_written += 1
+        self.rows_written += len(rows)
+
+    # --- retention -----------------------------------------------------------------------------------
+    def hours(self) -> list[tuple[float, Path]]:
+        """Every hour partition of every table, with the start of its hour (epoch seconds)."""
+        out = []
+        for hour_dir in self.store.path.glob("*/date=*/hour=*"):
+            date = hour_dir.parent.name.removeprefix("date=")
+            hour = hour_dir.name.removeprefix("hour=")
+            with contextlib.suppress(ValueError):
+                start = datetime.strptime(f"{date} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+                out.append((start.timestamp(), hour_dir))
+        return sorted(out)
+
+    def apply_retention(self, now: float | None = None) -> list[Path]:
+        """Delete hours past the age limit, then the oldest hours while over the size limit (never the
+        current hour)."""
+        now = time.time() if now is None else now
+        current = datetime.fromtimestamp(now, tz=UTC).replace(minute=0, second=0, microsecond=0)
+        removed = []
+        hours = [(start, path) for start, path in self.hours() if start < current.timestamp()]
+        if self.max_age_s is not None:
+            for start, path in list(hours):
+                if start + 3600 <= now - self.max_age_s:
+                    removed.append(path)
+                    hours.remove((start, path))
+        if self.max_bytes is not None:
+            total = self.store.size() - sum(_size(p) for p in removed)
+            for _, path in list(hours):
+                if total <= self.max_bytes:
+                    break
+                total -= _size(path)
+                removed.append(path)
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # the day, once its last hour has gone
+        return removed
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.parquet"))
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+class StoreSink(Sink):
+    """Every record of the collectors' declared schemas into a store (flushed every ``flush_s``, and at
+    the end)."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self.writer = writer
+
+    def emit(self, collector: Collector, sample: Sample) -> None:
+        self.writer.add(sample.records())
+
+    def finish(self, collector: Collector, losses: Losses, elapsed_s: float) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def parse_size(text: str) -> int:
+    """``500MB``, ``2G``, ``1024`` (bytes) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise BpfscopeError(f"not a size: {text!r} (say 500MB or 2GB)")
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
+
+
+def parse_age(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match:
+        raise BpfscopeError(f"not an age: {text!r} (say 7d, 12h or 30m)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+__all__ = ["Store", "StoreSink", "StoreWriter", "parse_age", "parse_size"]
