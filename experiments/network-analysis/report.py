@@ -19,6 +19,8 @@ import numpy as np
 RETRANS_NOTABLE_PCT = 1.0
 # A send buffer this full is saturated: the writer is blocked (or told EAGAIN) until the peer acknowledges.
 FULL_PCT = 90.0
+# tcpretrans -c's record of one connection over an interval (beside tcpretrans.total, all connections).
+CONNECTION = "tcpretrans.connection"
 
 
 def link_of(addr: str) -> mesh.Link | None:
@@ -63,7 +65,7 @@ def hop_rows(results: dict[str, Any], phase: dict[str, Any]) -> dict[str, dict[s
     }
     for r in results.get("tcpretrans", []):
         link = link_of(r.get("saddr", ""))
-        if r.get("scope") != "connection" or link is None or not in_phase(r, phase):
+        if r["record"] != CONNECTION or link is None or not in_phase(r, phase):
             continue
         hop = hops[link.name]
         hop["retrans"] += r["retrans"]
@@ -121,7 +123,7 @@ def netns_truth(results: dict[str, Any], phase: dict[str, Any]) -> dict[str, dic
     counted: dict[str, int] = defaultdict(int)
     went_down: dict[str, int] = defaultdict(int)
     for r in results.get("tcpretrans", []):
-        if r.get("scope") == "connection" and in_phase(r, phase):
+        if r["record"] == CONNECTION and in_phase(r, phase):
             service = inode_to_service.get(r["netns"])
             if service:
                 counted[service] += r["retrans"]
@@ -166,7 +168,7 @@ def client_latency(results: dict[str, Any], phase: dict[str, Any]) -> dict[str, 
 
 
 def _verdicts(phase: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in phase["check"] if r.get("kind") == "row"}
+    return {r["name"]: r for r in phase["check"] if r["record"] == "check.row"}
 
 
 def analyse(results: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +255,7 @@ def retransmits_picture(results: dict[str, Any], path: Path) -> None:
     series: dict[str, dict[float, float]] = {link.name: defaultdict(float) for link in mesh.LINKS}
     for r in results.get("tcpretrans", []):
         link = link_of(r.get("saddr", ""))
-        if r.get("scope") == "connection" and link is not None:
+        if r["record"] == CONNECTION and link is not None:
             series[link.name][r["t"]] += r["retrans"]
     times = sorted({r["t"] for r in results.get("tcpretrans", [])})
     fig, ax = _per_hop_picture(results, series, times)
@@ -330,6 +332,12 @@ def _check_table(phase: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _losses(results: dict[str, Any]) -> str:
+    """What the tools could not see, from the losses record each ends its JSON with."""
+    lost = [f"{tool} {n}" for tool, n in results.get("lost", {}).items() if n]
+    return "The tools lost no event." if not lost else f"Events the tools lost: {', '.join(lost)}."
+
+
 def write_report(out: Path, results: dict[str, Any]) -> Path:
     retransmits_picture(results, out / "retransmits.png")
     saturation_picture(results, out / "saturation.png")
@@ -392,7 +400,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
             f"| {mesh.NETNS[service]} | {row['snmp_retrans']} | {row['tcpretrans']} | "
             f"{row['tcpretrans_rows_down']} |"
         )
-    lines.append("")
+    lines += ["", _losses(results), ""]
     lines += [
         "## Pictures",
         "",

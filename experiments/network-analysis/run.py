@@ -27,17 +27,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import mesh  # noqa: E402
 from scenario import Watcher  # noqa: E402
+
+if TYPE_CHECKING:
+    from bpfscope.health.window import CheckWindow
 
 # Offered load: 12 responses of 4 MiB a second (about 50 MB/s through three proxies), 8 client workers.
 # Well within what two CPUs move through veths (the mesh's own processes use about a third of one CPU for
@@ -66,31 +68,17 @@ class Phase:
         return self.end - self.start
 
 
-def check_in_background(seconds: float) -> tuple[threading.Thread, list[dict[str, Any]]]:
-    """bpfscope's health check over the phase, through the Python API: CPU, RAM, socket buffers, and
-    TCP where this bpfscope has it."""
-    from bpfscope.domains.net.sockstat import SocketBufferProvider
-    from bpfscope.health.check import PROVIDERS, CpuProvider, MemoryProvider
+def health_window() -> CheckWindow:
+    """bpfscope's health check through the Python API: the rules of `bpfscope check` for CPU, RAM, TCP
+    and socket buffers, on one window (its programs load when it is entered, before it opens). The
+    mesh's servers, its client and pgbench are this process's children, which bpfscope leaves out of
+    what it watches unless told: include_self keeps them in, as `bpfscope check` run beside the
+    experiment sees them."""
+    from bpfscope.domains.net.health import SocketBufferRule, TcpRule
+    from bpfscope.domains.system.health import CpuRule, MemoryRule
+    from bpfscope.health.window import CheckWindow
 
-    providers = [CpuProvider, MemoryProvider, SocketBufferProvider]
-    with contextlib.suppress(ImportError):
-        from bpfscope.domains.net.tcpretrans import TcpProvider
-
-        providers.append(TcpProvider)
-    # Providers registered since (the lead's list) join in, once each.
-    providers += [p for p in PROVIDERS if p not in providers and p.name in ("TCP", "Socket buffers")]
-    rows: list[dict[str, Any]] = []
-
-    def work() -> None:
-        from bpfscope.health.check import run_check
-
-        report = run_check(seconds, providers=providers)
-        rows.extend(r.to_dict() for r in report.rows)
-        rows.append({"kind": "summary", "summary": report.summary(), "problem": report.problem})
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    return thread, rows
+    return CheckWindow([CpuRule, MemoryRule, TcpRule, SocketBufferRule], include_self=True)
 
 
 def run_phase(phase: Phase, t0: float, seconds: float) -> None:
@@ -98,11 +86,21 @@ def run_phase(phase: Phase, t0: float, seconds: float) -> None:
     snmp_before = {s: mesh.snmp(s) for s in mesh.SERVICES}
     bytes_before = {link.name: mesh.link_bytes(link) for link in mesh.LINKS}
     cpu_before = mesh.cpu_seconds()
-    # The check's window sits inside the phase, clear of its edges.
-    thread, rows = check_in_background(max(1.0, seconds - 2.0))
-    time.sleep(seconds)
-    thread.join(timeout=60)
-    phase.check = rows
+
+    def until(t: float) -> float:
+        """Seconds from now to ``t`` seconds into the phase."""
+        return max(0.0, phase.start + t - (time.time() - t0))
+
+    # The check's window sits inside the phase, clear of its edges (its programs load meanwhile). Its
+    # collectors are read when it opens and when it closes, so that every row covers the whole window
+    # (none of these rules reads a ring that would need draining in between).
+    edge = min(1.0, seconds / 4)
+    with health_window() as check:
+        time.sleep(until(edge))
+        check.start()
+        time.sleep(max(until(seconds - edge), 0.5))
+        phase.check = check.finish().records(time.time())
+    time.sleep(until(seconds))
     cpu_after = mesh.cpu_seconds()
     phase.end = time.time() - t0
     used = sum(t - cpu_before[pid] for pid, t in cpu_after.items() if pid in cpu_before)
@@ -195,6 +193,7 @@ def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, A
             results["run_snmp"][s] = deltas
         for name, watcher in watchers.items():
             results[name] = watcher.stop()
+        results["lost"] = {name: watcher.lost() for name, watcher in watchers.items()}
         results["phases"] = [asdict(p) for p in (healthy, faulty)]
         results["pids"] = group.pids()
     return results
