@@ -42,8 +42,20 @@ def test_reports_every_capability(doctor: dict[str, dict]) -> None:
         "lsm",
         "ringbuf",
         "bpf_send_signal",
+        "cgroup connect4",
+        "cgroup connect6",
+        "cgroup sendmsg4",
+        "cgroup sendmsg6",
     }
     assert set(doctor) == expected
+
+
+def test_cgroup_socket_hooks_refuse_what_they_are_told_to(doctor: dict[str, dict]) -> None:
+    """What bpfscope secure's Block rules stand on (measured here: cgroup/connect4 refusals work); the
+    probe refused the doctor's own connect or send, and nobody else's."""
+    for name in ("cgroup connect4", "cgroup connect6", "cgroup sendmsg4", "cgroup sendmsg6"):
+        assert doctor[name]["ok"], doctor[name]
+        assert doctor[name]["needed"] is False
 
 
 def test_what_bpfscope_needs_works_here(doctor: dict[str, dict]) -> None:

@@ -125,3 +125,37 @@ int probe_send_signal(void *ctx)
 		hit(9);
 	return 0;
 }
+
+/* Socket-address hooks on a cgroup (what Block rules of bpfscope secure are made of): each refuses the
+ * doctor's own connect or send (return 0: EPERM) and lets everyone else through (1). */
+static __always_inline int refuse_doctor(__u32 probe)
+{
+	if (!from_doctor())
+		return 1;
+	hit(probe);
+	return 0;
+}
+
+SEC("cgroup/connect4")
+int probe_connect4(struct bpf_sock_addr *ctx)
+{
+	return refuse_doctor(10);
+}
+
+SEC("cgroup/connect6")
+int probe_connect6(struct bpf_sock_addr *ctx)
+{
+	return refuse_doctor(11);
+}
+
+SEC("cgroup/sendmsg4")
+int probe_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return refuse_doctor(12);
+}
+
+SEC("cgroup/sendmsg6")
+int probe_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return refuse_doctor(13);
+}

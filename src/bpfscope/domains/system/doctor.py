@@ -8,6 +8,7 @@ checks run, so that a machine without libbpf or kernel BTF gets a one-line error
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import os
 import platform
@@ -109,6 +110,29 @@ def _attach(program: Program) -> object:
     return program.attach()
 
 
+def _attach_cgroup(program: Program) -> object:
+    """On the root of the cgroup v2 hierarchy: the doctor is below it wherever it runs, and the program
+    lets every other process through."""
+    from bpfscope.sources.cgroups import cgroup2_mounts
+
+    mounts = cgroup2_mounts()
+    if not mounts:
+        raise BpfscopeError("no cgroup v2 mount")
+    return program.attach_cgroup(mounts[0])
+
+
+def _refused(call: str, family: int) -> None:
+    """A UDP connect or send to the loopback address, which the probe refuses (EPERM)."""
+    import socket
+
+    af, address = (socket.AF_INET, "127.0.0.1") if family == 4 else (socket.AF_INET6, "::1")
+    with socket.socket(af, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        if call == "connect":
+            sock.connect((address, 9))
+        else:
+            sock.sendto(b"doctor", (address, 9))
+
+
 @dataclass
 class Probe:
     name: str
@@ -130,6 +154,19 @@ PROBES = [
     Probe("lsm", "probe_lsm", 7, _attach, lambda: Path("/proc/self/stat").read_bytes(), needed=False),
     Probe("ringbuf", "probe_ringbuf", 8, _attach, _getppid_loop),
     Probe("bpf_send_signal", "probe_send_signal", 9, _attach, _getppid_loop),
+    # What `bpfscope secure` blocks connects and sends with: needed only for Block rules.
+    Probe(
+        "cgroup connect4", "probe_connect4", 10, _attach_cgroup, lambda: _refused("connect", 4), needed=False
+    ),
+    Probe(
+        "cgroup connect6", "probe_connect6", 11, _attach_cgroup, lambda: _refused("connect", 6), needed=False
+    ),
+    Probe(
+        "cgroup sendmsg4", "probe_sendmsg4", 12, _attach_cgroup, lambda: _refused("sendto", 4), needed=False
+    ),
+    Probe(
+        "cgroup sendmsg6", "probe_sendmsg6", 13, _attach_cgroup, lambda: _refused("sendto", 6), needed=False
+    ),
 ]
 
 
