@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bpfscope.runtime.session import Sink, SinkClosed
-from bpfscope.sinks.terminal import _close_stdout, note, plain
+from bpfscope.sinks.terminal import _close_stdout, note, plain, write_all
 
 if TYPE_CHECKING:
     from bpfscope.runtime.collector import Collector, Sample
@@ -48,8 +48,7 @@ class JsonLinesSink(Sink):
 
     def _write(self, text: str) -> None:
         try:
-            self.stream.write(text)
-            self.stream.flush()
+            write_all(self.stream, text)
         except BrokenPipeError:
             _close_stdout(self.stream)
             raise SinkClosed() from None

@@ -35,6 +35,21 @@ def plain(value: Any) -> Any:
     return value
 
 
+def write_all(stream: TextIO, text: str) -> None:
+    """Write ``text`` whole. Python's buffered streams lose the rest of a write to a full pipe that a
+    signal interrupts part way (seen: 65,536 of 200,000 bytes arrived after a Ctrl-C): the bytes go out
+    through os.write, again until none is left."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # not a file (a StringIO in tests)
+        stream.write(text)
+        return
+    stream.flush()
+    view = memoryview(text.encode(errors="replace"))
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def note(text: str) -> None:
     """A message for the person at the terminal, on stderr so that stdout stays clean."""
     sys.stderr.write(text + "\n")
@@ -80,14 +95,14 @@ class Terminal:
         self.console.print(table)
 
     def line(self, text: str) -> None:
-        self.stream.write(text + "\n")
+        write_all(self.stream, text + "\n")
 
     def lines(self, texts: Sequence[str]) -> None:
         if texts:
-            self.stream.write("\n".join(texts) + "\n")
+            write_all(self.stream, "\n".join(texts) + "\n")
 
     def heading(self, text: str) -> None:
-        self.stream.write(f"\n{datetime.now():%H:%M:%S} {text}\n")
+        write_all(self.stream, f"\n{datetime.now():%H:%M:%S} {text}\n")
 
     def styled(self, text: str, style: str | None) -> None:
         if style and self.tty:
@@ -96,7 +111,7 @@ class Terminal:
             self.line(text)
 
     def clear(self) -> None:
-        self.stream.write(CLEAR)
+        write_all(self.stream, CLEAR)
 
     def flush(self) -> None:
         self.stream.flush()
@@ -129,9 +144,13 @@ def loadavg() -> str:
 
 def _close_stdout(stream: TextIO) -> None:
     """The reader went away (``| head``): further writes go nowhere, quietly."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return  # not a file: nothing to redirect
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, stream.fileno())
+        os.dup2(devnull, fd)
     finally:
         os.close(devnull)
 
