@@ -73,7 +73,7 @@ def test_a_reader_that_goes_away_stops_the_writer_quietly() -> None:
             pass
 
     class Sample:
-        def records(self):  # noqa: ANN202
+        def records(self):
             yield {"record": "x", "ts": 0.0}
 
     collector = Collector(Config())
