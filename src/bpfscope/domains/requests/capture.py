@@ -1,0 +1,329 @@
+"""From the kernel's records (requests.bpf.c) to requests and responses: connections, their protocol,
+their two directions' bytes, parsing and pairing.
+
+A connection is one socket of one process seen through one source: its plain bytes (syscalls) or its
+TLS plaintext (OpenSSL). A UDP socket that talks to many peers (a DNS server) is one connection per
+peer. Each connection keeps a :class:`~bpfscope.domains.requests.protocols.stream.Stream` per direction,
+its parser (chosen from its first bytes) and its pairing; :class:`Tracker` feeds them batch by batch and
+returns the exchanges completed, with what it could not parse counted per reason.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bpfscope.domains.net.conn import address
+from bpfscope.domains.requests import protocols
+from bpfscope.domains.requests.protocols.base import Exchange, Pairing, ParseError, Parser
+from bpfscope.domains.requests.protocols.stream import Stream
+from bpfscope.runtime.schema import enum_names
+
+if TYPE_CHECKING:
+    from bpfscope.engine.btf import Btf
+
+# Connections kept at once, the least recently used forgotten first; and how long one may stay silent
+# before it is forgotten (UDP has no close; a TCP close can be missed when the tool started after it).
+MAX_CONNECTIONS = 16384
+IDLE_S = 300.0
+# Calls looked at before a connection whose bytes fit no protocol is left alone.
+DETECT_TRIES = 4
+IPPROTO_UDP = 17
+
+
+@dataclass(frozen=True)
+class Kinds:
+    """The kernel's enums (requests.bpf.c), by value."""
+
+    kind: dict[int, str]
+    dir: dict[int, str]
+    source: dict[int, str]
+    role: dict[int, str]
+
+    @classmethod
+    def of(cls, btf: Btf) -> Kinds:
+        return cls(*(enum_names(btf.enum(f"bs_req_{name}")) for name in ("kind", "dir", "source", "role")))
+
+
+@cache
+def header_dtype(btf: Btf) -> np.dtype:
+    """struct req_event without its payload: the head of every record."""
+    event = btf.struct("req_event")
+    full = event.dtype
+    names = [n for n in full.names if n != "data"]
+    return np.dtype(
+        {
+            "names": names,
+            "formats": [full.fields[n][0] for n in names],
+            "offsets": [full.fields[n][1] for n in names],
+            "itemsize": full.fields["data"][1],
+        }
+    )
+
+
+@dataclass(eq=False)
+class Connection:
+    """One socket of one process, through one source (syscalls or TLS), and one peer for UDP."""
+
+    pid: int
+    tid: int
+    comm: str
+    cgroup: int
+    fd: int
+    cookie: int
+    udp: bool
+    encrypted: bool
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    role: str  # client, server or unknown, as the kernel saw it open
+    parser: Parser | None = None
+    requests_ingress: bool = False  # requests are the bytes this process received (it is the server)
+    ignored: str = ""  # why the bytes are not parsed: tls, unknown
+    tries: int = 0
+    streams: tuple[Stream, Stream] = field(default_factory=lambda: (Stream(False), Stream(True)))
+    pairing: Pairing | None = None
+    last_ns: int = 0
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    opened_ns: int = 0
+
+    @property
+    def protocol(self) -> str:
+        return self.parser.protocol if self.parser is not None else self.ignored or "unknown"
+
+    @property
+    def trace_role(self) -> str:
+        """client when this process sent the requests, server when it answered them."""
+        if self.parser is None:
+            return self.role
+        return "server" if self.requests_ingress else "client"
+
+
+@dataclass
+class Counts:
+    """What the tracker could not turn into exchanges, by reason (losses; see Tracker.losses)."""
+
+    parse_errors: int = 0  # bytes that fit their protocol's grammar nowhere: the parser gave up on them
+    truncated: int = 0  # heads cut by the capture limit
+    unmatched: int = 0  # responses whose request was not seen (captured from mid-connection)
+    unanswered: int = 0  # requests whose connection closed or was forgotten before the response
+    undetected: int = 0  # connections whose bytes fit no protocol
+
+
+class Tracker:
+    """Every connection's state; :meth:`feed` takes a batch of ring records and returns the exchanges
+    they completed."""
+
+    def __init__(self, btf: Btf, wall_offset_ns: int, protocols_wanted: frozenset[str] | None = None) -> None:
+        self.kinds = Kinds.of(btf)
+        self.dtype = header_dtype(btf)
+        self.head_size = self.dtype.itemsize
+        self.wall_offset_ns = wall_offset_ns
+        self.wanted = protocols_wanted
+        self.connections: OrderedDict[tuple, Connection] = OrderedDict()
+        self.counts = Counts()
+        self.records = 0
+        self._last_sweep = time.monotonic()
+        self._data_kind = next(v for v, n in self.kinds.kind.items() if n == "data")
+        self._ingress = next(v for v, n in self.kinds.dir.items() if n == "ingress")
+        self._tls = next(v for v, n in self.kinds.source.items() if n == "tls")
+
+    # --- records ------------------------------------------------------------------------------------
+    def feed(self, records: list[bytes]) -> list[tuple[Connection, Exchange]]:
+        if not records:
+            return []
+        self.records += len(records)
+        head_size = self.head_size
+        heads = np.frombuffer(b"".join(r[:head_size] for r in records), dtype=self.dtype)
+        conn = heads["conn"]
+        columns = zip(
+            heads["kind"].tolist(),
+            heads["tgid"].tolist(),
+            heads["cookie"].tolist(),
+            heads["source"].tolist(),
+            heads["protocol"].tolist(),
+            conn["daddr"].tolist(),
+            conn["dport"].tolist(),
+            heads["dir"].tolist(),
+            heads["size"].tolist(),
+            heads["len"].tolist(),
+            heads["start_ns"].tolist(),
+            heads["end_ns"].tolist(),
+            strict=True,
+        )
+        out: list[tuple[Connection, Exchange]] = []
+        for i, (
+            kind,
+            tgid,
+            cookie,
+            source,
+            proto,
+            daddr,
+            dport,
+            ingress,
+            size,
+            length,
+            start,
+            end,
+        ) in enumerate(columns):
+            udp = proto == IPPROTO_UDP
+            key = (tgid, cookie, source, daddr, dport) if udp else (tgid, cookie, source)
+            if kind != self._data_kind:
+                self._close(cookie, end, out)
+                continue
+            connection = self.connections.get(key)
+            if connection is None:
+                connection = self._open(key, heads[i], udp, source == self._tls)
+            else:
+                self.connections.move_to_end(key)
+            data = records[i][head_size : head_size + length]
+            self._data(connection, ingress == self._ingress, data, size, start, end, out)
+        self._sweep(out)
+        return out
+
+    def _open(self, key: tuple, head: Any, udp: bool, encrypted: bool) -> Connection:
+        conn = head["conn"]
+        family = int(conn["family"])
+        connection = Connection(
+            pid=int(head["tgid"]),
+            tid=int(head["tid"]),
+            comm=bytes(head["comm"]).split(b"\0", 1)[0].decode(errors="replace"),
+            cgroup=int(head["cgroup"]),
+            fd=int(head["fd"]),
+            cookie=int(head["cookie"]),
+            udp=udp,
+            encrypted=encrypted,
+            local_addr=address(family, conn["saddr"]),
+            local_port=int(conn["sport"]),
+            remote_addr=address(family, conn["daddr"]),
+            remote_port=int(conn["dport"]),
+            role=self.kinds.role.get(int(head["role"]), "unknown"),
+            opened_ns=int(head["start_ns"]),
+        )
+        self.connections[key] = connection
+        if len(self.connections) > MAX_CONNECTIONS:
+            _, old = self.connections.popitem(last=False)
+            self._forget(old)
+        return connection
+
+    def _data(
+        self,
+        conn: Connection,
+        ingress: bool,
+        data: bytes,
+        size: int,
+        start: int,
+        end: int,
+        out: list[tuple[Connection, Exchange]],
+    ) -> None:
+        conn.last_ns = end
+        if ingress:
+            conn.bytes_recv += size
+        else:
+            conn.bytes_sent += size
+        if conn.ignored:
+            return
+        if conn.parser is None and not self._choose(conn, ingress, data):
+            return
+        parser, pairing = conn.parser, conn.pairing
+        assert parser is not None and pairing is not None
+        stream = conn.streams[ingress]
+        stream.append(data, size, start, end)
+        is_requests = ingress == conn.requests_ingress
+        try:
+            messages = parser.requests(stream) if is_requests else parser.responses(stream)
+        except ParseError as exc:
+            if "captur" in str(exc):
+                self.counts.truncated += 1
+            else:
+                self.counts.parse_errors += 1
+            stream.clear()
+            pairing.forget()
+            return
+        for message in messages:
+            if is_requests:
+                pairing.request(message)
+            else:
+                request = pairing.response(message)
+                if request is not None:
+                    out.append((conn, Exchange(parser.protocol, request, message)))
+
+    def _choose(self, conn: Connection, ingress: bool, data: bytes) -> bool:
+        """Pick the connection's protocol from its first bytes; False while it cannot."""
+        if protocols.is_tls(data) and not conn.encrypted:
+            conn.ignored = "tls"
+            return False
+        found = protocols.detect(data, conn.udp, (conn.local_port, conn.remote_port))
+        if found is None:
+            conn.tries += 1
+            if conn.tries >= DETECT_TRIES:
+                conn.ignored = "unknown"
+                self.counts.undetected += 1
+            return False
+        parser = found.parser()
+        if self.wanted is not None and parser.protocol not in self.wanted:
+            conn.ignored = parser.protocol
+            return False
+        conn.parser = parser
+        conn.pairing = Pairing(parser.keyed)
+        if conn.role in ("client", "server") and not conn.udp:
+            conn.requests_ingress = conn.role == "server"
+        else:
+            conn.requests_ingress = ingress == found.is_request
+        return True
+
+    # --- ends ---------------------------------------------------------------------------------------
+    def _close(self, cookie: int, end_ns: int, out: list[tuple[Connection, Exchange]]) -> None:
+        keys = [key for key in self.connections if key[1] == cookie]
+        for key in keys:
+            conn = self.connections.pop(key)
+            if conn.parser is not None and conn.pairing is not None:
+                for message in conn.parser.closed():
+                    message.end_ns = message.end_ns or end_ns
+                    request = conn.pairing.response(message)
+                    if request is not None:
+                        out.append((conn, Exchange(conn.parser.protocol, request, message)))
+            self._forget(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        if conn.pairing is not None:
+            self.counts.unanswered += len(conn.pairing.pending())
+            self.counts.unmatched += conn.pairing.unmatched_responses
+            self.counts.unanswered += conn.pairing.dropped_requests
+            conn.pairing.unmatched_responses = conn.pairing.dropped_requests = 0
+
+    def _sweep(self, out: list[tuple[Connection, Exchange]]) -> None:
+        """Forget connections silent for IDLE_S (checked every few seconds)."""
+        now = time.monotonic()
+        if now - self._last_sweep < 5.0:
+            return
+        self._last_sweep = now
+        horizon = time.monotonic_ns() - int(IDLE_S * 1e9)
+        for key in [k for k, c in self.connections.items() if c.last_ns < horizon]:
+            self._forget(self.connections.pop(key))
+
+    def flush(self) -> None:
+        """The end of a run: count what is still waiting."""
+        for conn in self.connections.values():
+            if conn.pairing is not None:
+                self.counts.unmatched += conn.pairing.unmatched_responses
+                conn.pairing.unmatched_responses = 0
+
+    def iter_connections(self) -> Iterator[Connection]:
+        return iter(self.connections.values())
+
+    def wall_s(self, mono_ns: int) -> float:
+        return round((mono_ns + self.wall_offset_ns) / 1e9, 6)
+
+
+def family_of(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET

@@ -1,0 +1,255 @@
+"""HTTP/1.0 and 1.1: request and response heads, bodies framed by Content-Length, chunked encoding or the
+connection's close; keep-alive and pipelining (responses come in the order of their requests).
+
+Framing is done here rather than with llhttp (httptools) or h11: those parse a stream they see whole,
+while a capture has gaps (a body's bytes counted but not copied, beyond the capture limit) and may begin
+in the middle of a message. Bodies are stepped over by count, so a gap inside one costs nothing; a head
+cut by the capture limit, or bytes that are not HTTP, cost the bytes the direction holds
+(:class:`ParseError`), and the next call starts afresh.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from bpfscope.domains.requests.protocols.base import Message, ParseError, Parser
+from bpfscope.domains.requests.protocols.stream import MAX_HEAD_BYTES, Stream
+
+METHODS = frozenset(
+    b"GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH PROPFIND PROPPATCH MKCOL COPY MOVE LOCK "
+    b"UNLOCK".split()
+)
+# Bytes of a body kept with its message (Pixie's req_body/resp_body are previews too).
+BODY_PREVIEW = 512
+_CHUNK_LINE_MAX = 1024
+
+
+def looks_like_request(data: bytes) -> bool:
+    method, sep, _ = data[:16].partition(b" ")
+    return bool(sep) and method in METHODS
+
+
+def looks_like_response(data: bytes) -> bool:
+    return data.startswith((b"HTTP/1.0 ", b"HTTP/1.1 "))
+
+
+def _headers(lines: list[bytes]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            raise ParseError("malformed header line")
+        key = name.decode("latin-1").lower()
+        text = value.strip().decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
+
+
+class _Body:
+    """How the rest of a message is framed, and how far it has got."""
+
+    def __init__(self, message: Message, length: int | None, chunked: bool, until_close: bool) -> None:
+        self.message = message
+        self.left = length or 0  # bytes of the current body part (or chunk, with its CRLF) still to step
+        self.chunked = chunked
+        self.until_close = until_close
+        self.trailer = False  # the last chunk was seen: the trailer section follows
+        self.preview = bytearray()
+        self.head_size = message.size
+
+    def finish(self, end_ns: int) -> Message:
+        self.message.end_ns = end_ns
+        self.message.fields["body"] = bytes(self.preview)
+        self.message.fields["body_size"] = self.message.size - self.head_size
+        return self.message
+
+
+class _Reader:
+    """One direction: heads, then bodies."""
+
+    def __init__(self, requests: bool) -> None:
+        self.requests = requests
+        self.body: _Body | None = None
+
+    def read(self, stream: Stream, methods: deque[bytes]) -> list[Message]:
+        done: list[Message] = []
+        while len(stream):
+            if self.body is None:
+                message = self._head(stream, methods)
+                if message is None:
+                    break
+                if self.body is None:
+                    done.append(message)
+                    continue
+            if self._step_body(stream):
+                body = self.body
+                assert body is not None
+                self.body = None
+                done.append(body.finish(stream.last_end_ns))
+            else:
+                break
+        return done
+
+    def _head(self, stream: Stream, methods: deque[bytes]) -> Message | None:
+        if stream.at_gap():
+            raise ParseError("head not captured")
+        view = stream.view()
+        end = view.find(b"\r\n\r\n")
+        if end < 0:
+            check = looks_like_request if self.requests else looks_like_response
+            if len(view) >= 16 and not check(view):
+                raise ParseError("not an HTTP message")
+            if len(view) >= MAX_HEAD_BYTES or stream.gap_at(len(view)):
+                raise ParseError("head longer than the capture")
+            return None
+        start_ns = stream.start_ns()
+        lines = view[:end].split(b"\r\n")
+        first = lines[0]
+        headers = _headers(lines[1:])
+        fields: dict = {"headers": headers}
+        body_len: int | None = 0
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        until_close = False
+        if self.requests:
+            parts = first.split(b" ")
+            if len(parts) != 3 or parts[0] not in METHODS or not parts[2].startswith(b"HTTP/1."):
+                raise ParseError("not a request line")
+            fields["method"] = parts[0].decode()
+            fields["path"] = parts[1].decode("latin-1")
+            fields["minor_version"] = _minor(parts[2])
+            methods.append(parts[0])
+            if not chunked:
+                body_len = _content_length(headers)
+        else:
+            version, _, rest = first.partition(b" ")
+            status_text, _, reason = rest.partition(b" ")
+            if not version.startswith(b"HTTP/1.") or len(status_text) != 3 or not status_text.isdigit():
+                raise ParseError("not a status line")
+            status = int(status_text)
+            fields["status"] = status
+            fields["reason"] = reason.decode("latin-1")
+            fields["minor_version"] = _minor(version)
+            if 100 <= status < 200 and status != 101:
+                # Informational: the real response follows for the same request.
+                stream.consume(end + 4)
+                return self._head(stream, methods) if len(stream) else None
+            method = methods.popleft() if methods else b""
+            if method == b"HEAD" or status in (204, 304) or (method == b"CONNECT" and status < 300):
+                body_len, chunked = 0, False
+            elif not chunked:
+                body_len = _content_length(headers)
+                if body_len is None:
+                    until_close = True
+        fields["content_type"] = headers.get("content-type", "")
+        head_size = end + 4
+        stream.consume(head_size)
+        message = Message(start_ns, stream.last_end_ns, head_size, fields)
+        if chunked or until_close or body_len:
+            self.body = _Body(message, body_len, chunked, until_close)
+        else:
+            fields["body"], fields["body_size"] = b"", 0
+        return message
+
+    def _step_body(self, stream: Stream) -> bool:
+        """Step through the body as far as the stream goes; True once it ended."""
+        body = self.body
+        assert body is not None
+        while True:
+            if body.left:
+                self._preview(stream, body)
+                moved = stream.consume(body.left)
+                body.left -= moved
+                body.message.size += moved
+                if body.left:
+                    return False
+                if not body.chunked:
+                    return True
+            if body.until_close:
+                return False
+            if not len(stream):
+                return False
+            # Chunked: a size line, or the trailer after the last chunk.
+            if stream.at_gap():
+                raise ParseError("chunk size not captured")
+            view = stream.view(_CHUNK_LINE_MAX)
+            eol = view.find(b"\r\n")
+            if eol < 0:
+                if len(view) >= _CHUNK_LINE_MAX or stream.gap_at(len(view)):
+                    raise ParseError("chunk size line not captured")
+                return False
+            if body.trailer:
+                stream.consume(eol + 2)
+                body.message.size += eol + 2
+                if eol == 0:
+                    return True
+                continue
+            size_text = view[:eol].split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise ParseError("bad chunk size") from None
+            stream.consume(eol + 2)
+            body.message.size += eol + 2
+            if size == 0:
+                body.trailer = True
+            else:
+                body.left = size + 2
+
+    @staticmethod
+    def _preview(stream: Stream, body: _Body) -> None:
+        room = BODY_PREVIEW - len(body.preview)
+        data_left = body.left - 2 if body.chunked else body.left  # a chunk's CRLF is not body
+        if room > 0 and data_left > 0 and not stream.at_gap():
+            body.preview += stream.view(min(room, data_left))
+
+    def closed(self, end_ns: int) -> Message | None:
+        """The connection closed: a body read until close ends here."""
+        body, self.body = self.body, None
+        if body is not None and body.until_close:
+            return body.finish(end_ns)
+        return None
+
+
+def _minor(version: bytes) -> int:
+    return 0 if version.endswith(b".0") else 1
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        length = int(value.split(",")[0])
+    except ValueError:
+        raise ParseError("bad Content-Length") from None
+    if length < 0:
+        raise ParseError("negative Content-Length")
+    return length
+
+
+class Http1Parser(Parser):
+    protocol = "http"
+
+    def __init__(self) -> None:
+        self._requests = _Reader(requests=True)
+        self._responses = _Reader(requests=False)
+        # Methods of the requests read, in order: a response to HEAD has no body whatever it says.
+        self._methods: deque[bytes] = deque(maxlen=1024)
+
+    def requests(self, stream: Stream) -> list[Message]:
+        try:
+            return self._requests.read(stream, self._methods)
+        except ParseError:
+            self._requests.body = None
+            raise
+
+    def responses(self, stream: Stream) -> list[Message]:
+        try:
+            return self._responses.read(stream, self._methods)
+        except ParseError:
+            self._responses.body = None
+            raise
+
+    def closed(self) -> list[Message]:
+        message = self._responses.closed(0)
+        return [message] if message is not None else []

@@ -1,0 +1,649 @@
+/* requests: the bytes processes exchange over TCP and UDP sockets, plain and through OpenSSL, one record
+ * per call, for user space to parse into requests and responses.
+ *
+ * How a call is captured (no kprobes here: syscall tracepoints, socket tracepoints and uprobes):
+ *   1. sys_enter of read, write, readv, writev, recvfrom, sendto, recvmsg, sendmsg, recvmmsg, sendmmsg
+ *      and sendfile64 keeps the call's arguments per thread (calls), for selected tasks only (-p,
+ *      --cgroup, bpfscope itself left out);
+ *   2. inside the call the kernel runs tp_btf/sock_send_length or sock_recv_length with the socket: there
+ *      it is named (its cookie: unique while the machine runs), its addresses read, the port filters
+ *      applied; a call that never reaches a socket (a file) is not captured;
+ *   3. sys_exit, where the bytes are in the caller's buffer whichever the direction, copies the first
+ *      capture_bytes of them (all iovecs and messages of the call, in order) and sends one record with
+ *      the call's exact size, its entry and exit times. sendfile sends the size alone (the bytes come
+ *      from a file, never through user memory).
+ * TLS: uprobes on libssl's SSL_read/SSL_write(_ex) keep the SSL object per thread; the socket hooks of
+ * the syscall OpenSSL makes on that thread link the object to its socket (ssl_links) and mark the socket
+ * as TLS (conns), after which its ciphertext is no longer sent; the uretprobe sends the plaintext.
+ * A socket's role comes from its state changes (connect: client; a passive open: server); its close
+ * (TCP) is a record of its own, so user space forgets it. Connections opened before the tool started are
+ * captured from their next call on.
+ *
+ * Not captured: io_uring (no syscall buffer to read), kernel TLS (the kernel encrypts: what the process
+ * wrote is captured, as plaintext, only if it went through libssl), Unix sockets.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "bpfscope.bpf.h"
+#include "../net/net.bpf.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* The most a record carries of one call (a power of two; capture_bytes chooses up to this). */
+#define REQ_CAPTURE_MAX 16384
+/* iovecs of one call and messages of one recvmmsg/sendmmsg copied (nginx writes headers and body in 2). */
+#define REQ_IOV_MAX 8
+#define REQ_MMSG_MAX 8
+#define REQ_CALLS_MAX 16384
+#define REQ_CONNS_MAX 65536
+#define REQ_MSG_PEEK 2
+#define REQ_IPPROTO_UDP 17
+
+/* Bytes of each call copied (the rest counted in size); port filters (0: any), host byte order. */
+const volatile __u32 capture_bytes = 4096;
+const volatile __u16 targ_port = 0; /* either end */
+
+enum bs_req_kind { BS_REQ_KIND_DATA = 0, BS_REQ_KIND_CLOSE = 1 };
+enum bs_req_dir { BS_REQ_DIR_EGRESS = 0, BS_REQ_DIR_INGRESS = 1 };
+enum bs_req_source { BS_REQ_SOURCE_SYSCALL = 0, BS_REQ_SOURCE_TLS = 1, BS_REQ_SOURCE_SENDFILE = 2 };
+enum bs_req_role { BS_REQ_ROLE_UNKNOWN = 0, BS_REQ_ROLE_CLIENT = 1, BS_REQ_ROLE_SERVER = 2 };
+/* How the call passed its buffer: what sys_exit reads to find the bytes. */
+enum bs_req_args { BS_REQ_ARGS_BUF = 0, BS_REQ_ARGS_IOV, BS_REQ_ARGS_MSG, BS_REQ_ARGS_MMSG, BS_REQ_ARGS_FILE };
+BS_ENUM(bs_req_kind);
+BS_ENUM(bs_req_dir);
+BS_ENUM(bs_req_source);
+BS_ENUM(bs_req_role);
+
+struct req_event {
+	__u64 start_ns;	 /* the call's entry, bpf_ktime_get_ns() */
+	__u64 end_ns;	 /* its return */
+	__u64 cookie;	 /* the socket's */
+	__u64 cgroup;
+	__u32 tgid;
+	__u32 tid;
+	__s32 fd;
+	__u32 size;	 /* bytes the call moved (a message of recvmmsg/sendmmsg: its own) */
+	__u32 len;	 /* bytes of them in data */
+	__u16 protocol;	 /* IPPROTO_TCP or IPPROTO_UDP */
+	__u16 pad;
+	enum bs_req_kind kind;
+	enum bs_req_dir dir;
+	enum bs_req_source source;
+	enum bs_req_role role;
+	struct bs_conn conn; /* local and remote; an unconnected UDP socket's remote from the message */
+	char comm[BS_COMM_LEN];
+	__u8 data[REQ_CAPTURE_MAX];
+};
+
+/* 32 MiB: about 100k records of 300 bytes, several seconds of a busy server while user space parses. */
+BS_RINGBUF_VAR(events, 32 << 20, struct req_event);
+
+/* A record is built here (bpf_ringbuf_reserve takes constant sizes only): the spill after the event
+ * lets the verifier see a copy of up to REQ_CAPTURE_MAX bytes at any offset below REQ_CAPTURE_MAX. */
+struct req_scratch {
+	struct req_event ev;
+	__u8 spill[REQ_CAPTURE_MAX];
+};
+
+/* One per CPU, indexed by CPU (a per-CPU array's values are limited to 32 KiB); user space sizes it to
+ * the machine. Programs do not migrate while they run. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct req_scratch);
+} scratch SEC(".maps");
+
+/* A call between its entry and its exit, per thread. */
+struct req_call {
+	__u64 start_ns;
+	__u64 buf;	 /* buffer, iovec array, msghdr or mmsghdr array */
+	__u64 count;	 /* iovecs or messages */
+	__u64 addr;	 /* recvfrom/sendto: the peer's sockaddr */
+	__u64 cookie;	 /* set by the socket hooks: a selected socket */
+	struct bs_conn conn;
+	__s32 fd;
+	__u16 protocol;
+	__u8 args;	 /* enum bs_req_args */
+	__u8 dir;	 /* enum bs_req_dir */
+	__u8 skip;	 /* MSG_PEEK, or TLS ciphertext: nothing sent */
+	__u8 pad[7];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, REQ_CALLS_MAX);
+	__type(key, __u32);
+	__type(value, struct req_call);
+} calls SEC(".maps");
+
+/* What is known of a socket: its role, whether it carries TLS (then its ciphertext is not sent), and
+ * whether a record of it was sent (then its close is). */
+struct req_conn {
+	__u8 role; /* enum bs_req_role */
+	__u8 tls;
+	__u8 seen;
+	__u8 pad[5];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, REQ_CONNS_MAX);
+	__type(key, __u64);
+	__type(value, struct req_conn);
+} conns SEC(".maps");
+
+/* An SSL_read/SSL_write in progress, per thread. */
+struct ssl_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 done_ptr; /* _ex: where the byte count is written */
+	__u64 start_ns;
+	__u8 dir;
+	__u8 pad[7];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, REQ_CALLS_MAX);
+	__type(key, __u32);
+	__type(value, struct ssl_call);
+} ssl_calls SEC(".maps");
+
+struct ssl_key {
+	__u64 ssl;
+	__u32 tgid;
+	__u32 pad;
+};
+
+/* An SSL object's socket, learnt from the syscall OpenSSL made on the caller's thread. */
+struct ssl_link {
+	__u64 cookie;
+	struct bs_conn conn;
+	__s32 fd;
+	__u16 protocol;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, REQ_CONNS_MAX);
+	__type(key, struct ssl_key);
+	__type(value, struct ssl_link);
+} ssl_links SEC(".maps");
+
+/* Losses beside the ring's: calls not followed (the calls map full), and TLS plaintext whose socket was
+ * never seen (the SSL object had made no syscall since the tool started). */
+__u64 calls_dropped = 0;
+__u64 tls_unlinked = 0;
+
+/* --- syscall entries ---------------------------------------------------------------------------- */
+
+static __always_inline int call_enter(int fd, enum bs_req_args args, enum bs_req_dir dir, __u64 buf,
+				      __u64 count, __u64 addr)
+{
+	__u32 tid = bpf_get_current_pid_tgid();
+	struct req_call call = {};
+
+	if (!bs_task_selected())
+		return 0;
+	call.start_ns = bpf_ktime_get_ns();
+	call.fd = fd;
+	call.args = args;
+	call.dir = dir;
+	call.buf = buf;
+	call.count = count;
+	call.addr = addr;
+	if (bpf_map_update_elem(&calls, &tid, &call, BPF_ANY))
+		__sync_fetch_and_add(&calls_dropped, 1);
+	return 0;
+}
+
+#define REQ_ENTER(name, how, dir, buf, count, addr)                                                   \
+	SEC("tracepoint/syscalls/sys_enter_" #name)                                                  \
+	int enter_##name(struct trace_event_raw_sys_enter *ctx)                                      \
+	{                                                                                            \
+		return call_enter(ctx->args[0], how, dir, buf, count, addr);                         \
+	}
+
+REQ_ENTER(read, BS_REQ_ARGS_BUF, BS_REQ_DIR_INGRESS, ctx->args[1], 0, 0)
+REQ_ENTER(write, BS_REQ_ARGS_BUF, BS_REQ_DIR_EGRESS, ctx->args[1], 0, 0)
+REQ_ENTER(readv, BS_REQ_ARGS_IOV, BS_REQ_DIR_INGRESS, ctx->args[1], ctx->args[2], 0)
+REQ_ENTER(writev, BS_REQ_ARGS_IOV, BS_REQ_DIR_EGRESS, ctx->args[1], ctx->args[2], 0)
+REQ_ENTER(recvfrom, BS_REQ_ARGS_BUF, BS_REQ_DIR_INGRESS, ctx->args[1], 0, ctx->args[4])
+REQ_ENTER(sendto, BS_REQ_ARGS_BUF, BS_REQ_DIR_EGRESS, ctx->args[1], 0, ctx->args[4])
+REQ_ENTER(recvmsg, BS_REQ_ARGS_MSG, BS_REQ_DIR_INGRESS, ctx->args[1], 1, 0)
+REQ_ENTER(sendmsg, BS_REQ_ARGS_MSG, BS_REQ_DIR_EGRESS, ctx->args[1], 1, 0)
+REQ_ENTER(recvmmsg, BS_REQ_ARGS_MMSG, BS_REQ_DIR_INGRESS, ctx->args[1], ctx->args[2], 0)
+REQ_ENTER(sendmmsg, BS_REQ_ARGS_MMSG, BS_REQ_DIR_EGRESS, ctx->args[1], ctx->args[2], 0)
+REQ_ENTER(sendfile64, BS_REQ_ARGS_FILE, BS_REQ_DIR_EGRESS, 0, 0, 0)
+
+/* --- the socket, inside the call ------------------------------------------------------------------ */
+
+static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool recv)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = pid_tgid;
+	struct req_call *call = bpf_map_lookup_elem(&calls, &tid);
+	struct req_conn *known, fresh = {};
+	struct ssl_call *ssl;
+	struct ssl_link link = {};
+	struct ssl_key key = {};
+	__u16 family, protocol;
+	__u64 cookie;
+
+	if (!call || call->cookie || call->skip)
+		return;
+	if (recv && (flags & REQ_MSG_PEEK)) {
+		call->skip = 1; /* the bytes will be read again */
+		return;
+	}
+	family = sk->__sk_common.skc_family;
+	protocol = sk->sk_protocol;
+	if ((family != BS_AF_INET && family != BS_AF_INET6) ||
+	    (protocol != BS_IPPROTO_TCP && protocol != REQ_IPPROTO_UDP))
+		return;
+	bs_conn_of(sk, &call->conn);
+	if (targ_port && call->conn.sport != targ_port && call->conn.dport != targ_port)
+		return;
+	if (!bs_conn_selected(&call->conn))
+		return;
+	cookie = bpf_get_socket_cookie(sk);
+	call->cookie = cookie;
+	call->protocol = protocol;
+	known = bpf_map_lookup_elem(&conns, &cookie);
+	ssl = bpf_map_lookup_elem(&ssl_calls, &tid);
+	if (ssl) {
+		/* OpenSSL's own syscall: this is the SSL object's socket. */
+		key.ssl = ssl->ssl;
+		key.tgid = pid_tgid >> 32;
+		link.cookie = cookie;
+		link.conn = call->conn;
+		link.fd = call->fd;
+		link.protocol = protocol;
+		bpf_map_update_elem(&ssl_links, &key, &link, BPF_ANY);
+		if (!known) {
+			bpf_map_update_elem(&conns, &cookie, &fresh, BPF_NOEXIST);
+			known = bpf_map_lookup_elem(&conns, &cookie);
+		}
+		if (known)
+			known->tls = 1;
+	}
+	if (known && known->tls)
+		call->skip = 1;
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
+{
+	on_sock_io(sk, ret, flags, false);
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
+{
+	on_sock_io(sk, ret, flags, true);
+	return 0;
+}
+
+/* --- records ---------------------------------------------------------------------------------------- */
+
+static __always_inline struct req_event *event_begin(void)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+	struct req_scratch *s = bpf_map_lookup_elem(&scratch, &cpu);
+
+	return s ? &s->ev : NULL;
+}
+
+/* Copy n bytes of user memory at src to data[off...], within capture_bytes; returns the new offset. */
+static __always_inline __u32 copy_user(struct req_event *ev, __u32 off, const void *src, __u64 n)
+{
+	__u32 limit = capture_bytes < REQ_CAPTURE_MAX ? capture_bytes : REQ_CAPTURE_MAX;
+
+	if (off >= limit)
+		return off;
+	if (n > limit - off)
+		n = limit - off;
+	if (n > REQ_CAPTURE_MAX)
+		n = REQ_CAPTURE_MAX;
+	/* off < REQ_CAPTURE_MAX and n <= REQ_CAPTURE_MAX: within data and the spill after it. */
+	if (bpf_probe_read_user(&ev->data[off & (REQ_CAPTURE_MAX - 1)], n, src))
+		return off;
+	return off + n;
+}
+
+/* The first `size` bytes of an iovec array. */
+static __always_inline __u32 copy_iov(struct req_event *ev, const struct iovec *iov, __u64 count, __u64 size)
+{
+	struct iovec one;
+	__u32 off = 0;
+	__u64 left = size, n;
+
+	for (int i = 0; i < REQ_IOV_MAX; i++) {
+		if (i >= count || !left)
+			break;
+		if (bpf_probe_read_user(&one, sizeof(one), &iov[i]))
+			break;
+		n = one.iov_len < left ? one.iov_len : left;
+		off = copy_user(ev, off, one.iov_base, n);
+		left -= n;
+	}
+	return off;
+}
+
+/* The peer of a message (recvfrom/sendto/recvmsg/sendmsg on an unconnected socket) as the remote. */
+static __always_inline void peer_of(struct req_event *ev, const void *addr)
+{
+	struct sockaddr_in6 sa = {};
+
+	if (!addr || bpf_probe_read_user(&sa, sizeof(sa), addr))
+		return;
+	if (sa.sin6_family == BS_AF_INET) {
+		struct sockaddr_in *in = (struct sockaddr_in *)&sa;
+
+		ev->conn.dport = bpf_ntohs(in->sin_port);
+		__builtin_memset(ev->conn.daddr, 0, sizeof(ev->conn.daddr));
+		__builtin_memcpy(ev->conn.daddr, &in->sin_addr, 4);
+	} else if (sa.sin6_family == BS_AF_INET6) {
+		ev->conn.dport = bpf_ntohs(sa.sin6_port);
+		__builtin_memcpy(ev->conn.daddr, &sa.sin6_addr, 16);
+	}
+}
+
+static __always_inline void event_header(struct req_event *ev, struct req_call *call, __u64 now)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct req_conn *known = bpf_map_lookup_elem(&conns, &call->cookie);
+	struct req_conn fresh = {.seen = 1};
+
+	ev->start_ns = call->start_ns;
+	ev->end_ns = now;
+	ev->cookie = call->cookie;
+	ev->cgroup = bpf_get_current_cgroup_id();
+	ev->tgid = pid_tgid >> 32;
+	ev->tid = pid_tgid;
+	ev->fd = call->fd;
+	ev->protocol = call->protocol;
+	ev->pad = 0;
+	ev->kind = BS_REQ_KIND_DATA;
+	ev->dir = call->dir;
+	ev->source = BS_REQ_SOURCE_SYSCALL;
+	ev->conn = call->conn;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	if (known) {
+		ev->role = known->role;
+		known->seen = 1;
+	} else {
+		ev->role = BS_REQ_ROLE_UNKNOWN;
+		bpf_map_update_elem(&conns, &call->cookie, &fresh, BPF_NOEXIST);
+	}
+}
+
+static __always_inline void event_send(struct req_event *ev)
+{
+	__u64 len = ev->len;
+
+	/* The barrier keeps clang from using the unclamped copy of len after the check. */
+	asm volatile("" : "+r"(len));
+	if (len > REQ_CAPTURE_MAX)
+		len = REQ_CAPTURE_MAX;
+	asm volatile("" : "+r"(len));
+	bs_output(&events, ev, offsetof(struct req_event, data) + len);
+}
+
+/* One message of a recvmsg/sendmsg/recvmmsg/sendmmsg: its address, its first bytes. */
+static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *hdr, __u64 size)
+{
+	struct user_msghdr msg;
+
+	if (!ev || bpf_probe_read_user(&msg, sizeof(msg), hdr))
+		return;
+	if (msg.msg_name)
+		peer_of(ev, msg.msg_name);
+	ev->size = size;
+	ev->len = copy_iov(ev, msg.msg_iov, msg.msg_iovlen, size);
+	event_send(ev);
+}
+
+static __always_inline int call_exit(long ret)
+{
+	__u32 tid = bpf_get_current_pid_tgid();
+	struct req_call *call = bpf_map_lookup_elem(&calls, &tid);
+	struct req_event *ev;
+	struct mmsghdr *msgs;
+	__u32 sent;
+
+	if (!call)
+		return 0;
+	if (ret <= 0 || !call->cookie || call->skip)
+		goto done;
+	ev = event_begin();
+	if (!ev)
+		goto done;
+	event_header(ev, call, bpf_ktime_get_ns());
+	switch (call->args) {
+	case BS_REQ_ARGS_BUF:
+		peer_of(ev, (void *)call->addr);
+		ev->size = ret;
+		ev->len = copy_user(ev, 0, (void *)call->buf, ret);
+		event_send(ev);
+		break;
+	case BS_REQ_ARGS_IOV:
+		ev->size = ret;
+		ev->len = copy_iov(ev, (struct iovec *)call->buf, call->count, ret);
+		event_send(ev);
+		break;
+	case BS_REQ_ARGS_MSG:
+		send_msg(ev, (struct user_msghdr *)call->buf, ret);
+		break;
+	case BS_REQ_ARGS_MMSG:
+		/* ret messages; each says its own length */
+		msgs = (struct mmsghdr *)call->buf;
+		for (int i = 0; i < REQ_MMSG_MAX; i++) {
+			if (i >= ret)
+				break;
+			if (bpf_probe_read_user(&sent, sizeof(sent), &msgs[i].msg_len))
+				break;
+			send_msg(ev, &msgs[i].msg_hdr, sent);
+		}
+		break;
+	default: /* sendfile: bytes from a file, counted only */
+		ev->source = BS_REQ_SOURCE_SENDFILE;
+		ev->size = ret;
+		ev->len = 0;
+		event_send(ev);
+	}
+done:
+	bpf_map_delete_elem(&calls, &tid);
+	return 0;
+}
+
+#define REQ_EXIT(name)                                                                                \
+	SEC("tracepoint/syscalls/sys_exit_" #name)                                                   \
+	int exit_##name(struct trace_event_raw_sys_exit *ctx) { return call_exit(ctx->ret); }
+
+REQ_EXIT(read)
+REQ_EXIT(write)
+REQ_EXIT(readv)
+REQ_EXIT(writev)
+REQ_EXIT(recvfrom)
+REQ_EXIT(sendto)
+REQ_EXIT(recvmsg)
+REQ_EXIT(sendmsg)
+REQ_EXIT(recvmmsg)
+REQ_EXIT(sendmmsg)
+REQ_EXIT(sendfile64)
+
+/* --- roles and closes -------------------------------------------------------------------------------- */
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	struct req_conn fresh = {}, *known;
+	struct req_event *ev;
+	struct bs_conn conn;
+	__u64 cookie;
+
+	if (sk->sk_protocol != BS_IPPROTO_TCP)
+		return 0;
+	if (newstate == TCP_SYN_SENT || (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)) {
+		bs_conn_of(sk, &conn);
+		if (targ_port && conn.sport != targ_port && conn.dport != targ_port)
+			return 0;
+		cookie = bs_sk_cookie(sk);
+		fresh.role = newstate == TCP_SYN_SENT ? BS_REQ_ROLE_CLIENT : BS_REQ_ROLE_SERVER;
+		bpf_map_update_elem(&conns, &cookie, &fresh, BPF_ANY);
+		return 0;
+	}
+	if (newstate != TCP_CLOSE)
+		return 0;
+	cookie = bs_sk_cookie(sk);
+	known = bpf_map_lookup_elem(&conns, &cookie);
+	if (!known)
+		return 0;
+	/* Reserved, not built in scratch: a state change in softirq may interrupt a record being built. */
+	if (known->seen && (ev = bs_reserve(&events, offsetof(struct req_event, data)))) {
+		__builtin_memset(ev, 0, offsetof(struct req_event, data));
+		ev->start_ns = ev->end_ns = bpf_ktime_get_ns();
+		ev->cookie = cookie;
+		ev->kind = BS_REQ_KIND_CLOSE;
+		ev->protocol = BS_IPPROTO_TCP;
+		ev->fd = -1;
+		ev->role = known->role;
+		bs_conn_of(sk, &ev->conn);
+		bpf_ringbuf_submit(ev, 0);
+	}
+	bpf_map_delete_elem(&conns, &cookie);
+	return 0;
+}
+
+/* --- OpenSSL ---------------------------------------------------------------------------------------- */
+
+static __always_inline int ssl_enter(void *ssl, void *buf, void *done_ptr, enum bs_req_dir dir)
+{
+	__u32 tid = bpf_get_current_pid_tgid();
+	struct ssl_call call = {};
+
+	if (!bs_task_selected())
+		return 0;
+	call.ssl = (__u64)ssl;
+	call.buf = (__u64)buf;
+	call.done_ptr = (__u64)done_ptr;
+	call.start_ns = bpf_ktime_get_ns();
+	call.dir = dir;
+	if (bpf_map_update_elem(&ssl_calls, &tid, &call, BPF_ANY))
+		__sync_fetch_and_add(&calls_dropped, 1);
+	return 0;
+}
+
+/* ex: SSL_read_ex/SSL_write_ex, which return 1 and write the byte count; else the count is returned. */
+static __always_inline int ssl_exit(long ret, bool ex)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = pid_tgid;
+	struct ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
+	struct ssl_link *link;
+	struct ssl_key key = {};
+	struct req_conn *known;
+	struct req_event *ev;
+	__u64 size = 0;
+
+	if (!call)
+		return 0;
+	if (ex) {
+		if (ret == 1 && call->done_ptr)
+			bpf_probe_read_user(&size, sizeof(size), (void *)call->done_ptr);
+	} else if (ret > 0) {
+		size = ret;
+	}
+	if (!size)
+		goto done;
+	key.ssl = call->ssl;
+	key.tgid = pid_tgid >> 32;
+	link = bpf_map_lookup_elem(&ssl_links, &key);
+	if (!link) {
+		__sync_fetch_and_add(&tls_unlinked, 1);
+		goto done;
+	}
+	ev = event_begin();
+	if (!ev)
+		goto done;
+	known = bpf_map_lookup_elem(&conns, &link->cookie);
+	ev->start_ns = call->start_ns;
+	ev->end_ns = bpf_ktime_get_ns();
+	ev->cookie = link->cookie;
+	ev->cgroup = bpf_get_current_cgroup_id();
+	ev->tgid = pid_tgid >> 32;
+	ev->tid = tid;
+	ev->fd = link->fd;
+	ev->protocol = link->protocol;
+	ev->pad = 0;
+	ev->kind = BS_REQ_KIND_DATA;
+	ev->dir = call->dir;
+	ev->source = BS_REQ_SOURCE_TLS;
+	ev->role = known ? known->role : BS_REQ_ROLE_UNKNOWN;
+	if (known)
+		known->seen = 1;
+	ev->conn = link->conn;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	ev->size = size;
+	ev->len = copy_user(ev, 0, (void *)call->buf, size);
+	event_send(ev);
+done:
+	bpf_map_delete_elem(&ssl_calls, &tid);
+	return 0;
+}
+
+/* libbpf 1.1 has no BPF_UPROBE: BPF_KPROBE reads the same registers. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_enter, void *ssl, void *buf, int num)
+{
+	return ssl_enter(ssl, buf, NULL, BS_REQ_DIR_INGRESS);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_read_exit, int ret)
+{
+	return ssl_exit(ret, false);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_enter, void *ssl, const void *buf, int num)
+{
+	return ssl_enter(ssl, (void *)buf, NULL, BS_REQ_DIR_EGRESS);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_write_exit, int ret)
+{
+	return ssl_exit(ret, false);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, size_t num, size_t *readbytes)
+{
+	return ssl_enter(ssl, buf, readbytes, BS_REQ_DIR_INGRESS);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_read_ex_exit, int ret)
+{
+	return ssl_exit(ret, true);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_ex_enter, void *ssl, const void *buf, size_t num, size_t *written)
+{
+	return ssl_enter(ssl, (void *)buf, written, BS_REQ_DIR_EGRESS);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_write_ex_exit, int ret)
+{
+	return ssl_exit(ret, true);
+}

@@ -1,0 +1,132 @@
+"""bpfscope requests on HTTP/1.1 against nginx: every request counted, its path and status right, its
+latency as the client measured it, for keep-alive, pipelining, chunked bodies and sendfile, plain and
+through TLS (OpenSSL uprobes on nginx and on the client's Python ssl module)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from test_requests_servers import Nginx, Traced, nginx_server, python_client, quantile  # noqa: F401
+
+# Each client process: one keep-alive connection, requests one after another, timed by the client
+# around its own send and receive (perf_counter_ns), written as JSON lines.
+KEEPALIVE_CLIENT = r"""
+import json, socket, ssl, sys, time
+port, count, paths, tls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4] == "tls"
+sock = socket.create_connection(("127.0.0.1", port))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if tls:
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+    sock = ctx.wrap_socket(sock)
+out = []
+for i in range(count):
+    path = paths[i % len(paths)]
+    request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer secret\r\n\r\n".encode()
+    start = time.perf_counter_ns()
+    sock.sendall(request)
+    data = sock.recv(65536)
+    end = time.perf_counter_ns()  # when the response's last byte arrived: right after its recv
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+        end = time.perf_counter_ns()
+    head, _, body = data.partition(b"\r\n\r\n")
+    fields = dict(l.lower().split(b": ", 1) for l in head.split(b"\r\n")[1:])
+    length = int(fields[b"content-length"])
+    while len(body) < length:
+        body += sock.recv(65536)
+        end = time.perf_counter_ns()
+    out.append({"path": path, "status": int(head.split(b" ")[1]), "ns": end - start})
+print(json.dumps(out))
+"""
+PATHS = "/hello,/missing,/small,/page,/fail,/hello?user=alice"
+
+
+def run_clients(port: int, processes: int, count: int, tls: bool = False) -> tuple[list[int], list[dict]]:
+    clients = [
+        python_client(KEEPALIVE_CLIENT, str(port), str(count), PATHS, "tls" if tls else "plain")
+        for _ in range(processes)
+    ]
+    truth = []
+    for client in clients:
+        out, _ = client.communicate(timeout=120)
+        assert client.returncode == 0
+        truth.extend(json.loads(out))
+    return [c.pid for c in clients], truth
+
+
+def check_against_client(traced: Traced, pids: list[int], truth: list[dict], server_pids: list[int]) -> None:
+    clients = [r for r in traced.table("http_events", trace_role="client") if r["pid"] in pids]
+    servers = [r for r in traced.table("http_events", trace_role="server") if r["pid"] in server_pids]
+    expected = Counter((t["path"].split("?")[0], t["status"]) for t in truth)
+    for side in (clients, servers):
+        assert len(side) == len(truth)
+        assert Counter((r["req_path"].split("?")[0], r["resp_status"]) for r in side) == expected
+        assert all(r["req_method"] == "GET" and r["remote_addr"] == "127.0.0.1" for r in side)
+    # Secrets stay out by default: the header's value and the query's value.
+    assert {r["req_headers"]["authorization"] for r in clients} == {"<redacted>"}
+    assert {r["req_path"] for r in clients if r["req_path"].startswith("/hello?")} == {
+        "/hello?user=<redacted>"
+    }
+    # The client's own timings against the client-side records.
+    ours = [r["latency"] for r in clients]
+    theirs = [t["ns"] for t in truth]
+    for q in (0.5, 0.99):
+        assert abs(quantile(ours, q) - quantile(theirs, q)) <= 0.10 * quantile(theirs, q), (q, ours, theirs)
+    sizes = {r["req_path"]: r["resp_body_size"] for r in servers}
+    assert sizes["/page"] == 20_000 and sizes["/small"] == 3
+
+
+def test_http_keepalive_counts_paths_statuses_and_latency(nginx: Nginx) -> None:
+    with Traced("--port", str(nginx.port)) as traced:
+        pids, truth = run_clients(nginx.port, processes=3, count=400)
+    check_against_client(traced, pids, truth, nginx.worker_pids)
+    assert traced.losses["total"] == 0, traced.losses
+
+
+def test_https_is_decrypted_through_openssl(nginx: Nginx) -> None:
+    with Traced("--port", str(nginx.tls_port)) as traced:
+        pids, truth = run_clients(nginx.tls_port, processes=2, count=200, tls=True)
+    check_against_client(traced, pids, truth, nginx.worker_pids)
+    assert all(r["encrypted"] for r in traced.table("http_events"))
+
+
+PIPELINE_CLIENT = r"""
+import socket, sys, time
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+paths = [f"/hello?n={i}" if i % 3 else "/missing" for i in range(12)]
+sock.sendall(b"".join(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in paths))
+chunked = b"POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + sys.argv[2].encode()
+data = b""
+while data.count(b"HTTP/1.1 ") < len(paths):
+    data += sock.recv(65536)
+sock.sendall(chunked)
+while data.count(b"HTTP/1.1 ") < len(paths) + 1:
+    data += sock.recv(65536)
+sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+while chunk := sock.recv(1 << 20):
+    data += chunk
+print(len(data))
+"""
+
+
+CHUNKED_BODY = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+
+
+def test_pipelining_chunked_bodies_and_large_responses(nginx: Nginx) -> None:
+    """Twelve requests in one write, answered in order; a chunked request body; a 1 MB response of
+    which only the first bytes are captured (counted whole)."""
+    with Traced("--port", str(nginx.port), "--no-redact") as traced:
+        client = python_client(PIPELINE_CLIENT, str(nginx.port), CHUNKED_BODY.decode())
+        client.communicate(timeout=60)
+    server = traced.table("http_events", trace_role="server")
+    expected = [f"/hello?n={i}" if i % 3 else "/missing" for i in range(12)] + ["/hello", "/big"]
+    assert [r["req_path"] for r in server] == expected
+    assert [r["resp_status"] for r in server] == [200 if i % 3 else 404 for i in range(12)] + [200, 200]
+    post = server[12]
+    assert post["req_method"] == "POST" and post["req_body_size"] == len(CHUNKED_BODY)
+    assert post["req_body"] == "hello world"
+    assert server[13]["resp_body_size"] == 1_000_000
+    client_side = traced.table("http_events", trace_role="client")
+    assert [r["req_path"] for r in client_side] == expected
+    assert traced.losses["total"] == 0, traced.losses
