@@ -55,6 +55,7 @@ JSON_RUNS: dict[str, list[list[str]]] = {
     "check": [["--duration", "2"]],
     "profile": [["--duration", "2"], ["--frequency", "99", "1", "2"]],
     "offcputime": [["--duration", "2"], ["--unwind", "fp", "1", "2"]],
+    "requests": [["--duration", "2"]],
 }
 # Tools whose runs end by themselves (no interval or Ctrl-C to wait for).
 ONE_SHOT = {"fincore", "doctor"}

@@ -141,11 +141,23 @@ class RingBuffer:
         return out
 
     def _read_variable(self) -> np.ndarray:
+        event_size = self.event.size
+        itemsize = self._var_dtype.itemsize
+        records = self.read_sized()
+        out = bytearray(len(records) * itemsize)
+        for i, record in enumerate(records):
+            start = i * itemsize
+            out[start : start + len(record)] = record
+            struct.pack_into("<I", out, start + event_size, len(record))
+        return np.frombuffer(out, dtype=self._var_dtype, count=len(records))
+
+    def read_sized(self) -> list[bytes]:
+        """A variable-length ring's records as sent, each at its own length (not padded to the struct:
+        records of a few hundred bytes in a ring whose struct holds kilobytes of payload); never blocks."""
         cons = int(self._consumer_pos[0])
         prod = int(self._producer_pos[0])
         event_size = self.event.size
-        itemsize = self._var_dtype.itemsize
-        chunks: list[tuple[int, int]] = []  # (offset of the payload in the mapping, length)
+        records: list[bytes] = []
         while cons < prod:
             offset = self._page + (cons & self._mask)
             (header,) = struct.unpack_from("<I", self._data, offset)
@@ -154,18 +166,13 @@ class RingBuffer:
             length = header & ~(_BUSY | _DISCARD)
             if not header & _DISCARD:
                 if length <= event_size:
-                    chunks.append((offset + _HEADER, length))
+                    records.append(self._data[offset + _HEADER : offset + _HEADER + length])
                 else:
                     self.malformed += 1
             cons += (_HEADER + length + 7) & ~7
-        out = bytearray(len(chunks) * itemsize)
-        for i, (offset, length) in enumerate(chunks):
-            start = i * itemsize
-            out[start : start + length] = self._data[offset : offset + length]
-            struct.pack_into("<I", out, start + event_size, length)
         self._consumer_pos[0] = cons
-        self.consumed += len(chunks)
-        return np.frombuffer(out, dtype=self._var_dtype, count=len(chunks))
+        self.consumed += len(records)
+        return records
 
     def poll(self, timeout: float | None = None) -> np.ndarray:
         """Records available now, or wait up to ``timeout`` seconds (None: forever) for some."""
