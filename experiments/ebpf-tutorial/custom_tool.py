@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     child, go = start_paused(command) if command else (None, -1)
     # A command we start is our child: bpfscope leaves its own children out unless asked.
     config = ReadsConfig(pid=child or args.pid, fd=args.fd, include_self=child is not None)
-    sink = TopSink(args.top) if args.json else TerminalSink(ReadsView(args.top))
+    sink = TopSink(args.rows) if args.json else TerminalSink(ReadsView(args.rows))
     waiter: threading.Thread | None = None
     with tempfile.TemporaryDirectory(prefix="custom_tool.") as tmp, stop_on_signals() as stop:
         try:
@@ -321,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fd", type=int, default=-1, help="only reads of this file descriptor")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--json", action="store_true", help="one JSON line per process")
-    parser.add_argument("--top", type=int, default=10, help="processes shown (default 10)")
+    parser.add_argument("-r", "--rows", type=int, default=10, help="processes shown (default 10)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="a command to run and trace")
     args = parser.parse_args(argv)
     if args.pid and args.command:

@@ -94,6 +94,9 @@ during() {
     local workload=$1
     shift
     printf '\n# workload: %s\n$ bpfscope %s\n' "$workload" "$(quote "$@")"
+    # Emptied first: the tool's redirection happens in the background job, and until then the file
+    # would still hold the previous step's "Tracing" line (or not exist yet).
+    : >"$WORK/tool.err"
     # Job control on: the tool gets its own process group and keeps SIGINT, which a script's
     # background jobs would otherwise ignore.
     set -m
@@ -160,7 +163,7 @@ if wanted 1; then
     printf '\n$ bpfscope doctor --json   # the same, for scripts: what works and what is missing\n'
     "$BPFSCOPE" doctor --json | "$PYTHON" -c '
 import json, sys
-checks = [json.loads(line) for line in sys.stdin]
+checks = [r for r in map(json.loads, sys.stdin) if r["record"] == "doctor"]
 print("works here:  ", ", ".join(c["name"] for c in checks if c["ok"]))
 print("missing here:", ", ".join(c["name"] for c in checks if not c["ok"]) or "nothing")'
 fi
@@ -172,7 +175,7 @@ if wanted 2; then
         "Workload: find walks /usr (newfstatat, getdents64, openat...) while dd copies 20,000 blocks of" \
         "4 KiB (20,000 reads of /dev/zero, 20,000 writes)."
     during "find /usr -xdev >/dev/null & dd if=/dev/zero of=syscount.dd bs=4k count=20000 status=none; wait" \
-        syscount -L -T 8 "${CGROUP_ARGS[@]}"
+        syscount -L -r 8 "${CGROUP_ARGS[@]}"
 fi
 
 if wanted 3; then
@@ -182,7 +185,7 @@ if wanted 3; then
     echo
     echo "3a. Block I/O by process: who issues the disk requests, and how many bytes."
     during "dd if=/dev/zero of=direct.bin bs=1M count=200 oflag=direct status=none" \
-        trace block:block_rq_issue --count-by comm --sum bytes --top 5
+        trace block:block_rq_issue --count-by comm --sum bytes -r 5
     echo
     echo "3b. I/O sizes as the disk completes them: 200 MiB read in 1 MiB direct reads, then 5,000 reads"
     echo "    of 4 KiB: two modes, 8 sectors (4 KiB) and about 2048 sectors (1 MiB, split where the file's"
@@ -199,7 +202,7 @@ dd if=direct.bin of=/dev/null bs=4k count=5000 iflag=direct status=none" \
     echo
     echo "3d. Which programs are started, counted by path: a loop runs date and uname 20 times each."
     during 'for i in $(seq 20); do date; uname -r; done' \
-        trace sched:sched_process_exec --count-by filename --top 5 "${CGROUP_ARGS[@]}"
+        trace sched:sched_process_exec --count-by filename -r 5 "${CGROUP_ARGS[@]}"
 fi
 
 if wanted 4; then
@@ -207,16 +210,12 @@ if wanted 4; then
         "One line per exec() with its arguments, and with --exits one per exit with its code and run" \
         "time; --cgroup keeps to the workload's cgroup. Workload: a shell script runs three short" \
         "commands, tries a program that does not exist (-x shows the failed exec) and exits with 3."
-    if "$BPFSCOPE" --help | grep -qw execsnoop; then
-        # Without a cgroup of its own, the workload is the only child this script starts while
-        # execsnoop runs, apart from the polling in `during`.
-        only_workload=("${CGROUP_ARGS[@]}")
-        [ -n "$CGROUP" ] || only_workload=(--ppid $$)
-        during 'date +%s; uname -r; sleep 0.1; /no/such/program; exit 3' \
-            execsnoop --exits -x -t "${only_workload[@]}"
-    else
-        echo "(this bpfscope has no execsnoop yet: skipped)"
-    fi
+    # Without a cgroup of its own, the workload is the only child this script starts while
+    # execsnoop runs, apart from the polling in `during`.
+    only_workload=("${CGROUP_ARGS[@]}")
+    [ -n "$CGROUP" ] || only_workload=(--ppid $$)
+    during 'date +%s; uname -r; sleep 0.1; /no/such/program; exit 3' \
+        execsnoop --exits -x -t "${only_workload[@]}"
 fi
 
 if wanted 5; then
