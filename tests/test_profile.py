@@ -739,3 +739,38 @@ def py_spy_shares(raw: str) -> dict[str, float]:
         for name in {frame.split(" (", 1)[0] for frame in stack.split(";")}:
             on_stack[name] += int(count)
     return {name: 100.0 * on_stack[name] / total for name in PY_FUNCTIONS}
+
+
+def test_continuous_writes_windows_to_the_store_and_diffs_them(shares_fp: Path, tmp_path: Path) -> None:
+    from bpfscope.domains.profile.diff import from_store
+
+    store = tmp_path / "store"
+    work = Workload(shares_fp, 30)
+    try:
+        result = bpfscope(
+            "profile", "-p", str(work.pid), "--continuous", "--store", str(store), "--frequency", FREQUENCY,
+            "--duration", "5", "1",
+        )  # fmt: skip
+    finally:
+        work.stop()
+    assert result.returncode == 0, result.stderr
+    assert f"into {store}" in result.stderr
+    from bpfscope.sinks.store import Store
+
+    windows = Store(store).query('SELECT ts, samples FROM "profile.window" ORDER BY ts')
+    assert len(windows) >= 4 and all(samples > 0 for _, samples in windows), windows
+    middle = windows[len(windows) // 2][0]
+    whole = from_store(str(store), f"0..{middle + 3600}", work.pid)
+    assert abs(whole.shares(work.pid)["hot_a"] - 60) <= 5, whole.shares(work.pid)
+    diff = bpfscope(
+        "profile",
+        "diff",
+        "--store",
+        str(store),
+        "-p",
+        str(work.pid),
+        f"0..{middle}",
+        f"{middle}..{middle + 3600}",
+    )
+    assert diff.returncode == 0, diff.stderr
+    assert "hot_a" in diff.stdout

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from bpfscope.runtime.session import Session
 
 UNWINDERS = ("dwarf", "fp")
+# --continuous: one profile per window of this many seconds.
+CONTINUOUS_WINDOW_S = 10.0
 BPF_MACHINERY = ("bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_", "bpf_get_stack")
 
 
@@ -315,11 +317,27 @@ class ProfileSummary(View):
         return f"{collector.name}: {losses.text()}"
 
 
+@dataclass
+class Continuous:
+    """--continuous: a profile per window into the store, kept by age and size."""
+
+    store: str
+    max_age_s: float
+    max_bytes: int
+    window_s: float = CONTINUOUS_WINDOW_S
+
+
 def run_profile(
-    run: Run, collector: Collector, view: View, output: str | None, fmt: str | None, note_text: str
+    run: Run,
+    collector: Collector,
+    view: View,
+    output: str | None,
+    fmt: str | None,
+    note_text: str,
+    continuous: Continuous | None = None,
 ) -> Session:
     """Run the collector with the view (or JSON lines), and the file sink where a file or a format was
-    asked for. Without ``-o`` a format other than the terminal's goes to stdout."""
+    asked for (without ``-o`` a format other than the terminal's goes to stdout), or the store."""
     from bpfscope.runtime.session import Session, stop_on_signals
     from bpfscope.sinks.jsonl import JsonLinesSink
     from bpfscope.sinks.terminal import TerminalSink
@@ -327,6 +345,19 @@ def run_profile(
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True) if Path(output).parent != Path() else None
     sinks: list[Sink] = []
+    if continuous is not None:
+        from bpfscope.sinks.store import StoreSink, StoreWriter
+
+        if output is not None or fmt is not None:
+            raise BpfscopeError("--continuous writes to the store: -o and --format are for one profile")
+        writer = StoreWriter(
+            continuous.store,
+            collector.schemas(),
+            max_age_s=continuous.max_age_s,
+            max_bytes=continuous.max_bytes,
+        )
+        sinks.append(StoreSink(writer))
+        run.interval = run.interval or continuous.window_s
     to_file = output is not None or fmt is not None
     if run.as_json:
         if fmt is not None and output is None:

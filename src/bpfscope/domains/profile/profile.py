@@ -24,6 +24,8 @@ import click
 from bpfscope.cli.options import Run, common_options
 from bpfscope.domains.profile import diff
 from bpfscope.domains.profile.collect import (
+    CONTINUOUS_WINDOW_S,
+    Continuous,
     ProfileView,
     StackCollector,
     StackConfig,
@@ -32,8 +34,10 @@ from bpfscope.domains.profile.collect import (
     stack_options,
 )
 from bpfscope.domains.profile.profiles import Profile
+from bpfscope.sinks.store import parse_age, parse_size
 
 DEFAULT_HZ = 19
+DEFAULT_STORE = "/var/lib/bpfscope/store"
 # A sample's record in the ring with its stack copy, at most (struct user_sample).
 RECORD_BYTES = 14 << 10
 
@@ -127,6 +131,8 @@ Examples:
   bpfscope profile --format folded > out.folded # folded stacks for flamegraph.pl or inferno
   bpfscope profile --kernel-only 10 3           # kernel stacks, a profile every 10 s, 3 times
   bpfscope profile diff before.pb.gz after.pb.gz -o diff.html   # what changed, as a flame graph
+  bpfscope profile --continuous --keep 3d       # always on: a profile every 10 s into the store
+  bpfscope profile diff --store /var/lib/bpfscope/store 14:00..14:10 15:00..15:10 -p 1234
 """
 
 
@@ -139,11 +145,35 @@ Examples:
     metavar="HZ",
     help="Samples per second on each CPU (19 costs least; 49 or 99 for short runs).",
 )
+@click.option(
+    "--continuous",
+    is_flag=True,
+    help="Run until stopped, writing a profile every 10 s (or every interval) into the store.",
+)
+@click.option(
+    "--store",
+    default=DEFAULT_STORE,
+    show_default=True,
+    metavar="DIR",
+    help="The store --continuous writes to (and profile diff --store reads).",
+)
+@click.option("--keep", default="7d", show_default=True, metavar="AGE", help="Keep this long (--continuous).")
+@click.option(
+    "--max-size",
+    default="1GB",
+    show_default=True,
+    metavar="SIZE",
+    help="Keep at most this much (--continuous).",
+)
 @stack_options
 @common_options
 def command(
     run: Run,
     frequency: int,
+    continuous: bool,
+    store: str,
+    keep: str,
+    max_size: str,
     unwind: str,
     kernel_only: bool,
     user_only: bool,
@@ -162,13 +192,16 @@ def command(
     """
     config = run.config(ProfileConfig, frequency_hz=frequency, **stack_choice(kernel_only, user_only, unwind))
     what = f"process {run.pid}" if run.pid else "every CPU"
+    kept = Continuous(store, parse_age(keep), parse_size(max_size)) if continuous else None
+    where = f", a profile every {run.interval or CONTINUOUS_WINDOW_S:g} s into {store}" if continuous else ""
     run_profile(
         run,
         ProfileCollector(config),
         ProfileView(max_rows),
         output,
         format,
-        f"Tracing on-CPU stacks of {what} at {frequency} Hz... Ctrl-C to end.",
+        f"Tracing on-CPU stacks of {what} at {frequency} Hz{where}... Ctrl-C to end.",
+        kept,
     )
 
 
