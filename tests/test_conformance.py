@@ -56,9 +56,11 @@ JSON_RUNS: dict[str, list[list[str]]] = {
     "profile": [["--duration", "2"], ["--frequency", "99", "1", "2"]],
     "offcputime": [["--duration", "2"], ["--unwind", "fp", "1", "2"]],
     "requests": [["--duration", "2"]],
+    "agent": [["--duration", "4", "--listen", "127.0.0.1:0", "--store", "/var/tmp/bpfscope-conformance"]],
+    "query": [["--tables", "--store", "/var/tmp"]],
 }
 # Tools whose runs end by themselves (no interval or Ctrl-C to wait for).
-ONE_SHOT = {"fincore", "doctor"}
+ONE_SHOT = {"fincore", "doctor", "query"}
 # Every record a workload of a few seconds must produce, by tool (the others may rightly be empty:
 # no retransmit on loopback, no buffer full).
 MUST_REPORT = {
@@ -81,6 +83,7 @@ MUST_REPORT = {
     "check",
     "profile",
     "offcputime",
+    "agent",
 }
 
 WORKLOAD = textwrap.dedent(
@@ -179,7 +182,7 @@ def test_json_is_records_of_the_declared_schemas(tool: str, workload: None) -> N
             schema = schemas.get(record.get("record", ""))
             assert schema is not None, f"{tool}: record {record.get('record')!r} is not declared"
             assert schema.check(record) == [], (tool, args, schema.check(record), record)
-        if tool not in ("check", "doctor", "fincore"):
+        if tool not in ("check", "doctor", "fincore", "query"):
             assert records and records[-1]["record"] == "losses", f"{tool} {args}: no losses record at the end"
 
 
@@ -194,7 +197,10 @@ def test_a_bad_option_is_one_line_and_exit_2(tool: str) -> None:
 
 @pytest.mark.parametrize("tool", sorted(set(TOOLS) - ONE_SHOT))
 def test_sigint_ends_with_the_final_summary(tool: str) -> None:
-    args = {"trace": ["syscalls:sys_enter_getppid", "--count-by", "comm"]}.get(tool, [])
+    args = {
+        "trace": ["syscalls:sys_enter_getppid", "--count-by", "comm"],
+        "agent": ["--listen", "127.0.0.1:0", "--store", "/var/tmp/bpfscope-conformance"],
+    }.get(tool, [])
     proc = subprocess.Popen(
         [sys.executable, "-m", "bpfscope", tool, *args],
         stdout=subprocess.PIPE,

@@ -1,6 +1,6 @@
 """The layout shows the architecture: dependencies point one way and there are no import cycles.
 
-    engine  <-  sources  <-  runtime  <-  sinks  <-  domains  <-  health  <-  cli (main, registry)
+    engine  <-  sources  <-  runtime  <-  sinks  <-  domains  <-  health  <-  agent  <-  cli (main, registry)
 
 A tool's command uses the option vocabulary (cli/options.py, which imports nothing of bpfscope's but
 errors and runtime types); the CLI and the health check find tools and rules by name in the domains'
@@ -25,7 +25,8 @@ ALLOWED = {
     "sinks": {"runtime", "engine", "sources"},
     "domains": {"runtime", "engine", "sinks", "sources", "cli.options", "health.rule", "health.verdict"},
     "health": {"runtime", "engine", "sinks", "sources", "domains"},
-    "cli": {"runtime", "engine", "sinks", "sources", "domains", "health"},
+    "agent": {"runtime", "engine", "sinks", "sources", "domains", "health"},
+    "cli": {"runtime", "engine", "sinks", "sources", "domains", "health", "agent"},
     "__main__": {"cli"},
 }
 COMMON = {"errors", "build", "__main__", "__init__"}

@@ -14,7 +14,7 @@ from bpfscope.cli.options import BCC_ALIASES, VOCABULARY
 
 COMMON = ("pid", "cgroup", "container", "json", "duration", "include_self")
 # Tools that are not collectors over the task filters: they say so in their help.
-NOT_FILTERED = {"check", "doctor", "fincore"}
+NOT_FILTERED = {"check", "doctor", "fincore", "agent", "query"}
 
 
 def _commands() -> dict[str, click.Command]:

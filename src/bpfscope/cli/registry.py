@@ -9,7 +9,7 @@ from functools import cache
 
 import click
 
-from bpfscope import domains, health
+from bpfscope import agent, domains, health
 from bpfscope.domains import ToolEntry
 
 _extra: dict[str, ToolEntry] = {}
@@ -18,8 +18,10 @@ _extra: dict[str, ToolEntry] = {}
 @cache
 def _known() -> dict[str, ToolEntry]:
     tools = domains.tools()
-    for name, summary in health.TOOLS.items():
-        tools[name] = ToolEntry(name, f"{health.__name__}.{name}", summary, "health")
+    for package in (health, agent):
+        layer = package.__name__.rpartition(".")[2]
+        for name, summary in package.TOOLS.items():
+            tools[name] = ToolEntry(name, f"{package.__name__}.{name}", summary, layer)
     return tools
 
 

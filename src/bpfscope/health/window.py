@@ -23,7 +23,7 @@ from bpfscope.health.verdict import Report, Row
 from bpfscope.runtime.session import Session, StopToken
 
 if TYPE_CHECKING:
-    from bpfscope.runtime.collector import Collector
+    from bpfscope.runtime.collector import Collector, Sample
 
 
 class CheckWindow:
@@ -39,6 +39,7 @@ class CheckWindow:
         self.rules = [r if isinstance(r, Rule) else r(include_self=include_self) for r in chosen]
         self.unavailable: dict[Rule, str] = {}
         self.session: Session | None = None
+        self.samples: dict[Collector, Sample] = {}
         self.stop = stop
         self._start = 0.0
 
@@ -76,9 +77,17 @@ class CheckWindow:
 
     def finish(self) -> Report:
         """The window closes: every rule's rows over it, in the rules' order."""
+        report = self.report()
+        self.close()
+        return report
+
+    def report(self) -> Report:
+        """Every rule's rows over the window so far, the window left open: the next report covers what
+        follows (the agent's windows follow one another). ``samples`` keeps what the collectors gave."""
         assert self.session is not None, "start() the window first"
-        samples = self.session.sample()
-        window_s = time.monotonic() - self._start
+        samples = self.samples = self.session.sample()
+        now = time.monotonic()
+        window_s, self._start = now - self._start, now
         rows: list[Row] = []
         for rule in self.rules:
             if rule in self.unavailable:
@@ -88,7 +97,6 @@ class CheckWindow:
         for rule in self.rules:
             if rule not in self.unavailable:
                 rows = rule.refine(rows)
-        self.close()
         return Report(rows, window_s)
 
     def wait(self, duration_s: float) -> None:

@@ -228,6 +228,37 @@ class Session:
                     emitted += 1
         return emitted
 
+    def add(self, collector: Collector) -> None:
+        """Run one more collector from now on (between loops: the agent's reload). It is opened and
+        started at once; a failure is handled as ``on_error`` says."""
+        slot = _Slot(collector, collector.config.interval_s or self.interval or collector.default_interval_s)
+        self.slots.append(slot)
+        now = time.monotonic()
+        self._open(slot, now)
+        if slot.open and self._guard(slot, collector.start) is not _FAILED:
+            slot.next_tick = now + slot.interval_s if slot.interval_s else None
+
+    def remove(self, collector: Collector) -> None:
+        """Stop running one collector (between loops): what its rings hold and its last partial interval
+        go to the sinks, then its losses; it is closed and the others go on."""
+        slot = next(s for s in self.slots if s.collector is collector)
+        losses: object = Losses()
+        if slot.open:
+            while collector.fds():
+                batch = self._guard(slot, collector.drain)
+                if batch is None or batch is _FAILED:
+                    break
+                self._emit(slot, batch)  # type: ignore[arg-type]
+            if slot.open and not collector.fds() and slot.interval_s is not None:
+                self._sample(slot)
+            losses = self._guard(slot, collector.losses) if slot.open else Losses()
+        elapsed = time.monotonic() - (self.started_at or time.monotonic())
+        for sink in self.sinks:
+            sink.finish(collector, losses if isinstance(losses, Losses) else Losses(), elapsed)
+        collector.close()
+        self.slots.remove(slot)
+        self.failed.pop(collector, None)
+
     def run(self, ready: Callable[[], None] | None = None) -> None:
         """Open, start, loop until stopped, finish. ``ready`` is called once everything is attached and
         the baselines are taken (the CLI prints "Tracing ..." there)."""

@@ -148,6 +148,7 @@ class StoreWriter:
         flush_s: float = FLUSH_S,
         max_age_s: float | None = None,
         max_bytes: int | None = None,
+        max_pending: int | None = None,
     ) -> None:
         self.store = Store(path)
         self.store.path.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,10 @@ class StoreWriter:
         self.flush_s = flush_s
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
+        # Records buffered at most (None: no limit): past it a flush comes early, so a burst of records
+        # costs files, not memory.
+        self.max_pending = max_pending
+        self.pending_rows = 0
         self.pending: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         self.last_flush = time.monotonic()
         self.files_written = 0
@@ -170,7 +175,10 @@ class StoreWriter:
                 continue  # a kind of record this store was not made for (losses go to the terminal)
             date, hour = _hour(float(record["ts"]))
             self.pending.setdefault((schema.name, date, hour), []).append(dict(record))
-        if time.monotonic() - self.last_flush >= self.flush_s:
+            self.pending_rows += 1
+        if time.monotonic() - self.last_flush >= self.flush_s or (
+            self.max_pending is not None and self.pending_rows >= self.max_pending
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -178,6 +186,7 @@ class StoreWriter:
         import duckdb
 
         pending, self.pending = self.pending, {}
+        self.pending_rows = 0
         self.last_flush = time.monotonic()
         if pending:
             con = duckdb.connect(":memory:")

@@ -109,11 +109,17 @@ class TcpRule(Rule):
 
 
 class _TwoLooks(SockstatCollector):
-    """The sockets when the window opens too (``opening``), beside the window's sample at its close."""
+    """The sockets when the window opens too (``opening``), beside the window's sample at its close.
+    Windows that follow one another (the agent's) each open with the previous one's closing look."""
 
     def start(self) -> None:
         super().start()
-        self.opening = self.sample().rows
+        self.opening = self.closing = super().sample().rows
+
+    def sample(self) -> SocketSample:
+        sample = super().sample()
+        self.opening, self.closing = self.closing, sample.rows
+        return sample
 
 
 class SocketBufferRule(Rule):

@@ -1,0 +1,105 @@
+"""What the agent runs: one collector per switched-on section of the configuration, each built from its
+section alone, so that a reload restarts exactly the collectors whose section changed.
+
+A component whose domain is not in this build (or cannot be configured here) is reported and left out;
+the others run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bpfscope.agent.config import (
+    AgentConfig,
+    HealthSection,
+    OffcpuSection,
+    ProfileSection,
+    RequestsSection,
+    SecuritySection,
+)
+
+if TYPE_CHECKING:
+    from bpfscope.runtime.collector import Collector
+    from bpfscope.runtime.schema import Schema
+
+
+def _health(section: HealthSection, node: str | None) -> Collector:
+    from bpfscope.agent.health import HealthCollector, HealthConfig
+
+    return HealthCollector(HealthConfig(interval_s=section.interval))
+
+
+def _profile(section: ProfileSection, node: str | None) -> Collector:
+    from bpfscope.domains.profile.profile import ProfileCollector, ProfileConfig
+
+    config = ProfileConfig(frequency_hz=section.frequency, interval_s=section.interval, unwind=section.unwind)
+    return ProfileCollector(config)
+
+
+def _offcpu(section: OffcpuSection, node: str | None) -> Collector:
+    from bpfscope.domains.profile.offcputime import OffcputimeCollector, OffcputimeConfig
+
+    return OffcputimeCollector(OffcputimeConfig(interval_s=section.interval))
+
+
+def _security(section: SecuritySection, node: str | None) -> Collector:
+    from bpfscope.domains.security.secure import SecureCollector, SecureConfig, policies_from
+
+    policies = policies_from(list(section.policies), section.default_policy)
+    config = SecureConfig(policies=policies, exec_events=section.exec_events, node=node)
+    collector = SecureCollector(config)
+    collector.compile()  # a policy's mistake is a configuration error, before anything loads
+    return collector
+
+
+def _requests(section: RequestsSection, node: str | None) -> Collector:
+    from bpfscope.domains.requests.requests import RequestsCollector, RequestsConfig
+
+    config = RequestsConfig(
+        keep_secrets=not section.redact, capture_bytes=section.capture_bytes, tls=section.tls
+    )
+    return RequestsCollector(config)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # the section's name under collectors:
+    build: Callable[[Any, str | None], Collector]
+
+
+COMPONENTS = (
+    Component("health", _health),
+    Component("profile", _profile),
+    Component("offcpu", _offcpu),
+    Component("security", _security),
+    Component("requests", _requests),
+)
+
+
+def section(config: AgentConfig, name: str) -> Any:
+    return getattr(config.collectors, name)
+
+
+def build(config: AgentConfig) -> tuple[dict[str, Collector], dict[str, str]]:
+    """The switched-on components' collectors, by name, and why any could not be built."""
+    built: dict[str, Collector] = {}
+    unavailable: dict[str, str] = {}
+    for component in COMPONENTS:
+        wanted = section(config, component.name)
+        if not wanted.enabled:
+            continue
+        try:
+            built[component.name] = component.build(wanted, config.node)
+        except ImportError as exc:
+            unavailable[component.name] = f"not in this build ({exc.name})"
+    return built, unavailable
+
+
+def schemas(collectors: dict[str, Collector]) -> list[Schema]:
+    """Every kind of record the collectors make, each once."""
+    out: dict[str, Schema] = {}
+    for collector in collectors.values():
+        out.update({s.name: s for s in collector.schemas()})
+    return list(out.values())

@@ -1,0 +1,126 @@
+"""bpfscope query: SQL over the store, also while the agent writes it (readers see whole files only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from bpfscope.agent.config import DEFAULT_STORE
+from bpfscope.errors import BpfscopeError
+from bpfscope.runtime.schema import Field, Schema
+
+TABLE_SCHEMA = Schema(
+    "store.table",
+    (
+        Field("table", "str", label=True, doc='quote it in SQL: "check.row"'),
+        Field("rows", "int"),
+        Field("files", "int", doc="Parquet files (one per flush, merged by the hour)"),
+        Field("bytes", "int", "bytes"),
+        Field("first_ts", "float", "s", nullable=True, doc="its oldest record"),
+        Field("last_ts", "float", "s", nullable=True, doc="its newest record"),
+    ),
+    doc="One table of the store (--tables).",
+)
+SCHEMAS = (TABLE_SCHEMA,)
+
+EXAMPLES = f"""
+\b
+Examples:
+  bpfscope query --tables                          # what the store holds
+  bpfscope query 'SELECT resource, metric, verdict, text FROM "check.row" ORDER BY ts DESC LIMIT 20'
+  bpfscope query --json 'SELECT comm, count(*) AS n FROM http_events GROUP BY comm'
+  bpfscope query --store /var/tmp/store 'DESCRIBE "profile.stack"'
+Tables are named after their records; quote names with a dot. The store is {DEFAULT_STORE} by default.
+"""
+
+
+def table_records(store: Any) -> Iterator[dict[str, Any]]:
+    con = store.connect()
+    try:
+        for table in store.tables():
+            files = list((store.path / table).glob("date=*/hour=*/*.parquet"))
+            if not files:
+                continue
+            rows, first, last = con.execute(f'SELECT count(*), min(ts), max(ts) FROM "{table}"').fetchone()
+            yield TABLE_SCHEMA.record(
+                {
+                    "ts": time.time(),
+                    "table": table,
+                    "rows": rows,
+                    "files": len(files),
+                    "bytes": sum(f.stat().st_size for f in files),
+                    "first_ts": first,
+                    "last_ts": last,
+                }
+            )
+    finally:
+        con.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)  # a JSON column
+        except ValueError:
+            return value
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+@click.command(name="query", epilog=EXAMPLES)
+@click.argument("sql", required=False)
+@click.option("--store", default=DEFAULT_STORE, show_default=True, metavar="DIR", help="The store to read.")
+@click.option("--tables", is_flag=True, help="List the tables: rows, files, bytes, time span.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines (one object per row) instead of a table.")
+@click.option(
+    "-r",
+    "--rows",
+    "max_rows",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Rows shown.",
+)
+def command(sql: str | None, store: str, tables: bool, as_json: bool, max_rows: int) -> None:
+    """Run SQL (DuckDB's dialect) over the store's tables: one per kind of record, named after it
+    ("check.row", "profile.stack", http_events, ...), partitioned by date and hour. The agent may be
+    writing meanwhile: a query reads the files flushed so far."""
+    from bpfscope.sinks.store import Store
+    from bpfscope.sinks.terminal import Terminal
+
+    data = Store(store)
+    if not data.path.is_dir():
+        raise BpfscopeError(f"no store at {store}", hint="bpfscope agent writes one; --store names another")
+    if tables:
+        records = list(table_records(data))
+        columns, rows = TABLE_SCHEMA.names, [[r[c] for c in TABLE_SCHEMA.names] for r in records]
+    elif sql:
+        import duckdb
+
+        con = data.connect()
+        try:
+            cursor = con.execute(sql)
+            columns = [d[0] for d in cursor.description] if cursor.description else []
+            rows = [list(row) for row in cursor.fetchmany(max_rows)] if columns else []
+        except duckdb.Error as exc:
+            raise BpfscopeError(f"query failed: {str(exc).splitlines()[0]}") from None
+        finally:
+            con.close()
+        records = [{c: _plain(v) for c, v in zip(columns, row, strict=True)} for row in rows]
+    else:
+        raise BpfscopeError("give SQL to run, or --tables", hint="see bpfscope query --help")
+    if as_json:
+        click.echo(
+            "\n".join(json.dumps(r, default=str) for r in records) + ("\n" if records else ""), nl=False
+        )
+        return
+    from rich.markup import escape
+
+    term = Terminal()
+    term.table(columns, [["" if v is None else escape(str(v)) for v in row] for row in rows])
+    term.flush()

@@ -1,0 +1,369 @@
+"""The agent's web server: the UI (static pages, no build step), a read-only JSON API over the store,
+and /metrics for Prometheus.
+
+Read-only by construction: every route is a GET (anything else is 405) and the store is only ever
+queried. Every value a request brings into a query is a bound parameter, never SQL text: table and
+column names come from this module alone. Off loopback every route but the static pages needs
+``Authorization: Bearer TOKEN`` (compared in constant time); the pages carry no data and send the token
+from their URL's fragment, which browsers never send to a server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bpfscope.sinks.store import Store
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from bpfscope.agent.service import Agent
+
+UI = Path(__file__).with_name("ui")
+# How far back a page may look (minutes), and how many rows a table returns at most.
+MAX_MINUTES = 7 * 24 * 60
+MAX_ROWS = 1000
+# Scripts inline only in the flame graph's document (the profile domain's self-contained page, shown in
+# a srcdoc frame, which inherits this policy); every value is placed with textContent, never as markup.
+CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; object-src 'none'"
+)
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _number(request: Request, name: str, default: float, low: float, high: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low:g} and {high:g}")
+    return value
+
+
+def _span(request: Request) -> tuple[float, float]:
+    """[start, end) in epoch seconds: ``start``/``end``, or the last ``minutes`` (60 by default)."""
+    now = time.time()
+    end = _number(request, "end", now, 0, now + 86400)
+    minutes = _number(request, "minutes", 60, 1, MAX_MINUTES)
+    start = _number(request, "start", end - minutes * 60, 0, end)
+    return start, end
+
+
+class Api:
+    """The queries behind the pages, each on a fresh read of the store (files flushed so far)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    @property
+    def store(self) -> Store:
+        return Store(self.agent.config.store.path)
+
+    def _rows(self, table: str, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        """``sql`` over ``table`` (a name from this module), as dictionaries; nothing if it is empty."""
+        store = self.store
+        if table not in store.tables():
+            return []
+        con = store.connect()
+        try:
+            cursor = con.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        except Exception as exc:  # a table with no file flushed yet has no view
+            if "does not exist" in str(exc):
+                return []
+            raise
+        finally:
+            con.close()
+
+    def health(self, start: float, end: float) -> dict[str, Any]:
+        rows = self._rows(
+            "check.row",
+            'SELECT ts, resource, metric, value, unit, text, verdict, threshold, detail FROM "check.row" '
+            "WHERE ts >= ? AND ts < ? ORDER BY ts",
+            [start, end],
+        )
+        series: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            entry = series.setdefault((r["resource"], r["metric"]), {"history": []})
+            entry.update(r)  # the latest row describes the series
+            entry["history"].append([r["ts"], r["value"], r["verdict"]])
+        summary = self._rows(
+            "check.summary",
+            'SELECT ts, summary, problem FROM "check.summary" WHERE ts >= ? AND ts < ? '
+            "ORDER BY ts DESC LIMIT 1",
+            [start, end],
+        )
+        return {"rows": list(series.values()), "summary": summary[0] if summary else None}
+
+    def disks(self, start: float, end: float) -> dict[str, Any]:
+        rows = self._rows(
+            "agent.disk_latency",
+            'SELECT ts, interval_s, disk, count, buckets FROM "agent.disk_latency" '
+            "WHERE ts >= ? AND ts < ? ORDER BY ts",
+            [start, end],
+        )
+        disks: dict[str, list[Any]] = defaultdict(list)
+        for r in rows:
+            buckets = json.loads(r["buckets"]) if isinstance(r["buckets"], str) else r["buckets"]
+            disks[r["disk"]].append([r["ts"], r["interval_s"], {int(k): v for k, v in buckets.items()}])
+        return {"disks": disks}
+
+    def requests(self, request: Request, start: float, end: float) -> dict[str, Any]:
+        """HTTP exchanges, newest first, filtered by the query string (each filter a bound parameter)."""
+        where, params = ["ts >= ?", "ts < ?"], [start, end]
+        q = request.query_params
+        for key, column in (("method", "req_method"), ("comm", "comm"), ("role", "trace_role")):
+            if q.get(key):
+                where.append(f"{column} = ?")
+                params.append(q[key])
+        if q.get("status"):
+            status = int(_number(request, "status", 0, 100, 599))
+            where.append("resp_status = ?")
+            params.append(status)
+        if q.get("path"):
+            where.append("contains(req_path, ?)")
+            params.append(q["path"])
+        min_ms = _number(request, "min_latency_ms", 0, 0, 3.6e6)
+        if min_ms:
+            where.append("latency >= ?")
+            params.append(int(min_ms * 1e6))
+        limit = int(_number(request, "limit", 200, 1, MAX_ROWS))
+        rows = self._rows(
+            "http_events",
+            "SELECT ts, pid, comm, trace_role, remote_addr, remote_port, local_port, req_method, req_path, "
+            f'resp_status, latency, req_bytes, resp_bytes FROM "http_events" WHERE {" AND ".join(where)} '
+            "ORDER BY ts DESC LIMIT ?",
+            [*params, limit],
+        )
+        return {"requests": rows}
+
+    def services(self, start: float, end: float) -> dict[str, Any]:
+        """The service map: a server is the process listening on a port (named from its server-side
+        records); an edge is a client's requests to it, with its rate, errors and latency."""
+        rows = self._rows(
+            "http_events",
+            "SELECT trace_role, comm, local_addr, local_port, remote_addr, remote_port, "
+            "count(*) AS requests, "
+            "count(*) FILTER (WHERE resp_status >= 500) AS errors, "
+            "quantile_cont(latency, 0.5) AS p50_ns, quantile_cont(latency, 0.99) AS p99_ns "
+            'FROM "http_events" WHERE ts >= ? AND ts < ? '
+            "GROUP BY ALL ORDER BY requests DESC LIMIT ?",
+            [start, end, MAX_ROWS],
+        )
+        servers = {r["local_port"]: r["comm"] for r in rows if r["trace_role"] == "server"}
+        seconds = max(end - start, 1.0)
+        edges: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            if r["trace_role"] == "client":
+                source = r["comm"]
+                target = servers.get(r["remote_port"], f"{r['remote_addr']}:{r['remote_port']}")
+            elif r["trace_role"] == "server":
+                source, target = f"{r['remote_addr']}", r["comm"]
+                if any(x["trace_role"] == "client" and x["remote_port"] == r["local_port"] for x in rows):
+                    continue  # the client side is traced too: its edge says it
+            else:
+                continue
+            edge = edges.setdefault(
+                (source, target),
+                {
+                    "source": source,
+                    "target": target,
+                    "requests": 0,
+                    "errors": 0,
+                    "p50_ms": 0.0,
+                    "p99_ms": 0.0,
+                },
+            )
+            edge["requests"] += r["requests"]
+            edge["errors"] += r["errors"]
+            edge["p50_ms"] = max(edge["p50_ms"], (r["p50_ns"] or 0) / 1e6)
+            edge["p99_ms"] = max(edge["p99_ms"], (r["p99_ns"] or 0) / 1e6)
+        for edge in edges.values():
+            edge["rate"] = edge["requests"] / seconds
+        nodes = sorted({name for edge in edges.values() for name in (edge["source"], edge["target"])})
+        return {"nodes": nodes, "edges": list(edges.values())}
+
+    def windows(self, start: float, end: float) -> dict[str, Any]:
+        rows = self._rows(
+            "profile.window",
+            'SELECT ts, interval_s, samples FROM "profile.window" '
+            "WHERE profile = ? AND ts >= ? AND ts < ? ORDER BY ts",
+            ["cpu", start, end],
+        )
+        return {"windows": rows}
+
+    def flamegraph(self, request: Request) -> str:
+        """The profile domain's flame graph of a time range; with ``base_start``/``base_end`` a
+        differential one against that range."""
+        from bpfscope.domains.profile import flamegraph
+        from bpfscope.domains.profile.diff import from_store
+
+        start, end = _span(request)
+        pid = int(_number(request, "pid", 0, 0, 1 << 22)) or None
+        profile = from_store(str(self.store.path), f"{start}..{end}", pid)
+        clock = [time.strftime("%H:%M:%S", time.localtime(t)) for t in (start, end)]
+        title = f"on-CPU, {clock[0]} to {clock[1]}"
+        if request.query_params.get("base_start"):
+            base_start = _number(request, "base_start", 0, 0, end)
+            base_end = _number(request, "base_end", base_start + 60, base_start, end + 86400)
+            baseline = from_store(str(self.store.path), f"{base_start}..{base_end}", pid)
+            return flamegraph.html(profile, title + " against the baseline", baseline=baseline)
+        return flamegraph.html(profile, title)
+
+    def security(self, request: Request, start: float, end: float) -> dict[str, Any]:
+        kinds = ("process_exec", "process_exit", "process_tracepoint")
+        wanted = request.query_params.get("kind")
+        if wanted and wanted not in kinds:
+            raise BadRequest(f"kind must be one of {', '.join(kinds)}")
+        limit = int(_number(request, "limit", 200, 1, MAX_ROWS))
+        events = []
+        for kind in [wanted] if wanted else kinds:
+            rows = self._rows(
+                f"secure.{kind}",
+                f'SELECT ts, "{kind}" AS body FROM "secure.{kind}" '
+                "WHERE ts >= ? AND ts < ? ORDER BY ts DESC LIMIT ?",
+                [start, end, limit],
+            )
+            events += [{"ts": r["ts"], "kind": kind, **json.loads(r["body"])} for r in rows]
+        events.sort(key=lambda e: -e["ts"])
+        return {"events": events[:limit]}
+
+    def status(self) -> dict[str, Any]:
+        agent = self.agent
+        store = self.store
+        return {
+            "node": agent.config.node or _hostname(),
+            "started": agent.started,
+            "collectors": agent.collector_states() if agent.session is not None else [],
+            "unavailable": agent.unavailable,
+            "store": {"path": str(store.path), "bytes": store.size(), "tables": store.tables()},
+        }
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def make_app(agent: Agent, token: str | None) -> Any:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    api = Api(agent)
+
+    def route(handler: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:
+        """A GET handler run in a worker thread (DuckDB blocks), its answer as JSON; a bad parameter
+        is 400 with the reason."""
+        from starlette.concurrency import run_in_threadpool
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                result = await run_in_threadpool(handler, request)
+            except BadRequest as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            if isinstance(result, Response):
+                return result
+            return JSONResponse(result)
+
+        return endpoint
+
+    def metrics(request: Request) -> Response:
+        if agent.prometheus is None:
+            return PlainTextResponse("the Prometheus exporter is off\n", status_code=404)
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(agent.prometheus.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def flame(request: Request) -> Response:
+        return HTMLResponse(api.flamegraph(request))
+
+    class Guard(BaseHTTPMiddleware):
+        """The bearer token (when one is set) on everything but the static pages; security headers."""
+
+        async def dispatch(self, request: Request, call_next: Any) -> Response:
+            public = request.url.path == "/" or request.url.path.startswith("/ui/")
+            if token is not None and not public:
+                sent = request.headers.get("authorization", "")
+                if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                    return JSONResponse(
+                        {"error": "a bearer token is required"},
+                        status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+            response = await call_next(request)
+            response.headers["Content-Security-Policy"] = CSP
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            response.headers["Referrer-Policy"] = "no-referrer"
+            response.headers["Cache-Control"] = "no-store"
+            return response
+
+    routes = [
+        Route("/metrics", route(metrics)),
+        Route("/api/status", route(lambda r: api.status())),
+        Route("/api/health", route(lambda r: api.health(*_span(r)))),
+        Route("/api/disks", route(lambda r: api.disks(*_span(r)))),
+        Route("/api/requests", route(lambda r: api.requests(r, *_span(r)))),
+        Route("/api/services", route(lambda r: api.services(*_span(r)))),
+        Route("/api/profile/windows", route(lambda r: api.windows(*_span(r)))),
+        Route("/api/profile/flamegraph", route(flame)),
+        Route("/api/security", route(lambda r: api.security(r, *_span(r)))),
+    ]
+    if agent.config.ui.enabled:
+        routes += [
+            Route("/", route(lambda r: HTMLResponse((UI / "index.html").read_text()))),
+            Mount("/ui", StaticFiles(directory=UI)),
+        ]
+    return Starlette(routes=routes, middleware=[Middleware(Guard)])
+
+
+class WebServer:
+    """uvicorn in a thread, on a socket bound at once (a port in use is a one-line error)."""
+
+    def __init__(self, agent: Agent, host: str, port: int, token: str | None) -> None:
+        import uvicorn
+
+        from bpfscope.agent.service import bind
+
+        self.socket = bind(host, port)
+        bound_host, bound_port = self.socket.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.address = f"http://{shown}:{bound_port}"
+        config = uvicorn.Config(
+            make_app(agent, token), log_level="warning", access_log=False, lifespan="off", server_header=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="bpfscope-web", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        self.socket.close()

@@ -1,0 +1,174 @@
+"""The agent's service with fake collectors in place of the kernel's: a collector that fails is reported
+and opened again with back-off while the others keep their rhythm; SIGHUP restarts exactly the
+collectors whose section changed, the last partial interval of the one replaced reaching the store; a
+configuration that does not load leaves the running one; the store is read while the agent writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpfscope.agent import components
+from bpfscope.agent.config import load_config
+from bpfscope.agent.service import Agent
+from bpfscope.runtime import session as session_mod
+from bpfscope.runtime.collector import Collector, Config, Sample
+from bpfscope.runtime.schema import Field, Schema
+from bpfscope.sinks.store import Store
+
+TICK = Schema("test.tick", (Field("source", "str", label=True), Field("n", "int")), interval=True)
+
+
+@dataclass
+class Tick(Sample):
+    ts: float
+    interval_s: float
+    source: str
+    n: int
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        yield TICK.record(vars(self))
+
+
+class Ticker(Collector[Config]):
+    """Numbers its samples; ``fail_every`` makes every so many samples fail (after each open)."""
+
+    _schemas = (TICK,)
+    opened: list[str] = []  # names, in the order opened, across instances
+
+    def __init__(self, name: str, interval_s: float, fail_every: int | None = None) -> None:
+        super().__init__(Config(interval_s=interval_s))
+        self.name = name  # type: ignore[misc]
+        self.fail_every = fail_every
+        self.n = self.since_open = 0
+
+    def open(self) -> None:
+        Ticker.opened.append(self.name)
+        self.since_open = 0
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+
+    def sample(self) -> Tick:
+        self.n += 1
+        self.since_open += 1
+        if self.fail_every and self.since_open % self.fail_every == 0:
+            raise RuntimeError(f"{self.name} broke")
+        now = time.monotonic()
+        tick = Tick(time.time(), now - self.t0, self.name, self.n)
+        self.t0 = now
+        return tick
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """health: a steady ticker; profile: one that fails at every second sample unless told otherwise
+    (its interval from its section's frequency, so a reload that changes it is a restart)."""
+    Ticker.opened = []
+    settings: dict[str, Any] = {"fail_every": 2}
+    monkeypatch.setattr(
+        components,
+        "COMPONENTS",
+        (
+            components.Component("health", lambda s, node: Ticker("steady", s.interval)),
+            components.Component(
+                "profile", lambda s, node: Ticker("flaky", 1 / s.frequency, settings["fail_every"])
+            ),
+        ),
+    )
+    monkeypatch.setattr(session_mod, "RESTART_BACKOFF_S", (0.2, 0.4))
+    return settings
+
+
+def write_config(path: Path, store: Path, frequency: int, extra: str = "") -> None:
+    path.write_text(
+        f"listen: 127.0.0.1:0\nstore: {{path: {store}, flush: 1s}}\n"
+        f"collectors:\n  health: {{interval: 1s}}\n  profile: {{frequency: {frequency}}}\n{extra}"
+    )
+
+
+def ticks(store: Path, source: str) -> list[tuple[float, int]]:
+    rows = Store(store).query('SELECT ts, n FROM "test.tick" WHERE source = ? ORDER BY ts', [source])
+    return [(ts, n) for ts, n in rows]
+
+
+def events(store: Path) -> list[tuple[str, str, str]]:
+    return [
+        tuple(r) for r in Store(store).query('SELECT kind, collector, detail FROM "agent.event" ORDER BY ts')
+    ]
+
+
+def test_a_failing_collector_restarts_with_back_off_the_others_go_on(fakes: dict, tmp_path: Path) -> None:
+    config_path = tmp_path / "agent.yaml"
+    write_config(config_path, tmp_path / "store", frequency=4)
+    agent = Agent(load_config(str(config_path)), str(config_path))
+    agent.run(duration=4.5)
+    store = tmp_path / "store"
+    failed = [e for e in events(store) if e[0] == "failed"]
+    # Fails 0.5 s after each open, reopened 0.2 s then 0.4 s (then 0.4 s ...) later: about 4 times.
+    assert 3 <= len(failed) <= 6, failed
+    assert all(e[1] == "flaky" and "flaky broke" in e[2] for e in failed)
+    assert "opened again in 0.2 s" in failed[0][2] and "opened again in 0.4 s" in failed[1][2]
+    assert Ticker.opened.count("flaky") == len(failed) + (Ticker.opened[-1] == "flaky")
+    # The steady one never missed a tick: one a second, numbered without a gap, the last partial.
+    steady = ticks(store, "steady")
+    assert [n for _, n in steady] == list(range(1, len(steady) + 1)) and len(steady) in (4, 5, 6)
+    states = Store(store).query(
+        'SELECT collector, max(failures) FROM "agent.collector" GROUP BY collector ORDER BY collector'
+    )
+    assert dict(states)["steady"] == 0 and dict(states)["flaky"] >= 2
+
+
+def test_sighup_restarts_only_what_changed_and_keeps_everything(fakes: dict, tmp_path: Path) -> None:
+    fakes["fail_every"] = None
+    config_path = tmp_path / "agent.yaml"
+    store = tmp_path / "store"
+    write_config(config_path, store, frequency=1)
+    agent = Agent(load_config(str(config_path)), str(config_path))
+    me = os.getpid()
+    readings: list[int] = []
+
+    def outside() -> None:
+        time.sleep(2.2)
+        readings.append(len(ticks(store, "steady")))  # read while the agent writes
+        write_config(config_path, store, frequency=1, extra="  nonsense: 1\n")
+        os.kill(me, signal.SIGHUP)  # refused: the running configuration stays
+        time.sleep(0.5)
+        write_config(config_path, store, frequency=2)
+        os.kill(me, signal.SIGHUP)  # profile changed: flaky restarts, steady runs on
+        time.sleep(2.0)
+        os.kill(me, signal.SIGTERM)
+
+    threading.Thread(target=outside, daemon=True).start()
+    agent.run(duration=30)
+    kinds = [e[0] for e in events(store)]
+    assert kinds[0] == "start" and kinds[-1] == "stop", kinds
+    refused = [e for e in events(store) if e[0] == "reload_refused"]
+    assert len(refused) == 1 and "unknown key" in refused[0][2]
+    reloads = [e for e in events(store) if e[0] == "reload"]
+    assert len(reloads) == 1 and "changed: profile" in reloads[0][2]
+    # steady was opened once for the whole run; flaky once before the reload and once after.
+    assert Ticker.opened.count("steady") == 1 and Ticker.opened.count("flaky") == 2
+    assert readings and readings[0] >= 1
+    steady = ticks(store, "steady")
+    assert [n for _, n in steady] == list(range(1, len(steady) + 1)) and len(steady) >= 4
+    # flaky's first instance ticked every second until the reload; its last partial interval reached
+    # the store when the reload replaced it (an interval shorter than the others), then the new one
+    # ticked twice a second, numbered from 1 again.
+    flaky = [n for _, n in ticks(store, "flaky")]
+    first_run = flaky[: flaky.index(1, 1)]
+    assert first_run == list(range(1, len(first_run) + 1)) and len(first_run) >= 3
+    partial = Store(store).query(
+        'SELECT interval_s FROM "test.tick" WHERE source = ? AND n = ? ORDER BY ts LIMIT 1',
+        ["flaky", len(first_run)],
+    )[0][0]
+    assert partial < 1.0
+    assert len(flaky) - len(first_run) >= 3
