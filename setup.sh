@@ -31,6 +31,9 @@ if [ "$mode" = test ]; then
     # bpfscope secure's tests: a real container runtime and a locally built image (debootstrap), the
     # red-team suite's tools (setpriv from util-linux, passwd, dpkg-deb).
     packages+=(podman runc debootstrap passwd)
+    # The agent's tests: a real Prometheus scraping it, and its web UI in a real headless Chromium
+    # (driven by Playwright from PyPI, which downloads no browser of its own).
+    packages+=(prometheus chromium)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -29,17 +29,19 @@ class RunningAgent:
     proc: subprocess.Popen[str]
     address: str
     store: Path
+    bearer: str | None = None
+
+    def open(self, path: str) -> bytes:
+        headers = {"Authorization": f"Bearer {self.bearer}"} if self.bearer else {}
+        request = urllib.request.Request(self.address + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
 
     def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.address + path, timeout=30) as response:
-            return json.loads(response.read())
-
-    def text(self, path: str) -> str:
-        with urllib.request.urlopen(self.address + path, timeout=30) as response:
-            return response.read().decode()
+        return json.loads(self.open(path))
 
 
-def start_agent(tmp_path: Path, config: str) -> RunningAgent:
+def start_agent(tmp_path: Path, config: str, bearer: str | None = None) -> RunningAgent:
     path = tmp_path / "agent.yaml"
     store = tmp_path / "store"
     path.write_text(f"listen: 127.0.0.1:0\nstore: {{path: {store}, flush: {FLUSH_S}s}}\n{config}")
@@ -58,7 +60,7 @@ def start_agent(tmp_path: Path, config: str) -> RunningAgent:
     assert line.startswith("Watching: ") and match, line + (
         proc.stderr.read() if proc.poll() is not None else ""
     )
-    return RunningAgent(proc, match.group(1), store)
+    return RunningAgent(proc, match.group(1), store, bearer)
 
 
 @pytest.fixture
