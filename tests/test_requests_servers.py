@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -145,9 +146,10 @@ class Traced:
             # end on the way out; this only lets the last calls return).
             time.sleep(0.3)
             self.proc.send_signal(signal.SIGINT)
-        _, err = self.proc.communicate(timeout=120)
+        self.proc.wait(timeout=120)
         self._reader.join(timeout=60)
-        self.stderr = err
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
         for line in self._lines:
             record = json.loads(line)
             if record["record"] == "losses":
@@ -173,3 +175,93 @@ def have(*commands: str) -> Callable[[], None]:
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: ./setup.sh test installs them")
     return lambda: None
+
+
+@dataclass
+class Redis:
+    port: int
+    proc: subprocess.Popen
+
+
+@pytest.fixture(name="redis")
+def redis_server(tmp_path: Path) -> Iterator[Redis]:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port, proc)
+        yield Redis(port, proc)
+    finally:
+        stop(proc)
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@dataclass
+class Postgres:
+    port: int
+    data: Path
+
+    def run(self, *cmd: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """A client program as the postgres user, connected over TCP (Unix sockets are not captured)."""
+        args = [*cmd, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args],
+            capture_output=True, text=True, check=check, timeout=300, cwd=cwd,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module", name="postgres")
+def postgres_server() -> Iterator[Postgres]:
+    """A throw-away PostgreSQL 15 cluster on 127.0.0.1 (trust), with pgbench's tables (in /tmp: pytest's
+    own directories are root's alone, and the server runs as postgres)."""
+    work = Path(tempfile.mkdtemp(prefix="bpfscope-pg-"))
+    work.chmod(0o755)
+    data = work / "data"
+    data.mkdir()
+    shutil.chown(data, "postgres")
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    port = free_port()
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c shared_buffers=32MB -c fsync=off"
+    pg_ctl = [*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data)]
+    subprocess.run([*pg_ctl, "-o", options, "-l", str(data / "log"), "-w", "start"],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    server = Postgres(port, data)
+    try:
+        server.run("pgbench", "-i", "-q", "-s", "1", "postgres")
+        yield server
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class Dns:
+    port: int
+    proc: subprocess.Popen
+
+
+# What the resolver knows: every other name under .test does not exist (NXDOMAIN).
+DNS_RECORDS = {"web.test": "10.1.2.3", "db.test": "10.1.2.4"}
+
+
+@pytest.fixture(name="dnsmasq")
+def dnsmasq_server() -> Iterator[Dns]:
+    port = free_port()
+    hosts = [f"--host-record={name},{addr}" for name, addr in DNS_RECORDS.items()]
+    proc = subprocess.Popen(
+        ["dnsmasq", "--keep-in-foreground", "--port", str(port), "--listen-address=127.0.0.1",
+         "--bind-interfaces", "--no-resolv", "--no-hosts", "--local=/test/", "--user=root", *hosts],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port, proc)
+        yield Dns(port, proc)
+    finally:
+        stop(proc)

@@ -68,6 +68,18 @@ def header_dtype(btf: Btf) -> np.dtype:
     )
 
 
+@dataclass(slots=True)
+class Call:
+    """One call's bytes: the first ``len(data) - tail`` of ``size``, then the last ``tail``."""
+
+    ingress: bool
+    data: bytes
+    size: int
+    start_ns: int
+    end_ns: int
+    tail: int
+
+
 @dataclass(eq=False)
 class Connection:
     """One socket of one process, through one source (syscalls or TLS), and one peer for UDP."""
@@ -87,8 +99,8 @@ class Connection:
     role: str  # client, server or unknown, as the kernel saw it open
     parser: Parser | None = None
     requests_ingress: bool = False  # requests are the bytes this process received (it is the server)
-    ignored: str = ""  # why the bytes are not parsed: tls, unknown
-    tries: int = 0
+    ignored: str = ""  # why the bytes are not parsed: tls, unknown, a protocol not asked for
+    undetected: list[Call] = field(default_factory=list)  # calls before the protocol was known
     streams: tuple[Stream, Stream] = field(default_factory=lambda: (Stream(False), Stream(True)))
     pairing: Pairing | None = None
     last_ns: int = 0
@@ -156,25 +168,14 @@ class Tracker:
             heads["dir"].tolist(),
             heads["size"].tolist(),
             heads["len"].tolist(),
+            heads["tail"].tolist(),
             heads["start_ns"].tolist(),
             heads["end_ns"].tolist(),
             strict=True,
         )
         out: list[tuple[Connection, Exchange]] = []
-        for i, (
-            kind,
-            tgid,
-            cookie,
-            source,
-            proto,
-            daddr,
-            dport,
-            ingress,
-            size,
-            length,
-            start,
-            end,
-        ) in enumerate(columns):
+        for i, row in enumerate(columns):
+            kind, tgid, cookie, source, proto, daddr, dport, ingress, size, length, tail, start, end = row
             udp = proto == IPPROTO_UDP
             key = (tgid, cookie, source, daddr, dport) if udp else (tgid, cookie, source)
             if kind != self._data_kind:
@@ -186,7 +187,7 @@ class Tracker:
             else:
                 self.connections.move_to_end(key)
             data = records[i][head_size : head_size + length]
-            self._data(connection, ingress == self._ingress, data, size, start, end, out)
+            self._data(connection, ingress == self._ingress, data, size, start, end, tail, out)
         self._sweep(out)
         return out
 
@@ -223,8 +224,10 @@ class Tracker:
         size: int,
         start: int,
         end: int,
+        tail: int,
         out: list[tuple[Connection, Exchange]],
     ) -> None:
+        """One call's bytes: the first ``len(data) - tail`` of its ``size``, then its last ``tail``."""
         conn.last_ns = end
         if ingress:
             conn.bytes_recv += size
@@ -232,17 +235,37 @@ class Tracker:
             conn.bytes_sent += size
         if conn.ignored:
             return
-        if conn.parser is None and not self._choose(conn, ingress, data):
-            return
+        call = Call(ingress, data, size, start, end, tail)
+        if conn.parser is None:
+            # Calls are kept until the protocol is known: a message may begin in a call too short to
+            # tell (a DNS server reads the TCP length alone, then the message).
+            conn.undetected.append(call)
+            if not self._choose(conn, ingress):
+                return
+            calls, conn.undetected = conn.undetected, []
+        else:
+            calls = [call]
+        for one in calls:
+            self._parse(conn, one, out)
+
+    def _parse(self, conn: Connection, call: Call, out: list[tuple[Connection, Exchange]]) -> None:
         parser, pairing = conn.parser, conn.pairing
         assert parser is not None and pairing is not None
-        stream = conn.streams[ingress]
-        stream.append(data, size, start, end)
-        is_requests = ingress == conn.requests_ingress
+        stream = conn.streams[call.ingress]
+        data, tail = call.data, call.tail
+        if tail:
+            stream.append(data[:-tail], call.size, call.start_ns, call.end_ns, data[-tail:])
+        else:
+            stream.append(data, call.size, call.start_ns, call.end_ns)
+        is_requests = call.ingress == conn.requests_ingress
         try:
             messages = parser.requests(stream) if is_requests else parser.responses(stream)
         except ParseError as exc:
-            if "captur" in str(exc):
+            if protocols.is_tls(data) and not conn.encrypted:
+                # A protocol that went over to TLS (PostgreSQL's SSLRequest, STARTTLS): its plaintext
+                # comes through the TLS source, if the process uses OpenSSL.
+                conn.ignored = "tls"
+            elif "captur" in str(exc):
                 self.counts.truncated += 1
             else:
                 self.counts.parse_errors += 1
@@ -257,21 +280,28 @@ class Tracker:
                 if request is not None:
                     out.append((conn, Exchange(parser.protocol, request, message)))
 
-    def _choose(self, conn: Connection, ingress: bool, data: bytes) -> bool:
-        """Pick the connection's protocol from its first bytes; False while it cannot."""
+    def _choose(self, conn: Connection, ingress: bool) -> bool:
+        """Pick the connection's protocol from the first bytes of the last call's direction; False while
+        it cannot."""
+        calls = [c for c in conn.undetected if c.ingress == ingress]
+        data = (
+            b"".join(c.data for c in calls) if all(c.size == len(c.data) for c in calls) else calls[-1].data
+        )
         if protocols.is_tls(data) and not conn.encrypted:
             conn.ignored = "tls"
+            conn.undetected = []
             return False
         found = protocols.detect(data, conn.udp, (conn.local_port, conn.remote_port))
         if found is None:
-            conn.tries += 1
-            if conn.tries >= DETECT_TRIES:
+            if len(conn.undetected) >= DETECT_TRIES:
                 conn.ignored = "unknown"
+                conn.undetected = []
                 self.counts.undetected += 1
             return False
         parser = found.parser()
         if self.wanted is not None and parser.protocol not in self.wanted:
             conn.ignored = parser.protocol
+            conn.undetected = []
             return False
         conn.parser = parser
         conn.pairing = Pairing(parser.keyed)

@@ -15,6 +15,7 @@ from typing import Any
 
 from bpfscope.domains.requests import redact
 from bpfscope.domains.requests.capture import Connection
+from bpfscope.domains.requests.protocols import redis
 from bpfscope.domains.requests.protocols.base import Exchange
 from bpfscope.runtime.schema import CGROUP, COMM, PID, Field, Schema
 
@@ -56,7 +57,52 @@ HTTP = Schema(
     doc="An HTTP/1.x or HTTP/2 request and its response.",
 )
 
-SCHEMAS: dict[str, Schema] = {"http": HTTP}
+PGSQL = Schema(
+    "pgsql_events",
+    (
+        *COMMON,
+        Field(
+            "req_cmd", "str", label=True, doc="Query (simple protocol), Execute or Parse (extended), Startup"
+        ),
+        Field("req", "str", label=True, doc="the statement, normalised (literals as ?) unless --no-redact"),
+        Field("resp", "str", doc="command tags (SELECT 1, UPDATE 3) or the error"),
+        Field("error", "str", doc="the error (severity: message (SQLSTATE)), empty when none"),
+        Field("rows", "int", doc="data rows returned"),
+    ),
+    doc="A PostgreSQL request (a Query, or extended-protocol messages up to Sync) and its response.",
+)
+
+REDIS = Schema(
+    "redis_events",
+    (
+        *COMMON,
+        Field(
+            "req_cmd", "str", label=True, doc="the command (two words for CONFIG GET, CLIENT SETNAME, ...)"
+        ),
+        Field("req_args", "list", doc="first bytes of each argument: the key kept, values redacted"),
+        Field("resp", "str", doc="the reply (statuses and numbers; values only with --no-redact)"),
+        Field("error", "str", doc="the error reply, empty when none"),
+    ),
+    doc="A Redis command and its reply.",
+)
+
+DNS = Schema(
+    "dns_events",
+    (
+        *COMMON,
+        Field("req_header", "dict", doc="the query's header: txid, flags, section counts"),
+        Field("req_body", "dict", doc="the question: name and type"),
+        Field("resp_header", "dict", doc="the response's header: txid, flags, rcode, section counts"),
+        Field("resp_body", "dict", doc="the answers"),
+        Field("query_name", "str", label=True, doc="the name asked"),
+        Field("query_type", "str", label=True, doc="A, AAAA, MX, ..."),
+        Field("rcode", "str", label=True, doc="NOERROR, NXDOMAIN, SERVFAIL, ..."),
+        Field("answers", "list", doc="answers as TYPE DATA (A 10.0.0.1)"),
+    ),
+    doc="A DNS query and its response.",
+)
+
+SCHEMAS: dict[str, Schema] = {"http": HTTP, "pgsql": PGSQL, "redis": REDIS, "dns": DNS}
 
 
 def _common(conn: Connection, exchange: Exchange) -> dict[str, Any]:
@@ -102,7 +148,62 @@ def _http(exchange: Exchange, keep: bool) -> dict[str, Any]:
     }
 
 
-BUILDERS: dict[str, Callable[[Exchange, bool], dict[str, Any]]] = {"http": _http}
+def _pgsql(exchange: Exchange, keep: bool) -> dict[str, Any]:
+    req = exchange.request.fields
+    resp = exchange.response.fields if exchange.response is not None else {}
+    error = resp.get("error", "")
+    query = req.get("query", "")
+    return {
+        "req_cmd": req.get("cmd", ""),
+        "req": query if keep else redact.normalize_sql(query),
+        "resp": error or "; ".join(resp.get("tags", [])),
+        "error": error,
+        "rows": resp.get("rows", 0),
+    }
+
+
+def _redis(exchange: Exchange, keep: bool) -> dict[str, Any]:
+    name, args = redis.command(exchange.request.fields.get("parts", []))
+    parts = exchange.response.fields.get("parts", []) if exchange.response is not None else []
+    reply, failed = redis.reply(parts, keep)
+    if not keep:
+        # The first argument names the data (a key, a channel): kept; the rest is the data.
+        args = args[:1] + [redact.REDACTED] * len(args[1:])
+    return {"req_cmd": name, "req_args": args, "resp": reply, "error": reply if failed else ""}
+
+
+def _dns(exchange: Exchange, keep: bool) -> dict[str, Any]:
+    req = exchange.request.fields
+    resp = exchange.response.fields if exchange.response is not None else {}
+
+    def header(fields: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "txid": fields.get("id", 0),
+            "flags": fields.get("flags", 0),
+            "counts": fields.get("counts", []),
+        }
+        if "rcode" in fields:
+            out["rcode"] = fields["rcode"]
+        return out
+
+    return {
+        "req_header": header(req),
+        "req_body": {"queries": [{"name": req.get("name", ""), "type": req.get("type", "")}]},
+        "resp_header": header(resp),
+        "resp_body": {"answers": resp.get("answers", [])},
+        "query_name": req.get("name", ""),
+        "query_type": req.get("type", ""),
+        "rcode": resp.get("rcode", ""),
+        "answers": resp.get("answers", []),
+    }
+
+
+BUILDERS: dict[str, Callable[[Exchange, bool], dict[str, Any]]] = {
+    "http": _http,
+    "pgsql": _pgsql,
+    "redis": _redis,
+    "dns": _dns,
+}
 
 
 def record(conn: Connection, exchange: Exchange, ts: float, keep_secrets: bool) -> dict[str, Any]:

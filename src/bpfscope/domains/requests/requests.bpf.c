@@ -42,8 +42,11 @@ char LICENSE[] SEC("license") = "GPL";
 #define REQ_MSG_PEEK 2
 #define REQ_IPPROTO_UDP 17
 
-/* Bytes of each call copied (the rest counted in size); port filters (0: any), host byte order. */
+/* Bytes of each call copied from its start, and from its end when it is longer (what shares a call
+with a large value after it: pipelined replies, a chunked body's last chunk); the rest is counted in
+size. capture_bytes + tail_bytes <= REQ_CAPTURE_MAX. Port filter (0: any), host byte order. */
 const volatile __u32 capture_bytes = 4096;
+const volatile __u32 tail_bytes = 256;
 const volatile __u16 targ_port = 0; /* either end */
 
 enum bs_req_kind { BS_REQ_KIND_DATA = 0, BS_REQ_KIND_CLOSE = 1 };
@@ -66,9 +69,10 @@ struct req_event {
 	__u32 tid;
 	__s32 fd;
 	__u32 size;	 /* bytes the call moved (a message of recvmmsg/sendmmsg: its own) */
-	__u32 len;	 /* bytes of them in data */
-	__u16 protocol;	 /* IPPROTO_TCP or IPPROTO_UDP */
-	__u16 pad;
+	__u32 len;	 /* bytes of them in data: the call's first, then its last `tail` */
+	__u16 tail;	 /* bytes at the end of data that are the call's last (0: data is its first bytes) */
+	__u8 protocol;	 /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 check_peer; /* the port filter applies to the message's peer (set before sending) */
 	enum bs_req_kind kind;
 	enum bs_req_dir dir;
 	enum bs_req_source source;
@@ -110,7 +114,8 @@ struct req_call {
 	__u8 args;	 /* enum bs_req_args */
 	__u8 dir;	 /* enum bs_req_dir */
 	__u8 skip;	 /* MSG_PEEK, or TLS ciphertext: nothing sent */
-	__u8 pad[7];
+	__u8 check_peer; /* an unconnected UDP socket: the port filter waits for the message's peer */
+	__u8 pad[6];
 };
 
 struct {
@@ -223,6 +228,13 @@ REQ_ENTER(sendfile64, BS_REQ_ARGS_FILE, BS_REQ_DIR_EGRESS, 0, 0, 0)
 
 /* --- the socket, inside the call ------------------------------------------------------------------ */
 
+static __always_inline bool port_selected(const struct bs_conn *conn)
+{
+	if (targ_port && conn->sport != targ_port && conn->dport != targ_port)
+		return false;
+	return bs_conn_selected(conn);
+}
+
 static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool recv)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -247,9 +259,9 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 	    (protocol != BS_IPPROTO_TCP && protocol != REQ_IPPROTO_UDP))
 		return;
 	bs_conn_of(sk, &call->conn);
-	if (targ_port && call->conn.sport != targ_port && call->conn.dport != targ_port)
-		return;
-	if (!bs_conn_selected(&call->conn))
+	if (protocol == REQ_IPPROTO_UDP && !call->conn.dport)
+		call->check_peer = 1;
+	else if (!port_selected(&call->conn))
 		return;
 	cookie = bpf_get_socket_cookie(sk);
 	call->cookie = cookie;
@@ -300,11 +312,11 @@ static __always_inline struct req_event *event_begin(void)
 	return s ? &s->ev : NULL;
 }
 
-/* Copy n bytes of user memory at src to data[off...], within capture_bytes; returns the new offset. */
-static __always_inline __u32 copy_user(struct req_event *ev, __u32 off, const void *src, __u64 n)
+/* Copy n bytes of user memory at src to data[off...], within limit; returns the new offset. */
+static __always_inline __u32 copy_user(struct req_event *ev, __u32 off, const void *src, __u64 n, __u32 limit)
 {
-	__u32 limit = capture_bytes < REQ_CAPTURE_MAX ? capture_bytes : REQ_CAPTURE_MAX;
-
+	if (limit > REQ_CAPTURE_MAX)
+		limit = REQ_CAPTURE_MAX;
 	if (off >= limit)
 		return off;
 	if (n > limit - off)
@@ -317,12 +329,30 @@ static __always_inline __u32 copy_user(struct req_event *ev, __u32 off, const vo
 	return off + n;
 }
 
-/* The first `size` bytes of an iovec array. */
-static __always_inline __u32 copy_iov(struct req_event *ev, const struct iovec *iov, __u64 count, __u64 size)
+/* The last bytes of a call longer than its head: up to tail_bytes of the `avail` bytes before `end`
+ * (the end of the call's last buffer), when the head did not reach them. */
+static __always_inline void copy_tail(struct req_event *ev, __u32 off, const __u8 *end, __u64 avail, __u64 size)
 {
-	struct iovec one;
+	__u64 n = tail_bytes;
+
+	ev->len = off;
+	ev->tail = 0;
+	if (size <= off)
+		return;
+	if (n > size - off)
+		n = size - off;
+	if (n > avail)
+		n = avail;
+	ev->len = copy_user(ev, off, end - n, n, capture_bytes + tail_bytes);
+	ev->tail = ev->len - off;
+}
+
+/* The first `size` bytes of an iovec array, and its last. */
+static __always_inline void copy_iov(struct req_event *ev, const struct iovec *iov, __u64 count, __u64 size)
+{
+	struct iovec one = {};
 	__u32 off = 0;
-	__u64 left = size, n;
+	__u64 left = size, n = 0;
 
 	for (int i = 0; i < REQ_IOV_MAX; i++) {
 		if (i >= count || !left)
@@ -330,10 +360,16 @@ static __always_inline __u32 copy_iov(struct req_event *ev, const struct iovec *
 		if (bpf_probe_read_user(&one, sizeof(one), &iov[i]))
 			break;
 		n = one.iov_len < left ? one.iov_len : left;
-		off = copy_user(ev, off, one.iov_base, n);
+		off = copy_user(ev, off, one.iov_base, n, capture_bytes);
 		left -= n;
 	}
-	return off;
+	/* The tail, when the call's bytes end in the last iovec looked at. */
+	copy_tail(ev, off, (const __u8 *)one.iov_base + n, left ? 0 : n, size);
+}
+
+static __always_inline void copy_buf(struct req_event *ev, const void *buf, __u64 size)
+{
+	copy_tail(ev, copy_user(ev, 0, buf, size, capture_bytes), (const __u8 *)buf + size, size, size);
 }
 
 /* The peer of a message (recvfrom/sendto/recvmsg/sendmsg on an unconnected socket) as the remote. */
@@ -369,7 +405,7 @@ static __always_inline void event_header(struct req_event *ev, struct req_call *
 	ev->tid = pid_tgid;
 	ev->fd = call->fd;
 	ev->protocol = call->protocol;
-	ev->pad = 0;
+	ev->check_peer = call->check_peer;
 	ev->kind = BS_REQ_KIND_DATA;
 	ev->dir = call->dir;
 	ev->source = BS_REQ_SOURCE_SYSCALL;
@@ -388,6 +424,8 @@ static __always_inline void event_send(struct req_event *ev)
 {
 	__u64 len = ev->len;
 
+	if (ev->check_peer && !port_selected(&ev->conn))
+		return;
 	/* The barrier keeps clang from using the unclamped copy of len after the check. */
 	asm volatile("" : "+r"(len));
 	if (len > REQ_CAPTURE_MAX)
@@ -406,7 +444,7 @@ static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *
 	if (msg.msg_name)
 		peer_of(ev, msg.msg_name);
 	ev->size = size;
-	ev->len = copy_iov(ev, msg.msg_iov, msg.msg_iovlen, size);
+	copy_iov(ev, msg.msg_iov, msg.msg_iovlen, size);
 	event_send(ev);
 }
 
@@ -430,12 +468,12 @@ static __always_inline int call_exit(long ret)
 	case BS_REQ_ARGS_BUF:
 		peer_of(ev, (void *)call->addr);
 		ev->size = ret;
-		ev->len = copy_user(ev, 0, (void *)call->buf, ret);
+		copy_buf(ev, (void *)call->buf, ret);
 		event_send(ev);
 		break;
 	case BS_REQ_ARGS_IOV:
 		ev->size = ret;
-		ev->len = copy_iov(ev, (struct iovec *)call->buf, call->count, ret);
+		copy_iov(ev, (struct iovec *)call->buf, call->count, ret);
 		event_send(ev);
 		break;
 	case BS_REQ_ARGS_MSG:
@@ -456,6 +494,7 @@ static __always_inline int call_exit(long ret)
 		ev->source = BS_REQ_SOURCE_SENDFILE;
 		ev->size = ret;
 		ev->len = 0;
+		ev->tail = 0;
 		event_send(ev);
 	}
 done:
@@ -582,7 +621,7 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	ev->tid = tid;
 	ev->fd = link->fd;
 	ev->protocol = link->protocol;
-	ev->pad = 0;
+	ev->check_peer = 0;
 	ev->kind = BS_REQ_KIND_DATA;
 	ev->dir = call->dir;
 	ev->source = BS_REQ_SOURCE_TLS;
@@ -592,7 +631,7 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	ev->conn = link->conn;
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	ev->size = size;
-	ev->len = copy_user(ev, 0, (void *)call->buf, size);
+	copy_buf(ev, (void *)call->buf, size);
 	event_send(ev);
 done:
 	bpf_map_delete_elem(&ssl_calls, &tid);

@@ -35,8 +35,10 @@ if TYPE_CHECKING:
     from bpfscope.runtime.collector import Collector
     from bpfscope.runtime.schema import Schema
 
-# The most one record carries of a call (REQ_CAPTURE_MAX in requests.bpf.c).
+# The most one record carries of a call (REQ_CAPTURE_MAX in requests.bpf.c), and how much of it is
+# the end of a call longer than the capture.
 CAPTURE_MAX = 16384
+TAIL_BYTES = 256
 # OpenSSL's calls that move plaintext: (uprobe, uretprobe) programs for each.
 SSL_FUNCTIONS = {
     "SSL_read": ("ssl_read_enter", "ssl_read_exit"),
@@ -88,6 +90,7 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
         return {
             **super().rodata(),
             "capture_bytes": c.capture_bytes,
+            "tail_bytes": TAIL_BYTES,
             "targ_port": c.port,
             "bs_targ_lport": c.lport,
             "bs_targ_rport": c.dport,
@@ -173,6 +176,14 @@ def summary(record: dict[str, Any]) -> tuple[str, str]:
     table = record["record"]
     if table == "http_events":
         return f"{record['req_method']} {record['req_path']}", str(record["resp_status"])
+    if table == "pgsql_events":
+        return record["req"][:80], record["resp"][:60]
+    if table == "redis_events":
+        return " ".join([record["req_cmd"], *record["req_args"]])[:80], record["resp"][:60]
+    if table == "dns_events":
+        return f"{record['query_type']} {record['query_name']}", " ".join(
+            [record["rcode"], *record["answers"]]
+        )
     return "", ""
 
 
@@ -233,11 +244,11 @@ Examples:
 @option("dport")
 @click.option(
     "--capture-bytes",
-    type=click.IntRange(64, CAPTURE_MAX),
+    type=click.IntRange(64, CAPTURE_MAX - TAIL_BYTES),
     default=4096,
     show_default=True,
     metavar="N",
-    help="Bytes of each call captured (sizes are always exact).",
+    help=f"Bytes captured from the start of each call, and {TAIL_BYTES} more from its end (sizes are exact).",
 )
 @click.option(
     "--no-redact", is_flag=True, help="Show secrets: header and query values, SQL literals, bodies."

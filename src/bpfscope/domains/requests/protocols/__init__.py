@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
-from bpfscope.domains.requests.protocols import http1
+from bpfscope.domains.requests.protocols import dns, http1, postgres, redis
 from bpfscope.domains.requests.protocols.base import Exchange, Message, ParseError, Parser
 
-PROTOCOLS = ("http",)
+PROTOCOLS = ("http", "dns", "pgsql", "redis")
+# Ports that name a protocol whose messages carry no signature of their own when a capture begins in
+# the middle of a connection (a response first).
+PORTS = {5432: "pgsql", 6379: "redis", 53: "dns"}
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,28 @@ def detect(data: bytes, udp: bool, ports: tuple[int, int]) -> Detected | None:
     local and remote port."""
     if not data:
         return None
-    if not udp:
-        if http1.looks_like_request(data):
-            return Detected(http1.Http1Parser, True)
-        if http1.looks_like_response(data):
-            return Detected(http1.Http1Parser, False)
+    if udp:
+        query = dns.looks_like_dns(data)
+        return None if query is None else Detected(partial(dns.DnsParser, udp=True), query)
+    if http1.looks_like_request(data):
+        return Detected(http1.Http1Parser, True)
+    if http1.looks_like_response(data):
+        return Detected(http1.Http1Parser, False)
+    if redis.looks_like_command(data):
+        return Detected(redis.RedisParser, True)
+    if postgres.looks_like_startup(data):
+        return Detected(postgres.PostgresParser, True)
+    if postgres.looks_like_frontend(data):
+        return Detected(partial(postgres.PostgresParser, after_startup=True), True)
+    by_port = {PORTS[p] for p in ports if p in PORTS}
+    if "pgsql" in by_port and postgres.looks_like_backend(data):
+        return Detected(partial(postgres.PostgresParser, after_startup=True), False)
+    if "redis" in by_port and data[:1] in b"+-:$*%~_,#(!=|>":
+        return Detected(redis.RedisParser, False)
+    # DNS over TCP: a length that is the rest of the call (or port 53), then a DNS message.
+    framed = len(data) > 2 and int.from_bytes(data[:2], "big") == len(data) - 2
+    if (framed or "dns" in by_port) and len(data) > 2 and (query := dns.looks_like_dns(data[2:])) is not None:
+        return Detected(partial(dns.DnsParser, udp=False), query)
     return None
 
 

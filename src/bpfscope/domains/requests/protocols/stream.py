@@ -41,10 +41,14 @@ class Stream:
         self.available = 0  # bytes not consumed, gaps included
         self.last_end_ns = 0  # end of the call that held the last byte consumed
 
-    def append(self, data: bytes, size: int, start_ns: int, end_ns: int) -> None:
+    def append(self, data: bytes, size: int, start_ns: int, end_ns: int, tail: bytes = b"") -> None:
+        """One call's bytes: ``data`` its first, ``tail`` its last (when the call was longer than the
+        capture: what lies between is a gap)."""
         if size <= 0:
             return
-        self.segments.append(Segment(data, size - len(data), start_ns, end_ns))
+        self.segments.append(Segment(data, size - len(data) - len(tail), start_ns, end_ns))
+        if tail:
+            self.segments.append(Segment(tail, 0, start_ns, end_ns))
         self.available += size
 
     def __len__(self) -> int:
