@@ -34,6 +34,9 @@ if [ "$mode" = test ]; then
     # The agent's tests: a real Prometheus scraping it, and its web UI in a real headless Chromium
     # (driven by Playwright from PyPI, which downloads no browser of its own).
     packages+=(prometheus chromium)
+    # bpfscope requests's tests and benchmarks: real servers and their clients (Redis and
+    # redis-benchmark, dnsmasq as a DNS resolver, wrk as an HTTP load generator).
+    packages+=(redis-server redis-tools dnsmasq-base wrk)
 fi
 missing=()
 for p in "${packages[@]}"; do
