@@ -129,35 +129,67 @@ def is_interpreter(path: str) -> bool:
     return bool(_INTERPRETER.search(os.path.basename(path)))
 
 
-def detect(process: Process) -> PyProcess | None:
-    """The process's interpreter, if it runs a CPython whose layout bpfscope knows."""
+@dataclass(frozen=True)
+class _Interpreter:
+    """What a CPython binary says of itself: read once per file, whichever process maps it."""
+
+    runtime: int | None  # _PyRuntime's virtual address
+    version_at: int | None  # Py_Version's
+    segments: tuple[tuple[int, int, int], ...]  # PT_LOAD (offset, vaddr, filesz)
+
+
+_INTERPRETERS: dict[tuple[int, int, int], _Interpreter] = {}
+
+
+def _interpreter(path: str) -> _Interpreter | None:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
     from bpfscope.domains.profile.symbols import BAD_ELF
 
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    if key not in _INTERPRETERS:
+        try:
+            with open(path, "rb") as f:
+                elf = ELFFile(f)
+                segments = tuple(
+                    (seg["p_offset"], seg["p_vaddr"], seg["p_filesz"])
+                    for seg in elf.iter_segments()
+                    if seg["p_type"] == "PT_LOAD"
+                )
+                _INTERPRETERS[key] = _Interpreter(
+                    _symbol(elf, "_PyRuntime"), _symbol(elf, "Py_Version"), segments
+                )
+        except (ELFError, *BAD_ELF):
+            return None
+    return _INTERPRETERS[key]
+
+
+def detect(process: Process) -> PyProcess | None:
+    """The process's interpreter, if it runs a CPython whose layout bpfscope knows."""
     for m in process.mappings:
         match = _INTERPRETER.search(os.path.basename(m.path))
         if not match or m.anonymous:
             continue
-        try:
-            with open(f"/proc/{process.pid}/map_files/{m.start:x}-{m.end:x}", "rb") as f:
-                elf = ELFFile(f)
-                runtime = _symbol(elf, "_PyRuntime")
-                version_at = _symbol(elf, "Py_Version")
-                bias = _load_bias(elf, m)
-        except (ELFError, *BAD_ELF):
+        interpreter = _interpreter(f"/proc/{process.pid}/map_files/{m.start:x}-{m.end:x}")
+        if interpreter is None or interpreter.runtime is None:
             continue
-        if runtime is None or bias is None:
+        bias = _load_bias(interpreter.segments, m)
+        if bias is None:
             continue
-        version = _version(process.pid, version_at + bias) if version_at is not None else None
+        at = interpreter.version_at
+        version = _version(process.pid, at + bias) if at is not None else None
         if version is None:
             major, minor = match.group(1).split(".")
             version = (int(major), int(minor))
         offsets = OFFSETS.get(version)
         if offsets is None:
             return None  # a version whose layout bpfscope does not know: native frames only
-        return PyProcess(process.pid, version, offsets, runtime + bias, {})
+        return PyProcess(process.pid, version, offsets, interpreter.runtime + bias, {})
     return None
 
 
@@ -172,11 +204,11 @@ def _symbol(elf: Any, name: str) -> int | None:
     return None
 
 
-def _load_bias(elf: Any, m: Mapping) -> int | None:
+def _load_bias(segments: tuple[tuple[int, int, int], ...], m: Mapping) -> int | None:
     """What to add to the ELF's virtual addresses to get the process's, from one of its mappings."""
-    for seg in elf.iter_segments():
-        if seg["p_type"] == "PT_LOAD" and seg["p_offset"] <= m.offset < seg["p_offset"] + seg["p_filesz"]:
-            return m.start - m.offset - (seg["p_vaddr"] - seg["p_offset"])
+    for offset, vaddr, filesz in segments:
+        if offset <= m.offset < offset + filesz:
+            return m.start - m.offset - (vaddr - offset)
     return None
 
 
