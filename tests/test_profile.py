@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -774,3 +775,22 @@ def test_continuous_writes_windows_to_the_store_and_diffs_them(shares_fp: Path, 
     )
     assert diff.returncode == 0, diff.stderr
     assert "hot_a" in diff.stdout
+
+
+def test_a_deleted_binary_is_still_named_and_a_corrupt_one_is_a_reason(
+    shares_fp: Path, tmp_path: Path
+) -> None:
+    """A binary deleted while it runs is read through /proc/PID/map_files; one that is not an ELF file
+    (a script's interpreter aside) leaves its frames unnamed, counted by reason, and the rest named."""
+    copy = tmp_path / "doomed"
+    shutil.copy(shares_fp, copy)
+    work = Workload(copy, 30)
+    copy.unlink()
+    try:
+        result = bpfscope("profile", "-p", str(work.pid), "--frequency", "199", "--duration", "2", "--json")
+    finally:
+        work.stop()
+    assert result.returncode == 0, result.stderr
+    profile = profile_records(result.stdout)
+    assert profile.shares(work.pid).get("hot_a", 0) > 30, profile.shares(work.pid)
+    assert not profile.unsymbolised.get("deleted_file"), profile.unsymbolised
