@@ -10,7 +10,6 @@ returns the exchanges completed, with what it could not parse counted per reason
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -131,92 +130,25 @@ class Counts:
     undetected: int = 0  # connections whose bytes fit no protocol
 
 
-class Tracker:
-    """Every connection's state; :meth:`feed` takes a batch of ring records and returns the exchanges
-    they completed."""
+class Connections:
+    """Every connection's parsing state, fed call by call (:meth:`data`, :meth:`close`): the part of
+    the tracker that knows protocols and nothing of the kernel's records (the unit tests feed it)."""
 
-    def __init__(self, btf: Btf, wall_offset_ns: int, protocols_wanted: frozenset[str] | None = None) -> None:
-        self.kinds = Kinds.of(btf)
-        self.dtype = header_dtype(btf)
-        self.head_size = self.dtype.itemsize
-        self.wall_offset_ns = wall_offset_ns
+    def __init__(self, protocols_wanted: frozenset[str] | None = None) -> None:
         self.wanted = protocols_wanted
         self.connections: OrderedDict[tuple, Connection] = OrderedDict()
         self.counts = Counts()
-        self.records = 0
         self._last_sweep = time.monotonic()
-        self._data_kind = next(v for v, n in self.kinds.kind.items() if n == "data")
-        self._ingress = next(v for v, n in self.kinds.dir.items() if n == "ingress")
-        self._tls = next(v for v, n in self.kinds.source.items() if n == "tls")
 
-    # --- records ------------------------------------------------------------------------------------
-    def feed(self, records: list[bytes]) -> list[tuple[Connection, Exchange]]:
-        if not records:
-            return []
-        self.records += len(records)
-        head_size = self.head_size
-        heads = np.frombuffer(b"".join(r[:head_size] for r in records), dtype=self.dtype)
-        conn = heads["conn"]
-        columns = zip(
-            heads["kind"].tolist(),
-            heads["tgid"].tolist(),
-            heads["cookie"].tolist(),
-            heads["source"].tolist(),
-            heads["protocol"].tolist(),
-            conn["daddr"].tolist(),
-            conn["dport"].tolist(),
-            heads["dir"].tolist(),
-            heads["size"].tolist(),
-            heads["len"].tolist(),
-            heads["tail"].tolist(),
-            heads["start_ns"].tolist(),
-            heads["end_ns"].tolist(),
-            strict=True,
-        )
-        out: list[tuple[Connection, Exchange]] = []
-        for i, row in enumerate(columns):
-            kind, tgid, cookie, source, proto, daddr, dport, ingress, size, length, tail, start, end = row
-            udp = proto == IPPROTO_UDP
-            key = (tgid, cookie, source, daddr, dport) if udp else (tgid, cookie, source)
-            if kind != self._data_kind:
-                self._close(cookie, end, out)
-                continue
-            connection = self.connections.get(key)
-            if connection is None:
-                connection = self._open(key, heads[i], udp, source == self._tls)
-            else:
-                self.connections.move_to_end(key)
-            data = records[i][head_size : head_size + length]
-            self._data(connection, ingress == self._ingress, data, size, start, end, tail, out)
-        self._sweep(out)
-        return out
-
-    def _open(self, key: tuple, head: Any, udp: bool, encrypted: bool) -> Connection:
-        conn = head["conn"]
-        family = int(conn["family"])
-        connection = Connection(
-            pid=int(head["tgid"]),
-            tid=int(head["tid"]),
-            comm=bytes(head["comm"]).split(b"\0", 1)[0].decode(errors="replace"),
-            cgroup=int(head["cgroup"]),
-            fd=int(head["fd"]),
-            cookie=int(head["cookie"]),
-            udp=udp,
-            encrypted=encrypted,
-            local_addr=address(family, conn["saddr"]),
-            local_port=int(conn["sport"]),
-            remote_addr=address(family, conn["daddr"]),
-            remote_port=int(conn["dport"]),
-            role=self.kinds.role.get(int(head["role"]), "unknown"),
-            opened_ns=int(head["start_ns"]),
-        )
+    def add(self, key: tuple, connection: Connection) -> Connection:
+        """A connection seen for the first time (the least recently used forgotten past the limit)."""
         self.connections[key] = connection
         if len(self.connections) > MAX_CONNECTIONS:
             _, old = self.connections.popitem(last=False)
             self._forget(old)
         return connection
 
-    def _data(
+    def data(
         self,
         conn: Connection,
         ingress: bool,
@@ -312,7 +244,7 @@ class Tracker:
         return True
 
     # --- ends ---------------------------------------------------------------------------------------
-    def _close(self, cookie: int, end_ns: int, out: list[tuple[Connection, Exchange]]) -> None:
+    def close(self, cookie: int, end_ns: int, out: list[tuple[Connection, Exchange]]) -> None:
         keys = [key for key in self.connections if key[1] == cookie]
         for key in keys:
             conn = self.connections.pop(key)
@@ -351,9 +283,83 @@ class Tracker:
     def iter_connections(self) -> Iterator[Connection]:
         return iter(self.connections.values())
 
+
+class Tracker(Connections):
+    """:meth:`feed` takes a batch of ring records and returns the exchanges they completed."""
+
+    def __init__(self, btf: Btf, wall_offset_ns: int, protocols_wanted: frozenset[str] | None = None) -> None:
+        super().__init__(protocols_wanted)
+        self.kinds = Kinds.of(btf)
+        self.dtype = header_dtype(btf)
+        self.head_size = self.dtype.itemsize
+        self.wall_offset_ns = wall_offset_ns
+        self.records = 0
+        self._data_kind = next(v for v, n in self.kinds.kind.items() if n == "data")
+        self._ingress = next(v for v, n in self.kinds.dir.items() if n == "ingress")
+        self._tls = next(v for v, n in self.kinds.source.items() if n == "tls")
+
+    # --- records ------------------------------------------------------------------------------------
+    def feed(self, records: list[bytes]) -> list[tuple[Connection, Exchange]]:
+        if not records:
+            return []
+        self.records += len(records)
+        head_size = self.head_size
+        heads = np.frombuffer(b"".join(r[:head_size] for r in records), dtype=self.dtype)
+        conn = heads["conn"]
+        columns = zip(
+            heads["kind"].tolist(),
+            heads["tgid"].tolist(),
+            heads["cookie"].tolist(),
+            heads["source"].tolist(),
+            heads["protocol"].tolist(),
+            conn["daddr"].tolist(),
+            conn["dport"].tolist(),
+            heads["dir"].tolist(),
+            heads["size"].tolist(),
+            heads["len"].tolist(),
+            heads["tail"].tolist(),
+            heads["start_ns"].tolist(),
+            heads["end_ns"].tolist(),
+            strict=True,
+        )
+        out: list[tuple[Connection, Exchange]] = []
+        for i, row in enumerate(columns):
+            kind, tgid, cookie, source, proto, daddr, dport, ingress, size, length, tail, start, end = row
+            udp = proto == IPPROTO_UDP
+            key = (tgid, cookie, source, daddr, dport) if udp else (tgid, cookie, source)
+            if kind != self._data_kind:
+                self.close(cookie, end, out)
+                continue
+            connection = self.connections.get(key)
+            if connection is None:
+                connection = self._open(key, heads[i], udp, source == self._tls)
+            else:
+                self.connections.move_to_end(key)
+            data = records[i][head_size : head_size + length]
+            self.data(connection, ingress == self._ingress, data, size, start, end, tail, out)
+        self._sweep(out)
+        return out
+
     def wall_s(self, mono_ns: int) -> float:
         return round((mono_ns + self.wall_offset_ns) / 1e9, 6)
 
-
-def family_of(addr: str) -> int:
-    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+    def _open(self, key: tuple, head: Any, udp: bool, encrypted: bool) -> Connection:
+        conn = head["conn"]
+        family = int(conn["family"])
+        connection = Connection(
+            pid=int(head["tgid"]),
+            tid=int(head["tid"]),
+            comm=bytes(head["comm"]).split(b"\0", 1)[0].decode(errors="replace"),
+            cgroup=int(head["cgroup"]),
+            fd=int(head["fd"]),
+            cookie=int(head["cookie"]),
+            udp=udp,
+            encrypted=encrypted,
+            local_addr=address(family, conn["saddr"]),
+            local_port=int(conn["sport"]),
+            remote_addr=address(family, conn["daddr"]),
+            remote_port=int(conn["dport"]),
+            role=self.kinds.role.get(int(head["role"]), "unknown"),
+            opened_ns=int(head["start_ns"]),
+        )
+        return self.add(key, connection)

@@ -1,0 +1,162 @@
+"""The request parsers on known conversations, fed call by call as the kernel captures them (exact
+sizes, first bytes, gaps), through the connection tracker's protocol half (capture.Connections)."""
+
+from __future__ import annotations
+
+import struct
+
+import dns.message
+import dns.rrset
+
+from bpfscope.domains.requests import protocols, redact
+from bpfscope.domains.requests.capture import Connection, Connections
+from bpfscope.domains.requests.protocols.base import Exchange
+
+
+def connection(
+    role: str = "unknown", udp: bool = False, ports: tuple[int, int] = (40000, 8080)
+) -> Connection:
+    return Connection(
+        pid=1, tid=1, comm="test", cgroup=0, fd=3, cookie=7, udp=udp, encrypted=False,
+        local_addr="127.0.0.1", local_port=ports[0], remote_addr="127.0.0.1", remote_port=ports[1], role=role,
+    )  # fmt: skip
+
+
+def converse(
+    calls: list[tuple[bool, bytes]], role: str = "client", capture: int = 1 << 20, **kw: object
+) -> tuple[list[Exchange], Connections]:
+    """Feed calls (ingress?, bytes) to one connection; each call captured up to ``capture`` bytes."""
+    tracker = Connections()
+    conn = tracker.add(("k",), connection(role, **kw))  # type: ignore[arg-type]
+    out: list = []
+    for t, (ingress, data) in enumerate(calls):
+        tracker.data(conn, ingress, data[:capture], len(data), t * 1000, t * 1000 + 10, 0, out)
+    return [exchange for _, exchange in out], tracker
+
+
+def http_request(path: str, body: bytes = b"", method: str = "GET") -> bytes:
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\nCookie: a=b\r\n{length}\r\n".encode() + body
+
+
+def http_response(status: int, body: bytes = b"", chunked: bool = False) -> bytes:
+    if chunked:
+        chunks = b"".join(
+            b"%x\r\n%s\r\n" % (len(body[i : i + 5]), body[i : i + 5]) for i in range(0, len(body), 5)
+        )
+        return f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + chunks + b"0\r\n\r\n"
+    return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def test_http_keepalive_pipelining_chunked_and_latency() -> None:
+    calls = [
+        (False, http_request("/a") + http_request("/b", b"xyz", "POST")),
+        (True, http_response(200, b"hello") + http_response(201, b"abcdefghijkl", chunked=True)[:20]),
+        (True, http_response(201, b"abcdefghijkl", chunked=True)[20:]),
+        (False, http_request("/c", method="HEAD")),
+        (True, http_response(200)[:-2] + b"Content-Length: 1000\r\n\r\n"),  # HEAD: no body whatever it says
+    ]
+    exchanges, tracker = converse(calls)
+    got = [
+        (e.request.fields["method"], e.request.fields["path"], e.response.fields["status"]) for e in exchanges
+    ]
+    assert got == [("GET", "/a", 200), ("POST", "/b", 201), ("HEAD", "/c", 200)]
+    assert (
+        exchanges[1].request.fields["body"] == b"xyz"
+        and exchanges[1].response.fields["body"] == b"abcdefghijkl"
+    )
+    # request's first byte sent (call 0 entry) to response's last byte received (call 2 return)
+    assert exchanges[1].latency_ns == 2010
+    assert tracker.counts.parse_errors == 0
+
+
+def test_http_body_beyond_the_capture_is_stepped_over() -> None:
+    big = bytes(100_000)
+    calls = [(False, http_request("/big")), (True, http_response(200, big)), (False, http_request("/next")),
+             (True, http_response(404))]  # fmt: skip
+    exchanges, tracker = converse(calls, capture=4096)
+    assert [e.response.fields["status"] for e in exchanges] == [200, 404]
+    assert exchanges[0].response.fields["body_size"] == 100_000
+    assert tracker.counts.truncated == tracker.counts.parse_errors == 0
+
+
+def test_http_mid_stream_start_resynchronises_at_the_next_call() -> None:
+    calls = [
+        (True, http_response(200, b"x" * 50)[30:]),
+        (False, http_request("/a")),
+        (True, http_response(200)),
+    ]
+    exchanges, _ = converse(calls)
+    assert [e.request.fields["path"] for e in exchanges] == ["/a"]
+
+
+def redis_command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def test_redis_pipelined_resp3_and_pushes() -> None:
+    calls = [
+        (False, redis_command(b"SET", b"k", b"v") + redis_command(b"HGETALL", b"h") + b"PING\r\n"),
+        (True, b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n+OK\r\n%1\r\n$1\r\na\r\n$1\r\nb\r\n+PONG\r\n"),
+    ]
+    exchanges, _ = converse(calls)
+    from bpfscope.domains.requests.protocols import redis
+
+    got = [(redis.command(e.request.fields["parts"])[0], redis.reply(e.response.fields["parts"], True)[0])
+           for e in exchanges]  # fmt: skip
+    assert got == [("SET", "OK"), ("HGETALL", "[1 items]"), ("PING", "PONG")]
+
+
+def pg_message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack(">i", len(body) + 4) + body
+
+
+ERROR = b"SERROR\0C42601\0Mboom\0\0"
+
+
+def test_postgres_simple_extended_and_error() -> None:
+    startup = struct.pack(">ii", 8 + 9, 196608) + b"user\0pg\0\0"
+    ready = pg_message(b"Z", b"I")
+    calls = [
+        (False, startup),
+        (True, pg_message(b"R", b"\0\0\0\0") + pg_message(b"S", b"a\0b\0") + ready),
+        (False, pg_message(b"Q", b"SELECT 'secret', 42 FROM t WHERE x = 1.5\0")),
+        (True, pg_message(b"T", b"...") + pg_message(b"D", b"...") + pg_message(b"C", b"SELECT 1\0") + ready),
+        (False, pg_message(b"P", b"s1\0SELECT $1\0\0\0") + pg_message(b"B", b"\0s1\0" + bytes(6))
+         + pg_message(b"E", b"\0\0\0\0\0") + pg_message(b"S", b"")),
+        (True, pg_message(b"1", b"") + pg_message(b"2", b"") + pg_message(b"E", ERROR) + ready),
+    ]  # fmt: skip
+    exchanges, _ = converse(calls)
+    assert [e.request.fields["cmd"] for e in exchanges] == ["Startup", "Query", "Execute"]
+    assert redact.normalize_sql(exchanges[1].request.fields["query"]) == "SELECT ?, ? FROM t WHERE x = ?"
+    assert exchanges[1].response.fields["tags"] == ["SELECT 1"] and exchanges[1].response.fields["rows"] == 1
+    assert exchanges[2].request.fields["query"] == "SELECT $1"
+    assert exchanges[2].response.fields["error"] == "ERROR: boom (42601)"
+
+
+def test_dns_udp_pairs_by_transaction_id() -> None:
+    q1, q2 = dns.message.make_query("a.test", "A"), dns.message.make_query("b.test", "AAAA")
+    r2 = dns.message.make_response(q2)
+    r2.set_rcode(dns.rcode.NXDOMAIN)
+    r1 = dns.message.make_response(q1)
+    r1.answer.append(dns.rrset.from_text("a.test.", 60, "IN", "A", "10.0.0.1"))
+    calls = [(True, q1.to_wire()), (True, q2.to_wire()), (False, r2.to_wire()), (False, r1.to_wire())]
+    exchanges, _ = converse(calls, role="unknown", udp=True, ports=(53, 40000))
+    got = [
+        (e.request.fields["name"], e.response.fields["rcode"], e.response.fields["answers"])
+        for e in exchanges
+    ]
+    assert got == [("b.test", "NXDOMAIN", []), ("a.test", "NOERROR", ["A 10.0.0.1"])]
+
+
+def test_detection_and_redaction() -> None:
+    assert protocols.detect(b"GET / HTTP/1.1\r\n", False, (1, 2)).is_request  # type: ignore[union-attr]
+    assert protocols.detect(b"\x16\x03\x01\x00", False, (1, 2)) is None and protocols.is_tls(b"\x16\x03\x01")
+    assert redact.path("/s?q=x&flag&n=2") == "/s?q=<redacted>&flag&n=<redacted>"
+    assert redact.headers({"authorization": "Bearer t", "accept": "*/*"}) == {
+        "authorization": "<redacted>",
+        "accept": "*/*",
+    }
+    assert redact.normalize_sql("select  $$a$b$$, t1.c2 from t1 where id in (1, -2)") == (
+        "select ?, t1.c2 from t1 where id in (?, ?)"
+    )
