@@ -80,7 +80,7 @@ class Api:
         store = self.store
         if table not in store.tables():
             return []
-        con = store.connect()
+        con = store.connect(only=[table])
         try:
             cursor = con.execute(sql, params)
             names = [d[0] for d in cursor.description]
@@ -155,31 +155,34 @@ class Api:
         return {"requests": rows}
 
     def services(self, start: float, end: float) -> dict[str, Any]:
-        """The service map: a server is the process listening on a port (named from its server-side
-        records); an edge is a client's requests to it, with its rate, errors and latency."""
+        """The service map. A server is a process listening on a port, named ``comm:port`` from its
+        server-side records; a client is named after the server it also is, or its process name. An
+        edge is a client's requests to a server, with their rate, errors and latency; where only the
+        server side was seen, the client is its peer's address."""
         rows = self._rows(
             "http_events",
-            "SELECT trace_role, comm, local_addr, local_port, remote_addr, remote_port, "
-            "count(*) AS requests, "
-            "count(*) FILTER (WHERE resp_status >= 500) AS errors, "
+            "SELECT trace_role, pid, comm, local_port, remote_addr, remote_port, count(*) AS requests, "
+            "count(*) FILTER (WHERE resp_status >= 500) AS errors, min(ts) AS first_ts, "
             "quantile_cont(latency, 0.5) AS p50_ns, quantile_cont(latency, 0.99) AS p99_ns "
-            'FROM "http_events" WHERE ts >= ? AND ts < ? '
+            'FROM "http_events" WHERE ts >= ? AND ts < ? AND trace_role IN (?, ?) '
             "GROUP BY ALL ORDER BY requests DESC LIMIT ?",
-            [start, end, MAX_ROWS],
+            [start, end, "client", "server", MAX_ROWS],
         )
-        servers = {r["local_port"]: r["comm"] for r in rows if r["trace_role"] == "server"}
-        seconds = max(end - start, 1.0)
+        servers = {
+            r["local_port"]: f"{r['comm']}:{r['local_port']}" for r in rows if r["trace_role"] == "server"
+        }
+        serving = {r["pid"]: servers[r["local_port"]] for r in rows if r["trace_role"] == "server"}
+        called = {r["remote_port"] for r in rows if r["trace_role"] == "client"}
+        seconds = max(end - max(start, min((r["first_ts"] for r in rows), default=start)), 1.0)
         edges: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
             if r["trace_role"] == "client":
-                source = r["comm"]
+                source = serving.get(r["pid"], r["comm"])
                 target = servers.get(r["remote_port"], f"{r['remote_addr']}:{r['remote_port']}")
-            elif r["trace_role"] == "server":
-                source, target = f"{r['remote_addr']}", r["comm"]
-                if any(x["trace_role"] == "client" and x["remote_port"] == r["local_port"] for x in rows):
-                    continue  # the client side is traced too: its edge says it
+            elif r["local_port"] not in called:  # a server whose clients were not traced
+                source, target = r["remote_addr"], servers[r["local_port"]]
             else:
-                continue
+                continue  # the client side says it
             edge = edges.setdefault(
                 (source, target),
                 {
@@ -233,13 +236,18 @@ class Api:
         if wanted and wanted not in kinds:
             raise BadRequest(f"kind must be one of {', '.join(kinds)}")
         limit = int(_number(request, "limit", 200, 1, MAX_ROWS))
+        text = request.query_params.get("process", "")
         events = []
         for kind in [wanted] if wanted else kinds:
+            command = (
+                f"coalesce(json_extract_string(\"{kind}\", '$.process.binary'), '') || ' ' || "
+                f"coalesce(json_extract_string(\"{kind}\", '$.process.arguments'), '')"
+            )
             rows = self._rows(
                 f"secure.{kind}",
                 f'SELECT ts, "{kind}" AS body FROM "secure.{kind}" '
-                "WHERE ts >= ? AND ts < ? ORDER BY ts DESC LIMIT ?",
-                [start, end, limit],
+                f"WHERE ts >= ? AND ts < ? AND contains({command}, ?) ORDER BY ts DESC LIMIT ?",
+                [start, end, text, limit],
             )
             events += [{"ts": r["ts"], "kind": kind, **json.loads(r["body"])} for r in rows]
         events.sort(key=lambda e: -e["ts"])

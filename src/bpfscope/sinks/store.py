@@ -72,12 +72,13 @@ class Store:
             return []
         return sorted(p.name for p in self.path.iterdir() if p.is_dir() and _TABLE.fullmatch(p.name))
 
-    def connect(self) -> Any:
-        """An in-memory DuckDB connection with one view per table (its name quoted: "profile.stack")."""
+    def connect(self, only: Iterable[str] | None = None) -> Any:
+        """An in-memory DuckDB connection with one view per table (its name quoted: "profile.stack"), or
+        per table of ``only`` (a query that names its tables need not list every table's files)."""
         import duckdb
 
         con = duckdb.connect(":memory:")
-        for table in self.tables():
+        for table in self.tables() if only is None else [t for t in only if t in self.tables()]:
             files = list((self.path / table).glob("date=*/hour=*/*.parquet"))
             if not files:
                 continue
