@@ -56,6 +56,8 @@ def start_agent(tmp_path: Path, config: str, bearer: str | None = None) -> Runni
     ready, _, _ = select.select([proc.stderr], [], [], 120)
     assert ready, "the agent did not start"
     line = proc.stderr.readline()
+    while line.startswith("agent: "):  # a collector that failed to open, reported before the start
+        line = proc.stderr.readline()
     match = re.search(r"UI and API at (http://[0-9.]+:\d+)/", line)
     assert line.startswith("Watching: ") and match, line + (
         proc.stderr.read() if proc.poll() is not None else ""

@@ -296,6 +296,12 @@ class Agent:
             prometheus_sink(exporters.prometheus.max_series) if exporters.prometheus.enabled else None
         )
         self._set_sink("prometheus", self.prometheus)
+        otlp = None
+        if exporters.otlp.enabled:
+            from bpfscope.agent.otlp import otlp_sink
+
+            otlp = otlp_sink(exporters.otlp, self.prometheus, self.config.node)
+        self._set_sink("otlp", otlp)
         if self.json_out:
             from bpfscope.sinks.jsonl import JsonLinesSink
 

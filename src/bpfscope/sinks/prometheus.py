@@ -101,6 +101,20 @@ class PrometheusSink(Sink):
             if translate is not None:
                 translate(self, record)
 
+    def snapshot(self) -> list[tuple[Family, dict[tuple[str, ...], Any]]]:
+        """Every family with a copy of its values (histograms as (counts, total)), for other exporters."""
+        with self._lock:
+            return [
+                (
+                    f,
+                    {
+                        k: (list(v.counts), v.total) if isinstance(v, _Buckets) else v
+                        for k, v in f.values.items()
+                    },
+                )
+                for f in self.families.values()
+            ]
+
     # --- the exposition ------------------------------------------------------------------------------
     def collect(self) -> Iterator[Any]:
         """prometheus_client's collector protocol: every family as it is now."""
