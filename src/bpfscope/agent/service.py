@@ -302,6 +302,12 @@ class Agent:
 
             otlp = otlp_sink(exporters.otlp, self.prometheus, self.config.node)
         self._set_sink("otlp", otlp)
+        pushed = None
+        if exporters.profiles.enabled:
+            from bpfscope.agent.profiles import profile_push_sink
+
+            pushed = profile_push_sink(exporters.profiles, self.config.node)
+        self._set_sink("profiles", pushed)
         if self.json_out:
             from bpfscope.sinks.jsonl import JsonLinesSink
 
