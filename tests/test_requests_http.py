@@ -5,6 +5,8 @@ through TLS (OpenSSL uprobes on nginx and on the client's Python ssl module)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 
 from test_requests_servers import Nginx, Traced, nginx_server, python_client, quantile  # noqa: F401
@@ -129,4 +131,73 @@ def test_pipelining_chunked_bodies_and_large_responses(nginx: Nginx) -> None:
     assert server[13]["resp_body_size"] == 1_000_000
     client_side = traced.table("http_events", trace_role="client")
     assert [r["req_path"] for r in client_side] == expected
+    assert traced.losses.get("total") == 0, (traced.losses, traced.stderr)
+
+
+GRPC_SERVER = r"""
+import sys, time
+from concurrent import futures
+import grpc
+
+def hello(request, context):
+    return b"hello " + request
+
+def fail(request, context):
+    context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+
+def slow(request, context):
+    time.sleep(0.002)
+    return request * 100  # 10 kB answers: DATA beyond the capture limit, stepped over
+
+handlers = {name: grpc.unary_unary_rpc_method_handler(f) for name, f in
+            (("Hello", hello), ("Fail", fail), ("Echo", slow))}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Greeter", handlers),))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+sys.stdin.read()
+"""
+
+GRPC_CLIENT = r"""
+import json, sys
+import grpc
+port, count = sys.argv[1], int(sys.argv[2])
+channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+out = []
+for i in range(count):
+    method = ("Hello", "Fail", "Echo")[i % 3]
+    call = channel.unary_unary(f"/demo.Greeter/{method}")
+    try:
+        call(b"x" * 100, timeout=10)
+        code = 0
+    except grpc.RpcError as exc:
+        code = exc.code().value[0]
+    out.append({"path": f"/demo.Greeter/{method}", "code": code})
+print(json.dumps(out))
+"""
+
+
+def test_grpc_methods_and_status_codes(nginx: Nginx) -> None:
+    """grpcio server and client (HTTP/2, HPACK): each call's method and gRPC status, counted exactly."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", GRPC_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        with Traced("--port", str(port)) as traced:
+            out, _ = python_client(GRPC_CLIENT, str(port), "60").communicate(timeout=120)
+    finally:
+        server.kill()
+        server.wait()
+    truth = Counter((t["path"], str(t["code"])) for t in json.loads(out))
+    assert truth[("/demo.Greeter/Fail", "5")] == 20
+    for role in ("client", "server"):
+        records = traced.table("http_events", trace_role=role)
+        assert all(r["major_version"] == 2 and r["resp_status"] == 200 for r in records), records
+        assert Counter((r["req_path"], r["resp_headers"].get("grpc-status")) for r in records) == truth, role
+        assert {r["req_method"] for r in records} == {"POST"}
+        echo = [r for r in records if r["req_path"].endswith("Echo")]
+        assert all(r["resp_body_size"] >= 10_000 for r in echo)
     assert traced.losses.get("total") == 0, (traced.losses, traced.stderr)

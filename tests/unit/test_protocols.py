@@ -30,7 +30,7 @@ def converse(
     conn = tracker.add(("k",), connection(role, **kw))  # type: ignore[arg-type]
     out: list = []
     for t, (ingress, data) in enumerate(calls):
-        tracker.data(conn, ingress, data[:capture], len(data), t * 1000, t * 1000 + 10, 0, out)
+        tracker.data(conn, ingress, data[:capture], len(data), t * 1000, t * 1000 + 10, b"", out)
     return [exchange for _, exchange in out], tracker
 
 
@@ -160,3 +160,53 @@ def test_detection_and_redaction() -> None:
     assert redact.normalize_sql("select  $$a$b$$, t1.c2 from t1 where id in (1, -2)") == (
         "select ?, t1.c2 from t1 where id in (?, ?)"
     )
+
+
+def h2_conversation(requests: int) -> list[tuple[bool, bytes]]:
+    """A client and a server (the h2 library) exchanging gRPC-like requests, each call's bytes as the
+    client sees them (egress: what it sent)."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    calls: list[tuple[bool, bytes]] = []
+
+    def send(data: bytes, to_server: bool) -> None:
+        if data:
+            calls.append((not to_server, data))
+            (server if to_server else client).receive_data(data)
+
+    client.initiate_connection()
+    send(client.data_to_send(), True)
+    server.initiate_connection()
+    send(server.data_to_send(), False)
+    send(client.data_to_send(), True)
+    for i in range(requests):
+        sid = client.get_next_available_stream_id()
+        path = f"/demo.Greeter/{'Hello' if i % 2 else 'Fail'}"
+        client.send_headers(sid, [(":method", "POST"), (":path", path), (":scheme", "http"),
+                                  (":authority", "x"), ("content-type", "application/grpc")])  # fmt: skip
+        client.send_data(sid, b"\0\0\0\0\2hi", end_stream=True)
+        send(client.data_to_send(), True)
+        server.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        server.send_data(sid, b"\0\0\0\0\2ok")
+        server.send_headers(sid, [("grpc-status", "0" if i % 2 else "5")], end_stream=True)
+        send(server.data_to_send(), False)
+        send(client.data_to_send(), True)  # window updates
+    return calls
+
+
+def test_http2_streams_pair_by_id_and_survive_a_mid_connection_start() -> None:
+    calls = h2_conversation(6)
+    exchanges, _ = converse(calls)
+    got = [(e.request.fields["path"], e.response.fields["headers"]["grpc-status"]) for e in exchanges]
+    assert got == [(f"/demo.Greeter/{'Hello' if i % 2 else 'Fail'}", "0" if i % 2 else "5") for i in range(6)]
+    assert all(e.response.fields["status"] == 200 and e.request.fields["method"] == "POST" for e in exchanges)
+    # Met after the preface and the first two requests: every stream still pairs, with the fields the
+    # capture never saw added to the HPACK table as <unknown>.
+    start = [i for i, (ingress, data) in enumerate(calls) if not ingress and b"\2hi" in data][2]
+    late, tracker = converse(calls[start:])
+    assert len(late) == 4
+    assert {e.response.fields["headers"].get("grpc-status") for e in late} <= {"0", "5", None}
+    assert tracker.counts.parse_errors == tracker.counts.truncated == 0

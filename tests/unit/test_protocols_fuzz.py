@@ -11,7 +11,15 @@ import os
 import dns.message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_protocols import connection, converse, http_request, http_response, pg_message, redis_command
+from test_protocols import (
+    connection,
+    converse,
+    h2_conversation,
+    http_request,
+    http_response,
+    pg_message,
+    redis_command,
+)
 
 from bpfscope.domains.requests.capture import Connections
 
@@ -22,7 +30,13 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
+_H2 = h2_conversation(1)
+
 CONVERSATIONS = {
+    "http2": [
+        (False, b"".join(d for ingress, d in _H2 if not ingress)),
+        (True, b"".join(d for ingress, d in _H2 if ingress)),
+    ],
     "http": [
         (False, http_request("/a") + http_request("/b", b"body", "POST")),
         (True, http_response(200, b"hello") + http_response(500, b"abcdefghijkl", chunked=True)),
@@ -46,6 +60,7 @@ CONVERSATIONS = {
 
 
 PORTS = {"pgsql": 5432, "redis": 6379, "dns": 53}
+PROTOCOL = {"http2": "http"}  # the table each conversation's exchanges go to
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -88,8 +103,9 @@ def test_cut_captured_partly_mid_stream_and_garbage(
     clean = tracker.add(("clean",), connection(role, ports=(40001, port)))
     out: list = []
     for t, (ingress, data) in enumerate(broken):
-        tracker.data(damaged, ingress, data[:capture], len(data), t, t + 1, 0, out)
+        tracker.data(damaged, ingress, data[:capture], len(data), t, t + 1, b"", out)
     out.clear()
     for t, (ingress, data) in enumerate([request, response]):
-        tracker.data(clean, ingress, data, len(data), 1000 + t, 1001 + t, 0, out)
+        tracker.data(clean, ingress, data, len(data), 1000 + t, 1001 + t, b"", out)
     assert len(out) == (2 if protocol in ("http", "redis") else 1)
+    assert {exchange.protocol for _, exchange in out} == {PROTOCOL.get(protocol, protocol)}

@@ -51,6 +51,11 @@ class Kinds:
         return cls(*(enum_names(btf.enum(f"bs_req_{name}")) for name in ("kind", "dir", "source", "role")))
 
 
+def limits(btf: Btf) -> dict[str, int]:
+    """enum bs_req_limits: capture_max (the most one record carries), tail (a long call's last bytes)."""
+    return {name: value for value, name in enum_names(btf.enum("bs_req_limits")).items()}
+
+
 @cache
 def header_dtype(btf: Btf) -> np.dtype:
     """struct req_event without its payload: the head of every record."""
@@ -69,14 +74,15 @@ def header_dtype(btf: Btf) -> np.dtype:
 
 @dataclass(slots=True)
 class Call:
-    """One call's bytes: the first ``len(data) - tail`` of ``size``, then the last ``tail``."""
+    """One call's bytes: ``data`` its first, ``tail`` its last (``size`` in all: what lies between
+    was not captured)."""
 
     ingress: bool
     data: bytes
     size: int
     start_ns: int
     end_ns: int
-    tail: int
+    tail: bytes
 
 
 @dataclass(eq=False)
@@ -156,10 +162,10 @@ class Connections:
         size: int,
         start: int,
         end: int,
-        tail: int,
+        tail: bytes,
         out: list[tuple[Connection, Exchange]],
     ) -> None:
-        """One call's bytes: the first ``len(data) - tail`` of its ``size``, then its last ``tail``."""
+        """One call's bytes: ``data`` its first, ``tail`` its last, ``size`` in all."""
         conn.last_ns = end
         if ingress:
             conn.bytes_recv += size
@@ -184,11 +190,8 @@ class Connections:
         parser, pairing = conn.parser, conn.pairing
         assert parser is not None and pairing is not None
         stream = conn.streams[call.ingress]
-        data, tail = call.data, call.tail
-        if tail:
-            stream.append(data[:-tail], call.size, call.start_ns, call.end_ns, data[-tail:])
-        else:
-            stream.append(data, call.size, call.start_ns, call.end_ns)
+        data = call.data
+        stream.append(data, call.size, call.start_ns, call.end_ns, call.tail)
         is_requests = call.ingress == conn.requests_ingress
         try:
             messages = parser.requests(stream) if is_requests else parser.responses(stream)
@@ -292,6 +295,7 @@ class Tracker(Connections):
         self.kinds = Kinds.of(btf)
         self.dtype = header_dtype(btf)
         self.head_size = self.dtype.itemsize
+        self.ring = limits(btf)["tail"]
         self.wall_offset_ns = wall_offset_ns
         self.records = 0
         self._data_kind = next(v for v, n in self.kinds.kind.items() if n == "data")
@@ -336,7 +340,13 @@ class Tracker(Connections):
             else:
                 self.connections.move_to_end(key)
             data = records[i][head_size : head_size + length]
-            self.data(connection, ingress == self._ingress, data, size, start, end, tail, out)
+            tail_bytes = b""
+            if tail:
+                # The ring after the head: the call's byte x at x % ring (requests.bpf.c, ring_put).
+                ring, data = data[-self.ring :], data[: -self.ring]
+                first = (size - tail) % self.ring
+                tail_bytes = (ring[first:] + ring[:first])[:tail]
+            self.data(connection, ingress == self._ingress, data, size, start, end, tail_bytes, out)
         self._sweep(out)
         return out
 

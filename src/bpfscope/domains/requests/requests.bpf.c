@@ -32,21 +32,25 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* The most a record carries of one call (a power of two; capture_bytes chooses up to this). */
-#define REQ_CAPTURE_MAX 16384
-/* iovecs of one call and messages of one recvmmsg/sendmmsg copied (nginx writes headers and body in 2). */
-#define REQ_IOV_MAX 8
+/* The most a record carries of one call (a power of two; capture_bytes + BS_REQ_TAIL up to this), and
+ * the bytes of a longer call's end kept beside its start (a power of two). In an enum, which user space
+ * reads from BTF. */
+enum bs_req_limits { BS_REQ_CAPTURE_MAX = 16384, BS_REQ_TAIL = 256 };
+BS_ENUM(bs_req_limits);
+#define REQ_CAPTURE_MAX BS_REQ_CAPTURE_MAX
+/* iovecs of one call walked (gRPC's sendmsg carries scores), messages of one recvmmsg/sendmmsg. */
+#define REQ_IOV_MAX 1024
 #define REQ_MMSG_MAX 8
 #define REQ_CALLS_MAX 16384
 #define REQ_CONNS_MAX 65536
 #define REQ_MSG_PEEK 2
 #define REQ_IPPROTO_UDP 17
 
-/* Bytes of each call copied from its start, and from its end when it is longer (what shares a call
-with a large value after it: pipelined replies, a chunked body's last chunk); the rest is counted in
-size. capture_bytes + tail_bytes <= REQ_CAPTURE_MAX. Port filter (0: any), host byte order. */
+/* Bytes of each call copied from its start; a longer call's last BS_REQ_TAIL bytes too (what shares a
+ * call with a large value after it: pipelined replies, HTTP/2 trailers, a chunked body's last chunk);
+ * the rest is counted in size. capture_bytes <= REQ_CAPTURE_MAX - BS_REQ_TAIL. Port filter (0: any),
+ * host byte order. */
 const volatile __u32 capture_bytes = 4096;
-const volatile __u32 tail_bytes = 256;
 const volatile __u16 targ_port = 0; /* either end */
 
 enum bs_req_kind { BS_REQ_KIND_DATA = 0, BS_REQ_KIND_CLOSE = 1 };
@@ -69,8 +73,10 @@ struct req_event {
 	__u32 tid;
 	__s32 fd;
 	__u32 size;	 /* bytes the call moved (a message of recvmmsg/sendmmsg: its own) */
-	__u32 len;	 /* bytes of them in data: the call's first, then its last `tail` */
-	__u16 tail;	 /* bytes at the end of data that are the call's last (0: data is its first bytes) */
+	__u32 len;	 /* bytes of them in data: the call's first; with a tail, capture_bytes of them, then
+			  * the tail ring */
+	__u16 tail;	 /* the call's last bytes in the ring (BS_REQ_TAIL bytes after capture_bytes, the
+			  * byte at call offset x at ring position x % BS_REQ_TAIL) */
 	__u8 protocol;	 /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 check_peer; /* the port filter applies to the message's peer (set before sending) */
 	enum bs_req_kind kind;
@@ -85,11 +91,25 @@ struct req_event {
 /* 32 MiB: about 100k records of 300 bytes, several seconds of a busy server while user space parses. */
 BS_RINGBUF_VAR(events, 32 << 20, struct req_event);
 
+/* Walking an iovec array with bpf_loop: gRPC and other RPC stacks send scores of iovecs in one call,
+ * more than an unrolled loop lets the verifier through. The walk's state lives in the scratch map, not
+ * on the stack: the verifier then sees its numbers as unknown and verifies the step once, instead of
+ * following every offset it could reach. */
+struct iov_walk {
+	const struct iovec *iov;
+	__u64 count;
+	__u64 left;	/* bytes of the call not yet walked */
+	__u64 walked;	/* bytes walked */
+	__u32 off;
+	__u32 pad;
+};
+
 /* A record is built here (bpf_ringbuf_reserve takes constant sizes only): the spill after the event
  * lets the verifier see a copy of up to REQ_CAPTURE_MAX bytes at any offset below REQ_CAPTURE_MAX. */
 struct req_scratch {
 	struct req_event ev;
 	__u8 spill[REQ_CAPTURE_MAX];
+	struct iov_walk walk;
 };
 
 /* One per CPU, indexed by CPU (a per-CPU array's values are limited to 32 KiB); user space sizes it to
@@ -329,47 +349,81 @@ static __always_inline __u32 copy_user(struct req_event *ev, __u32 off, const vo
 	return off + n;
 }
 
-/* The last bytes of a call longer than its head: up to tail_bytes of the `avail` bytes before `end`
- * (the end of the call's last buffer), when the head did not reach them. */
-static __always_inline void copy_tail(struct req_event *ev, __u32 off, const __u8 *end, __u64 avail, __u64 size)
+/* Copy the m bytes that end at user address `end` and at call offset `pos_end` into the tail ring (the
+ * BS_REQ_TAIL bytes after capture_bytes, offset x at position x % BS_REQ_TAIL): the ring ends up holding
+ * the call's last bytes, whatever buffers they came in. */
+static __always_inline void ring_put(struct req_event *ev, const __u8 *end, __u64 m, __u64 pos_end)
 {
-	__u64 n = tail_bytes;
+	__u64 start, first;
+	__u32 base = capture_bytes;
 
+	if (base > REQ_CAPTURE_MAX - BS_REQ_TAIL)
+		base = REQ_CAPTURE_MAX - BS_REQ_TAIL;
+	if (m > BS_REQ_TAIL)
+		m = BS_REQ_TAIL;
+	start = (pos_end - m) & (BS_REQ_TAIL - 1);
+	first = BS_REQ_TAIL - start;
+	if (first > m)
+		first = m;
+	bpf_probe_read_user(&ev->data[base + start], first, end - m);
+	if (m > first)
+		bpf_probe_read_user(&ev->data[base], (m - first) & (BS_REQ_TAIL - 1), end - m + first);
+}
+
+/* After the head was copied (off bytes): a call longer than capture_bytes sends the whole ring. */
+static __always_inline void tail_done(struct req_event *ev, __u32 off, __u64 size)
+{
 	ev->len = off;
 	ev->tail = 0;
-	if (size <= off)
-		return;
-	if (n > size - off)
-		n = size - off;
-	if (n > avail)
-		n = avail;
-	ev->len = copy_user(ev, off, end - n, n, capture_bytes + tail_bytes);
-	ev->tail = ev->len - off;
+	if (off < capture_bytes || size <= off)
+		return; /* all of it captured (or the head cut short by a fault: no tail) */
+	ev->tail = size - off < BS_REQ_TAIL ? size - off : BS_REQ_TAIL;
+	ev->len = off + BS_REQ_TAIL;
+}
+
+static long iov_step(__u32 i, void *data)
+{
+	struct req_scratch *s = *(struct req_scratch **)data;
+	struct iov_walk *w = &s->walk;
+	struct iovec one;
+	__u64 n;
+
+	if (i >= w->count || !w->left)
+		return 1;
+	if (bpf_probe_read_user(&one, sizeof(one), &w->iov[i]))
+		return 1;
+	n = one.iov_len < w->left ? one.iov_len : w->left;
+	w->off = copy_user(&s->ev, w->off, one.iov_base, n, capture_bytes);
+	w->left -= n;
+	w->walked += n;
+	if (w->walked > capture_bytes)
+		ring_put(&s->ev, (const __u8 *)one.iov_base + n, n, w->walked);
+	return 0;
 }
 
 /* The first `size` bytes of an iovec array, and its last. */
 static __always_inline void copy_iov(struct req_event *ev, const struct iovec *iov, __u64 count, __u64 size)
 {
-	struct iovec one = {};
-	__u32 off = 0;
-	__u64 left = size, n = 0;
+	/* ev is the scratch's first member */
+	struct req_scratch *s = (struct req_scratch *)ev;
+	struct iov_walk *w = &s->walk;
 
-	for (int i = 0; i < REQ_IOV_MAX; i++) {
-		if (i >= count || !left)
-			break;
-		if (bpf_probe_read_user(&one, sizeof(one), &iov[i]))
-			break;
-		n = one.iov_len < left ? one.iov_len : left;
-		off = copy_user(ev, off, one.iov_base, n, capture_bytes);
-		left -= n;
-	}
-	/* The tail, when the call's bytes end in the last iovec looked at. */
-	copy_tail(ev, off, (const __u8 *)one.iov_base + n, left ? 0 : n, size);
+	w->iov = iov;
+	w->count = count;
+	w->left = size;
+	w->walked = 0;
+	w->off = 0;
+	bpf_loop(REQ_IOV_MAX, iov_step, &s, 0);
+	tail_done(ev, w->off, w->left ? 0 : size); /* the call's end not walked: no tail */
 }
 
 static __always_inline void copy_buf(struct req_event *ev, const void *buf, __u64 size)
 {
-	copy_tail(ev, copy_user(ev, 0, buf, size, capture_bytes), (const __u8 *)buf + size, size, size);
+	__u32 off = copy_user(ev, 0, buf, size, capture_bytes);
+
+	if (size > off)
+		ring_put(ev, (const __u8 *)buf + size, size - off, size);
+	tail_done(ev, off, size);
 }
 
 /* The peer of a message (recvfrom/sendto/recvmsg/sendmsg on an unconnected socket) as the remote. */

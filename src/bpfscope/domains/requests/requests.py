@@ -23,7 +23,7 @@ import click
 
 from bpfscope.cli.options import Run, common_options, option
 from bpfscope.domains.requests import records
-from bpfscope.domains.requests.capture import Connection, Tracker
+from bpfscope.domains.requests.capture import Connection, Tracker, limits
 from bpfscope.domains.requests.protocols import PROTOCOLS
 from bpfscope.domains.requests.protocols.base import Exchange
 from bpfscope.errors import BpfscopeError
@@ -35,10 +35,6 @@ if TYPE_CHECKING:
     from bpfscope.runtime.collector import Collector
     from bpfscope.runtime.schema import Schema
 
-# The most one record carries of a call (REQ_CAPTURE_MAX in requests.bpf.c), and how much of it is
-# the end of a call longer than the capture.
-CAPTURE_MAX = 16384
-TAIL_BYTES = 256
 # OpenSSL's calls that move plaintext: (uprobe, uretprobe) programs for each.
 SSL_FUNCTIONS = {
     "SSL_read": ("ssl_read_enter", "ssl_read_exit"),
@@ -90,7 +86,6 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
         return {
             **super().rodata(),
             "capture_bytes": c.capture_bytes,
-            "tail_bytes": TAIL_BYTES,
             "targ_port": c.port,
             "bs_targ_lport": c.lport,
             "bs_targ_rport": c.dport,
@@ -244,11 +239,12 @@ Examples:
 @option("dport")
 @click.option(
     "--capture-bytes",
-    type=click.IntRange(64, CAPTURE_MAX - TAIL_BYTES),
+    type=click.IntRange(64),
     default=4096,
     show_default=True,
     metavar="N",
-    help=f"Bytes captured from the start of each call, and {TAIL_BYTES} more from its end (sizes are exact).",
+    help="Bytes captured from the start of each call (and a few hundred from the end of a longer one); "
+    "sizes are always exact.",
 )
 @click.option(
     "--no-redact", is_flag=True, help="Show secrets: header and query values, SQL literals, bodies."
@@ -277,6 +273,9 @@ def command(
     for path in libssl:
         if not Path(path).exists():
             raise BpfscopeError(f"no such libssl: {path}")
+    most = limits(RequestsCollector.btf())
+    if capture_bytes > most["capture_max"] - most["tail"]:
+        raise BpfscopeError(f"--capture-bytes is at most {most['capture_max'] - most['tail']}")
     config = run.config(
         RequestsConfig,
         protocols=frozenset(protocol) if protocol else None,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from bpfscope.domains.requests.protocols import dns, http1, postgres, redis
+from bpfscope.domains.requests.protocols import dns, http1, http2, postgres, redis
 from bpfscope.domains.requests.protocols.base import Exchange, Message, ParseError, Parser
 
 PROTOCOLS = ("http", "dns", "pgsql", "redis")
@@ -42,6 +42,8 @@ def detect(data: bytes, udp: bool, ports: tuple[int, int]) -> Detected | None:
     if udp:
         query = dns.looks_like_dns(data)
         return None if query is None else Detected(partial(dns.DnsParser, udp=True), query)
+    if data.startswith(http2.PREFACE[: min(len(data), len(http2.PREFACE))]) and len(data) >= 8:
+        return Detected(http2.Http2Parser, True)
     if http1.looks_like_request(data):
         return Detected(http1.Http1Parser, True)
     if http1.looks_like_response(data):
@@ -57,6 +59,10 @@ def detect(data: bytes, udp: bool, ports: tuple[int, int]) -> Detected | None:
         return Detected(partial(postgres.PostgresParser, after_startup=True), False)
     if "redis" in by_port and data[:1] in b"+-:$*%~_,#(!=|>":
         return Detected(redis.RedisParser, False)
+    if http2.frames_fit(data):
+        # HTTP/2 met after its preface (gRPC's long-lived connections): whole frames, end to end. Which
+        # side is the client comes from the socket's role when the kernel saw it open.
+        return Detected(partial(http2.Http2Parser, mid_connection=True), True)
     # DNS over TCP: a length that is the rest of the call (or port 53), then a DNS message.
     framed = len(data) > 2 and int.from_bytes(data[:2], "big") == len(data) - 2
     if (framed or "dns" in by_port) and len(data) > 2 and (query := dns.looks_like_dns(data[2:])) is not None:
