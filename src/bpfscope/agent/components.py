@@ -91,7 +91,7 @@ def build(config: AgentConfig) -> tuple[dict[str, Collector], dict[str, str]]:
         if not wanted.enabled:
             continue
         try:
-            built[component.name] = component.build(wanted, config.node)
+            built[component.name] = component.build(wanted, config.node_name)
         except ImportError as exc:
             unavailable[component.name] = f"not in this build ({exc.name})"
     return built, unavailable

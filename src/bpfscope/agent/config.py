@@ -140,6 +140,13 @@ class AgentConfig:
     ui: UiSection = field(default_factory=UiSection)
 
     @property
+    def node_name(self) -> str:
+        """``node``, else $NODE_NAME (a Kubernetes pod's spec.nodeName), else the host name."""
+        import socket
+
+        return self.node or os.environ.get("NODE_NAME") or socket.gethostname()
+
+    @property
     def host_port(self) -> tuple[str, int]:
         return split_listen(self.listen)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -169,7 +168,7 @@ def otlp_metrics(prometheus: PrometheusSink) -> list[Any]:
     return out
 
 
-def otlp_sink(section: OtlpSection, prometheus: PrometheusSink | None, node: str | None) -> OtlpSink:
+def otlp_sink(section: OtlpSection, prometheus: PrometheusSink | None, node: str) -> OtlpSink:
     return OtlpSink(
         section.endpoint,
         SPANS,
@@ -177,5 +176,5 @@ def otlp_sink(section: OtlpSection, prometheus: PrometheusSink | None, node: str
         metrics=(lambda: otlp_metrics(prometheus)) if prometheus is not None else None,
         headers=dict(section.headers),
         interval_s=section.interval,
-        resource={"host.name": node or socket.gethostname(), "telemetry.sdk.name": "bpfscope"},
+        resource={"host.name": node, "telemetry.sdk.name": "bpfscope"},
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 from bpfscope.sinks.profile_push import ProfilePushSink, Pushed
@@ -25,6 +24,6 @@ def encode(sample: Sample) -> Pushed | None:
     return Pushed(pprof(profile), sample.ts - sample.interval_s, sample.ts, name, profile.frequency_hz)
 
 
-def profile_push_sink(section: ProfilesSection, node: str | None) -> ProfilePushSink:
-    labels = {"service_name": "bpfscope", "hostname": node or socket.gethostname()}
+def profile_push_sink(section: ProfilesSection, node: str) -> ProfilePushSink:
+    labels = {"service_name": "bpfscope", "hostname": node}
     return ProfilePushSink(section.endpoint, section.kind, encode, labels, dict(section.headers))

@@ -34,6 +34,8 @@ Examples:
   bpfscope query 'SELECT resource, metric, verdict, text FROM "check.row" ORDER BY ts DESC LIMIT 20'
   bpfscope query --json 'SELECT comm, count(*) AS n FROM http_events GROUP BY comm'
   bpfscope query --store /var/tmp/store 'DESCRIBE "profile.stack"'
+  bpfscope query --script slow_sql                 # a ready PxL-style script (--scripts lists them)
+  bpfscope query --script ./my_script.py           # your own: `import px`, px.DataFrame(...), px.display
 Tables are named after their records; quote names with a dot. The store is {DEFAULT_STORE} by default.
 """
 
@@ -76,6 +78,12 @@ def _plain(value: Any) -> Any:
 @click.argument("sql", required=False)
 @click.option("--store", default=DEFAULT_STORE, show_default=True, metavar="DIR", help="The store to read.")
 @click.option("--tables", is_flag=True, help="List the tables: rows, files, bytes, time span.")
+@click.option(
+    "--script",
+    metavar="FILE|NAME",
+    help="Run a PxL-style script (a file, or a ready one by name: see --scripts) instead of SQL.",
+)
+@click.option("--scripts", "list_scripts", is_flag=True, help="List the ready PxL-style scripts.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (one object per row) instead of a table.")
 @click.option(
     "-r",
@@ -86,16 +94,37 @@ def _plain(value: Any) -> Any:
     show_default=True,
     help="Rows shown.",
 )
-def command(sql: str | None, store: str, tables: bool, as_json: bool, max_rows: int) -> None:
+def command(
+    sql: str | None,
+    store: str,
+    tables: bool,
+    script: str | None,
+    list_scripts: bool,
+    as_json: bool,
+    max_rows: int,
+) -> None:
     """Run SQL (DuckDB's dialect) over the store's tables: one per kind of record, named after it
     ("check.row", "profile.stack", http_events, ...), partitioned by date and hour. The agent may be
     writing meanwhile: a query reads the files flushed so far."""
     from bpfscope.sinks.store import Store
     from bpfscope.sinks.terminal import Terminal
 
+    if list_scripts:
+        from bpfscope.domains.requests.scripting import ready_scripts
+
+        for name, summary in ready_scripts().items():
+            click.echo(f"{name:<16} {summary}")
+        return
     data = Store(store)
     if not data.path.is_dir():
         raise BpfscopeError(f"no store at {store}", hint="bpfscope agent writes one; --store names another")
+    if script:
+        from bpfscope.domains.requests.scripting import run
+
+        results = run(script, data)
+        for name, columns, rows in results:
+            _show(name, columns, [list(r) for r in rows[:max_rows]], as_json, len(results) > 1)
+        return
     if tables:
         records = list(table_records(data))
         columns, rows = TABLE_SCHEMA.names, [[r[c] for c in TABLE_SCHEMA.names] for r in records]
@@ -123,4 +152,24 @@ def command(sql: str | None, store: str, tables: bool, as_json: bool, max_rows: 
 
     term = Terminal()
     term.table(columns, [["" if v is None else escape(str(v)) for v in row] for row in rows])
+    term.flush()
+
+
+def _show(name: str, columns: list[str], rows: list[list[Any]], as_json: bool, titled: bool) -> None:
+    """One px.display of a script: JSON lines with its name, or a table under its name."""
+    if as_json:
+        for row in rows:
+            values = {c: _plain(v) for c, v in zip(columns, row, strict=True)}
+            click.echo(json.dumps({"display": name, **values}, default=str))
+        return
+    from rich.markup import escape
+
+    from bpfscope.sinks.terminal import Terminal
+
+    term = Terminal()
+    term.table(
+        columns,
+        [["" if v is None else escape(str(v)) for v in row] for row in rows],
+        title=name if titled else None,
+    )
     term.flush()

@@ -300,13 +300,13 @@ class Agent:
         if exporters.otlp.enabled:
             from bpfscope.agent.otlp import otlp_sink
 
-            otlp = otlp_sink(exporters.otlp, self.prometheus, self.config.node)
+            otlp = otlp_sink(exporters.otlp, self.prometheus, self.config.node_name)
         self._set_sink("otlp", otlp)
         pushed = None
         if exporters.profiles.enabled:
             from bpfscope.agent.profiles import profile_push_sink
 
-            pushed = profile_push_sink(exporters.profiles, self.config.node)
+            pushed = profile_push_sink(exporters.profiles, self.config.node_name)
         self._set_sink("profiles", pushed)
         if self.json_out:
             from bpfscope.sinks.jsonl import JsonLinesSink
@@ -338,7 +338,7 @@ class Agent:
         try:
             new = load_config(self.config_path, **self.overrides)
             built = {
-                c.name: c.build(components.section(new, c.name), new.node)
+                c.name: c.build(components.section(new, c.name), new.node_name)
                 for c in components.COMPONENTS
                 if components.section(new, c.name).enabled
                 and components.section(new, c.name) != components.section(self.config, c.name)

@@ -257,18 +257,12 @@ class Api:
         agent = self.agent
         store = self.store
         return {
-            "node": agent.config.node or _hostname(),
+            "node": agent.config.node_name,
             "started": agent.started,
             "collectors": agent.collector_states() if agent.session is not None else [],
             "unavailable": agent.unavailable,
             "store": {"path": str(store.path), "bytes": store.size(), "tables": store.tables()},
         }
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
 
 
 def make_app(agent: Agent, token: str | None) -> Any:
