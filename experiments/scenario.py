@@ -128,6 +128,11 @@ class Watcher:
         self.output.close()
         return records
 
-    def lost(self) -> int:
-        """Everything the tool's collectors lost (known once it has stopped)."""
-        return sum(loss["total"] for loss in self.losses.values())
+    def lost(self) -> dict[str, int]:
+        """What the tool's collectors lost, by reason (ring_full, recursion, ...), the reasons with a loss."""
+        out: dict[str, int] = {}
+        for loss in self.losses.values():
+            for reason, count in loss["reasons"].items():
+                if count:
+                    out[reason] = out.get(reason, 0) + count
+        return out

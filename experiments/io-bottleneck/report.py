@@ -130,7 +130,12 @@ def _percentiles(phase: Phase) -> str:
 
 def _losses(phases: list[Phase]) -> str:
     """What the tools could not see, from the losses record each ends its JSON with."""
-    lost = [f"{tool} {n} in {p.name}" for p in phases for tool, n in p.lost.items() if n]
+    lost = [
+        f"{tool} {n} ({reason}) in {p.name}"
+        for p in phases
+        for tool, reasons in p.lost.items()
+        for reason, n in reasons.items()
+    ]
     if not lost:
         return "The tools lost no event (biosnoop, biolatency and biotop, both phases)."
     return "Events the tools lost: " + ", ".join(lost) + "."

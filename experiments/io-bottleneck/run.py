@@ -121,7 +121,7 @@ class Phase:
     biotop: list[dict[str, Any]] = field(default_factory=list)
     biosnoop: list[dict[str, Any]] = field(default_factory=list)
     start: float = 0.0  # seconds since the experiment's first phase began
-    lost: dict[str, int] = field(default_factory=dict)  # tool -> events its collectors lost
+    lost: dict[str, dict[str, int]] = field(default_factory=dict)  # tool -> reason -> events lost
 
 
 def run_phase(name: str, socket_dir: Path, cgroup: Path, seconds: int, t0: float) -> Phase:

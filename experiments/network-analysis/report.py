@@ -334,7 +334,9 @@ def _check_table(phase: dict[str, Any]) -> list[str]:
 
 def _losses(results: dict[str, Any]) -> str:
     """What the tools could not see, from the losses record each ends its JSON with."""
-    lost = [f"{tool} {n}" for tool, n in results.get("lost", {}).items() if n]
+    lost = [
+        f"{tool} {n} ({reason})" for tool, reasons in results["lost"].items() for reason, n in reasons.items()
+    ]
     return "The tools lost no event." if not lost else f"Events the tools lost: {', '.join(lost)}."
 
 
