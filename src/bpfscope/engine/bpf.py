@@ -658,17 +658,6 @@ class BpfObject:
         """Events the kernel skipped for all programs of this object (see Program.missed)."""
         return sum(p.missed for p in self.programs.values()) if self.loaded else 0
 
-    def losses(self) -> str:
-        """One line for a tool's summary: nothing is lost silently."""
-        missed = f"{self.missed()} events missed (kernel skipped the program)"
-        if not any(m.type == libbpf.MAP_TYPE_RINGBUF for m in self.maps.values()):
-            return missed  # counts in maps: nothing to lose to a full buffer
-        dropped = self.dropped() if self._has_bss() else 0
-        return f"{dropped} events lost (ring buffer full), {missed}"
-
-    def _has_bss(self) -> bool:
-        return any(m.name.endswith(".bss") for m in self.maps.values())
-
     def close(self) -> None:
         for ring in self._rings:
             ring.close()
