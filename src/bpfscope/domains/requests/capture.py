@@ -112,6 +112,8 @@ class Connection:
     bytes_sent: int = 0
     bytes_recv: int = 0
     opened_ns: int = 0
+    counted_sent: int = 0  # bytes already folded into conn_stats (stats.py)
+    counted_recv: int = 0
 
     @property
     def protocol(self) -> str:
@@ -144,7 +146,12 @@ class Connections:
         self.wanted = protocols_wanted
         self.connections: OrderedDict[tuple, Connection] = OrderedDict()
         self.counts = Counts()
+        self.closed: list[Connection] = []  # since the last take_closed(): for conn_stats
         self._last_sweep = time.monotonic()
+
+    def take_closed(self) -> list[Connection]:
+        closed, self.closed = self.closed, []
+        return closed
 
     def add(self, key: tuple, connection: Connection) -> Connection:
         """A connection seen for the first time (the least recently used forgotten past the limit)."""
@@ -260,6 +267,7 @@ class Connections:
             self._forget(conn)
 
     def _forget(self, conn: Connection) -> None:
+        self.closed.append(conn)
         if conn.pairing is not None:
             self.counts.unanswered += len(conn.pairing.pending())
             self.counts.unmatched += conn.pairing.unmatched_responses

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bpfscope.cli.options import Run, common_options, option
-from bpfscope.domains.requests import records
+from bpfscope.domains.requests import records, stats
 from bpfscope.domains.requests.capture import Connection, Tracker, limits
 from bpfscope.domains.requests.protocols import PROTOCOLS
 from bpfscope.domains.requests.protocols.base import Exchange
@@ -36,12 +36,18 @@ if TYPE_CHECKING:
     from bpfscope.runtime.schema import Schema
 
 # OpenSSL's calls that move plaintext: (uprobe, uretprobe) programs for each.
+# --store: records reach the disk this often (and at the end).
+STORE_FLUSH_S = 10.0
 SSL_FUNCTIONS = {
     "SSL_read": ("ssl_read_enter", "ssl_read_exit"),
     "SSL_write": ("ssl_write_enter", "ssl_write_exit"),
     "SSL_read_ex": ("ssl_read_ex_enter", "ssl_read_ex_exit"),
     "SSL_write_ex": ("ssl_write_ex_enter", "ssl_write_ex_exit"),
 }
+
+
+# Every kind of record the command writes: the requests' tables and the interval stats.
+SCHEMAS = (*records.SCHEMAS.values(), stats.CONN_STATS, stats.PROCESS_STATS)
 
 
 def libssl_paths() -> list[str]:
@@ -192,7 +198,8 @@ class RequestsView(View):
         self.start = time.time()
 
     def show(self, sample: Sample, term: Terminal) -> None:
-        assert isinstance(sample, RequestBatch)
+        if not isinstance(sample, RequestBatch):
+            return  # conn_stats and process_stats: JSON and the store only
         lines = []
         for r in sample.records():
             request, response = summary(r)
@@ -206,6 +213,8 @@ class RequestsView(View):
         term.lines(lines)
 
     def summary(self, collector: Collector, losses: Losses) -> str:
+        if isinstance(collector, stats.StatsCollector):
+            return f"requests: {collector.rows} conn_stats and process_stats rows"
         seen = getattr(collector, "exchanges", 0)
         return f"requests: {seen} requests traced, {losses.text()}"
 
@@ -218,6 +227,7 @@ Examples:
   bpfscope requests --protocol http --port 8080
   bpfscope requests --cgroup system.slice/nginx.service --capture-bytes 8192
   bpfscope requests --no-redact           # show header values, query values and bodies
+  bpfscope requests --store /var/tmp/reqs # keep them: bpfscope query --store /var/tmp/reqs ...
 """
 
 
@@ -251,6 +261,11 @@ Examples:
 )
 @click.option("--no-tls", is_flag=True, help="Do not attach the OpenSSL uprobes (no TLS plaintext).")
 @click.option("--libssl", multiple=True, metavar="PATH", help="Trace this libssl (default: ldconfig's).")
+@click.option(
+    "--store",
+    metavar="DIR",
+    help="Also keep every record in this store (tables http_events, ...; read with bpfscope query).",
+)
 @common_options
 def command(
     run: Run,
@@ -262,6 +277,7 @@ def command(
     no_redact: bool,
     no_tls: bool,
     libssl: tuple[str, ...],
+    store: str | None,
 ) -> None:
     """Requests and their responses as they complete: who asked whom, what, the answer and the latency.
 
@@ -287,4 +303,17 @@ def command(
         tls=not no_tls,
         libssl=libssl,
     )
-    run.run(RequestsCollector(config), RequestsView(), "Tracing requests... Ctrl-C to end.")
+    collector = RequestsCollector(config)
+    collectors = [collector, stats.StatsCollector(collector)]
+    note = "Tracing requests... Ctrl-C to end."
+    if store is None:
+        run.run(collectors, RequestsView(), note)
+        return
+    from bpfscope.runtime.session import stop_on_signals
+    from bpfscope.sinks.store import StoreSink, StoreWriter
+    from bpfscope.sinks.terminal import note as say
+
+    with stop_on_signals() as stop:
+        session = run.session(collectors, RequestsView(), stop)
+        session.sinks.append(StoreSink(StoreWriter(store, SCHEMAS, flush_s=STORE_FLUSH_S)))
+        session.run(ready=lambda: say(note))
