@@ -210,3 +210,28 @@ def test_http2_streams_pair_by_id_and_survive_a_mid_connection_start() -> None:
     assert len(late) == 4
     assert {e.response.fields["headers"].get("grpc-status") for e in late} <= {"0", "5", None}
     assert tracker.counts.parse_errors == tracker.counts.truncated == 0
+
+
+def test_calls_the_kernel_skipped_are_a_gap_at_their_place() -> None:
+    """A body of 1 MB: once the parser steps over it, the tracker asks the kernel to skip its calls; the
+    kernel's positions then say where the next call begins, and the body is counted whole."""
+    told: list[tuple[bool, int]] = []
+    tracker = Connections(skip=lambda conn, ingress, until: told.append((ingress, until)))
+    conn = tracker.add(("k",), connection("client"))
+    head = http_response(200, bytes(1_000_000))[:-1_000_000]
+    out: list = []
+    request = http_request("/big")
+    tracker.data(conn, False, request, len(request), 0, 1, b"", out, pos=0)
+    tracker.data(conn, True, head + bytes(4096 - len(head)), 4096, 2, 3, b"", out, pos=0)
+    assert told == [(True, len(head) + 1_000_000)]
+    # The kernel sent nothing more until the call with the body's last byte, then the next response.
+    last = len(head) + 1_000_000 - 100
+    tracker.data(
+        conn, True, bytes(100) + http_response(404), 100 + len(http_response(404)), 8, 9, b"", out, last
+    )
+    tracker.data(conn, False, request, len(request), 7, 7, b"", out, pos=len(request))
+    assert [(e.response.fields["status"], e.response.fields["body_size"]) for _, e in out] == [
+        (200, 1_000_000)
+    ]
+    assert out[0][1].response.end_ns == 9
+    assert tracker.counts.parse_errors == 0

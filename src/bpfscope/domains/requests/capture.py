@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,9 @@ MAX_CONNECTIONS = 16384
 IDLE_S = 300.0
 # Calls looked at before a connection whose bytes fit no protocol is left alone.
 DETECT_TRIES = 4
+# The kernel is asked not to send the calls of a body when this many bytes of it are still to come
+# (fewer are not worth a map update: a body that fits in a call or two).
+SKIP_MIN_BYTES = 64 * 1024
 IPPROTO_UDP = 17
 
 
@@ -83,6 +86,7 @@ class Call:
     start_ns: int
     end_ns: int
     tail: bytes
+    pos: int | None  # the call's first byte's offset in its direction (TCP), or None
 
 
 @dataclass(eq=False)
@@ -114,6 +118,9 @@ class Connection:
     opened_ns: int = 0
     counted_sent: int = 0  # bytes already folded into conn_stats (stats.py)
     counted_recv: int = 0
+    skips_told: list[int] = field(
+        default_factory=lambda: [0, 0]
+    )  # skip_until the kernel was told, per direction
 
     @property
     def protocol(self) -> str:
@@ -142,8 +149,15 @@ class Connections:
     """Every connection's parsing state, fed call by call (:meth:`data`, :meth:`close`): the part of
     the tracker that knows protocols and nothing of the kernel's records (the unit tests feed it)."""
 
-    def __init__(self, protocols_wanted: frozenset[str] | None = None) -> None:
+    def __init__(
+        self,
+        protocols_wanted: frozenset[str] | None = None,
+        skip: Callable[[Connection, bool, int], None] | None = None,
+    ) -> None:
         self.wanted = protocols_wanted
+        # (connection, ingress, until): tell the kernel not to send a direction's calls before `until`
+        # (0: send everything again).
+        self.skip = skip
         self.connections: OrderedDict[tuple, Connection] = OrderedDict()
         self.counts = Counts()
         self.closed: list[Connection] = []  # since the last take_closed(): for conn_stats
@@ -171,8 +185,10 @@ class Connections:
         end: int,
         tail: bytes,
         out: list[tuple[Connection, Exchange]],
+        pos: int | None = None,
     ) -> None:
-        """One call's bytes: ``data`` its first, ``tail`` its last, ``size`` in all."""
+        """One call's bytes: ``data`` its first, ``tail`` its last, ``size`` in all, the first at
+        offset ``pos`` of its direction (TCP)."""
         conn.last_ns = end
         if ingress:
             conn.bytes_recv += size
@@ -180,7 +196,7 @@ class Connections:
             conn.bytes_sent += size
         if conn.ignored:
             return
-        call = Call(ingress, data, size, start, end, tail)
+        call = Call(ingress, data, size, start, end, tail, None if conn.udp else pos)
         if conn.parser is None:
             # Calls are kept until the protocol is known: a message may begin in a call too short to
             # tell (a DNS server reads the TCP length alone, then the message).
@@ -198,7 +214,7 @@ class Connections:
         assert parser is not None and pairing is not None
         stream = conn.streams[call.ingress]
         data = call.data
-        stream.append(data, call.size, call.start_ns, call.end_ns, call.tail)
+        stream.append(data, call.size, call.start_ns, call.end_ns, call.tail, call.pos)
         is_requests = call.ingress == conn.requests_ingress
         try:
             messages = parser.requests(stream) if is_requests else parser.responses(stream)
@@ -213,7 +229,9 @@ class Connections:
                 self.counts.parse_errors += 1
             stream.clear()
             pairing.forget()
+            self._tell_skip(conn, call.ingress, stream)
             return
+        self._tell_skip(conn, call.ingress, stream)
         for message in messages:
             if is_requests:
                 pairing.request(message)
@@ -221,6 +239,17 @@ class Connections:
                 request = pairing.response(message)
                 if request is not None:
                     out.append((conn, Exchange(parser.protocol, request, message)))
+
+    def _tell_skip(self, conn: Connection, ingress: bool, stream: Stream) -> None:
+        """Ask the kernel to keep a long body's calls (stream.skip_until), or to stop skipping."""
+        told = conn.skips_told[ingress]
+        wanted = stream.skip_until
+        if self.skip is None or wanted == told or stream.end is None:
+            return
+        if wanted and wanted - stream.end < SKIP_MIN_BYTES:
+            return
+        conn.skips_told[ingress] = wanted
+        self.skip(conn, ingress, wanted)
 
     def _choose(self, conn: Connection, ingress: bool) -> bool:
         """Pick the connection's protocol from the first bytes of the last call's direction; False while
@@ -298,8 +327,14 @@ class Connections:
 class Tracker(Connections):
     """:meth:`feed` takes a batch of ring records and returns the exchanges they completed."""
 
-    def __init__(self, btf: Btf, wall_offset_ns: int, protocols_wanted: frozenset[str] | None = None) -> None:
-        super().__init__(protocols_wanted)
+    def __init__(
+        self,
+        btf: Btf,
+        wall_offset_ns: int,
+        protocols_wanted: frozenset[str] | None = None,
+        skip: Callable[[Connection, bool, int], None] | None = None,
+    ) -> None:
+        super().__init__(protocols_wanted, skip)
         self.kinds = Kinds.of(btf)
         self.dtype = header_dtype(btf)
         self.head_size = self.dtype.itemsize
@@ -332,19 +367,23 @@ class Tracker(Connections):
             heads["tail"].tolist(),
             heads["start_ns"].tolist(),
             heads["end_ns"].tolist(),
+            heads["pos"].tolist(),
             strict=True,
         )
         out: list[tuple[Connection, Exchange]] = []
         for i, row in enumerate(columns):
-            kind, tgid, cookie, source, proto, daddr, dport, ingress, size, length, tail, start, end = row
+            kind, tgid, cookie, source, proto, daddr, dport, ingress, size, length, tail, start, end, pos = (
+                row
+            )
             udp = proto == IPPROTO_UDP
-            key = (tgid, cookie, source, daddr, dport) if udp else (tgid, cookie, source)
+            tls = source == self._tls  # plain calls and sendfile are one stream, TLS plaintext another
+            key = (tgid, cookie, tls, daddr, dport) if udp else (tgid, cookie, tls)
             if kind != self._data_kind:
                 self.close(cookie, end, out)
                 continue
             connection = self.connections.get(key)
             if connection is None:
-                connection = self._open(key, heads[i], udp, source == self._tls)
+                connection = self._open(key, heads[i], udp, tls)
             else:
                 self.connections.move_to_end(key)
             data = records[i][head_size : head_size + length]
@@ -354,7 +393,7 @@ class Tracker(Connections):
                 ring, data = data[-self.ring :], data[: -self.ring]
                 first = (size - tail) % self.ring
                 tail_bytes = (ring[first:] + ring[:first])[:tail]
-            self.data(connection, ingress == self._ingress, data, size, start, end, tail_bytes, out)
+            self.data(connection, ingress == self._ingress, data, size, start, end, tail_bytes, out, pos)
         self._sweep(out)
         return out
 

@@ -65,6 +65,7 @@ BS_ENUM(bs_req_source);
 BS_ENUM(bs_req_role);
 
 struct req_event {
+	__u64 pos;	 /* offset of the call's first byte in its direction's bytes (TCP; 0 for UDP) */
 	__u64 start_ns;	 /* the call's entry, bpf_ktime_get_ns() */
 	__u64 end_ns;	 /* its return */
 	__u64 cookie;	 /* the socket's */
@@ -199,6 +200,32 @@ struct {
 	__type(key, struct ssl_key);
 	__type(value, struct ssl_link);
 } ssl_links SEC(".maps");
+
+/* A direction of a TCP socket, plain or TLS plaintext: where its bytes are (positions, the kernel's),
+ * and up to where user space asked not to be sent them (skips, user space's: a body it steps over by
+ * count, so that a large response costs its first and last calls, not one record per call). A call
+ * wholly before the skip is counted in the position and not sent; the call that holds the skip's last
+ * byte is, with its time: a response still ends when its last byte moved. */
+struct stream_key {
+	__u64 cookie;
+	__u8 dir;
+	__u8 tls;
+	__u8 pad[6];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 2 * REQ_CONNS_MAX);
+	__type(key, struct stream_key);
+	__type(value, __u64);
+} positions SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct stream_key);
+	__type(value, __u64);
+} skips SEC(".maps");
 
 /* Losses beside the ring's: calls not followed (the calls map full), and TLS plaintext whose socket was
  * never seen (the SSL object had made no syscall since the tool started). */
@@ -474,6 +501,28 @@ static __always_inline void event_header(struct req_event *ev, struct req_call *
 	}
 }
 
+/* The call's place in its direction's bytes (ev->pos); false when user space asked not to be sent it.
+ * Set ev->size first. */
+static __always_inline bool stream_advance(struct req_event *ev)
+{
+	struct stream_key key = {.cookie = ev->cookie, .dir = ev->dir, .tls = ev->source == BS_REQ_SOURCE_TLS};
+	__u64 zero = 0, *pos, *until;
+
+	ev->pos = 0;
+	if (ev->protocol != BS_IPPROTO_TCP)
+		return true;
+	pos = bpf_map_lookup_elem(&positions, &key);
+	if (!pos) {
+		bpf_map_update_elem(&positions, &key, &zero, BPF_NOEXIST);
+		pos = bpf_map_lookup_elem(&positions, &key);
+		if (!pos)
+			return true;
+	}
+	ev->pos = __sync_fetch_and_add(pos, ev->size);
+	until = bpf_map_lookup_elem(&skips, &key);
+	return !until || ev->pos + ev->size >= *until;
+}
+
 static __always_inline void event_send(struct req_event *ev)
 {
 	__u64 len = ev->len;
@@ -498,6 +547,8 @@ static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *
 	if (msg.msg_name)
 		peer_of(ev, msg.msg_name);
 	ev->size = size;
+	if (!stream_advance(ev))
+		return;
 	copy_iov(ev, msg.msg_iov, msg.msg_iovlen, size);
 	event_send(ev);
 }
@@ -522,11 +573,15 @@ static __always_inline int call_exit(long ret)
 	case BS_REQ_ARGS_BUF:
 		peer_of(ev, (void *)call->addr);
 		ev->size = ret;
+		if (!stream_advance(ev))
+			break;
 		copy_buf(ev, (void *)call->buf, ret);
 		event_send(ev);
 		break;
 	case BS_REQ_ARGS_IOV:
 		ev->size = ret;
+		if (!stream_advance(ev))
+			break;
 		copy_iov(ev, (struct iovec *)call->buf, call->count, ret);
 		event_send(ev);
 		break;
@@ -549,7 +604,8 @@ static __always_inline int call_exit(long ret)
 		ev->size = ret;
 		ev->len = 0;
 		ev->tail = 0;
-		event_send(ev);
+		if (stream_advance(ev))
+			event_send(ev);
 	}
 done:
 	bpf_map_delete_elem(&calls, &tid);
@@ -571,6 +627,20 @@ REQ_EXIT(sendmsg)
 REQ_EXIT(recvmmsg)
 REQ_EXIT(sendmmsg)
 REQ_EXIT(sendfile64)
+
+static __always_inline void forget_streams(__u64 cookie)
+{
+	struct stream_key key = {.cookie = cookie};
+
+	for (int dir = 0; dir < 2; dir++) {
+		for (int tls = 0; tls < 2; tls++) {
+			key.dir = dir;
+			key.tls = tls;
+			bpf_map_delete_elem(&positions, &key);
+			bpf_map_delete_elem(&skips, &key);
+		}
+	}
+}
 
 /* --- roles and closes -------------------------------------------------------------------------------- */
 
@@ -612,6 +682,7 @@ int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int new
 		bpf_ringbuf_submit(ev, 0);
 	}
 	bpf_map_delete_elem(&conns, &cookie);
+	forget_streams(cookie);
 	return 0;
 }
 
@@ -685,8 +756,10 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	ev->conn = link->conn;
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	ev->size = size;
-	copy_buf(ev, (void *)call->buf, size);
-	event_send(ev);
+	if (stream_advance(ev)) {
+		copy_buf(ev, (void *)call->buf, size);
+		event_send(ev);
+	}
 done:
 	bpf_map_delete_elem(&ssl_calls, &tid);
 	return 0;

@@ -12,6 +12,7 @@ before the capture.
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -121,8 +122,20 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
                     self.obj.programs[enter].attach_uprobe(lib, function)
                     self.obj.programs[leave].attach_uprobe(lib, function, retprobe=True)
         self.ring("events")
-        self.tracker = Tracker(self.btf(), wall_clock_offset_ns(), self.config.protocols)
+        self.tracker = Tracker(self.btf(), wall_clock_offset_ns(), self.config.protocols, self._skip)
+        self._dirs = {name: value for value, name in self.tracker.kinds.dir.items()}
         self.exchanges = 0
+
+    def _skip(self, conn: Connection, ingress: bool, until: int) -> None:
+        """Tell the kernel not to send this direction's calls that end before ``until`` (0: send all)."""
+        assert self.obj is not None
+        direction = self._dirs["ingress" if ingress else "egress"]
+        key = struct.pack("<QBB6x", conn.cookie, direction, conn.encrypted)  # struct stream_key
+        skips = self.obj.maps["skips"]
+        if until:
+            skips.update(key, until)
+        else:
+            skips.delete(key)
 
     def drain(self) -> RequestBatch | None:
         raw = self.rings["events"].read_sized()

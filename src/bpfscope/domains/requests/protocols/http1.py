@@ -161,6 +161,7 @@ class _Reader:
                 body.left -= moved
                 body.message.size += moved
                 if body.left:
+                    stream.skipping(body.left)
                     return False
                 if not body.chunked:
                     return True

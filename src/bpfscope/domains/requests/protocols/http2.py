@@ -115,6 +115,7 @@ class _Reader:
                     if self.skip_data:
                         assembly.body_size += moved
                 if self.skip:
+                    stream.skipping(self.skip)
                     break
                 if self.end_after_skip:
                     self.end_after_skip = False

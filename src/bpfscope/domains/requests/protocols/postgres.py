@@ -77,6 +77,7 @@ class _Messages:
         if self.skip:
             self.skip -= stream.consume(self.skip)
             if self.skip:
+                stream.skipping(self.skip)
                 return None
         if not len(stream):
             return None

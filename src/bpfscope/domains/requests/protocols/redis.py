@@ -45,6 +45,7 @@ class _Reader:
                 self.bulk_left -= moved
                 self.size += moved
                 if self.bulk_left:
+                    stream.skipping(self.bulk_left)
                     break
                 self._value_done(stream, done)
                 continue

@@ -40,12 +40,35 @@ class Stream:
         self.head = 0  # bytes of segments[0] already consumed
         self.available = 0  # bytes not consumed, gaps included
         self.last_end_ns = 0  # end of the call that held the last byte consumed
+        self.end: int | None = None  # offset after the last byte appended (TCP: the kernel's count)
+        # Up to where the parser steps over bytes by count (a body): the tracker asks the kernel not to
+        # send the calls wholly before it (requests.bpf.c, skips).
+        self.skip_until = 0
 
-    def append(self, data: bytes, size: int, start_ns: int, end_ns: int, tail: bytes = b"") -> None:
+    @property
+    def position(self) -> int:
+        """The offset of the next unconsumed byte in the direction's bytes."""
+        return (self.end or 0) - self.available
+
+    def skipping(self, n: int) -> None:
+        """The parser steps over the next ``n`` bytes, whatever they are."""
+        self.skip_until = max(self.skip_until, self.position + n)
+
+    def append(
+        self, data: bytes, size: int, start_ns: int, end_ns: int, tail: bytes = b"", pos: int | None = None
+    ) -> None:
         """One call's bytes: ``data`` its first, ``tail`` its last (when the call was longer than the
-        capture: what lies between is a gap)."""
+        capture: what lies between is a gap). ``pos`` is where the call's bytes begin: calls the kernel
+        did not send (a body skipped, or lost) are a gap before it."""
         if size <= 0:
             return
+        if pos is not None:
+            if self.end is not None and pos > self.end:
+                self.segments.append(Segment(b"", pos - self.end, start_ns, start_ns))
+                self.available += pos - self.end
+            self.end = pos + size
+        elif self.end is not None:
+            self.end += size
         self.segments.append(Segment(data, size - len(data) - len(tail), start_ns, end_ns))
         if tail:
             self.segments.append(Segment(tail, 0, start_ns, end_ns))
@@ -129,6 +152,7 @@ class Stream:
         self.segments.clear()
         self.head = 0
         self.available = 0
+        self.skip_until = 0  # what the parser stepped over is no longer known: skip nothing
         return dropped
 
     def skip_to_next_call(self) -> int:
