@@ -129,6 +129,8 @@ def require_raw_tracepoint(name: str) -> None:
         return
     if any(tp.split(":", 1)[1] == name for tp in tracepoints()):
         return
+    if _plain_name(name) and _bare_tracepoint(name):
+        return
     names = {tp.split(":", 1)[1] for tp in tracepoints()}
     import difflib
 
@@ -137,3 +139,17 @@ def require_raw_tracepoint(name: str) -> None:
         f"this kernel has no tracepoint named {name}",
         hint=("did you mean " + ", ".join(close) + "?") if close else None,
     )
+
+
+@cache
+def _bare_tracepoint(name: str) -> bool:
+    """A tracepoint with no tracefs event (sched_entry_tp, the *_tp ones kept for BPF and tracers): the
+    kernel's BTF names its probe type btf_trace_NAME."""
+    from bpfscope.engine.btf import TYPEDEF, kernel_btf
+    from bpfscope.errors import BpfscopeError
+
+    try:
+        kernel_btf().find(f"btf_trace_{name}", (TYPEDEF,))
+    except BpfscopeError:
+        return False
+    return True
