@@ -109,6 +109,10 @@ VOCABULARY: dict[str, Spec] = {
     # Tools that write a file (the profilers).
     "output": _spec(["-o", "--output"], "output", "Write to this file.", metavar="FILE"),
     "format": _spec(["--format"], "format", "Format of the output."),
+    # Tools that account a system's parts apart (tsa, bench).
+    "components": _spec(
+        ["--components"], "components", "The components to account apart: NAME=SELECTOR,...", metavar="SPEC"
+    ),
 }
 
 # (tool, BCC's flag) -> the vocabulary entry it stands for in that tool only.
