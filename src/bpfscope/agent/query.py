@@ -36,6 +36,7 @@ Examples:
   bpfscope query --store /var/tmp/store 'DESCRIBE "profile.stack"'
   bpfscope query --script slow_sql                 # a ready PxL-style script (--scripts lists them)
   bpfscope query --script ./my_script.py           # your own: `import px`, px.DataFrame(...), px.display
+  bpfscope query --map --since -10m --html map.html  # the service map: table, and a page with its picture
 Tables are named after their records; quote names with a dot. The store is {DEFAULT_STORE} by default.
 """
 
@@ -84,6 +85,18 @@ def _plain(value: Any) -> Any:
     help="Run a PxL-style script (a file, or a ready one by name: see --scripts) instead of SQL.",
 )
 @click.option("--scripts", "list_scripts", is_flag=True, help="List the ready PxL-style scripts.")
+@click.option(
+    "--map", "service_map", is_flag=True, help="The service map of the requests stored: who calls whom."
+)
+@click.option(
+    "--since",
+    default="-5m",
+    show_default=True,
+    metavar="AGE",
+    help="With --map: the requests of this last span.",
+)
+@click.option("--svg", metavar="FILE", help="With --map: draw it as an SVG picture too.")
+@click.option("--html", "html_file", metavar="FILE", help="With --map: an HTML page (picture and table) too.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (one object per row) instead of a table.")
 @click.option(
     "-r",
@@ -100,6 +113,10 @@ def command(
     tables: bool,
     script: str | None,
     list_scripts: bool,
+    service_map: bool,
+    since: str,
+    svg: str | None,
+    html_file: str | None,
     as_json: bool,
     max_rows: int,
 ) -> None:
@@ -118,6 +135,9 @@ def command(
     data = Store(store)
     if not data.path.is_dir():
         raise BpfscopeError(f"no store at {store}", hint="bpfscope agent writes one; --store names another")
+    if service_map:
+        _service_map(data, since, svg, html_file, as_json)
+        return
     if script:
         from bpfscope.domains.requests.scripting import run
 
@@ -153,6 +173,24 @@ def command(
     term = Terminal()
     term.table(columns, [["" if v is None else escape(str(v)) for v in row] for row in rows])
     term.flush()
+
+
+def _service_map(data: Any, since: str, svg: str | None, html_file: str | None, as_json: bool) -> None:
+    from pathlib import Path
+
+    from bpfscope.domains.requests import servicemap
+    from bpfscope.domains.requests.pxl import parse_time
+
+    end = time.time()
+    smap = servicemap.build(data, parse_time(since) or 0.0, end)
+    if svg:
+        Path(svg).write_text(servicemap.svg(smap))
+    if html_file:
+        Path(html_file).write_text(servicemap.page(smap))
+    if as_json:
+        click.echo(json.dumps(smap.to_dict()))
+        return
+    _show("service map", list(servicemap.ServiceMap.COLUMNS), smap.rows(), False, False)
 
 
 def _show(name: str, columns: list[str], rows: list[list[Any]], as_json: bool, titled: bool) -> None:

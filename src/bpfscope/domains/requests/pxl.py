@@ -193,7 +193,7 @@ def bin(column: Expr, width: Expr) -> Expr:
     return Expr(f"time_bucket({width.sql}, {column.sql})", width.params + column.params)
 
 
-def _start(value: Any) -> float | None:
+def parse_time(value: Any) -> float | None:
     """PxL's start_time/end_time: '-5m', '-30s', ..., or epoch seconds."""
     if value is None:
         return None
@@ -228,7 +228,7 @@ class DataFrame:
             if not table or not re.fullmatch(r"[a-z][a-z0-9_.]*", table):
                 raise BpfscopeError(f"not a table: {table!r}")
             where, params = [], []
-            for op, value in ((">=", _start(start_time)), ("<", _start(end_time))):
+            for op, value in ((">=", parse_time(start_time)), ("<", parse_time(end_time))):
                 if value is not None:
                     where.append(f"ts {op} ?")
                     params.append(value)
