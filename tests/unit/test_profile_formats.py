@@ -53,6 +53,15 @@ def test_shares_and_functions() -> None:
     assert rows["hot_b"] == (30, 40) and rows["vfs_read"] == (10, 10)
 
 
+def test_of_process_keeps_one_process() -> None:
+    profile = sample_profile()
+    other = Thread(20, 20, "other", 0, None)
+    profile.add(other, (MAIN,), 50, 50 * 10_101_010, "other")
+    mine = profile.of_process(10)
+    assert mine.stacks() == sample_profile().stacks() and mine.frequency_hz == 99
+    assert mine.weights == sample_profile().weights
+
+
 def test_records_follow_their_schemas_and_round_trip() -> None:
     profile = sample_profile()
     records = list(profile.records(ts=1_700_000_002.0, interval_s=2.0))

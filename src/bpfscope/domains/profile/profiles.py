@@ -151,6 +151,16 @@ class Profile:
         self.start_ts = min(self.start_ts, other.start_ts) if self.start_ts else other.start_ts
         self.duration_s += other.duration_s
 
+    def of_process(self, pid: int) -> Profile:
+        """The stacks of one process's threads, as a profile of their own (a service's flame graph out of
+        a machine's)."""
+        out = Profile(self.kind, self.frequency_hz, duration_s=self.duration_s, start_ts=self.start_ts)
+        for key, samples in self.samples.items():
+            if key[0].pid == pid:
+                out.samples[key] = samples
+                out.weights[key] = self.weights[key]
+        return out
+
     @property
     def total_samples(self) -> int:
         return sum(self.samples.values())
