@@ -31,7 +31,7 @@ store:
   max_size: 2GB
 collectors:
   health: {{enabled: true, interval: 10s}}      # every rule of bpfscope check, window after window
-  profile: {{enabled: true, frequency: 19, interval: 10s, unwind: dwarf}}
+  profile: {{enabled: true, frequency: 19, interval: 10s, unwind: fp}}   # dwarf: code without frame pointers
   offcpu: {{enabled: false, interval: 10s}}
   security: {{enabled: true, default_policy: true, policies: [], exec_events: true}}
   requests: {{enabled: true, redact: true, capture_bytes: 4096, tls: true}}

@@ -165,6 +165,7 @@ class Agent:
         self.sinks = Sinks(self)
         self.session: Session | None = None
         self.web: Any = None
+        self.pods: Any = None  # PodDirectory, in a Kubernetes pod
         self.started = time.time()
         self._reload_wanted = False
         self._stopping: str | None = None
@@ -216,6 +217,11 @@ class Agent:
         self.collectors, self.unavailable = components.build(self.config)
         self._open_store()
         self._make_exporters()
+        from bpfscope.agent.kubernetes import PodDirectory
+
+        self.pods = PodDirectory.in_cluster(self.config.node_name)
+        if self.pods is not None:
+            self.pods.start()
         if self.config.ui.enabled or self.config.exporters.prometheus.enabled:
             self._start_web()
         status = StatusCollector(self, self.config.store.flush)
@@ -252,6 +258,8 @@ class Agent:
             token.close()
             if self.web is not None:
                 self.web.stop()
+            if self.pods is not None:
+                self.pods.stop()
 
     def _loop(self) -> None:
         assert self.session is not None

@@ -250,6 +250,8 @@ class Api:
                 [start, end, text, limit],
             )
             events += [{"ts": r["ts"], "kind": kind, **json.loads(r["body"])} for r in rows]
+        if self.agent.pods is not None:
+            events = [self.agent.pods.annotate(e) for e in events]
         events.sort(key=lambda e: -e["ts"])
         return {"events": events[:limit]}
 
@@ -261,6 +263,9 @@ class Api:
             "started": agent.started,
             "collectors": agent.collector_states() if agent.session is not None else [],
             "unavailable": agent.unavailable,
+            "kubernetes": None
+            if agent.pods is None
+            else {"pods": len(agent.pods.pods), "failures": agent.pods.failures},
             "store": {"path": str(store.path), "bytes": store.size(), "tables": store.tables()},
         }
 

@@ -221,6 +221,12 @@ async function showFlame(event) {
 
 // --- Security events with their lineage -----------------------------------------------------------------
 function who(p) { return p ? `${p.binary.split("/").pop()}[${p.pid}]` : "?"; }
+// The pod (named by the Kubernetes API where the agent reaches it) or the container, before the command.
+function where(p) {
+  if (p.pod && p.pod.name) return `[${p.pod.namespace}/${p.pod.name}] `;
+  if (p.container && p.container.id) return `[${p.container.runtime || "container"} ${p.container.id.slice(0, 12)}] `;
+  return "";
+}
 async function security() {
   const form = new FormData(document.getElementById("security-filters"));
   const data = await api("/api/security", Object.fromEntries(form.entries()));
@@ -232,7 +238,7 @@ async function security() {
     const what = e.kind === "process_tracepoint" ? `${e.event} (${e.action})` : e.kind.replace("process_", "");
     return el("tr", { class: `event ${e.kind}` },
       el("td", { text: clock(e.ts) }), el("td", { text: what }),
-      el("td", { class: "args", text: `${p.binary || ""} ${p.arguments || ""}`.trim() }),
+      el("td", { class: "args", text: `${where(p)}${p.binary || ""} ${p.arguments || ""}`.trim() }),
       el("td", { text: e.policy_name || "" }), el("td", { class: "lineage", text: chain, title: full.join(" → ") }));
   }));
 }
