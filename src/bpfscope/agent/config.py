@@ -58,7 +58,8 @@ class ProfileSection:
     interval: float = _setting(10.0, "duration", low=1.0, high=3600.0)
     # Frame pointers, stacks counted in the kernel: always on under the network-analysis mesh's load,
     # 0.96% of the machine and 156 MB, where copying stacks for DWARF unwinding here costs 3.1% and
-    # 288 MB (docs/benchmarks.md). Code built without frame pointers loses its callers: "dwarf" then.
+    # 288 MB (docs/benchmarks.md). Code built without frame pointers loses its callers, and Python's
+    # functions are named only from copied stacks: "dwarf" for those.
     unwind: str = _setting("fp", "choice", choices=("dwarf", "fp"))
 
 

@@ -239,15 +239,18 @@ class Api:
         text = request.query_params.get("process", "")
         events = []
         for kind in [wanted] if wanted else kinds:
-            command = (
-                f"coalesce(json_extract_string(\"{kind}\", '$.process.binary'), '') || ' ' || "
-                f"coalesce(json_extract_string(\"{kind}\", '$.process.arguments'), '')"
-            )
+            where, params = "ts >= ? AND ts < ?", [start, end]
+            if text:  # only then is each event's JSON read for its command
+                binary, arguments = (
+                    f"coalesce(json_extract_string(\"{kind}\", '$.process.{key}'), '')"
+                    for key in ("binary", "arguments")
+                )
+                where += f" AND contains({binary} || ' ' || {arguments}, ?)"
+                params.append(text)
             rows = self._rows(
                 f"secure.{kind}",
-                f'SELECT ts, "{kind}" AS body FROM "secure.{kind}" '
-                f"WHERE ts >= ? AND ts < ? AND contains({command}, ?) ORDER BY ts DESC LIMIT ?",
-                [start, end, text, limit],
+                f'SELECT ts, "{kind}" AS body FROM "secure.{kind}" WHERE {where} ORDER BY ts DESC LIMIT ?',
+                [*params, limit],
             )
             events += [{"ts": r["ts"], "kind": kind, **json.loads(r["body"])} for r in rows]
         if self.agent.pods is not None:
