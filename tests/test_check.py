@@ -162,7 +162,9 @@ def test_saturated_disk_is_the_problem(loop_backing: Path, tmp_path: Path) -> No
     # The process doing the I/O is named beside the slow disk.
     assert re.search(rf"\bfio\[{fio.pid}\] does (99|100)% of the bytes", p99["detail"]), p99
     assert rows[f"Disk {loop} %util"]["verdict"] == "warn"
-    assert 28 <= rows[f"Disk {loop} queue depth"]["value"] <= 32.5
+    # diskstats adds each request's whole time in queue at its completion, so a 3 s window gains or loses
+    # part of the ~640 ms of the requests that straddle its edges (32.6 seen once): fio's 32 within 3%.
+    assert 28 <= rows[f"Disk {loop} queue depth"]["value"] <= 33
     assert rc == 1 == summary["exit_code"]
     # Named first among causes, unless something else on the machine is a problem too.
     assert summary["problem"] and f"Disk {loop} p99" in summary["summary"], summary
