@@ -249,6 +249,12 @@ class Map:
     def max_entries(self, value: int) -> None:
         _check_rc(libbpf.lib.bpf_map__set_max_entries(self._h, value), f"cannot resize map {self.name}")
 
+    def reuse(self, other: Map) -> None:
+        """Before loading: be ``other`` (a map of another, loaded object), so that two objects share one
+        map (tsa keeps bench's set of tasks, the request tracer reads it)."""
+        rc = libbpf.lib.bpf_map__reuse_fd(self._h, other.fd)
+        _check_rc(rc, f"cannot share map {other.name} as {self.name}")
+
     @property
     def percpu(self) -> bool:
         return self.type in libbpf.PERCPU_MAP_TYPES
