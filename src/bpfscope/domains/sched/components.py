@@ -64,8 +64,10 @@ class Resolved:
     paths: dict[int, Path] = field(default_factory=dict)  # index -> its cgroup v2 directory
 
     def index_of(self, tgid: int, cgroup: int) -> int | None:
-        found = self.tgids.get(tgid)
-        return found if found is not None else self.cgroups.get(cgroup)
+        """The component of a process in a cgroup: its cgroup's first (a process moved into a named
+        cgroup belongs to it, whoever forked it), else its own."""
+        found = self.cgroups.get(cgroup)
+        return found if found is not None else self.tgids.get(tgid)
 
 
 def _children() -> dict[int, list[int]]:

@@ -26,12 +26,12 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include "bpfscope.bpf.h"
+#include "taskset.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
 #define TSA_THREADS_MAX 32768
 #define TSA_SYSCALLS 512
-#define TSA_COMPONENTS_MAX 256
 #define TSA_TASK_RUNNING 0
 #define TSA_TASK_DEAD 0x80
 #define TSA_ENOSYS 38
@@ -63,9 +63,8 @@ enum bs_tsa_call {
 };
 BS_ENUM(bs_tsa_call);
 
-/* Threads of the components only (by_component): cgroups and processes, each with its component's
- * index; a process's children forked since are added to its component. */
-const volatile bool by_component = false;
+/* Threads of the components only (taskset.bpf.h's set: cgroups and processes, each with its
+ * component's index); the processes a process of the set forks are added to its component. */
 /* Send each off-CPU episode (bench), besides counting. */
 const volatile bool timeline = false;
 /* bpfscope's own process, left out even where its children are watched (bench runs its workload). */
@@ -78,6 +77,10 @@ struct tsa_thread {
 	__u64 off_ns;			 /* when it last left the CPU (the current episode's start) */
 	__u64 wake_ns;			 /* when it was last woken (0: not since it left) */
 	__u64 cgroup;
+	/* Disk waits whose block the scheduler completed late (EEVDF's delayed dequeue): delay accounting
+	 * misses their start, so its blkio delay for this thread is wrong (the block counts from the
+	 * previous disk wait's start). Ours is not: kept so that a comparison with it can tell. */
+	__u64 delayed_iowaits;
 	__u32 tgid;
 	__u8 state;			 /* enum bs_tsa_state: the current one */
 	__u8 blocked;			 /* enum bs_tsa_state: why it is off the CPU (the episode's cause) */
@@ -109,20 +112,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } syscall_class SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TSA_COMPONENTS_MAX);
-	__type(key, __u64);
-	__type(value, __u32);
-} component_cgroups SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TSA_THREADS_MAX);
-	__type(key, __u32);
-	__type(value, __u32);
-} component_tgids SEC(".maps");
 
 /* 8 MiB: about 200k episodes, a second of a context-switch-heavy workload on two CPUs. */
 BS_RINGBUF(episodes, 8 << 20, struct tsa_episode);
@@ -156,14 +145,12 @@ static __always_inline bool selected(struct task_struct *task)
 		return false;
 	if (bs_self_tgid && (tgid == bs_self_tgid || task->real_parent->tgid == bs_self_tgid))
 		return false;
-	if (!by_component && !bs_targ_cgroup)
+	if (!bs_by_set && !bs_targ_cgroup)
 		return true;
 	cgroup = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
 	if (bs_targ_cgroup && cgroup != bs_targ_cgroup)
 		return false;
-	if (!by_component)
-		return true;
-	return bpf_map_lookup_elem(&component_tgids, &tgid) || bpf_map_lookup_elem(&component_cgroups, &cgroup);
+	return bs_in_set(tgid, cgroup);
 }
 
 /* A thread's entry, made at its first event (a switch or a wakeup) if it is selected: it is followed from
@@ -306,6 +293,9 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
 			state = preempt || prev_state == TSA_TASK_RUNNING ? BS_TSA_STATE_RUNQUEUE
 									   : blocked_state(prev);
 			enter(t, state, now);
+			if ((state == BS_TSA_STATE_DISK_READ || state == BS_TSA_STATE_DISK_WRITE) &&
+			    bpf_core_field_exists(prev->se.sched_delayed) && BPF_CORE_READ(prev, se.sched_delayed))
+				t->delayed_iowaits++;
 			t->off_ns = now;
 			t->blocked = state;
 			t->wake_ns = state == BS_TSA_STATE_RUNQUEUE ? now : 0;
@@ -345,10 +335,10 @@ int BPF_PROG(on_wakeup_new, struct task_struct *p)
 	struct task_struct *parent = bpf_get_current_task_btf();
 	__u32 tgid = p->tgid, parent_tgid = parent->tgid, *component;
 
-	if (by_component && tgid != parent_tgid) {
-		component = bpf_map_lookup_elem(&component_tgids, &parent_tgid);
+	if (bs_by_set && tgid != parent_tgid) {
+		component = bpf_map_lookup_elem(&bs_set_tgids, &parent_tgid);
 		if (component)
-			bpf_map_update_elem(&component_tgids, &tgid, component, BPF_ANY);
+			bpf_map_update_elem(&bs_set_tgids, &tgid, component, BPF_ANY);
 	}
 	thread_of(p, BS_TSA_STATE_RUNQUEUE, bpf_ktime_get_ns());
 	return 0;

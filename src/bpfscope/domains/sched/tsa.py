@@ -83,6 +83,12 @@ def row_schema() -> Schema:
             Field("threads", "int", doc="threads that had time in the interval"),
             Field("wall_ns", "int", "ns", "thread time in the interval: the states' sum"),
             *(Field(f"{s}_ns", "int", "ns", STATE_DOCS.get(s, s)) for s in states()),
+            Field(
+                "delayed_disk_waits",
+                "int",
+                doc="disk waits whose block the scheduler completed late (delayed dequeue): the kernel's "
+                "delay accounting counts each from the thread's previous disk wait (too long)",
+            ),
         ),
         doc="A component's thread time over an interval, by state; pid, tid and cgroup are 0 where the "
         "row is not of one.",
@@ -110,6 +116,7 @@ class Threads:
     exited: np.ndarray
     comm: list[str]
     totals: np.ndarray  # (threads, states) int64 ns
+    delayed: np.ndarray  # disk waits whose block the scheduler completed late (tsa.bpf.c)
 
     def index(self) -> dict[int, int]:
         return {int(t): i for i, t in enumerate(self.tid)}
@@ -134,6 +141,7 @@ def read_threads(obj: BpfObject) -> Threads:
         ~live,
         [bytes(c).split(b"\0", 1)[0].decode(errors="replace") for c in values["comm"]],
         totals,
+        values["delayed_iowaits"].astype(np.int64),
     )
 
 
@@ -146,6 +154,7 @@ class Row:
     cgroup: int
     threads: int
     ns: np.ndarray  # per state
+    delayed: int = 0  # disk waits delay accounting misses the start of (tsa.bpf.c)
 
     @property
     def wall_ns(self) -> int:
@@ -177,6 +186,7 @@ class TsaSample(Sample):
                     "threads": r.threads,
                     "wall_ns": r.wall_ns,
                     **{f"{s}_ns": int(v) for s, v in zip(states(), r.ns, strict=True)},
+                    "delayed_disk_waits": r.delayed,
                 }
             )
 
@@ -221,7 +231,7 @@ class TsaCollector(BpfCollector[TsaConfig]):
         return {
             **super().rodata(),
             "have_entry": self.have_entry,
-            "by_component": self.resolved is not None,
+            "bs_by_set": self.resolved is not None,
             "timeline": self.config.timeline,
             "own_tgid": os.getpid(),
         }
@@ -255,9 +265,9 @@ class TsaCollector(BpfCollector[TsaConfig]):
                     table.update(np.uint32(nr), np.uint8(calls[call]))
         if self.resolved is not None:
             for cgroup, index in self.resolved.cgroups.items():
-                self.obj.maps["component_cgroups"].update(np.uint64(cgroup), np.uint32(index))
+                self.obj.maps["bs_set_cgroups"].update(np.uint64(cgroup), np.uint32(index))
             for tgid, index in self.resolved.tgids.items():
-                self.obj.maps["component_tgids"].update(np.uint32(tgid), np.uint32(index))
+                self.obj.maps["bs_set_tgids"].update(np.uint32(tgid), np.uint32(index))
         self.obj.attach()
         if self.config.timeline:
             self.ring("episodes")
@@ -276,7 +286,7 @@ class TsaCollector(BpfCollector[TsaConfig]):
 
     def sample(self) -> TsaSample:
         now = self.read()
-        rows = self.group(now, since(now, self.before))
+        rows = self.group(now, *since(now, self.before))
         rows.sort(key=lambda r: -r.wall_ns)
         if self.config.rows is not None:
             rows = rows[: self.config.rows]
@@ -301,6 +311,7 @@ class TsaCollector(BpfCollector[TsaConfig]):
             now.exited[keep],
             [c for c, k in zip(now.comm, keep, strict=True) if k],
             now.totals[keep],
+            now.delayed[keep],
         )
 
     def component_of(self, tgid: int, cgroup: int) -> int | None:
@@ -309,12 +320,12 @@ class TsaCollector(BpfCollector[TsaConfig]):
         assert self.resolved is not None
         found = self.resolved.index_of(tgid, cgroup)
         if found is None and self.obj is not None:
-            value = self.obj.maps["component_tgids"].lookup(np.uint32(tgid))
+            value = self.obj.maps["bs_set_tgids"].lookup(np.uint32(tgid))
             if value is not None:
                 found = self.resolved.tgids[tgid] = int(value)
         return found
 
-    def group(self, now: Threads, deltas: np.ndarray) -> list[Row]:
+    def group(self, now: Threads, deltas: np.ndarray, delayed: np.ndarray) -> list[Row]:
         from bpfscope.sources.cgroups import cgroup_path
 
         rows: dict[Any, Row] = {}
@@ -341,6 +352,7 @@ class TsaCollector(BpfCollector[TsaConfig]):
                 row.cgroup = 0  # threads of several cgroups
             row.threads += 1
             row.ns += deltas[i]
+            row.delayed += int(delayed[i])
         return list(rows.values())
 
     # --- the timeline ------------------------------------------------------------------------------
@@ -352,16 +364,17 @@ class TsaCollector(BpfCollector[TsaConfig]):
         return Episodes(data) if data is not None and len(data) else None
 
 
-def since(now: Threads, before: Threads) -> np.ndarray:
-    """Each thread's time per state between two readings (rows of ``now``; a thread first seen in
-    ``now`` from when it was first followed)."""
-    out = now.totals.copy()
+def since(now: Threads, before: Threads) -> tuple[np.ndarray, np.ndarray]:
+    """Each thread's time per state, and its delayed disk waits, between two readings (rows of ``now``;
+    a thread first seen in ``now`` from when it was first followed)."""
+    out, delayed = now.totals.copy(), now.delayed.copy()
     index = before.index()
     for i, tid in enumerate(now.tid.tolist()):
         j = index.get(tid)
         if j is not None:
             out[i] -= before.totals[j]
-    return out
+            delayed[i] -= before.delayed[j]
+    return out, delayed
 
 
 # --- the tool ---------------------------------------------------------------------------------------
