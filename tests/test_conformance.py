@@ -185,7 +185,9 @@ def test_json_is_records_of_the_declared_schemas(tool: str, workload: None) -> N
             assert schema is not None, f"{tool}: record {record.get('record')!r} is not declared"
             assert schema.check(record) == [], (tool, args, schema.check(record), record)
         if tool not in ("check", "doctor", "fincore", "query"):
-            assert records and records[-1]["record"] == "losses", f"{tool} {args}: no losses record at the end"
+            assert records and records[-1]["record"] == "losses", (
+                f"{tool} {args}: no losses record at the end"
+            )
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -21,8 +21,8 @@ from bpfscope.errors import BpfscopeError, MissingCapability
 NOBODY = 65534
 PREFIX = "bpfscope: error: "
 
-# A test-only tool run through the real `bpfscope.cli.main.main` (registered as plug-ins are): it loads and attaches the object given as
-# argv[1], so an engine error reaches the user exactly as a tool's would.
+# A test-only tool run through the real `bpfscope.cli.main.main` (registered as plug-ins are): it loads and
+# attaches the object given as argv[1], so an engine error reaches the user exactly as a tool's would.
 LOAD_TOOL = """
 import sys, types
 import click

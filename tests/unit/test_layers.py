@@ -11,6 +11,7 @@ count; imports inside functions (lazy, for start-up time) count for the layers b
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 import bpfscope
@@ -87,10 +88,15 @@ def _layer(module: str) -> str:
     parts = module.split(".")[1:]
     if not parts:
         return "__init__"
-    if parts[0] in ("cli", "health") and len(parts) > 1 and f"{parts[0]}.{parts[1]}" in (
-        "cli.options",
-        "health.rule",
-        "health.verdict",
+    if (
+        parts[0] in ("cli", "health")
+        and len(parts) > 1
+        and f"{parts[0]}.{parts[1]}"
+        in (
+            "cli.options",
+            "health.rule",
+            "health.verdict",
+        )
     ):
         return f"{parts[0]}.{parts[1]}"
     return parts[0]
@@ -132,8 +138,8 @@ def test_no_import_cycles() -> None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt) :] + [nxt]
-                if not all(b.startswith(a + ".") for a, b in zip(cycle, cycle[1:], strict=False)):
+                cycle = [*stack[stack.index(nxt) :], nxt]
+                if not all(b.startswith(a + ".") for a, b in itertools.pairwise(cycle)):
                     cycles.append(" -> ".join(cycle))
             elif nxt not in state:
                 visit(nxt)

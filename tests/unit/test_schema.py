@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bpfscope.engine.btf import Array, Field as BtfField, Scalar, Struct
+from bpfscope.engine.btf import Array, Scalar, Struct
+from bpfscope.engine.btf import Field as BtfField
 from bpfscope.runtime.losses import LOSSES_SCHEMA, Loss, Losses
 from bpfscope.runtime.schema import COMM, PID, Field, Schema, btf_field, btf_fields, enum_names, unit_of
 
@@ -37,7 +38,9 @@ def test_check_names_every_problem() -> None:
 def test_enum_values_are_checked() -> None:
     schema = Schema("e", (Field("kind", "enum", values=("rto", "fast")),))
     assert schema.check({"record": "e", "ts": 0.0, "kind": "rto"}) == []
-    assert schema.check({"record": "e", "ts": 0.0, "kind": "slow"}) == ["kind is 'slow', not one of rto, fast"]
+    assert schema.check({"record": "e", "ts": 0.0, "kind": "slow"}) == [
+        "kind is 'slow', not one of rto, fast"
+    ]
 
 
 def test_a_field_twice_is_a_declaration_error() -> None:

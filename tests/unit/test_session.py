@@ -3,6 +3,7 @@ descriptors, stopping from another thread, a closed output, and what happens whe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -97,10 +98,8 @@ class PipeStream(Collector[Config]):
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def test_intervals_then_the_last_partial_one() -> None:
