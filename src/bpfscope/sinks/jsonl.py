@@ -42,9 +42,12 @@ class JsonLinesSink(Sink):
         self.view = view
 
     def emit(self, collector: Collector, sample: Sample) -> None:
-        lines = [dumps(record) for record in sample.records()]
-        if lines:
-            self._write("\n".join(lines) + "\n")
+        text = sample.json_lines()
+        if text is None:
+            lines = [dumps(record) for record in sample.records()]
+            text = "\n".join(lines) + "\n" if lines else ""
+        if text:
+            self._write(text)
 
     def _write(self, text: str) -> None:
         try:

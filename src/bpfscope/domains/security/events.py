@@ -10,6 +10,7 @@ bpfscope adds to the process object what Tetragon keeps elsewhere: ``cgroup`` (i
 from __future__ import annotations
 
 import ipaddress
+import json
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class Formatter:
         self.cache = cache
         self.with_ancestors = ancestors
         self._recent: dict[tuple[int, int], dict[str, Any]] = {}
+        self._recent_json: dict[tuple[int, int], str] = {}
 
     def process(self, p: Process) -> dict[str, Any]:
         key = (p.pid, p.ktime)
@@ -163,6 +165,30 @@ class Formatter:
                 out["ancestors"] = ancestors
         return out
 
+    def process_json(self, p: Process) -> str:
+        """The process's JSON text, encoded once while it stays among the recent: in an exec storm the
+        same parent and ancestors are in every event, and encoding them again and again was two thirds
+        of the tool's time."""
+        key = (p.pid, p.ktime)
+        text = self._recent_json.get(key)
+        if text is None:
+            text = json.dumps(self.process(p))
+            if len(self._recent_json) >= 1024:
+                self._recent_json.pop(next(iter(self._recent_json)))
+            self._recent_json[key] = text
+        return text
+
+    def lineage_json(self, p: Process) -> str:
+        """:meth:`lineage` as the members of a JSON object (no braces), from the processes' texts."""
+        parts = [f'"process": {self.process_json(p)}']
+        if p.parent is not None:
+            parts.append(f'"parent": {self.process_json(p.parent)}')
+        if self.with_ancestors:
+            ancestors = [self.process_json(a) for a in self.cache.ancestors(p)]
+            if ancestors:
+                parts.append(f'"ancestors": [{", ".join(ancestors)}]')
+        return ", ".join(parts)
+
 
 @dataclass
 class SecurityEvent:
@@ -179,19 +205,36 @@ class SecurityEvent:
     args: list[dict[str, Any]] = field(default_factory=list)
 
     def tetragon(self, formatter: Formatter) -> dict[str, Any]:
-        body = {**formatter.lineage(self.process), **self.fields}
-        if self.kind == "process_tracepoint":
-            subsys, _, event = self.tracepoint.partition(":")
-            body.update(
-                {
-                    "subsys": subsys,
-                    "event": event,
-                    "args": self.args,
-                    "policy_name": self.policy,
-                    "action": ACTION_NAMES.get(self.action, self.action),
-                }
-            )
+        body = {**formatter.lineage(self.process), **self._details()}
         return {self.kind: body, "node_name": formatter.cache.node, "time": rfc3339(self.wall_ns)}
+
+    def tetragon_json(self, formatter: Formatter, record: str, ts: float) -> str:
+        """The record of :meth:`tetragon` (named ``record``, at ``ts``) as one JSON line, its processes'
+        texts reused from the formatter."""
+        details = self._details()
+        if details.keys() & {"process", "parent", "ancestors"}:  # they would replace the lineage's
+            return json.dumps({"record": record, "ts": ts, **self.tetragon(formatter)}) + "\n"
+        members = formatter.lineage_json(self.process)
+        if details:
+            members += ", " + json.dumps(details)[1:-1]
+        return (
+            f'{{"record": {json.dumps(record)}, "ts": {json.dumps(ts)}, "{self.kind}": {{{members}}}, '
+            f'"node_name": {json.dumps(formatter.cache.node)}, "time": "{rfc3339(self.wall_ns)}"}}\n'
+        )
+
+    def _details(self) -> dict[str, Any]:
+        """What the event says beside its process's lineage."""
+        if self.kind != "process_tracepoint":
+            return self.fields
+        subsys, _, event = self.tracepoint.partition(":")
+        return {
+            **self.fields,
+            "subsys": subsys,
+            "event": event,
+            "args": self.args,
+            "policy_name": self.policy,
+            "action": ACTION_NAMES.get(self.action, self.action),
+        }
 
     def compact(self) -> str:
         p = self.process

@@ -1,0 +1,66 @@
+"""bpfscope secure's JSON lines: the fast path (each process encoded once, its text reused in every event
+that names it) writes exactly what encoding each record would."""
+
+from __future__ import annotations
+
+import json
+
+from bpfscope.domains.security.events import Formatter, SecurityEvent
+from bpfscope.domains.security.processes import Process, ProcessCache
+from bpfscope.domains.security.secure import SecurityBatch
+from bpfscope.sinks.jsonl import dumps
+
+NS = tuple(range(4026531835, 4026531845))
+
+
+def process(pid: int, parent: Process | None, binary: str, *args: str) -> Process:
+    creds = (1000, 1000, 1000, 1000, 100, 100, 100, 100, 1000, 0)
+    return Process(
+        pid, pid * 1_000_000, binary, (binary, *args), "/home/u", creds, (0x3, 0x3, 0), NS, 0, "execve",
+        parent, parent.pid if parent else 0, pid,
+    )  # fmt: skip
+
+
+def events(cache: ProcessCache) -> list[SecurityEvent]:
+    init = cache.add(process(1, None, "/sbin/init"))
+    shell = cache.add(process(100, init, "/bin/bash", "-l"))
+    out = []
+    for pid in range(200, 205):
+        child = cache.add(process(pid, shell, "/usr/bin/curl", "-s", "http://example.com/a b", ""))
+        grandchild = cache.add(process(pid + 1000, child, "/bin/sh", "-c", 'echo "hi"'))
+        out.append(SecurityEvent("process_exec", 1_700_000_000_123_456_789 + pid, grandchild))
+        out.append(
+            SecurityEvent(
+                "process_tracepoint", 1_700_000_000_223_456_789 + pid, grandchild, policy="egress",
+                tracepoint="syscalls:sys_enter_connect", action="Sigkill",
+                args=[{"sockaddr_arg": {"family": "AF_INET", "addr": "10.0.0.1", "port": 443}, "label": "d"}],
+            )
+        )  # fmt: skip
+        out.append(
+            SecurityEvent("process_exit", 1_700_000_000_323_456_789 + pid, grandchild, {"signal": "SIGKILL"})
+        )
+        out.append(SecurityEvent("process_exit", 1_700_000_000_423_456_789 + pid, child, {"status": 0}))
+    return out
+
+
+def test_fast_json_lines_are_the_records_encoded() -> None:
+    for ancestors in (True, False):
+        cache = ProcessCache(node="node-1")
+        batch = SecurityBatch(events(cache), Formatter(cache, ancestors=ancestors))
+        expected = "".join(dumps(record) + "\n" for record in batch.records())
+        assert batch.json_lines() == expected
+        lines = [json.loads(line) for line in batch.json_lines().splitlines()]
+        assert [line["record"] for line in lines[:4]] == [
+            "secure.process_exec",
+            "secure.process_tracepoint",
+            "secure.process_exit",
+            "secure.process_exit",
+        ]
+        assert ("ancestors" in lines[0]["process_exec"]) is ancestors
+
+
+def test_details_that_would_replace_the_lineage_take_the_slow_path() -> None:
+    cache = ProcessCache(node="node-1")
+    p = cache.add(process(7, None, "/bin/true"))
+    batch = SecurityBatch([SecurityEvent("process_exit", 1, p, {"parent": None})], Formatter(cache))
+    assert batch.json_lines() == "".join(dumps(record) + "\n" for record in batch.records())
