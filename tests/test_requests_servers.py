@@ -118,7 +118,8 @@ class Traced:
     def __init__(self, *args: str) -> None:
         self.args = args
         self.records: list[dict] = []
-        self.losses: dict = {}
+        self.losses: dict = {}  # the requests collector's losses record
+        self.all_losses: dict[str, dict] = {}  # every collector's
         self.stderr = ""
 
     def __enter__(self) -> Traced:
@@ -153,7 +154,8 @@ class Traced:
         for line in self._lines:
             record = json.loads(line)
             if record["record"] == "losses":
-                self.losses = record
+                self.all_losses[record["collector"]] = record
+                self.losses = self.all_losses.get("requests", {})
             else:
                 self.records.append(record)
 

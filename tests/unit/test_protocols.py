@@ -9,7 +9,13 @@ import dns.message
 import dns.rrset
 
 from bpfscope.domains.requests import protocols, redact
-from bpfscope.domains.requests.capture import Connection, Connections
+from bpfscope.domains.requests.capture import (
+    DETECT_TRIES,
+    IGNORED_BYTES,
+    PROBE_BYTES,
+    Connection,
+    Connections,
+)
 from bpfscope.domains.requests.protocols.base import Exchange
 
 
@@ -216,7 +222,7 @@ def test_calls_the_kernel_skipped_are_a_gap_at_their_place() -> None:
     """A body of 1 MB: once the parser steps over it, the tracker asks the kernel to skip its calls; the
     kernel's positions then say where the next call begins, and the body is counted whole."""
     told: list[tuple[bool, int]] = []
-    tracker = Connections(skip=lambda conn, ingress, until: told.append((ingress, until)))
+    tracker = Connections(skip=lambda conn, ingress, until, probe: told.append((ingress, until)))
     conn = tracker.add(("k",), connection("client"))
     head = http_response(200, bytes(1_000_000))[:-1_000_000]
     out: list = []
@@ -235,3 +241,62 @@ def test_calls_the_kernel_skipped_are_a_gap_at_their_place() -> None:
     ]
     assert out[0][1].response.end_ns == 9
     assert tracker.counts.parse_errors == 0
+
+
+def test_a_connection_met_inside_a_body_is_probed_until_a_message_begins() -> None:
+    """Met in the middle of a large response: nothing fits a protocol, so the kernel is asked for the
+    calls' first bytes only; the next request is recognised by its first bytes and whole calls resume."""
+    told: list[tuple[bool, int, int]] = []
+    tracker = Connections(skip=lambda conn, ingress, until, probe: told.append((ingress, until, probe)))
+    conn = tracker.add(("k",), connection("client"))
+    out: list = []
+    pos = 0
+    for t in range(DETECT_TRIES):
+        tracker.data(conn, True, bytes(4096), 65536, t, t + 1, b"", out, pos=pos)
+        pos += 65536
+    assert tracker.counts.undetected == 1 and conn.probing
+    assert told == [(False, 0, PROBE_BYTES), (True, 0, PROBE_BYTES)]
+    # The rest of the body, cut at the probe; then the next exchange, whole again.
+    tracker.data(conn, True, bytes(PROBE_BYTES), 65536, 10, 11, b"", out, pos=pos)
+    request = http_request("/next")
+    tracker.data(conn, False, request, len(request), 20, 21, b"", out, pos=7000)
+    assert not conn.probing and told[-2:] == [(False, 0, 0), (True, 0, 0)]
+    response = http_response(404)
+    tracker.data(conn, True, response, len(response), 30, 31, b"", out, pos=pos + 65536)
+    assert [(e.request.fields["path"], e.response.fields["status"]) for _, e in out] == [("/next", 404)]
+    assert conn.bytes_recv == pos + 65536 + len(response) and conn.bytes_sent == 7000 + len(request)
+
+
+def test_a_lost_head_is_probed_for_and_a_message_cut_by_the_probe_is_counted() -> None:
+    """A response whose head was lost (a gap before it) fails to parse: the tracker probes; the first call
+    that begins a message but was cut at the probe is counted as truncated, the one after is parsed."""
+    told: list[tuple[bool, int, int]] = []
+    tracker = Connections(skip=lambda conn, ingress, until, probe: told.append((ingress, until, probe)))
+    conn = tracker.add(("k",), connection("client"))
+    out: list = []
+    request = http_request("/a")
+    tracker.data(conn, False, request, len(request), 0, 1, b"", out, pos=0)
+    tracker.data(conn, True, b"garbage that is no response\r\n\r\n", 32, 2, 3, b"", out, pos=0)
+    assert conn.probing and told[-1] == (True, 0, PROBE_BYTES)
+    big = http_response(200, bytes(10_000))
+    tracker.data(conn, True, big[:PROBE_BYTES], len(big), 6, 7, b"", out, pos=32)
+    assert not conn.probing and tracker.counts.truncated == 1 and not out
+    tracker.data(conn, False, request, len(request), 8, 9, b"", out, pos=len(request))
+    small = http_response(204)
+    tracker.data(conn, True, small, len(small), 10, 11, b"", out, pos=32 + len(big))
+    assert [(e.request.fields["path"], e.response.fields["status"]) for _, e in out] == [("/a", 204)]
+
+
+def test_tls_ciphertext_is_not_parsed_but_its_bytes_are_counted() -> None:
+    """Ciphertext on the syscalls (its plaintext comes from the OpenSSL uprobes): the kernel sends one
+    byte of each call from then on, and the positions count every byte for conn_stats."""
+    told: list[tuple[bool, int, int]] = []
+    tracker = Connections(skip=lambda conn, ingress, until, probe: told.append((ingress, until, probe)))
+    conn = tracker.add(("k",), connection("client"))
+    out: list = []
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(505)
+    tracker.data(conn, False, hello, len(hello), 0, 1, b"", out, pos=0)
+    assert conn.ignored == "tls" and told == [(False, 0, IGNORED_BYTES), (True, 0, IGNORED_BYTES)]
+    tracker.data(conn, True, b"\x17", 5000, 2, 3, b"", out, pos=0)
+    tracker.data(conn, True, b"\x17", 3000, 4, 5, b"", out, pos=90_000)  # calls lost between
+    assert (conn.bytes_sent, conn.bytes_recv) == (len(hello), 93_000) and not out

@@ -37,6 +37,13 @@ DETECT_TRIES = 4
 # The kernel is asked not to send the calls of a body when this many bytes of it are still to come
 # (fewer are not worth a map update: a body that fits in a call or two).
 SKIP_MIN_BYTES = 64 * 1024
+# A TCP connection whose protocol is not known after DETECT_TRIES calls (met in the middle of a large
+# body, or a protocol bpfscope does not parse) is probed: the kernel sends its calls' first bytes only,
+# until one begins a message (256: the head of a request like GET /path, whole).
+PROBE_BYTES = 256
+# A connection not parsed (TLS ciphertext, a protocol not asked for: --protocol) has its calls sent with
+# one byte of them: their sizes and positions keep conn_stats's bytes right, at a header's cost.
+IGNORED_BYTES = 1
 IPPROTO_UDP = 17
 
 
@@ -118,9 +125,9 @@ class Connection:
     opened_ns: int = 0
     counted_sent: int = 0  # bytes already folded into conn_stats (stats.py)
     counted_recv: int = 0
-    skips_told: list[int] = field(
-        default_factory=lambda: [0, 0]
-    )  # skip_until the kernel was told, per direction
+    # skip_until the kernel was told, per direction; and whether it sends only the calls' first bytes
+    skips_told: list[int] = field(default_factory=lambda: [0, 0])
+    probing: bool = False
 
     @property
     def protocol(self) -> str:
@@ -152,11 +159,11 @@ class Connections:
     def __init__(
         self,
         protocols_wanted: frozenset[str] | None = None,
-        skip: Callable[[Connection, bool, int], None] | None = None,
+        skip: Callable[[Connection, bool, int, int], None] | None = None,
     ) -> None:
         self.wanted = protocols_wanted
-        # (connection, ingress, until): tell the kernel not to send a direction's calls before `until`
-        # (0: send everything again).
+        # (connection, ingress, until, probe): tell the kernel not to send a direction's calls before
+        # `until`, and to copy only `probe` bytes of those it sends (0, 0: everything again).
         self.skip = skip
         self.connections: OrderedDict[tuple, Connection] = OrderedDict()
         self.counts = Counts()
@@ -190,20 +197,34 @@ class Connections:
         """One call's bytes: ``data`` its first, ``tail`` its last, ``size`` in all, the first at
         offset ``pos`` of its direction (TCP)."""
         conn.last_ns = end
+        # The kernel's position counts the calls it did not send too (a body skipped, a ring full).
+        moved = size if pos is None or conn.udp else pos + size
         if ingress:
-            conn.bytes_recv += size
+            conn.bytes_recv = max(conn.bytes_recv + size, moved)
         else:
-            conn.bytes_sent += size
+            conn.bytes_sent = max(conn.bytes_sent + size, moved)
         if conn.ignored:
             return
         call = Call(ingress, data, size, start, end, tail, None if conn.udp else pos)
+        if conn.probing and conn.parser is not None and not self._resynchronised(conn, call):
+            return
         if conn.parser is None:
             # Calls are kept until the protocol is known: a message may begin in a call too short to
             # tell (a DNS server reads the TCP length alone, then the message).
-            conn.undetected.append(call)
+            conn.undetected = [*conn.undetected[-DETECT_TRIES + 1 :], call]
+            probing = conn.probing
             if not self._choose(conn, ingress):
+                if probing:
+                    conn.streams[ingress].discard(size, call.pos)
                 return
             calls, conn.undetected = conn.undetected, []
+            if probing:
+                # This call begins a message; the calls before were the rest of one. Whole calls again.
+                conn.probing = False
+                self._tell(conn, 0, 0)
+                if not self._whole(conn, call):
+                    return
+                calls = [call]
         else:
             calls = [call]
         for one in calls:
@@ -222,7 +243,8 @@ class Connections:
             if protocols.is_tls(data) and not conn.encrypted:
                 # A protocol that went over to TLS (PostgreSQL's SSLRequest, STARTTLS): its plaintext
                 # comes through the TLS source, if the process uses OpenSSL.
-                conn.ignored = "tls"
+                self._ignore(conn, "tls")
+                return
             elif "captur" in str(exc):
                 self.counts.truncated += 1
             else:
@@ -230,6 +252,11 @@ class Connections:
             stream.clear()
             pairing.forget()
             self._tell_skip(conn, call.ingress, stream)
+            if not conn.udp and not conn.ignored:
+                # Until a call begins a message again (the rest of a body whose head was lost): the
+                # kernel sends only the calls' first bytes.
+                conn.probing = True
+                self._tell(conn, 0, PROBE_BYTES)
             return
         self._tell_skip(conn, call.ingress, stream)
         for message in messages:
@@ -240,6 +267,28 @@ class Connections:
                 if request is not None:
                     out.append((conn, Exchange(parser.protocol, request, message)))
 
+    def _resynchronised(self, conn: Connection, call: Call) -> bool:
+        """A probed connection of a known protocol: whether this call begins a message (then the kernel
+        sends whole calls again); the calls before are only counted."""
+        assert conn.parser is not None
+        found = protocols.detect(call.data, conn.udp, (conn.local_port, conn.remote_port))
+        stream = conn.streams[call.ingress]
+        if found is None or found.protocol != conn.parser.protocol:
+            stream.discard(call.size, call.pos)
+            return False
+        conn.probing = False
+        self._tell(conn, 0, 0)
+        return self._whole(conn, call)
+
+    def _whole(self, conn: Connection, call: Call) -> bool:
+        """Whether a probed call that begins a message was sent whole; if its head was cut at the probe,
+        that message is lost (counted) and the next one is parsed."""
+        if len(call.data) + len(call.tail) >= call.size:
+            return True
+        self.counts.truncated += 1
+        conn.streams[call.ingress].discard(call.size, call.pos)
+        return False
+
     def _tell_skip(self, conn: Connection, ingress: bool, stream: Stream) -> None:
         """Ask the kernel to keep a long body's calls (stream.skip_until), or to stop skipping."""
         told = conn.skips_told[ingress]
@@ -249,30 +298,45 @@ class Connections:
         if wanted and wanted - stream.end < SKIP_MIN_BYTES:
             return
         conn.skips_told[ingress] = wanted
-        self.skip(conn, ingress, wanted)
+        self.skip(conn, ingress, wanted, 0)
+
+    def _tell(self, conn: Connection, until: int, probe: int) -> None:
+        """The same skip for both directions of a TCP connection."""
+        if self.skip is not None and not conn.udp:
+            for ingress in (False, True):
+                conn.skips_told[ingress] = until
+                self.skip(conn, ingress, until, probe)
+
+    def _ignore(self, conn: Connection, why: str) -> None:
+        """Not to be parsed (TLS ciphertext, a protocol not asked for): the kernel stops sending it."""
+        conn.ignored = why
+        conn.undetected = []
+        conn.probing = False
+        self._tell(conn, 0, IGNORED_BYTES)
 
     def _choose(self, conn: Connection, ingress: bool) -> bool:
         """Pick the connection's protocol from the first bytes of the last call's direction; False while
         it cannot."""
         calls = [c for c in conn.undetected if c.ingress == ingress]
-        data = (
-            b"".join(c.data for c in calls) if all(c.size == len(c.data) for c in calls) else calls[-1].data
-        )
+        # Probing, a message begins at a call's first byte (the calls before hold the rest of another).
+        whole = not conn.probing and all(c.size == len(c.data) for c in calls)
+        data = b"".join(c.data for c in calls) if whole else calls[-1].data
         if protocols.is_tls(data) and not conn.encrypted:
-            conn.ignored = "tls"
-            conn.undetected = []
+            self._ignore(conn, "tls")
             return False
         found = protocols.detect(data, conn.udp, (conn.local_port, conn.remote_port))
         if found is None:
-            if len(conn.undetected) >= DETECT_TRIES:
-                conn.ignored = "unknown"
-                conn.undetected = []
+            if len(conn.undetected) >= DETECT_TRIES and not conn.probing:
                 self.counts.undetected += 1
+                if conn.udp:
+                    conn.ignored = "unknown"
+                else:
+                    conn.probing = True
+                    self._tell(conn, 0, PROBE_BYTES)
             return False
         parser = found.parser()
         if self.wanted is not None and parser.protocol not in self.wanted:
-            conn.ignored = parser.protocol
-            conn.undetected = []
+            self._ignore(conn, parser.protocol)
             return False
         conn.parser = parser
         conn.pairing = Pairing(parser.keyed)
@@ -332,7 +396,7 @@ class Tracker(Connections):
         btf: Btf,
         wall_offset_ns: int,
         protocols_wanted: frozenset[str] | None = None,
-        skip: Callable[[Connection, bool, int], None] | None = None,
+        skip: Callable[[Connection, bool, int, int], None] | None = None,
     ) -> None:
         super().__init__(protocols_wanted, skip)
         self.kinds = Kinds.of(btf)

@@ -51,7 +51,7 @@ BS_ENUM(bs_req_limits);
  * the rest is counted in size. capture_bytes <= REQ_CAPTURE_MAX - BS_REQ_TAIL. Port filter (0: any),
  * host byte order. */
 const volatile __u32 capture_bytes = 4096;
-const volatile __u16 targ_port = 0; /* either end */
+const volatile bool targ_ports = false; /* --port: only connections with a port of `ports` at either end */
 
 enum bs_req_kind { BS_REQ_KIND_DATA = 0, BS_REQ_KIND_CLOSE = 1 };
 enum bs_req_dir { BS_REQ_DIR_EGRESS = 0, BS_REQ_DIR_INGRESS = 1 };
@@ -98,6 +98,7 @@ BS_RINGBUF_VAR(events, 32 << 20, struct req_event);
  * following every offset it could reach. */
 struct iov_walk {
 	const struct iovec *iov;
+	__u64 limit;	/* bytes of the call's start copied */
 	__u64 count;
 	__u64 left;	/* bytes of the call not yet walked */
 	__u64 walked;	/* bytes walked */
@@ -220,12 +221,30 @@ struct {
 	__type(value, __u64);
 } positions SEC(".maps");
 
+/* What user space asked of a direction: calls wholly before `until` are not sent; with `probe`, the
+ * calls sent carry only their first `probe` bytes (a connection out of step with its protocol, or not
+ * known yet: the next message's first bytes tell it, the rest of a call is not worth copying; one not
+ * parsed at all: one byte, its size still counts). */
+struct stream_skip {
+	__u64 until;
+	__u32 probe;
+	__u32 pad;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 8192);
 	__type(key, struct stream_key);
-	__type(value, __u64);
+	__type(value, struct stream_skip);
 } skips SEC(".maps");
+
+/* --port's ports (host byte order), filled by user space before the programs attach. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u16);
+	__type(value, __u8);
+} ports SEC(".maps");
 
 /* Losses beside the ring's: calls not followed (the calls map full), and TLS plaintext whose socket was
  * never seen (the SSL object had made no syscall since the tool started). */
@@ -275,9 +294,14 @@ REQ_ENTER(sendfile64, BS_REQ_ARGS_FILE, BS_REQ_DIR_EGRESS, 0, 0, 0)
 
 /* --- the socket, inside the call ------------------------------------------------------------------ */
 
+static __always_inline bool has_port(const struct bs_conn *conn)
+{
+	return bpf_map_lookup_elem(&ports, &conn->sport) || bpf_map_lookup_elem(&ports, &conn->dport);
+}
+
 static __always_inline bool port_selected(const struct bs_conn *conn)
 {
-	if (targ_port && conn->sport != targ_port && conn->dport != targ_port)
+	if (targ_ports && !has_port(conn))
 		return false;
 	return bs_conn_selected(conn);
 }
@@ -420,16 +444,17 @@ static long iov_step(__u32 i, void *data)
 	if (bpf_probe_read_user(&one, sizeof(one), &w->iov[i]))
 		return 1;
 	n = one.iov_len < w->left ? one.iov_len : w->left;
-	w->off = copy_user(&s->ev, w->off, one.iov_base, n, capture_bytes);
+	w->off = copy_user(&s->ev, w->off, one.iov_base, n, w->limit);
 	w->left -= n;
 	w->walked += n;
-	if (w->walked > capture_bytes)
+	if (w->walked > capture_bytes && w->limit >= capture_bytes) /* (a probe sends no tail) */
 		ring_put(&s->ev, (const __u8 *)one.iov_base + n, n, w->walked);
 	return 0;
 }
 
 /* The first `size` bytes of an iovec array, and its last. */
-static __always_inline void copy_iov(struct req_event *ev, const struct iovec *iov, __u64 count, __u64 size)
+static __always_inline void copy_iov(struct req_event *ev, const struct iovec *iov, __u64 count, __u64 size,
+				     __u32 limit)
 {
 	/* ev is the scratch's first member */
 	struct req_scratch *s = (struct req_scratch *)ev;
@@ -440,15 +465,16 @@ static __always_inline void copy_iov(struct req_event *ev, const struct iovec *i
 	w->left = size;
 	w->walked = 0;
 	w->off = 0;
+	w->limit = limit;
 	bpf_loop(REQ_IOV_MAX, iov_step, &s, 0);
 	tail_done(ev, w->off, w->left ? 0 : size); /* the call's end not walked: no tail */
 }
 
-static __always_inline void copy_buf(struct req_event *ev, const void *buf, __u64 size)
+static __always_inline void copy_buf(struct req_event *ev, const void *buf, __u64 size, __u32 limit)
 {
-	__u32 off = copy_user(ev, 0, buf, size, capture_bytes);
+	__u32 off = copy_user(ev, 0, buf, size, limit);
 
-	if (size > off)
+	if (size > off && off >= capture_bytes) /* (a probe, or a fault, sends no tail) */
 		ring_put(ev, (const __u8 *)buf + size, size - off, size);
 	tail_done(ev, off, size);
 }
@@ -501,26 +527,31 @@ static __always_inline void event_header(struct req_event *ev, struct req_call *
 	}
 }
 
-/* The call's place in its direction's bytes (ev->pos); false when user space asked not to be sent it.
- * Set ev->size first. */
-static __always_inline bool stream_advance(struct req_event *ev)
+/* The call's place in its direction's bytes (ev->pos), and how many of its first bytes to copy: 0 when
+ * user space asked not to be sent it. Set ev->size first. */
+static __always_inline __u32 stream_advance(struct req_event *ev)
 {
 	struct stream_key key = {.cookie = ev->cookie, .dir = ev->dir, .tls = ev->source == BS_REQ_SOURCE_TLS};
-	__u64 zero = 0, *pos, *until;
+	struct stream_skip *skip;
+	__u64 zero = 0, *pos;
 
 	ev->pos = 0;
 	if (ev->protocol != BS_IPPROTO_TCP)
-		return true;
+		return capture_bytes;
 	pos = bpf_map_lookup_elem(&positions, &key);
 	if (!pos) {
 		bpf_map_update_elem(&positions, &key, &zero, BPF_NOEXIST);
 		pos = bpf_map_lookup_elem(&positions, &key);
 		if (!pos)
-			return true;
+			return capture_bytes;
 	}
 	ev->pos = __sync_fetch_and_add(pos, ev->size);
-	until = bpf_map_lookup_elem(&skips, &key);
-	return !until || ev->pos + ev->size >= *until;
+	skip = bpf_map_lookup_elem(&skips, &key);
+	if (!skip)
+		return capture_bytes;
+	if (ev->pos + ev->size < skip->until)
+		return 0;
+	return skip->probe ? skip->probe : capture_bytes;
 }
 
 static __always_inline void event_send(struct req_event *ev)
@@ -541,15 +572,17 @@ static __always_inline void event_send(struct req_event *ev)
 static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *hdr, __u64 size)
 {
 	struct user_msghdr msg;
+	__u32 limit;
 
 	if (!ev || bpf_probe_read_user(&msg, sizeof(msg), hdr))
 		return;
 	if (msg.msg_name)
 		peer_of(ev, msg.msg_name);
 	ev->size = size;
-	if (!stream_advance(ev))
+	limit = stream_advance(ev);
+	if (!limit)
 		return;
-	copy_iov(ev, msg.msg_iov, msg.msg_iovlen, size);
+	copy_iov(ev, msg.msg_iov, msg.msg_iovlen, size, limit);
 	event_send(ev);
 }
 
@@ -559,7 +592,7 @@ static __always_inline int call_exit(long ret)
 	struct req_call *call = bpf_map_lookup_elem(&calls, &tid);
 	struct req_event *ev;
 	struct mmsghdr *msgs;
-	__u32 sent;
+	__u32 sent, limit;
 
 	if (!call)
 		return 0;
@@ -573,16 +606,18 @@ static __always_inline int call_exit(long ret)
 	case BS_REQ_ARGS_BUF:
 		peer_of(ev, (void *)call->addr);
 		ev->size = ret;
-		if (!stream_advance(ev))
+		limit = stream_advance(ev);
+		if (!limit)
 			break;
-		copy_buf(ev, (void *)call->buf, ret);
+		copy_buf(ev, (void *)call->buf, ret, limit);
 		event_send(ev);
 		break;
 	case BS_REQ_ARGS_IOV:
 		ev->size = ret;
-		if (!stream_advance(ev))
+		limit = stream_advance(ev);
+		if (!limit)
 			break;
-		copy_iov(ev, (struct iovec *)call->buf, call->count, ret);
+		copy_iov(ev, (struct iovec *)call->buf, call->count, ret, limit);
 		event_send(ev);
 		break;
 	case BS_REQ_ARGS_MSG:
@@ -656,7 +691,7 @@ int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int new
 		return 0;
 	if (newstate == TCP_SYN_SENT || (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)) {
 		bs_conn_of(sk, &conn);
-		if (targ_port && conn.sport != targ_port && conn.dport != targ_port)
+		if (targ_ports && !has_port(&conn))
 			return 0;
 		cookie = bs_sk_cookie(sk);
 		fresh.role = newstate == TCP_SYN_SENT ? BS_REQ_ROLE_CLIENT : BS_REQ_ROLE_SERVER;
@@ -716,6 +751,7 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	struct req_conn *known;
 	struct req_event *ev;
 	__u64 size = 0;
+	__u32 limit;
 
 	if (!call)
 		return 0;
@@ -756,8 +792,9 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	ev->conn = link->conn;
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	ev->size = size;
-	if (stream_advance(ev)) {
-		copy_buf(ev, (void *)call->buf, size);
+	limit = stream_advance(ev);
+	if (limit) {
+		copy_buf(ev, (void *)call->buf, size, limit);
 		event_send(ev);
 	}
 done:

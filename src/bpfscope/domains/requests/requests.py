@@ -64,7 +64,7 @@ def libssl_paths() -> list[str]:
 @dataclass(kw_only=True)
 class RequestsConfig(Config):
     protocols: frozenset[str] | None = None  # None: every protocol
-    port: int = 0  # either end (in the kernel)
+    ports: tuple[int, ...] = ()  # either end (in the kernel); () = any
     lport: int = 0
     dport: int = 0
     capture_bytes: int = 4096  # of each call
@@ -93,7 +93,7 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
         return {
             **super().rodata(),
             "capture_bytes": c.capture_bytes,
-            "targ_port": c.port,
+            "targ_ports": bool(c.ports),
             "bs_targ_lport": c.lport,
             "bs_targ_rport": c.dport,
         }
@@ -114,6 +114,9 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
 
     def attach(self) -> None:
         assert self.obj is not None
+        self.obj.load()
+        for port in self.config.ports:  # before any program runs
+            self.obj.maps["ports"].update(struct.pack("<H", port), b"\1")
         self.obj.attach()
         if self.config.tls:
             self.libssl = list(self.config.libssl) or libssl_paths()
@@ -126,14 +129,15 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
         self._dirs = {name: value for value, name in self.tracker.kinds.dir.items()}
         self.exchanges = 0
 
-    def _skip(self, conn: Connection, ingress: bool, until: int) -> None:
-        """Tell the kernel not to send this direction's calls that end before ``until`` (0: send all)."""
+    def _skip(self, conn: Connection, ingress: bool, until: int, probe: int) -> None:
+        """Tell the kernel not to send this direction's calls that end before ``until``, and to copy
+        ``probe`` bytes of the others (0, 0: send all)."""
         assert self.obj is not None
         direction = self._dirs["ingress" if ingress else "egress"]
         key = struct.pack("<QBB6x", conn.cookie, direction, conn.encrypted)  # struct stream_key
         skips = self.obj.maps["skips"]
-        if until:
-            skips.update(key, until)
+        if until or probe:
+            skips.update(key, struct.pack("<QI4x", until, probe))  # struct stream_skip
         else:
             skips.delete(key)
 
@@ -254,9 +258,11 @@ Examples:
 )
 @click.option(
     "--port",
+    "ports",
     type=click.IntRange(1, 65535),
+    multiple=True,
     metavar="PORT",
-    help="Only connections with this port at either end.",
+    help="Only connections with this port at either end (repeatable, 64 at most).",
 )
 @option("lport")
 @option("dport")
@@ -283,7 +289,7 @@ Examples:
 def command(
     run: Run,
     protocol: tuple[str, ...],
-    port: int | None,
+    ports: tuple[int, ...],
     lport: int | None,
     dport: int | None,
     capture_bytes: int,
@@ -299,6 +305,8 @@ def command(
     they next speak. ROLE is client when the process sent the request, server when it answered it;
     LAT runs from the request's first byte to the response's last, as that process saw them.
     """
+    if len(ports) > 64:
+        raise BpfscopeError("--port: 64 ports at most")
     for path in libssl:
         if not Path(path).exists():
             raise BpfscopeError(f"no such libssl: {path}")
@@ -308,7 +316,7 @@ def command(
     config = run.config(
         RequestsConfig,
         protocols=frozenset(protocol) if protocol else None,
-        port=port or 0,
+        ports=ports,
         lport=lport or 0,
         dport=dport or 0,
         capture_bytes=capture_bytes,

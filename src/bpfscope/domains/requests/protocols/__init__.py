@@ -27,6 +27,11 @@ class Detected:
     parser: Callable[[], Parser]
     is_request: bool  # the bytes looked at are a request
 
+    @property
+    def protocol(self) -> str:
+        factory = self.parser
+        return getattr(factory, "func", factory).protocol  # type: ignore[union-attr]
+
 
 def is_tls(data: bytes) -> bool:
     """A TLS record (handshake, alert or application data) of TLS 1.0-1.3: ciphertext, whose plaintext

@@ -130,6 +130,14 @@ class Stream:
         self.available -= done
         return done
 
+    def discard(self, size: int, pos: int | None) -> None:
+        """A call not parsed (the connection is being resynchronised): only its place is kept."""
+        self.clear()
+        if pos is not None:
+            self.end = pos + size
+        elif self.end is not None:
+            self.end += size
+
     def pop_segment(self) -> Segment | None:
         """The next call's bytes whole (datagrams: one call, one message)."""
         if not self.segments:
