@@ -97,12 +97,29 @@ def build(store: Any, start: float, end: float) -> ServiceMap:
         # Every query below reads r: the tables' rows of the window, in one shape.
         r = f"WITH r AS ({_union(tables)}) "
         window = [v for _ in tables for v in (start, end)]
+        listening = con.execute(
+            r + "SELECT pid, local_addr || ':' || local_port, count(*) FROM r WHERE trace_role = 'server' "
+            "GROUP BY ALL ORDER BY 3 DESC, 2",
+            window,
+        ).fetchall()
+        sql = r + "SELECT pid, min(local_addr) FROM r WHERE trace_role = 'client' GROUP BY pid"
+        calling = dict(con.execute(sql, window).fetchall())
+        served: dict[int, list[str]] = defaultdict(list)
+        for pid, endpoint, _ in listening:
+            served[pid].append(endpoint)
+        # A service is a program and where it listens (or calls from when it serves nothing): nginx's
+        # workers, PostgreSQL's backend per connection, a server's forked children are one node, and
+        # its edges' quantiles are over all their requests.
+        places = {pid: served[pid][0] if served.get(pid) else f"({calling.get(pid, '')})"
+                  for pid in {*served, *calling}}  # fmt: skip
+        values = ", ".join("(?::BIGINT, ?::VARCHAR)" for _ in places) or "(0::BIGINT, ''::VARCHAR)"
         # A server's row is joined to its client's row by the connection (each side's addresses and ports
         # crossed); a client row whose server was not traced makes an edge of its own.
         edges = con.execute(
             r
-            + """
-            , s AS (SELECT * FROM r WHERE trace_role = 'server'),
+            + f"""
+            , places(pid, place) AS (VALUES {values}),
+            s AS (SELECT * FROM r WHERE trace_role = 'server'),
             c AS (SELECT * FROM r WHERE trace_role = 'client'),
             conns AS (SELECT DISTINCT pid AS cpid, comm AS ccomm, local_addr, local_port,
                              remote_addr, remote_port FROM c),
@@ -119,28 +136,20 @@ def build(store: Any, start: float, end: float) -> ServiceMap:
                 FROM c WHERE NOT EXISTS (
                     SELECT 1 FROM s WHERE s.local_addr = c.remote_addr AND s.local_port = c.remote_port
                     AND s.remote_addr = c.local_addr AND s.remote_port = c.local_port))
-            SELECT protocol, spid, scomm, saddr, sport, cpid, ccomm,
-                   CASE WHEN cpid = 0 THEN caddr ELSE '' END, count(*), sum(failed::INT),
-                   quantile_cont(latency, 0.5), quantile_cont(latency, 0.99), sum(bytes)
-            FROM (SELECT * FROM served UNION ALL SELECT * FROM called)
+            SELECT e.protocol, e.scomm, coalesce(sp.place, ''), e.saddr, e.sport, e.ccomm,
+                   coalesce(cp.place, ''), CASE WHEN e.cpid = 0 THEN e.caddr ELSE '' END,
+                   min(e.spid), min(e.cpid), count(*), sum(e.failed::INT),
+                   quantile_cont(e.latency, 0.5), quantile_cont(e.latency, 0.99), sum(e.bytes)
+            FROM (SELECT * FROM served UNION ALL SELECT * FROM called) e
+            LEFT JOIN places sp ON sp.pid = e.spid LEFT JOIN places cp ON cp.pid = e.cpid
             GROUP BY ALL ORDER BY ALL
             """,
-            window,
+            [*window, *(v for item in places.items() for v in item)],
         ).fetchall()
-        listening = con.execute(
-            r + "SELECT pid, local_addr || ':' || local_port, count(*) FROM r WHERE trace_role = 'server' "
-            "GROUP BY ALL ORDER BY 3 DESC",
-            window,
-        ).fetchall()
-        sql = r + "SELECT pid, min(local_addr) FROM r WHERE trace_role = 'client' GROUP BY pid"
-        calling = dict(con.execute(sql, window).fetchall())
         dns_names = _dns_names(con, start, end) if "dns_events" in present else {}
     finally:
         con.close()
-    served: dict[int, list[str]] = defaultdict(list)
-    for pid, endpoint, _ in listening:
-        served[pid].append(endpoint)
-    return _assemble(edges, served, calling, dns_names, end - start)
+    return _assemble(edges, served, dns_names, end - start)
 
 
 def _dns_names(con: Any, start: float, end: float) -> dict[str, str]:
@@ -160,17 +169,15 @@ def _dns_names(con: Any, start: float, end: float) -> dict[str, str]:
 def _assemble(
     rows: list[tuple],
     served: dict[int, list[str]],
-    calling: dict[int, str],
     dns_names: dict[str, str],
     window_s: float,
 ) -> ServiceMap:
     nodes: dict[str, Node] = {}
 
-    def process(pid: int, comm: str) -> str:
-        node_id = f"pid:{pid}"
+    def process(comm: str, place: str, pid: int) -> str:
+        node_id = f"svc:{comm} {place}"
         if node_id not in nodes:
-            where = served[pid][0] if served.get(pid) else f"({calling.get(pid, '')})"
-            nodes[node_id] = Node(node_id, f"{comm} {where}", pid, True, served.get(pid, []))
+            nodes[node_id] = Node(node_id, f"{comm} {place}", pid, True, served.get(pid, []))
         return node_id
 
     def address(addr: str, port: int = 0) -> str:
@@ -182,9 +189,11 @@ def _assemble(
         return node_id
 
     edges = []
-    for protocol, spid, scomm, saddr, sport, cpid, ccomm, caddr, n, failed, p50, p99, nbytes in rows:
-        target = process(spid, scomm) if spid else address(saddr, sport)
-        source = process(cpid, ccomm) if cpid else address(caddr)
+    for row in rows:
+        protocol, scomm, splace, saddr, sport, ccomm, cplace, caddr, spid, cpid = row[:10]
+        n, failed, p50, p99, nbytes = row[10:]
+        target = process(scomm, splace, spid) if spid else address(saddr, sport)
+        source = process(ccomm, cplace, cpid) if cpid else address(caddr)
         rps = n / window_s if window_s > 0 else 0.0
         edges.append(Edge(source, target, protocol, n, rps, 100.0 * (failed or 0) / n, (p50 or 0) / 1e6,
                           (p99 or 0) / 1e6, nbytes or 0))  # fmt: skip
