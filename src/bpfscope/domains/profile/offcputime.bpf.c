@@ -93,7 +93,6 @@ static __always_inline void switch_out(void *ctx, __u32 tid, __u64 now)
 	struct blocked_time *t;
 	long n;
 
-	bs_seen(bpf_get_current_pid_tgid() >> 32);
 	if (copy_user_stack && want_user) {
 		/* Blocked again before its system call returned: the times add up. */
 		t = bpf_map_lookup_elem(&blocked_times, &tid);
@@ -110,6 +109,8 @@ static __always_inline void switch_out(void *ctx, __u32 tid, __u64 now)
 		}
 		return;
 	}
+	/* Frame pointers: user space reads the maps of the processes seen (a copy names its own). */
+	bs_seen(bpf_get_current_pid_tgid() >> 32);
 	key = bs_capture_stacks(ctx);
 	if (!key)
 		return;

@@ -70,10 +70,10 @@ int on_sample(struct bpf_perf_event_data *ctx)
 	}
 	if (!bs_task_selected())
 		return 0;
-	bs_seen(tgid);
 	/* Kernel threads have no user stack to copy: their kernel stacks are counted here. */
 	if (copy_user_stack && want_user && bpf_get_current_task_btf()->mm)
-		return send_user_stack(ctx);
+		return send_user_stack(ctx); /* the copy names its process to user space */
+	bs_seen(tgid); /* user space reads the maps of the processes seen */
 	key = bs_capture_stacks(ctx);
 	if (key)
 		count(key);

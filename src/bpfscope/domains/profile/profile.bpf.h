@@ -212,7 +212,8 @@ static __always_inline void bs_send_user_stack(struct user_sample *s)
 	bs_output(&user_samples, s, offsetof(struct user_sample, stack) + s->stack_bytes);
 }
 
-/* Processes seen, for user space to read their memory maps while they live. */
+/* Processes seen, for user space to read their memory maps while they live (where stacks are counted
+ * here: a copied stack names its process itself). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 8192);

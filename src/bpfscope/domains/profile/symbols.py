@@ -19,13 +19,14 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from bpfscope.domains.profile.unwind import GoTable, UnwindTable
+    from bpfscope.domains.profile.unwind import GoTable, Rule, UnwindTable
 
 # Why a frame stayed unnamed, for people.
 REASONS = {
@@ -94,7 +95,7 @@ class SymbolTable:
         i = int(np.searchsorted(self.starts, np.uint64(address), side="right")) - 1
         if i < 0 or address >= int(self.ends[i]):
             return None
-        return self.names[i]
+        return demangle(self.names[i])
 
 
 @dataclass
@@ -153,7 +154,9 @@ def _elf_symbols(elf: object) -> list[tuple[int, int, str]]:
             end = strings.find(b"\0", offset)
             if value in out or offset == 0 or end < 0:
                 continue  # one name per address: .symtab comes first and has the local functions
-            out[value] = (value, size, demangle(strings[offset:end].decode(errors="replace")))
+            # Names are demangled when looked up: only the few a profile shows (demangling every
+            # symbol of a large Rust or C++ binary took most of the time reading it).
+            out[value] = (value, size, strings[offset:end].decode(errors="replace"))
     return list(out.values())
 
 
@@ -183,6 +186,7 @@ _RUST_ESCAPES = {
 }
 
 
+@lru_cache(maxsize=1 << 16)
 def demangle(name: str) -> str:
     """Rust's legacy mangled names as Rust writes them (``_ZN6shares5hot_a17h...E`` ->
     ``shares::hot_a``); every other name as it is."""
@@ -531,6 +535,7 @@ class Process:
     perf_map: SymbolTable | None = None
     perf_map_read: bool = False
     frames: dict[int, Frame] = field(default_factory=dict)  # address -> frame, resolved once
+    rules: dict[int, Rule | None] = field(default_factory=dict)  # address -> how it unwinds, once
 
     def __post_init__(self) -> None:
         self.starts = [m.start for m in self.mappings]
@@ -689,20 +694,30 @@ class Symbolizer:
             self._binaries[key] = binary
         return self._binaries[key]
 
-    def locate(self, pid: int, pc: int, wait: bool = True) -> tuple[UnwindTable | None, int]:
-        """The unwind table of the code at ``pc`` and the address as its ELF file counts it. Without
-        ``wait``, raises :class:`NotReady` while the binary is being read."""
+    def rule_at(self, pid: int, pc: int) -> Rule | None:
+        """How the frame of the code at ``pc`` unwinds (None where its binary has no table), kept per
+        process: a frame seen before costs a dictionary lookup. Raises :class:`NotReady` while the
+        binary is being read (in the background: the unwinder never waits)."""
+        process = self._processes.get(pid)
+        if process is None:
+            return None
+        try:
+            return process.rules[pc]
+        except KeyError:
+            pass
         with self._lock:
-            process = self._processes.get(pid)
-            m = process.mapping(pc) if process is not None else None
-            file = process.files.get(m) if process is not None and m is not None else None
-        if m is None or file is None:
-            return None, 0
-        binary = self._binary(file) if wait else self.ready(file)
-        if binary is None:
-            raise NotReady()
-        vaddr = binary.vaddr(pc - m.start + m.offset)
-        return (binary.unwind, vaddr) if vaddr is not None else (None, 0)
+            m = process.mapping(pc)
+            file = process.files.get(m) if m is not None else None
+        rule = None
+        if m is not None and file is not None:
+            binary = self.ready(file)
+            if binary is None:
+                raise NotReady()
+            vaddr = binary.vaddr(pc - m.start + m.offset)
+            if binary.unwind is not None and vaddr is not None:
+                rule = binary.unwind.rule(vaddr)
+        process.rules[pc] = rule
+        return rule
 
     def close(self) -> None:
         """Stop reading binaries; the files held are closed (unless a reader is still busy with one:

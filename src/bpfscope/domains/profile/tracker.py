@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,21 @@ class CopiedStack:
 # How often new processes are looked for and the ring read (seconds): reading the small map costs
 # about 50 us.
 PERIOD_S = 0.1
+
+
+@cache
+def _head_dtype(sample: np.dtype) -> np.dtype:
+    """struct user_sample's fields before its stack copy."""
+    stack_at = sample.fields["stack"][1]
+    names = [name for name in sample.names if sample.fields[name][1] < stack_at]
+    return np.dtype(
+        {
+            "names": names,
+            "formats": [sample.fields[name][0] for name in names],
+            "offsets": [sample.fields[name][1] for name in names],
+            "itemsize": stack_at,
+        }
+    )
 
 
 def _pids() -> list[int]:
@@ -117,8 +133,9 @@ class Tracker:
         """Read the map of every process sampled since the previous refresh, and unwind the stacks the
         ring holds."""
         with self._lock:
-            self._watch_new()
-            if self.ring is not None:
+            if self.ring is None:
+                self._watch_new()
+            else:  # each copied stack names its process: no map to read (50 us a key, and its delete)
                 self._unwind_ring()
                 self._unwind_backlog()
 
@@ -141,27 +158,37 @@ class Tracker:
 
     def _unwind_ring(self) -> None:
         assert self.ring is not None
-        batch = self.ring.read()
-        if not len(batch):
+        records = self.ring.read_sized()
+        if not records:
             return
-        # The copies as bytes (a char array's numpy form would drop trailing zero bytes).
-        copies = np.ascontiguousarray(batch["stack"]).view(np.uint8).reshape(len(batch), -1)
-        for rec, copy in zip(batch, copies, strict=True):
-            pid = int(rec["tgid"])
+        # Each record is the sample's fields, then as many bytes of stack as were copied: the fields
+        # are read for the whole batch at once, column by column, and each copy is its record's tail
+        # (reading records padded to the struct as numpy rows cost 50 us a record).
+        head = _head_dtype(self.ring.event.dtype)
+        size = head.itemsize
+        fields = np.frombuffer(b"".join(r[:size] for r in records), dtype=head)
+        kernel, py = fields["kernel"], fields["py"]
+        columns = zip(
+            *(fields[name].tolist() for name in ("tgid", "tid", "cgroup", "ip", "sp", "bp", "stack_base")),
+            fields["kernel_frames"].tolist(),
+            fields["py_frames"].tolist(),
+            fields["weight_ns"].tolist(),
+            strict=True,
+        )
+        for i, (pid, tid, cgroup, ip, sp, bp, base, n_kernel, n_py, weight) in enumerate(columns):
             if pid not in self._exes:
                 self._watch(pid)
-            n_kernel = int(rec["kernel_frames"])
             self.backlog.append(
                 CopiedStack(
                     pid,
-                    int(rec["tid"]),
-                    bytes(rec["comm"]),
-                    int(rec["cgroup"]),
-                    Registers(int(rec["ip"]), int(rec["sp"]), int(rec["bp"])),
-                    StackCopy(int(rec["stack_base"]), copy[: int(rec["stack_bytes"])].tobytes()),
-                    tuple(rec["kernel"][:n_kernel].tolist()) if n_kernel > 0 else (),
-                    int(rec["weight_ns"]),
-                    tuple(rec["py"][: int(rec["py_frames"])].tolist()) if int(rec["py_frames"]) > 0 else (),
+                    tid,
+                    fields[i]["comm"].tobytes(),
+                    cgroup,
+                    Registers(ip, sp, bp),
+                    StackCopy(base, records[i][size:]),
+                    tuple(kernel[i, :n_kernel].tolist()) if n_kernel > 0 else (),
+                    weight,
+                    tuple(py[i, :n_py].tolist()) if n_py > 0 else (),
                 )
             )
         if len(self.backlog) > BACKLOG:
@@ -173,9 +200,7 @@ class Tracker:
         for sample in self.backlog:
             try:
                 result = unwind(
-                    sample.regs,
-                    sample.stack,
-                    lambda pc, pid=sample.pid: self.symbols.locate(pid, pc, wait=False),
+                    sample.regs, sample.stack, lambda pc, pid=sample.pid: self.symbols.rule_at(pid, pc)
                 )
             except NotReady:
                 waiting.append(sample)
