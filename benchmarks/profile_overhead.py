@@ -50,10 +50,15 @@ def peak_rss_mb(proc: psutil.Process) -> float:
     return 0.0
 
 
-def bpf_run_ns(names: set[str]) -> int:
-    """Run time of the loaded BPF programs with these names (kernel.bpf_stats_enabled=1)."""
+def bpf_programs(names: set[str]) -> dict[int, int]:
+    """Run time (kernel.bpf_stats_enabled=1) of each loaded BPF program with one of these names, by id."""
     out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True)
-    return sum(int(p.get("run_time_ns", 0)) for p in json.loads(out.stdout) if p.get("name") in names)
+    return {p["id"]: int(p.get("run_time_ns", 0)) for p in json.loads(out.stdout) if p.get("name") in names}
+
+
+def bpf_run_ns(names: set[str], ids: set[int]) -> int:
+    """Run time of these programs (one that has gone counts 0)."""
+    return sum(ns for id_, ns in bpf_programs(names).items() if id_ in ids)
 
 
 @contextlib.contextmanager
@@ -73,17 +78,21 @@ def measure(
     """Run a tool for ``seconds`` after ``warmup`` seconds (after ``marker`` on stderr, if any): its CPU
     share of the machine in the steady state (a continuous profiler's cost), peak RSS, and the BPF time
     of its programs."""
+    # The tool's own programs: those loaded while it starts (other tools on the machine may run
+    # programs of the same name).
+    others = set(bpf_programs(bpf_names))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     if marker:
         line = proc.stderr.readline()
         if marker not in line:
             raise RuntimeError(f"{cmd[0]} did not start: {line}")
+    ids = set(bpf_programs(bpf_names)) - others
     ps = psutil.Process(proc.pid)
     time.sleep(warmup)
-    cpu0, bpf0, t0 = cpu_seconds(ps), bpf_run_ns(bpf_names), time.monotonic()
+    cpu0, bpf0, t0 = cpu_seconds(ps), bpf_run_ns(bpf_names, ids), time.monotonic()
     time.sleep(seconds)
-    cpu1, bpf1, rss = cpu_seconds(ps), bpf_run_ns(bpf_names), peak_rss_mb(ps)
+    cpu1, bpf1, rss = cpu_seconds(ps), bpf_run_ns(bpf_names, ids), peak_rss_mb(ps)
     elapsed = time.monotonic() - t0
     proc.send_signal(signal.SIGINT)
     try:
