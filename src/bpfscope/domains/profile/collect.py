@@ -118,13 +118,15 @@ def thread_of(pid: int, tid: int, comm: bytes, cgroup: int) -> Thread:
     return Thread(pid, tid, comm.split(b"\0", 1)[0].decode(errors="replace"), cgroup, container_of(cgroup))
 
 
-def counted_stack(key: Any) -> tuple[Thread, list[int], list[int]]:
-    """A key of the counts map: its thread, user and kernel addresses (leaf first)."""
-    n_user, n_kernel = int(key["user_frames"]), int(key["kernel_frames"])
+def counted_stack(key: Any) -> tuple[Thread, list[int], list[int], tuple[int, ...]]:
+    """A key of the counts map: its thread, user and kernel addresses (leaf first), and its Python
+    frames as the kernel recorded them (code object addresses, innermost first, bit 0: is_entry)."""
+    n_user, n_kernel, n_py = int(key["user_frames"]), int(key["kernel_frames"]), int(key["py_frames"])
     user = key["user"][:n_user].tolist() if n_user > 0 else []
     kernel = key["kernel"][:n_kernel].tolist() if n_kernel > 0 else []
+    py = tuple(key["py"][:n_py].tolist()) if n_py > 0 else ()
     thread = thread_of(int(key["tgid"]), int(key["tid"]), bytes(key["comm"]), int(key["cgroup"]))
-    return thread, user, kernel
+    return thread, user, kernel, py
 
 
 class StackCollector(BpfCollector[C]):
@@ -192,8 +194,9 @@ class StackCollector(BpfCollector[C]):
         now = time.monotonic()
         profile = self.new_profile()
         for key, value in counts.since(self.before, self.weigh):
-            thread, user, kernel = counted_stack(key)
-            frames = symbolise(self.symbols, thread.pid, user, kernel)
+            thread, user, kernel, py = counted_stack(key)
+            python = self.tracker.python_frames(thread.pid, py)
+            frames = symbolise(self.symbols, thread.pid, user, kernel, python)
             profile.add(thread, frames, *value, self.tracker.exe(thread.pid))
         for (pid, tid, comm, cgroup, user, kernel, py), (
             samples,

@@ -3,7 +3,7 @@
  *
  * A key holds the whole stacks, not stack ids: a BPF_MAP_TYPE_STACK_TRACE map loses a sample whenever
  * two stacks fall into one bucket (a few percent of them at a few hundred stacks in 8192 buckets), while
- * a hash map keyed by the frames themselves has no collisions and costs one 2 KiB jhash per sample.
+ * a hash map keyed by the frames themselves has no collisions and costs one 3 KiB jhash per sample.
  */
 #ifndef PROFILE_BPF_H
 #define PROFILE_BPF_H
@@ -11,6 +11,63 @@
 /* The kernel's own limit (kernel.perf_event_max_stack) and the most bpf_get_stack returns. */
 #define BS_MAX_FRAMES 127
 #define BS_STACK_KEYS 32768
+
+/* CPython: where a process's interpreter keeps its threads and frames (python.py fills one entry per
+ * Python process, from the interpreter version's struct offsets). */
+#define BS_PY_FRAMES 128
+
+struct py_process {
+	__u64 tstate_current; /* address of _PyRuntime's thread state holding the GIL */
+	__u32 tstate_native_thread_id;
+	__u32 tstate_cframe; /* 3.11: PyThreadState.cframe -> _PyCFrame.current_frame */
+	__u32 cframe_current_frame;
+	__u32 frame_code;
+	__u32 frame_previous;
+	__u32 frame_is_entry;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct py_process);
+} py_processes SEC(".maps");
+
+/* The Python frames of the current thread into `py` (innermost first: code object addresses, bit 0
+ * set on the first frame a call of the interpreter's loop ran, is_entry), if its process is a Python
+ * interpreter and the thread holds the GIL (a thread running Python code does): their number, 0 for
+ * none, -1 where the thread does not hold the GIL. */
+static __always_inline __s32 bs_python_frames(__u32 tgid, __u32 tid, __u64 *py)
+{
+	struct py_process *p = bpf_map_lookup_elem(&py_processes, &tgid);
+	__u64 tstate = 0, cframe = 0, frame = 0, code = 0, thread = 0;
+	__s32 n = 0;
+	__u8 entry = 0;
+	int i;
+
+	if (!p)
+		return 0;
+	if (bpf_probe_read_user(&tstate, sizeof(tstate), (void *)p->tstate_current) || !tstate)
+		return -1;
+	bpf_probe_read_user(&thread, sizeof(thread), (void *)(tstate + p->tstate_native_thread_id));
+	if ((__u32)thread != tid)
+		return -1;
+	bpf_probe_read_user(&cframe, sizeof(cframe), (void *)(tstate + p->tstate_cframe));
+	if (!cframe || bpf_probe_read_user(&frame, sizeof(frame), (void *)(cframe + p->cframe_current_frame)))
+		return 0;
+	for (i = 0; i < BS_PY_FRAMES && frame; i++) {
+		if (bpf_probe_read_user(&code, sizeof(code), (void *)(frame + p->frame_code)))
+			break;
+		bpf_probe_read_user(&entry, sizeof(entry), (void *)(frame + p->frame_is_entry));
+		py[i & (BS_PY_FRAMES - 1)] = code | (entry ? 1 : 0);
+		n = i + 1;
+		if (bpf_probe_read_user(&frame, sizeof(frame), (void *)(frame + p->frame_previous)))
+			break;
+	}
+	return n;
+}
+
+static const __u64 bs_no_python[BS_PY_FRAMES];
 
 struct stack_key {
 	__u32 tgid;
@@ -23,6 +80,11 @@ struct stack_key {
 	__s32 kernel_frames;
 	__u64 user[BS_MAX_FRAMES];
 	__u64 kernel[BS_MAX_FRAMES];
+	/* Python frames (bs_python_frames) where the thread runs Python code: with frame pointers the
+	 * interpreter's own frames say nothing of the Python functions they run. */
+	__s32 py_frames;
+	__u32 py_pad;
+	__u64 py[BS_PY_FRAMES];
 };
 
 /* Which stacks to take, set from user space (--kernel-only, --user-only). */
@@ -63,6 +125,11 @@ static __always_inline struct stack_key *bs_capture_stacks(void *ctx)
 	} else {
 		__builtin_memset(key->user, 0, sizeof(key->user));
 	}
+	/* The key is hashed whole: frames of an earlier sample on this CPU must not stay (1 KiB is too
+	 * much for an inline memset). */
+	bpf_probe_read_kernel(key->py, sizeof(key->py), bs_no_python);
+	key->py_pad = 0;
+	key->py_frames = want_user ? bs_python_frames(key->tgid, key->tid, key->py) : 0;
 	if (want_kernel) {
 		n = bpf_get_stack(ctx, key->kernel, sizeof(key->kernel), 0);
 		key->kernel_frames = n < 0 ? n : (__u64)n / 8;
@@ -81,27 +148,6 @@ static __always_inline struct stack_key *bs_capture_stacks(void *ctx)
 #define STACK_COPY_PAGES 3
 
 const volatile bool copy_user_stack = false;
-
-/* CPython: where a process's interpreter keeps its threads and frames (python.py fills one entry per
- * Python process, from the interpreter version's struct offsets). */
-#define BS_PY_FRAMES 128
-
-struct py_process {
-	__u64 tstate_current; /* address of _PyRuntime's thread state holding the GIL */
-	__u32 tstate_native_thread_id;
-	__u32 tstate_cframe; /* 3.11: PyThreadState.cframe -> _PyCFrame.current_frame */
-	__u32 cframe_current_frame;
-	__u32 frame_code;
-	__u32 frame_previous;
-	__u32 frame_is_entry;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, struct py_process);
-} py_processes SEC(".maps");
 
 struct user_sample {
 	__u32 tgid;
@@ -150,40 +196,6 @@ static __always_inline struct user_sample *bs_user_sample(void)
 	return s;
 }
 
-/* The Python frames of the current thread, if its process is a Python interpreter and the thread holds
- * the GIL (a thread running Python code does). */
-static __always_inline void bs_python_stack(struct user_sample *s)
-{
-	struct py_process *py = bpf_map_lookup_elem(&py_processes, &s->tgid);
-	__u64 tstate = 0, cframe = 0, frame = 0, code = 0, tid = 0;
-	__u8 entry = 0;
-	int i;
-
-	s->py_frames = 0;
-	if (!py)
-		return;
-	if (bpf_probe_read_user(&tstate, sizeof(tstate), (void *)py->tstate_current) || !tstate)
-		goto not_holding;
-	bpf_probe_read_user(&tid, sizeof(tid), (void *)(tstate + py->tstate_native_thread_id));
-	if ((__u32)tid != s->tid)
-		goto not_holding;
-	bpf_probe_read_user(&cframe, sizeof(cframe), (void *)(tstate + py->tstate_cframe));
-	if (!cframe || bpf_probe_read_user(&frame, sizeof(frame), (void *)(cframe + py->cframe_current_frame)))
-		return;
-	for (i = 0; i < BS_PY_FRAMES && frame; i++) {
-		if (bpf_probe_read_user(&code, sizeof(code), (void *)(frame + py->frame_code)))
-			break;
-		bpf_probe_read_user(&entry, sizeof(entry), (void *)(frame + py->frame_is_entry));
-		s->py[i & (BS_PY_FRAMES - 1)] = code | (entry ? 1 : 0);
-		s->py_frames = i + 1;
-		if (bpf_probe_read_user(&frame, sizeof(frame), (void *)(frame + py->frame_previous)))
-			break;
-	}
-	return;
-not_holding:
-	s->py_frames = -1;
-}
-
 /* The current task's user registers and stack into `s`, and `s` to the ring. */
 static __always_inline void bs_send_user_stack(struct user_sample *s)
 {
@@ -206,7 +218,7 @@ static __always_inline void bs_send_user_stack(struct user_sample *s)
 			break;
 	}
 	s->stack_bytes = pages * PAGE_BYTES;
-	bs_python_stack(s);
+	s->py_frames = bs_python_frames(s->tgid, s->tid, s->py);
 	if (s->stack_bytes > sizeof(s->stack))
 		return; /* never: tells the verifier the size below is in bounds */
 	bs_output(&user_samples, s, offsetof(struct user_sample, stack) + s->stack_bytes);

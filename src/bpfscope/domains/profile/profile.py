@@ -184,13 +184,14 @@ def command(
     """Sample the stacks of every CPU (or of -p, --cgroup, --container) and show where the CPU goes.
 
     User stacks are unwound from the binaries' .eh_frame (right without frame pointers; Go by its own
-    tables; CPython 3.11's Python functions in place of the interpreter's frames), or with --unwind fp
-    walked by frame pointers and counted in the kernel (cheapest). Without -o the hottest functions are
-    shown (TOTAL%: samples with the function on the stack; SELF%: samples in the function itself), with
-    the reasons any frame stayed unnamed and, per executable, how many stacks reached their root. An
-    interval gives one profile per interval; --continuous writes one every 10 s into the store. -o FILE
-    writes the run's profile; its format follows the file's name (.html, .pb.gz, .folded, .json for
-    speedscope) unless --format says otherwise. `bpfscope profile diff A B` compares two profiles.
+    tables), or with --unwind fp walked by frame pointers and counted in the kernel (cheapest); either
+    way CPython 3.11's Python functions stand in place of the interpreter's frames. Without -o the
+    hottest functions are shown (TOTAL%: samples with the function on the stack; SELF%: samples in the
+    function itself), with the reasons any frame stayed unnamed and, per executable, how many stacks
+    reached their root. An interval gives one profile per interval; --continuous writes one every 10 s
+    into the store. -o FILE writes the run's profile; its format follows the file's name (.html, .pb.gz,
+    .folded, .json for speedscope) unless --format says otherwise. `bpfscope profile diff A B` compares
+    two profiles.
     """
     config = run.config(ProfileConfig, frequency_hz=frequency, **stack_choice(kernel_only, user_only, unwind))
     what = f"process {run.pid}" if run.pid else "every CPU"

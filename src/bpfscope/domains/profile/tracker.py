@@ -111,12 +111,11 @@ class Tracker:
         """Start watching; the process ``pid`` (or every Python interpreter running, with the kernel
         side's filter deciding which are sampled) is read at once: a process is otherwise read only once
         it has been sampled, and its first samples would have no Python frames."""
-        if self.ring is not None:
-            for candidate in [pid] if pid else _pids():
-                if candidate == os.getpid():
-                    continue
-                if pid or python.is_interpreter(_exe(candidate)):
-                    self._watch(candidate)
+        for candidate in [pid] if pid else _pids():
+            if candidate == os.getpid():
+                continue
+            if pid or python.is_interpreter(_exe(candidate)):
+                self._watch(candidate)
         self._thread.start()
 
     def _run(self) -> None:
@@ -213,18 +212,19 @@ class Tracker:
                 sample.cgroup,
                 tuple(result.addresses),
                 sample.kernel,
-                self._python_frames(sample),
+                self.python_frames(sample.pid, sample.python),
             )
             counted = self.stacks.setdefault(key, [0, 0])
             counted[0] += 1
             counted[1] += sample.weight_ns
         self.backlog = waiting
 
-    def _python_frames(self, sample: CopiedStack) -> PythonFrames:
-        py = self.python.get(sample.pid)
-        if py is None or not sample.python:
+    def python_frames(self, pid: int, frames: tuple[int, ...]) -> PythonFrames:
+        """The Python frames the kernel recorded (code object addresses, bit 0: is_entry), named."""
+        py = self.python.get(pid)
+        if py is None or not frames:
             return ()
-        return tuple((*py.code_name(value & ~1), bool(value & 1)) for value in sample.python)
+        return tuple((*py.code_name(value & ~1), bool(value & 1)) for value in frames)
 
     def _watch(self, pid: int) -> None:
         if not self.symbols.watch(pid):
@@ -232,7 +232,7 @@ class Tracker:
             return
         process = self.symbols.process(pid)
         self._exes[pid] = Path(process.exe).name if process is not None else ""
-        if self.ring is not None and process is not None:
+        if process is not None:
             # A Python interpreter: the kernel side walks its frames from now on.
             py = python.detect(process)
             if py is not None:
