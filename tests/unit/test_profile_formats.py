@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from bpfscope.domains.profile import flamegraph, formats
 from bpfscope.domains.profile.profiles import SCHEMAS, Profile, Thread
-from bpfscope.domains.profile.symbols import Frame, SymbolTable, _unwind_table, read_binary
+from bpfscope.domains.profile.symbols import Frame, SymbolTable, _unwind_table, demangle, read_binary
 from bpfscope.domains.profile.unwind import (
     CFA_RBP,
     CFA_RSP,
@@ -125,6 +125,9 @@ def test_format_from_file_name() -> None:
     assert formats.format_for("x.html", "folded") == "folded"
 
 
+LIBSTDCXX = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"
+
+
 def test_symbol_table_lookup() -> None:
     table = SymbolTable([(0x2000, 0x10, "b"), (0x1000, 0x100, "a"), (0x3000, 0, "asm"), (0x4000, 8, "c")])
     assert table.lookup(0x1000) == "a" and table.lookup(0x10FF) == "a"
@@ -137,6 +140,27 @@ def test_read_binary_names_a_real_function() -> None:
     binary = read_binary(str(python))
     assert binary.error is None and len(binary.symbols) > 100
     assert binary.segments and any(seg.vaddr == 0 or seg.offset == 0 for seg in binary.segments)
+
+
+def test_names_are_demangled_rust_and_cxx() -> None:
+    assert demangle("_ZN6shares5hot_a17h0123456789abcdefE") == "shares::hot_a"
+    assert demangle("_ZN6shares5hot_a17h0123456789abcdefE.llvm.123") == "shares::hot_a"
+    assert demangle("_ZNSt6vectorIiSaIiEE9push_backERKi") == (
+        "std::vector<int, std::allocator<int> >::push_back(int const&)"
+    )
+    assert demangle("_ZL8tiny_fnv") == "tiny_fnv"  # a file-local C++ function
+    assert demangle("_Z3foov.cold") == "foo() [clone .cold]"  # the part gcc moved out of foo()
+    for name in ("main", "_Znot_mangled", "_ZN3fooE.cold", ""):
+        assert demangle(name) == name
+
+
+def test_a_cxx_library_is_named_as_cxx_writes_it() -> None:
+    """libstdc++'s own functions, read from the binary and looked up by address, come out demangled."""
+    binary = read_binary(LIBSTDCXX)
+    assert binary.error is None
+    table = binary.symbols
+    at = table.names.index("_ZNSt6thread4joinEv")  # std::thread::join(), exported by every libstdc++ 6
+    assert table.lookup(int(table.starts[at])) == "std::thread::join()"
 
 
 def test_read_binary_counts_bad_files(tmp_path: Path) -> None:

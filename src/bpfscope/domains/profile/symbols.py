@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import queue
 import re
@@ -19,9 +21,9 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -189,11 +191,12 @@ _RUST_ESCAPES = {
 @lru_cache(maxsize=1 << 16)
 def demangle(name: str) -> str:
     """Rust's legacy mangled names as Rust writes them (``_ZN6shares5hot_a17h...E`` ->
-    ``shares::hot_a``); every other name as it is."""
+    ``shares::hot_a``), C++ names as C++ writes them (``_ZNSt6thread4joinEv`` -> ``std::thread::join()``);
+    every other name as it is."""
     # LLVM's suffix on functions it made local in a (thin) LTO build.
     name = _LLVM_SUFFIX.sub("", name)
     if not name.startswith("_ZN") or not name.endswith("E"):
-        return name
+        return _demangle_cxx(name) if name.startswith("_Z") else name
     parts, i, body = [], 3, name[:-1]
     while i < len(body):
         j = i
@@ -205,7 +208,7 @@ def demangle(name: str) -> str:
         parts.append(body[j : j + n])
         i = j + n
     if i != len(body) or not parts or not _RUST_HASH.fullmatch(parts[-1]):
-        return name  # a C++ name: left as the linker has it
+        return _demangle_cxx(name)
     out = []
     for part in parts[:-1]:
         part = part[1:] if part.startswith("_$") else part  # "_" guards a leading escape
@@ -214,6 +217,37 @@ def demangle(name: str) -> str:
             part = part.replace(escape, char)
         out.append(part)
     return "::".join(out)
+
+
+def _demangle_cxx(name: str) -> str:
+    """A C++ name (Itanium ABI, as g++ and clang++ mangle) as C++ writes it, by the C++ runtime's own
+    demangler (``abi::__cxa_demangle`` in libstdc++, on every Debian system: apt needs it); the name as
+    it is where the runtime is missing or the name is not a C++ one."""
+    functions = _cxa_demangle()
+    if functions is None:
+        return name
+    cxa_demangle, free = functions
+    status = ctypes.c_int(0)
+    out = cxa_demangle(name.encode(), None, None, ctypes.byref(status))
+    if not out:
+        return name
+    try:
+        return ctypes.string_at(out).decode(errors="replace") if status.value == 0 else name
+    finally:
+        free(out)
+
+
+@cache
+def _cxa_demangle() -> tuple[Any, Any] | None:
+    try:
+        runtime = ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6")
+        cxa_demangle, free = runtime.__cxa_demangle, ctypes.CDLL(None).free
+    except (OSError, AttributeError):
+        return None
+    cxa_demangle.restype = ctypes.c_void_p
+    cxa_demangle.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+    free.argtypes, free.restype = [ctypes.c_void_p], None
+    return cxa_demangle, free
 
 
 # Go's function table (runtime/symtab.go, "pclntab"), kept in every Go binary, stripped ones too: its
