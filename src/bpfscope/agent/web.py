@@ -104,13 +104,19 @@ class Api:
             entry = series.setdefault((r["resource"], r["metric"]), {"history": []})
             entry.update(r)  # the latest row describes the series
             entry["history"].append([r["ts"], r["value"], r["verdict"]])
+        # The latest window's verdicts, as `bpfscope check` would print them now (a window's rows share
+        # its ts): a series missing from it (a disk gone, a connection closed, a row only a loaded
+        # window has) has no verdict now, and showing its last one would pass an old verdict for a
+        # current one. Its history stays in the store.
+        latest = max((r["ts"] for r in rows), default=None)
+        current = [entry for entry in series.values() if entry["ts"] == latest]
         summary = self._rows(
             "check.summary",
             'SELECT ts, summary, problem FROM "check.summary" WHERE ts >= ? AND ts < ? '
             "ORDER BY ts DESC LIMIT 1",
             [start, end],
         )
-        return {"rows": list(series.values()), "summary": summary[0] if summary else None}
+        return {"rows": current, "summary": summary[0] if summary else None}
 
     def disks(self, start: float, end: float) -> dict[str, Any]:
         rows = self._rows(
