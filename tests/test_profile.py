@@ -555,6 +555,68 @@ def test_a_process_that_exits_while_profiled_keeps_its_profile(shares_fp: Path) 
     assert profile_records(out).shares(short.pid).get("hot_a", 0) > 30
 
 
+# A JIT's code: two copies of a counting loop in anonymous executable memory (mov ecx, 1<<20; dec ecx;
+# jnz; ret), called in turn; the first is listed in /tmp/perf-PID.map as JITs write it (Node
+# --perf-basic-prof, Java agents), the second is not.
+JIT_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+static const unsigned char loop[] = {0xB9, 0x00, 0x00, 0x10, 0x00, 0xFF, 0xC9, 0x75, 0xFC, 0xC3};
+int main(int argc, char **argv) {
+	double seconds = atof(argv[1]);
+	int prot = PROT_READ | PROT_WRITE | PROT_EXEC;
+	unsigned char *code = mmap(NULL, 8192, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (code == MAP_FAILED)
+		return 1;
+	memcpy(code, loop, sizeof loop);
+	memcpy(code + 4096, loop, sizeof loop);
+	char path[64];
+	snprintf(path, sizeof path, "/tmp/perf-%d.map", getpid());
+	FILE *map = fopen(path, "w");
+	fprintf(map, "%lx %zx jit_listed\n", (unsigned long)code, sizeof loop);
+	fclose(map);
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("ready\n");
+	time_t end = time(NULL) + (time_t)seconds;
+	while (time(NULL) < end) {
+		((void (*)(void))code)();
+		((void (*)(void))(code + 4096))();
+	}
+	unlink(path);
+	return 0;
+}
+"""
+
+
+def test_jit_code_is_named_from_its_perf_map(build_dir: Path) -> None:
+    """Code a JIT wrote is named from /tmp/perf-PID.map; code the map does not list is counted as
+    ``jit_no_map``: about half the samples each."""
+    source = build_dir / "jit.c"
+    source.write_text(JIT_C)
+    binary = build_dir / "jit"
+    subprocess.run(["gcc", "-O2", "-fno-omit-frame-pointer", "-o", str(binary), str(source)], check=True)
+    work = Workload(binary, 30)
+    try:
+        result = bpfscope("profile", "-p", str(work.pid), "--frequency", "199", "--duration", "3", "--json")
+    finally:
+        work.stop()
+    assert result.returncode == 0, result.stderr
+    profile = profile_records(result.stdout)
+    total = sum(n for (thread, _), n in profile.samples.items() if thread.pid == work.pid)
+    listed = sum(
+        n for (_, frames), n in profile.samples.items() if any(f.function == "jit_listed" for f in frames)
+    )
+    assert total > 100, total
+    modules = {f.module for _, frames in profile.samples for f in frames if f.function == "jit_listed"}
+    assert modules == {"[jit]"}, modules
+    assert 0.3 * total < listed < 0.7 * total, (listed, total)
+    assert 0.3 * total < profile.unsymbolised["jit_no_map"] < 0.7 * total, profile.unsymbolised
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
