@@ -394,6 +394,18 @@ def profile_records(stdout: str) -> Profile:
     return Profile.from_records(records)
 
 
+def profile_of(work: Workload, seconds: float) -> Profile:
+    """A profile of ``work`` at 199 Hz for ``seconds``; the workload is stopped after it."""
+    try:
+        result = bpfscope(
+            "profile", "-p", str(work.pid), "--frequency", "199", "--duration", str(seconds), "--json"
+        )
+    finally:
+        work.stop()
+    assert result.returncode == 0, result.stderr
+    return profile_records(result.stdout)
+
+
 def perf_shares(data: Path, pid: int) -> tuple[dict[str, float], int]:
     """Percent of perf's samples of ``pid`` with each function on the stack, and the sample count."""
     script = subprocess.run(
@@ -600,12 +612,7 @@ def test_jit_code_is_named_from_its_perf_map(build_dir: Path) -> None:
     binary = build_dir / "jit"
     subprocess.run(["gcc", "-O2", "-fno-omit-frame-pointer", "-o", str(binary), str(source)], check=True)
     work = Workload(binary, 30)
-    try:
-        result = bpfscope("profile", "-p", str(work.pid), "--frequency", "199", "--duration", "3", "--json")
-    finally:
-        work.stop()
-    assert result.returncode == 0, result.stderr
-    profile = profile_records(result.stdout)
+    profile = profile_of(work, 3)
     total = sum(n for (thread, _), n in profile.samples.items() if thread.pid == work.pid)
     listed = sum(
         n for (_, frames), n in profile.samples.items() if any(f.function == "jit_listed" for f in frames)
@@ -851,11 +858,6 @@ def test_a_deleted_binary_is_still_named_and_a_corrupt_one_is_a_reason(
     shutil.copy(shares_fp, copy)
     work = Workload(copy, 30)
     copy.unlink()
-    try:
-        result = bpfscope("profile", "-p", str(work.pid), "--frequency", "199", "--duration", "2", "--json")
-    finally:
-        work.stop()
-    assert result.returncode == 0, result.stderr
-    profile = profile_records(result.stdout)
+    profile = profile_of(work, 2)
     assert profile.shares(work.pid).get("hot_a", 0) > 30, profile.shares(work.pid)
     assert not profile.unsymbolised.get("deleted_file"), profile.unsymbolised
