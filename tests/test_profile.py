@@ -671,6 +671,33 @@ def test_sigint_writes_the_profile(shares_fp: Path, tmp_path: Path) -> None:
     assert "hot_a" in out.read_text()
 
 
+def offcpu_of(work: subprocess.Popen[str], *args: str) -> tuple[str, Profile]:
+    """bpfscope offcputime of ``work`` (a program that prints "ready", then starts on a line from its
+    stdin) while it runs to its end: what it printed then, and the profile."""
+    assert work.stdin is not None and work.stdout is not None
+    assert work.stdout.readline().strip() == "ready"
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "bpfscope", "offcputime", "-p", str(work.pid), *args, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tracer.stderr is not None and tracer.stderr.readline().startswith("Tracing")
+        work.stdin.write("go\n")
+        work.stdin.flush()
+        out, _ = work.communicate(timeout=120)
+        tracer.send_signal(signal.SIGINT)
+        records, err = tracer.communicate(timeout=120)
+    finally:
+        for proc in (work, tracer):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert tracer.returncode == 0, err
+    return out, profile_records(records)
+
+
 def test_offcpu_blocked_time_per_stack_matches_the_truth(build_dir: Path) -> None:
     source = build_dir / "offcpu.c"
     source.write_text(OFFCPU_C)
@@ -682,29 +709,8 @@ def test_offcpu_blocked_time_per_stack_matches_the_truth(build_dir: Path) -> Non
         work = subprocess.Popen(
             [str(binary), "4", data.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        assert work.stdin is not None and work.stdout is not None
-        assert work.stdout.readline().strip() == "ready"
-        tracer = subprocess.Popen(
-            [sys.executable, "-m", "bpfscope", "offcputime", "-p", str(work.pid), "--json"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert tracer.stderr is not None and tracer.stderr.readline().startswith("Tracing")
-            work.stdin.write("go\n")
-            work.stdin.flush()
-            out, _ = work.communicate(timeout=120)
-            tracer.send_signal(signal.SIGINT)
-            records, err = tracer.communicate(timeout=120)
-        finally:
-            for proc in (work, tracer):
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-    assert tracer.returncode == 0, err
+        out, profile = offcpu_of(work)
     truth = {name: int(ns) for name, ns in (line.split() for line in out.splitlines())}
-    profile = profile_records(records)
     blocked: Counter[str] = Counter()
     for (_, frames), ns in profile.weights.items():
         for name in {f.function for f in frames} & set(BLOCKERS):
@@ -713,6 +719,87 @@ def test_offcpu_blocked_time_per_stack_matches_the_truth(build_dir: Path) -> Non
         assert abs(blocked[name] - truth[name]) <= 0.05 * truth[name], (name, blocked, truth)
     kernel = {f.function for _, frames in profile.samples for f in frames if f.kind == "kernel"}
     assert {"do_nanosleep", "anon_pipe_read", "__iomap_dio_rw"} <= kernel, sorted(kernel)
+
+
+# A thread blocked reading a pipe that another thread writes to every 20 ms, from waker_b: it prints the
+# time it spent in read(), the truth of the time its waker ended. (The writer's own sleeps end in a
+# timer's interrupt: they count under whatever task the interrupt found running, as in BCC's wakeuptime.)
+WAKERS_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+static int fds[2];
+static long rounds;
+static long now_ns(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+__attribute__((noinline)) void waker_b(void) {
+	/* write(2) made here, not in libc: libc has no frame pointers, */
+	/* and a walk by them from inside it skips its caller. */
+	char c = 'x';
+	long ret;
+	__asm__ volatile("syscall" : "=a"(ret) : "a"(1L), "D"((long)fds[1]), "S"(&c), "d"(1L)
+		: "rcx", "r11", "memory");
+	if (ret != 1)
+		exit(1);
+}
+static void *wake(void *arg) {
+	struct timespec t = {0, 20000000};
+	for (long i = 0; i < rounds; i++) {
+		nanosleep(&t, NULL);
+		waker_b();
+	}
+	return arg;
+}
+int main(int argc, char **argv) {
+	char c;
+	pthread_t thread;
+	rounds = atol(argv[1]);
+	if (pipe(fds))
+		return 1;
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("ready\n");
+	if (getchar() != 'g')
+		return 1;
+	pthread_create(&thread, NULL, wake, NULL);
+	long blocked = 0;
+	for (long i = 0; i < rounds; i++) {
+		long t = now_ns();
+		if (read(fds[0], &c, 1) != 1)
+			return 1;
+		blocked += now_ns() - t;
+	}
+	pthread_join(thread, NULL);
+	printf("blocked_a %ld\n", blocked);
+	return 0;
+}
+"""
+
+
+def test_offcpu_wakers_are_the_threads_that_ended_the_waits(build_dir: Path) -> None:
+    """--wakers: a reader's time blocked on a pipe counts under its writer's stacks (waker_b, then the
+    kernel's pipe write), within 5% of the reader's own clock."""
+    source = build_dir / "wakers.c"
+    source.write_text(WAKERS_C)
+    binary = build_dir / "wakers"
+    flags = ["-O2", "-g", "-fno-omit-frame-pointer", "-pthread"]
+    subprocess.run(["gcc", *flags, "-o", str(binary), str(source)], check=True)
+    work = subprocess.Popen([str(binary), "100"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    out, profile = offcpu_of(work, "--wakers")
+    truth = int(out.split()[-1])
+    woken = 0
+    kernel: set[str] = set()
+    for (thread, frames), ns in profile.weights.items():
+        if any(f.function == "waker_b" for f in frames):
+            assert thread.pid == work.pid and thread.tid != work.pid, thread  # the writer thread
+            woken += ns
+            kernel |= {f.function for f in frames if f.kind == "kernel"}
+    assert abs(woken - truth) <= 0.05 * truth, (woken, truth)
+    assert "try_to_wake_up" in kernel or "__wake_up_sync_key" in kernel, sorted(kernel)
 
 
 def test_python_offsets_are_cpython_311s(build_dir: Path) -> None:

@@ -10,6 +10,10 @@
  * in a system call has the same user stack then as when it blocked, and only blocks that ended and were
  * long enough cost a copy. Blocks outside a system call (a page fault waiting for the disk) are charged
  * to the stack of the next system call's exit.
+ *
+ * With wakers set (--wakers), a block's time is counted under the stacks of the task that woke the
+ * thread instead (tp_btf/sched_waking, in the waker's context: its own stacks, walked by frame
+ * pointers), as BCC's wakeuptime does: who ends the waits.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -26,6 +30,7 @@ const volatile __u64 min_block_ns = 1000;
  * TASK_INTERRUPTIBLE (1), TASK_UNINTERRUPTIBLE (2); with_preempted also counts runnable waits. */
 const volatile __u32 state_mask = 0;
 const volatile bool with_preempted = false;
+const volatile bool wakers = false;
 
 struct offcpu_value {
 	__u64 ns;
@@ -74,6 +79,15 @@ struct {
 	__type(value, struct blocked_time);
 } blocked_times SEC(".maps");
 
+/* --wakers: the stacks of the task that woke each thread timed, until it is switched in. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BLOCKED);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct stack_key);
+} waker_keys SEC(".maps");
+
 static const struct blocked_time no_time = {};
 
 /* Blocks not counted because a map was full. */
@@ -109,6 +123,13 @@ static __always_inline void switch_out(void *ctx, __u32 tid, __u64 now)
 		}
 		return;
 	}
+	if (wakers) {
+		/* The time only: the stacks counted are the waker's. */
+		if (bpf_map_update_elem(&blocked_since, &tid, &now, BPF_ANY))
+			__sync_fetch_and_add(&blocked_dropped, 1);
+		bpf_map_delete_elem(&waker_keys, &tid);
+		return;
+	}
 	/* Frame pointers: user space reads the maps of the processes seen (a copy names its own). */
 	bs_seen(bpf_get_current_pid_tgid() >> 32);
 	key = bs_capture_stacks(ctx);
@@ -139,9 +160,12 @@ static __always_inline void switch_in(__u32 tid, __u64 now)
 		return;
 	}
 	since = bpf_map_lookup_elem(&blocked_since, &tid);
-	key = bpf_map_lookup_elem(&blocked_keys, &tid);
-	if (!since || !key)
+	key = bpf_map_lookup_elem(wakers ? (void *)&waker_keys : (void *)&blocked_keys, &tid);
+	if (!since || !key) {
+		if (since && wakers)
+			bpf_map_delete_elem(&blocked_since, &tid); /* woken unseen (before the trace began) */
 		return;
+	}
 	delta = now - *since;
 	if (delta >= min_block_ns) {
 		v = bpf_map_lookup_elem(&counts, key);
@@ -153,7 +177,7 @@ static __always_inline void switch_in(__u32 tid, __u64 now)
 		}
 	}
 	bpf_map_delete_elem(&blocked_since, &tid);
-	bpf_map_delete_elem(&blocked_keys, &tid);
+	bpf_map_delete_elem(wakers ? (void *)&waker_keys : (void *)&blocked_keys, &tid);
 }
 
 static __always_inline int on_switch(void *ctx, struct task_struct *prev, struct task_struct *next,
@@ -182,6 +206,34 @@ int switch_raw(struct bpf_raw_tracepoint_args *ctx)
 {
 	return on_switch(ctx, (struct task_struct *)ctx->args[1], (struct task_struct *)ctx->args[2],
 			 (unsigned int)ctx->args[3]);
+}
+
+/* --wakers: the current task wakes `p`; if `p` is a thread being timed, the current task's stacks are
+ * its waker's (the last waker counts, should several wake it before it runs). */
+static __always_inline int on_waking(void *ctx, struct task_struct *p)
+{
+	__u32 tid = BPF_CORE_READ(p, pid);
+	struct stack_key *key;
+
+	if (!bpf_map_lookup_elem(&blocked_since, &tid))
+		return 0;
+	bs_seen(bpf_get_current_pid_tgid() >> 32);
+	key = bs_capture_stacks(ctx);
+	if (key && bpf_map_update_elem(&waker_keys, &tid, key, BPF_ANY))
+		__sync_fetch_and_add(&blocked_dropped, 1);
+	return 0;
+}
+
+SEC("tp_btf/sched_waking")
+int BPF_PROG(waking_btf, struct task_struct *p)
+{
+	return on_waking(ctx, p);
+}
+
+SEC("raw_tp/sched_waking")
+int waking_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+	return on_waking(ctx, (struct task_struct *)ctx->args[0]);
 }
 
 /* DWARF mode: back in its own context, the thread's user stack is the one it blocked with. */

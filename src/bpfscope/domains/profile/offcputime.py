@@ -6,6 +6,11 @@ stacks and the time recorded, and when it runs again the time it was off the CPU
 is at least ``--min-block``. Stacks, symbols and outputs are the profiler's (collect.py): the same
 unwinding (``--unwind dwarf`` by default: the user stack is copied as the thread leaves its system call,
 when it is the one it blocked with) and the same files (folded stacks count microseconds).
+
+``--wakers`` counts each block's time under the stacks of the task that woke the thread instead (from
+``sched_waking``, in the waker's own context, walked by frame pointers: there is no later moment in the
+waker's context to copy its stack at), as BCC's wakeuptime does: who ends the waits of the threads
+selected, and from where.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ STATES = {"blocked": (0, False), "sleeping": (1, False), "disk": (2, False), "al
 class OffcputimeConfig(StackConfig):
     min_block_us: float = 1.0
     state: str = "blocked"
+    wakers: bool = False  # blocked time under the waker's stacks (frame pointers)
 
 
 class OffcputimeCollector(StackCollector[OffcputimeConfig]):
@@ -59,13 +65,21 @@ class OffcputimeCollector(StackCollector[OffcputimeConfig]):
             "min_block_ns": int(self.config.min_block_us * 1000),
             "state_mask": mask,
             "with_preempted": preempted,
+            "wakers": self.config.wakers,
         }
+
+    @property
+    def dwarf(self) -> bool:
+        # A waker's stack is taken as it wakes the thread, in its context: walked by frame pointers.
+        return super().dwarf and not self.config.wakers
 
     # The BTF tracepoints where the kernel has them (typed arguments), else the raw ones.
     programs = "btf"
 
     def autoload(self) -> set[str]:
         kind = self.programs
+        if self.config.wakers:
+            return {f"switch_{kind}", f"waking_{kind}"}
         return {f"switch_{kind}", f"sys_exit_{kind}"} if self.dwarf else {f"switch_{kind}"}
 
     def open(self) -> None:
@@ -91,6 +105,7 @@ Examples:
   bpfscope offcputime -p 1234 --duration 10        # where one process waits, 10 s
   bpfscope offcputime --state disk -o io.html      # waits in the kernel (disk I/O), a flame graph
   bpfscope offcputime --min-block 1000 --format folded > waits.folded   # blocks of 1 ms or more
+  bpfscope offcputime -p 1234 --wakers             # who wakes the process's threads, from where
 """
 
 
@@ -111,12 +126,19 @@ Examples:
     help="Which waits: any blocked state, sleeping (S), in the kernel uninterruptibly (D: disk I/O), "
     "or all (also runnable threads waiting for a CPU after preemption).",
 )
+@click.option(
+    "--wakers",
+    is_flag=True,
+    help="Count each block under the stacks of the task that woke the thread (its user stack walked "
+    "by frame pointers) instead of the blocked thread's own.",
+)
 @stack_options
 @common_options
 def command(
     run: Run,
     min_block: float,
     state: str,
+    wakers: bool,
     unwind: str,
     kernel_only: bool,
     user_only: bool,
@@ -128,12 +150,19 @@ def command(
 
     Without -o the functions most waited under are shown (TOTAL%: share of the blocked time with the
     function on the stack). -o FILE writes the profile (folded stacks count microseconds; pprof has an
-    offcpu nanoseconds value), in the format its name says (.html, .pb.gz, .folded, .json).
+    offcpu nanoseconds value), in the format its name says (.html, .pb.gz, .folded, .json). With
+    --wakers each block counts under the thread that woke it (process, thread and stacks are the
+    waker's): who ends the waits, and from where.
     """
     config = run.config(
-        OffcputimeConfig, min_block_us=min_block, state=state, **stack_choice(kernel_only, user_only, unwind)
+        OffcputimeConfig,
+        min_block_us=min_block,
+        state=state,
+        wakers=wakers,
+        **stack_choice(kernel_only, user_only, unwind),
     )
     what = f"process {run.pid}" if run.pid else "every thread"
+    what = f"the wakers of {what}" if wakers else what
     run_profile(
         run,
         OffcputimeCollector(config),
