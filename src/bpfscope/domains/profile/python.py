@@ -8,7 +8,28 @@ recording each frame's code object and whether a new run of the interpreter loop
 (``is_entry``). It needs the interpreter's struct offsets, which differ by version: 3.13 and later
 publish them in ``_Py_DebugOffsets`` at the start of ``_PyRuntime``; earlier versions need a table
 (:data:`OFFSETS`). Names are read here from the process's memory soon after the sample (the code object's
-``co_qualname`` and ``co_filename``), once per code object.
+``co_qualname`` and ``co_filename``), once per code object; with ``--unwind fp`` at the end of the window,
+so a function first seen in the window its process exits in is named by its code object's address.
+
+Only CPython 3.11 is supported: it is the one these machines have, and every offset here is checked
+against its headers. The design for 3.12 to 3.14 (not implemented: nothing here could test it), from
+what changed in CPython's internals:
+
+- **Which thread state.** 3.12 drops ``_PyRuntime.gilstate.tstate_current`` (the thread state is
+  thread-local), so "the thread holding the GIL" is no longer one read. The walk would start from
+  ``_PyRuntime.interpreters.head`` and follow each interpreter's ``threads.head`` -> ``next`` list (a
+  bounded loop in BPF) to the thread state whose ``native_thread_id`` is the sampled thread's; that also
+  serves 3.13's free-threaded builds, which have no GIL, and sub-interpreters with their own GIL.
+- **Which frame.** 3.12 keeps ``tstate->cframe->current_frame``; 3.13 reads ``tstate->current_frame``
+  directly: ``struct py_process`` would say whether the cframe indirection applies.
+- **Frames.** ``f_code`` becomes ``f_executable`` in 3.13 (a code object for Python frames: its type
+  checked), a tagged ``_PyStackRef`` in 3.14 (low bits cleared before use). ``is_entry`` goes in 3.12: a
+  run of the interpreter loop starts above a shim frame whose ``owner`` is ``FRAME_OWNED_BY_CSTACK``,
+  which the walk would mark (bit 0, as ``is_entry`` now) and skip, so that :func:`merge` is unchanged.
+- **Offsets.** 3.13 and later publish them in ``_Py_DebugOffsets`` at the start of ``_PyRuntime``
+  (the ``xdebugpy`` cookie, then the version and per-struct offsets: runtime, interpreter, thread,
+  frame, code, unicode), read from the process at attach instead of :data:`OFFSETS`; 3.12 needs a table
+  entry compiled against its headers, as 3.11's is (``tests/test_profile.py`` checks it so).
 """
 
 from __future__ import annotations
