@@ -10,7 +10,9 @@ when it is the one it blocked with) and the same files (folded stacks count micr
 ``--wakers`` counts each block's time under the stacks of the task that woke the thread instead (from
 ``sched_waking``, in the waker's own context, walked by frame pointers: there is no later moment in the
 waker's context to copy its stack at), as BCC's wakeuptime does: who ends the waits of the threads
-selected, and from where.
+selected, and from where. A wake-up from an interrupt (a timer ending a sleep) counts under the task the
+interrupt found running, its kernel stack showing the interrupt; as in wakeuptime, its user stack is
+that task's, not a waker's.
 """
 
 from __future__ import annotations
