@@ -105,13 +105,13 @@ class PipeStream(Collector[Config]):
 def test_intervals_then_the_last_partial_one() -> None:
     sink = MemorySink()
     counter = Counter()
-    Session([counter], [sink], interval=0.05, duration=0.18).run()
+    Session([counter], [sink], interval=0.2, duration=0.72).run()
     ticks = sink.samples["counter"]
     # Three whole intervals, then the partial one at the deadline: what happened after the last tick
     # is never dropped.
     assert [t.n for t in ticks] == [1, 2, 3, 4]
-    assert all(abs(t.interval_s - 0.05) < 0.03 for t in ticks[:3])
-    assert ticks[3].interval_s < 0.05
+    assert all(abs(t.interval_s - 0.2) < 0.1 for t in ticks[:3])
+    assert ticks[3].interval_s < 0.2
     assert counter.opened == counter.started == counter.closed == 1
     assert [r["record"] for r in sink.records()] == ["tick"] * 4
 
@@ -141,7 +141,8 @@ def test_each_collector_keeps_its_own_interval() -> None:
 def test_stream_is_drained_when_ready_and_at_the_end() -> None:
     sink = MemorySink()
     pipe = PipeStream()
-    session = Session([pipe], [sink], duration=1.0)
+    # Only the stop ends this run early: its duration is far longer than any delay a loaded machine adds.
+    session = Session([pipe], [sink], duration=60.0)
     session.open()
     session.start()
 
@@ -156,7 +157,7 @@ def test_stream_is_drained_when_ready_and_at_the_end() -> None:
     session.loop()
     session.finish()
     session.close()
-    assert time.monotonic() - began < 0.5, "the stop token did not wake the loop"
+    assert time.monotonic() - began < 30, "the stop token did not wake the loop"
     assert b"".join(s.data for s in sink.samples["pipe"]) == b"a" * 10 + b"b" * 5
     assert sink.losses["pipe"]["ring_full"] == 0
 
@@ -167,7 +168,7 @@ def test_stop_from_another_thread_ends_with_the_summary() -> None:
     threading.Timer(0.05, session.stop).start()
     began = time.monotonic()
     session.run()
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 5.0  # the interval (10 s) never came
     # The interval never came, but the run ends with its partial interval and its losses.
     assert [t.n for t in sink.samples["counter"]] == [1]
     assert "counter" in sink.losses
@@ -254,5 +255,6 @@ def test_a_closed_output_stops_the_session_quietly() -> None:
     session = Session([counter], [ClosedPipe()], interval=0.01, duration=5.0)
     began = time.monotonic()
     session.run()
-    assert time.monotonic() - began < 1.0 and session.stop_token.reason == "output closed"
+    # Well before the duration: the first sample's closed output ended the run.
+    assert time.monotonic() - began < 4.0 and session.stop_token.reason == "output closed"
     assert counter.closed == 1
