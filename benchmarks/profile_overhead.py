@@ -8,6 +8,11 @@ The machine is kept busy by two workloads built here: a C program without frame 
 program (each spending 60/30/10 of its time in three functions), one per CPU.
 
     .venv/bin/python benchmarks/profile_overhead.py [--seconds S] [--json]
+
+With ``--baseline SRC`` (the ``src`` directory of another tree, its BPF objects built: ``git archive REV
+src | tar -x -C DIR``, then ``python DIR/src/bpfscope/build.py``) it measures a change instead: `bpfscope
+profile` at 19 Hz from that tree and from this one in turn, ``--repeat`` times, on the same workloads,
+so that both see the same machine.
 """
 
 from __future__ import annotations
@@ -73,7 +78,12 @@ def bpf_stats() -> Iterator[None]:
 
 
 def measure(
-    cmd: list[str], marker: str | None, seconds: float, bpf_names: set[str], warmup: float
+    cmd: list[str],
+    marker: str | None,
+    seconds: float,
+    bpf_names: set[str],
+    warmup: float,
+    env: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Run a tool for ``seconds`` after ``warmup`` seconds (after ``marker`` on stderr, if any): its CPU
     share of the machine in the steady state (a continuous profiler's cost), peak RSS, and the BPF time
@@ -81,7 +91,7 @@ def measure(
     # The tool's own programs: those loaded while it starts (other tools on the machine may run
     # programs of the same name).
     others = set(bpf_programs(bpf_names))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     if marker:
         line = proc.stderr.readline()
@@ -129,6 +139,27 @@ def symbolisation_times(binary: str) -> dict[str, float]:
     return {"symbols": int(symbols), "cold_s": round(float(cold), 3), "cached_s": round(float(cached), 3)}
 
 
+def compare(bpfscope: str, args: argparse.Namespace) -> None:
+    """`bpfscope profile` at 19 Hz from the baseline's sources and from this tree, in turn."""
+    runs: dict[str, list[dict[str, float]]] = {"baseline": [], "this tree": []}
+    trees = {"baseline": {**os.environ, "PYTHONPATH": args.baseline}, "this tree": None}
+    cmd = [bpfscope, "profile", "--frequency", "19", "--unwind", args.unwind]
+    with bpf_stats():
+        for _ in range(args.repeat):
+            for name, env in trees.items():
+                runs[name].append(measure(cmd, "Tracing", args.seconds, {"on_sample"}, args.warmup, env))
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return
+    for name, results in runs.items():
+        total = sorted(r["total_pct"] for r in results)
+        bpf = sorted(r["bpf_pct"] for r in results)
+        print(
+            f"{name:10} --unwind {args.unwind} 19 Hz: total {total[0]:.3f}-{total[-1]:.3f}% "
+            f"(BPF {bpf[0]:.3f}-{bpf[-1]:.3f}%) in {len(results)} runs"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,6 +167,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--baseline", metavar="SRC", help="compare with the bpfscope of this src directory")
+    parser.add_argument("--repeat", type=int, default=3, help="--baseline: runs of each")
+    parser.add_argument("--unwind", choices=("dwarf", "fp"), default="dwarf", help="--baseline: the mode")
     args = parser.parse_args()
     bpfscope = common.bpfscope()
     py_spy = str(Path(sys.executable).with_name("py-spy"))
@@ -154,6 +188,9 @@ def main() -> None:
             subprocess.Popen(["/usr/bin/python3.11", str(script), "100000"], stdout=subprocess.DEVNULL),
         ]
         try:
+            if args.baseline:
+                compare(bpfscope, args)
+                return
             with bpf_stats():
                 for hz in (19, 99):
                     for unwind in ("dwarf", "fp"):
