@@ -49,6 +49,10 @@ _SLACK_S = 1e-3
 # request tracer under a 50 MB/s load) must still leave the loop to its timers. The rest is read on the
 # next turn: its descriptor stays readable, so the wait returns at once.
 MAX_BATCHES_PER_TURN = 8
+# Batches read from one collector by drain() (a stop, a removal): a read takes every record committed
+# when it starts, up to one still being written; the second read takes those behind it. More would be
+# records that came after the stop, read as long as a busy producer keeps refilling the ring.
+DRAIN_BATCHES = 2
 
 
 class StopToken:
@@ -224,7 +228,8 @@ class Session:
         emitted = 0
         for slot in self.slots:
             if slot.open and slot.collector.fds():
-                while True:
+                # Bounded: a ring refilled as fast as it is read would keep a stop from ever ending.
+                for _ in range(DRAIN_BATCHES):
                     batch = self._guard(slot, slot.collector.drain)
                     if batch is None or batch is _FAILED:
                         break
@@ -408,7 +413,7 @@ class Session:
         total = 0
         for slot in dict.fromkeys(slots, None):
             for _ in range(MAX_BATCHES_PER_TURN):
-                if not slot.open:
+                if not slot.open or self.stop_token:  # a stop waits for one batch, not a turn's worth
                     break
                 batch = self._guard(slot, slot.collector.drain)
                 if batch is None or batch is _FAILED:
