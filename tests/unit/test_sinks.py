@@ -59,6 +59,7 @@ def test_a_signal_during_a_write_to_a_full_pipe_loses_nothing() -> None:
 
 def test_a_reader_that_goes_away_stops_the_writer_quietly() -> None:
     from bpfscope.runtime.collector import Collector, Config
+    from bpfscope.runtime.collector import Sample as BaseSample
     from bpfscope.runtime.session import SinkClosed
     from bpfscope.sinks.jsonl import JsonLinesSink
 
@@ -72,7 +73,7 @@ def test_a_reader_that_goes_away_stops_the_writer_quietly() -> None:
         def flush(self) -> None:
             pass
 
-    class Sample:
+    class Sample(BaseSample):
         def records(self):
             yield {"record": "x", "ts": 0.0}
 
