@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,12 +121,13 @@ def measure(
 
 
 def symbolisation_times(binary: str) -> dict[str, float]:
-    """Reading a binary's symbols and unwind table: from a cold cache, then from the cache."""
+    """Reading a binary's symbols and unwind table: from a cold cache, then from the cache. CPU time
+    (the machine's other work makes wall-clock times vary 2-3 fold from run to run)."""
     script = (
         "import sys, time\n"
         "from bpfscope.domains.profile.symbols import cached_binary, _unwind_table\n"
-        "t = time.perf_counter(); b = cached_binary(sys.argv[1]); u = _unwind_table(sys.argv[1])\n"
-        "print(time.perf_counter() - t, len(b.symbols))\n"
+        "t = time.process_time(); b = cached_binary(sys.argv[1]); u = _unwind_table(sys.argv[1])\n"
+        "print(time.process_time() - t, len(b.symbols))\n"
     )
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "BPFSCOPE_CACHE": cache}
@@ -222,9 +224,16 @@ def main() -> None:
             for proc in load:
                 proc.kill()
                 proc.wait()
-    symbols = {
-        path: symbolisation_times(path) for path in ("/lib/x86_64-linux-gnu/libc.so.6", "/usr/bin/python3.11")
-    }
+    # libc, the interpreter, and where installed a large Go binary (the Go toolchain's own, 10 MB: its
+    # .gopclntab) and a large C++ one (libLLVM, 105 MB).
+    go = shutil.which("go")
+    binaries = [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/bin/python3.11",
+        *([os.path.realpath(go)] if go else []),
+        *[p for p in ("/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1",) if os.path.exists(p)],
+    ]
+    symbols = {path: symbolisation_times(path) for path in binaries}
     if args.json:
         print(json.dumps({"cost": results, "symbolisation": symbols}, indent=2))
         return
