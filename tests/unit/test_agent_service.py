@@ -117,7 +117,8 @@ def test_a_failing_collector_restarts_with_back_off_the_others_go_on(fakes: dict
     assert 3 <= len(failed) <= 6, failed
     assert all(e[1] == "flaky" and "flaky broke" in e[2] for e in failed)
     assert "opened again in 0.2 s" in failed[0][2] and "opened again in 0.4 s" in failed[1][2]
-    assert Ticker.opened.count("flaky") == len(failed) + (Ticker.opened[-1] == "flaky")
+    # Opened once per failure, and once more unless the run ended between a failure and its reopening.
+    assert len(failed) <= Ticker.opened.count("flaky") <= len(failed) + 1
     # The steady one never missed a tick: one a second, numbered without a gap, the last partial.
     steady = ticks(store, "steady")
     assert [n for _, n in steady] == list(range(1, len(steady) + 1)) and len(steady) in (4, 5, 6)
