@@ -3,5 +3,5 @@ captured from socket calls (requests.bpf.c), parsed per protocol (protocols/) an
 tables (records.py)."""
 
 TOOLS = {
-    "requests": "Each request and its response: HTTP, DNS, PostgreSQL, MySQL, Redis; latency.",
+    "requests": "Each request and its response: HTTP, gRPC, DNS, PostgreSQL, Redis; latency.",
 }

@@ -1,5 +1,5 @@
 """bpfscope requests: every request a process sends or answers, paired with its response, as it
-completes: HTTP/1.x and HTTP/2 (gRPC), DNS, PostgreSQL, MySQL, Redis; plain or TLS (OpenSSL).
+completes: HTTP/1.x and HTTP/2 (gRPC), DNS, PostgreSQL, Redis; plain or TLS (OpenSSL).
 
 The kernel side (requests.bpf.c) captures the first bytes of every socket call of the selected tasks
 with their exact sizes and times; :class:`RequestsCollector` tracks connections, tells their protocol,

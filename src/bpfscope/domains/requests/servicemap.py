@@ -19,6 +19,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# A socket bound to any address (an unconnected UDP client's) is joined to its peer by ports alone.
+WILDCARDS = "('0.0.0.0', '::')"
+
 # Each table's failure: what counts in an edge's error rate.
 FAILED = {
     "http_events": "resp_status >= 400",
@@ -102,7 +105,11 @@ def build(store: Any, start: float, end: float) -> ServiceMap:
             "GROUP BY ALL ORDER BY 3 DESC, 2",
             window,
         ).fetchall()
-        sql = r + "SELECT pid, min(local_addr) FROM r WHERE trace_role = 'client' GROUP BY pid"
+        # (an unconnected UDP socket's own address is the wildcard: a resolver's client)
+        sql = r + (
+            f"SELECT pid, coalesce(min(local_addr) FILTER (WHERE local_addr NOT IN {WILDCARDS}), "
+            "min(local_addr)) FROM r WHERE trace_role = 'client' GROUP BY pid"
+        )
         calling = dict(con.execute(sql, window).fetchall())
         served: dict[int, list[str]] = defaultdict(list)
         for pid, endpoint, _ in listening:
@@ -128,14 +135,16 @@ def build(store: Any, start: float, end: float) -> ServiceMap:
                        coalesce(conns.cpid, 0) AS cpid, coalesce(conns.ccomm, '') AS ccomm,
                        s.remote_addr AS caddr, s.latency, s.failed, s.bytes
                 FROM s LEFT JOIN conns
-                ON conns.local_addr = s.remote_addr AND conns.local_port = s.remote_port
+                ON (conns.local_addr = s.remote_addr OR conns.local_addr IN {WILDCARDS})
+                   AND conns.local_port = s.remote_port
                    AND conns.remote_addr = s.local_addr AND conns.remote_port = s.local_port),
             called AS (
                 SELECT c.protocol, 0 AS spid, '' AS scomm, c.remote_addr AS saddr, c.remote_port AS sport,
                        c.pid AS cpid, c.comm AS ccomm, c.local_addr AS caddr, c.latency, c.failed, c.bytes
                 FROM c WHERE NOT EXISTS (
                     SELECT 1 FROM s WHERE s.local_addr = c.remote_addr AND s.local_port = c.remote_port
-                    AND s.remote_addr = c.local_addr AND s.remote_port = c.local_port))
+                    AND (s.remote_addr = c.local_addr OR c.local_addr IN {WILDCARDS})
+                    AND s.remote_port = c.local_port))
             SELECT e.protocol, e.scomm, coalesce(sp.place, ''), e.saddr, e.sport, e.ccomm,
                    coalesce(cp.place, ''), CASE WHEN e.cpid = 0 THEN e.caddr ELSE '' END,
                    min(e.spid), min(e.cpid), count(*), sum(e.failed::INT),
