@@ -163,6 +163,20 @@ def test_a_cxx_library_is_named_as_cxx_writes_it() -> None:
     assert table.lookup(int(table.starts[at])) == "std::thread::join()"
 
 
+def test_a_go_binary_is_known_by_its_go_build_id() -> None:
+    """The Go toolchain writes no GNU build-id: its own (as `go tool buildid` prints it) names and caches
+    a Go binary."""
+    import os
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain (./setup.sh test installs golang-go)")
+    binary = os.path.realpath(go)
+    truth = subprocess.run([go, "tool", "buildid", binary], capture_output=True, text=True, check=True)
+    assert read_binary(binary).build_id == truth.stdout.strip()
+
+
 def test_read_binary_counts_bad_files(tmp_path: Path) -> None:
     (tmp_path / "text").write_text("not an ELF")
     assert read_binary(str(tmp_path / "text")).error == "unreadable"

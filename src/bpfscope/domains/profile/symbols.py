@@ -310,14 +310,21 @@ def go_symbols(elf: object) -> list[tuple[int, int, str]]:
 
 
 def build_id_of(elf: object) -> str:
+    """The GNU build-id; else Go's own (``go tool buildid``'s text: the Go toolchain writes no GNU
+    one), so that a Go binary is cached too."""
     from elftools.elf.sections import NoteSection
 
+    go = ""
     for section in elf.iter_sections():  # type: ignore[attr-defined]
         if isinstance(section, NoteSection):
             for note in section.iter_notes():
                 if note["n_type"] == "NT_GNU_BUILD_ID":
                     return str(note["n_desc"])
-    return ""
+                # Owner "Go", type 4 (which pyelftools names as GNU's type 4).
+                if note["n_name"] == "Go" and note["n_type"] in (4, "NT_GNU_GOLD_VERSION"):
+                    desc = note["n_desc"]
+                    go = desc.decode(errors="replace") if isinstance(desc, bytes) else str(desc)
+    return go
 
 
 def _debuglink(elf: object) -> str | None:
@@ -330,7 +337,7 @@ def _debuglink(elf: object) -> str | None:
 
 def debug_file_candidates(path: str, build_id: str, debuglink: str | None) -> Iterator[Path]:
     """Where GDB looks for separate debug information, in its order."""
-    if len(build_id) > 2:
+    if len(build_id) > 2 and all(c in "0123456789abcdef" for c in build_id):  # a GNU build-id
         yield DEBUG_DIR / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
     if debuglink:
         directory = Path(path).parent
@@ -398,7 +405,8 @@ def cached_binary(path: str, opened: str | None = None) -> Binary:
     """:func:`read_binary`, through the cache by build-id: a binary is read once per machine (python3.11's
     symbols take about a second to read, a few milliseconds to load)."""
     build_id = peek_build_id(opened or path)
-    cached = CACHE_DIR / "symbols" / f"{build_id}.npz" if build_id else None
+    # Go's build ids have slashes.
+    cached = CACHE_DIR / "symbols" / f"{build_id.replace('/', '_')}.npz" if build_id else None
     if cached is not None:
         binary = _load_symbols(cached, path, build_id)
         if binary is not None:
