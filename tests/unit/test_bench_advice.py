@@ -1,0 +1,95 @@
+"""bench's advice on made-up trees: each lever removes only its share of the p99 band, the best gain per
+price comes first, the shipped prices carry their source and date and a user's table overrides them, and
+the tree's averages add up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bpfscope.domains.bench import advice, tree
+from bpfscope.errors import BpfscopeError
+
+
+def band(**lines: float) -> tree.Node:
+    """A p99 band of one database under a client: 100 ms end to end, the database's own lines (ms)."""
+    top = tree.Node("end-to-end", "client", 1, 100e6)
+    db = top.child("db", "per request")
+    db.calls, db.time_ns = 1, 100e6
+    db.lines = {k: v * 1e6 for k, v in lines.items()}
+    return top
+
+
+def test_shipped_prices_have_source_date_and_every_lever() -> None:
+    prices = advice.load_prices()
+    assert prices.source.startswith("AWS") and prices.date and prices.currency == "USD"
+    assert set(prices.levers) == set(advice.LEVERS)
+    # The RAM step is the memory-optimised against general-purpose difference: $0.030/h for 8 GiB.
+    assert prices.levers["ram"].step_price == pytest.approx(0.030 * 730)
+
+
+def test_a_table_overrides_lever_by_lever(tmp_path: Path) -> None:
+    table = tmp_path / "prices.json"
+    table.write_text(json.dumps({"source": "our contract", "levers": {"cpu": {"monthly_per_unit": 10}}}))
+    prices = advice.load_prices(str(table))
+    assert prices.source == "our contract" and prices.levers["cpu"].monthly_per_unit == 10
+    assert prices.levers["ram"] == advice.load_prices().levers["ram"]
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("[1]", "a price table is a JSON object"),
+        ("{", "is not JSON"),
+        ('{"levers": {"gpu": {}}}', "levers are ram, iops, cpu"),
+        ('{"nonsense": 1}', "unknown key 'nonsense'"),
+        ('{"levers": {"iops": {"step": 0}}}', "step must be a number above 0"),
+    ],
+)
+def test_a_bad_table_is_one_error(content: str, words: str, tmp_path: Path) -> None:
+    table = tmp_path / "prices.json"
+    table.write_text(content)
+    with pytest.raises(BpfscopeError, match=words):
+        advice.load_prices(str(table))
+
+
+def test_disk_reads_that_re_read_are_ram_and_cpu_buys_nothing() -> None:
+    use = advice.Usage(reads=1000, rereads=800, read_blocks_bytes=100 << 20, cpu_s=1.0)
+    verdict = advice.advise(band(disk_read=90, cpu=5, runqueue=1), {"db": use}, advice.load_prices(), 10, 2)
+    assert [(a.lever, a.component) for a in verdict.advice] == [("ram", "db")]
+    assert verdict.advice[0].gain_ns == pytest.approx(0.8 * 90e6)  # only the re-reads
+    assert verdict.advice[0].amount == 8  # the smallest step that holds 100 MiB
+    assert "cpu" in {a.lever for a in verdict.considered}  # considered, not worth 5% of the band
+    assert verdict.bottleneck.startswith("disk (90%")
+
+
+def test_run_queue_is_cpu() -> None:
+    verdict = advice.advise(
+        band(runqueue=70, cpu=25), {"db": advice.Usage(cpu_s=19)}, advice.load_prices(), 10, 2
+    )
+    assert [a.lever for a in verdict.advice] == ["cpu"]
+    assert verdict.bottleneck.startswith("CPU")
+    assert "more CPU for db (95% of its 2 CPUs busy)" in verdict.graphs
+
+
+def test_iops_only_at_the_cap() -> None:
+    """At the cap, or queued under it: IOPS removes the queueing; below it, on the device: nothing."""
+    prices = advice.load_prices()
+    wait = int(10e9)
+    for reads, device_ns, levers in ((9000, 5e9, ["iops"]), (2000, 1e9, ["iops"]), (2000, 9e9, [])):
+        use = advice.Usage(reads=reads, device_ns=int(device_ns), disk_wait_ns=wait, read_iops_cap=1000)
+        verdict = advice.advise(band(disk_read=90), {"db": use}, prices, 10, 2)
+        assert [a.lever for a in verdict.advice] == levers, (reads, device_ns)
+        if levers:
+            assert verdict.advice[0].gain_ns == pytest.approx(90e6 * (1 - device_ns / wait))
+
+
+def test_an_average_adds_up() -> None:
+    a, b = band(disk_read=90, cpu=10), band(cpu=50, runqueue=50)
+    mean = tree.average([a, b])
+    db = mean.find("db")
+    assert db is not None and db.time_ns == pytest.approx(100e6)
+    assert db.lines == pytest.approx({"disk_read": 45e6, "cpu": 30e6, "runqueue": 25e6})
+    assert tree.quantile([5, 1, 4, 2, 3], 0.5) == 3 and tree.quantile([5, 1, 4, 2, 3], 0.99) == 5
