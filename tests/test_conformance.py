@@ -59,6 +59,7 @@ JSON_RUNS: dict[str, list[list[str]]] = {
     "agent": [["--duration", "4", "--listen", "127.0.0.1:0", "--store", "/var/tmp/bpfscope-conformance"]],
     "query": [["--tables", "--store", "/var/tmp"]],
     "tsa": [["1", "2"], ["--by", "cgroup", "--percent", "1", "2"]],
+    "bench": [["--duration", "2"]],
 }
 # Tools whose runs end by themselves (no interval or Ctrl-C to wait for).
 ONE_SHOT = {"fincore", "doctor", "query"}
@@ -86,6 +87,7 @@ MUST_REPORT = {
     "offcputime",
     "agent",
     "tsa",
+    "bench",
 }
 
 WORKLOAD = textwrap.dedent(
