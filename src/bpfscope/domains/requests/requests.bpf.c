@@ -28,6 +28,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "bpfscope.bpf.h"
+#include "taskset.bpf.h" /* bench: only its components' and workload's tasks */
 #include "../net/net.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -259,7 +260,7 @@ static __always_inline int call_enter(int fd, enum bs_req_args args, enum bs_req
 	__u32 tid = bpf_get_current_pid_tgid();
 	struct req_call call = {};
 
-	if (!bs_task_selected())
+	if (!bs_task_selected() || !bs_current_in_set())
 		return 0;
 	call.start_ns = bpf_ktime_get_ns();
 	call.fd = fd;
@@ -728,7 +729,7 @@ static __always_inline int ssl_enter(void *ssl, void *buf, void *done_ptr, enum 
 	__u32 tid = bpf_get_current_pid_tgid();
 	struct ssl_call call = {};
 
-	if (!bs_task_selected())
+	if (!bs_task_selected() || !bs_current_in_set())
 		return 0;
 	call.ssl = (__u64)ssl;
 	call.buf = (__u64)buf;
