@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ COLLECTORS = ("health", "profile", "offcpu", "security", "requests")
 
 def start_agent(
     store: Path, only: list[str] | None = None, unwind: str | None = None
-) -> tuple[subprocess.Popen[str], str]:
+) -> tuple[subprocess.Popen[str], str, list[str]]:
     """The agent with every default (everything on), or with ``only`` these collectors."""
     config = store.parent / "agent.yaml"
     text = f"listen: 127.0.0.1:0\nstore: {{path: {store}}}\n"
@@ -114,7 +115,10 @@ def start_agent(
     if not match:
         proc.kill()
         sys.exit(f"the agent did not start: {line}")
-    return proc, match.group(1)
+    # Read all along: over a soak, a pipe nobody reads would fill and stop the agent.
+    stderr: list[str] = []
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    return proc, match.group(1), stderr
 
 
 def page_loads(address: str, rounds: int = 5) -> dict[str, float]:
@@ -172,7 +176,7 @@ def run(
         )
         stack.callback(lambda: client.poll() is None and os.killpg(client.pid, signal.SIGKILL))
         store = Path(tmp) / "store"
-        agent, address = start_agent(store, only, unwind)
+        agent, address, stderr = start_agent(store, only, unwind)
         stack.callback(lambda: agent.poll() is None and agent.kill())
         time.sleep(warmup)
         cpu0, bpf0, t0, size0 = (
@@ -225,8 +229,11 @@ def run(
         }
         results["ui_page_load_ms"] = page_loads(address)
         agent.send_signal(signal.SIGTERM)
-        _, err = agent.communicate(timeout=120)
-        results["summary"] = err.strip().splitlines()[-1]
+        began = time.monotonic()
+        agent.wait(timeout=600)
+        results["stop_s"] = round(time.monotonic() - began, 1)
+        time.sleep(0.5)  # the reader's last lines
+        results["summary"] = "".join(stderr).strip().splitlines()[-1]
         lost = Store(store).query(
             'SELECT collector, max(lost), max(failures) FROM "agent.collector" GROUP BY collector ORDER BY 1'
         )
