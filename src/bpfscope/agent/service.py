@@ -132,6 +132,7 @@ class Sinks(Sink):
             sink.error(collector, exc, retry_in_s)
 
     def finish(self, collector: Collector, losses: Losses, elapsed_s: float) -> None:
+        self.agent.final_losses[collector.name] = losses.total
         for sink in self.sinks:
             sink.finish(collector, losses, elapsed_s)
 
@@ -157,6 +158,8 @@ class Agent:
         self.json_out = json_out
         self.failures: dict[str, int] = {}
         self.errors: dict[str, str] = {}
+        # Each collector's losses when its run ended: once closed, a BPF collector has no counters left.
+        self.final_losses: dict[str, int] = {}
         self.unavailable: dict[str, str] = {}
         self.collectors: dict[str, Collector] = {}
         self.writer: StoreWriter | None = None
@@ -185,7 +188,7 @@ class Agent:
         parts = [f"{self.writer.rows_written} records stored in {self.writer.files_written} files"]
         for name, collector in self.collectors.items():
             failures = self.failures.get(name, 0)
-            lost = collector.losses().total if self.session is not None else 0
+            lost = self.final_losses.get(collector.name, 0)
             parts.append(f"{name} {failures} failures, {lost} lost")
         return "; ".join(parts)
 
