@@ -57,7 +57,7 @@ def test_service_map_of_the_mesh(mesh: tuple, tmp_path: Path) -> None:
     logs.mkdir()
     logs.chmod(0o777)
     ports = [arg for port in m.PORTS.values() for arg in ("--port", str(port))]
-    with Traced("--store", str(store), *ports) as traced:
+    with Traced("--store", str(store), "--no-tls", *ports) as traced:
         start = time.time()
         db = m.pgbench(
             "-S", "-c", "2", "-R", str(DB_RATE), "-T", str(SECONDS), "--log", f"--log-prefix={logs}/pgb"
