@@ -151,14 +151,16 @@ class RingBuffer:
             struct.pack_into("<I", out, start + event_size, len(record))
         return np.frombuffer(out, dtype=self._var_dtype, count=len(records))
 
-    def read_sized(self) -> list[bytes]:
+    def read_sized(self, limit: int | None = None) -> list[bytes]:
         """A variable-length ring's records as sent, each at its own length (not padded to the struct:
-        records of a few hundred bytes in a ring whose struct holds kilobytes of payload); never blocks."""
+        records of a few hundred bytes in a ring whose struct holds kilobytes of payload); never blocks.
+        At most ``limit`` records (the rest stay for the next read): a consumer that turns each record
+        into many objects keeps its memory bounded however full the ring got."""
         cons = int(self._consumer_pos[0])
         prod = int(self._producer_pos[0])
         event_size = self.event.size
         records: list[bytes] = []
-        while cons < prod:
+        while cons < prod and (limit is None or len(records) < limit):
             offset = self._page + (cons & self._mask)
             (header,) = struct.unpack_from("<I", self._data, offset)
             if header & _BUSY:
