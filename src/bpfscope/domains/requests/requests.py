@@ -61,6 +61,12 @@ def libssl_paths() -> list[str]:
     return sorted(p for p in found if Path(p).exists())
 
 
+# Calls read from the ring per drain: a batch becomes several Python objects per call, so a ring that
+# filled while the tracer was busy (32 MiB: about 100k calls) would otherwise be held at once (hundreds of
+# MB), and take long enough to parse that the ring fills again behind it.
+DRAIN_RECORDS = 4096
+
+
 @dataclass(kw_only=True)
 class RequestsConfig(Config):
     protocols: frozenset[str] | None = None  # None: every protocol
@@ -142,7 +148,7 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
             skips.delete(key)
 
     def drain(self) -> RequestBatch | None:
-        raw = self.rings["events"].read_sized()
+        raw = self.rings["events"].read_sized(DRAIN_RECORDS)
         if not raw:
             return None
         pairs = self.tracker.feed(raw)
