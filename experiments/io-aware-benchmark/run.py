@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""I/O-aware benchmarking, end to end: five components on this machine, each in a cgroup of its own,
+under an open-loop load, measured by `bpfscope bench`; two scenarios whose bottlenecks differ.
+
+    client (load.py) -> gateway (nginx) -> sidecar (haproxy) -> app (app.py, a thread per request)
+                                                                  -> database (PostgreSQL)
+                                                                  -> messaging (Redis, AOF fsync always)
+
+- disk: the database with too little RAM for its data (64 MB for 160 MB) on a volume capped at 100 read
+  IOPS. Expected: the database is the largest part of the p99 band, mostly disk reads; the advice is a
+  disk lever (RAM or IOPS), never CPU; --verify raises that limit and measures the p99 again.
+- cpu: the database warm and unlimited, the app spending 6 ms of CPU per request under a CPU quota of
+  half a CPU. Expected: the app's run-queue time is the largest part, and the advice is CPU.
+
+    .venv/bin/python experiments/io-aware-benchmark/run.py [--short] [--json]
+
+--short (CI) runs each scenario for a few seconds at a lower rate; the checks are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import rig
+
+from bpfscope.domains.bench.limits import disk_of
+from bpfscope.domains.bench.tree import quantile
+
+WORK = Path("/var/tmp/bpfscope-io-aware")
+SCALE = 10
+READ_IOPS = 100  # a small volume's cap: the load needs about 60 reads a second at 30 requests
+NGINX = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx.err;
+daemon off;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    upstream sidecar {{ server 127.0.0.1:{sidecar}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://sidecar;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+HAPROXY = """
+global
+    maxconn 1024
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+frontend in
+    bind 127.0.0.1:{port}
+    default_backend app
+backend app
+    http-reuse always
+    server app 127.0.0.1:{app}
+"""
+
+
+class System:
+    """The five components, started in their cgroups; torn down on exit."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.stack = contextlib.ExitStack()
+        self.groups = {name: rig.Group(name) for name in ("gw", "sidecar", "app", "db", "mq")}
+        for g in self.groups.values():
+            self.stack.callback(g.close)
+
+    def start(self, work_ms: float) -> None:
+        self.db = rig.Postgres(self.work / "pg", self.groups["db"], shared_buffers="16MB")
+        self.db.start()
+        self.stack.callback(self.db.stop)
+        self.db.pgbench_init(SCALE)
+        self.db.sql("ALTER SYSTEM SET autovacuum = off")
+        self.db.sql("SELECT pg_reload_conf()")
+        mq_port, app_port, sidecar_port, self.port = (rig.free_port() for _ in range(4))
+        mq_dir = self.work / "redis"
+        mq_dir.mkdir(parents=True, exist_ok=True)
+        redis = ["redis-server", "--port", str(mq_port), "--bind", "127.0.0.1", "--dir", str(mq_dir),
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", ""]  # fmt: skip
+        self.stack.enter_context(rig.started(redis, self.groups["mq"], ready=None))
+        rig.wait_port("127.0.0.1", mq_port)
+        app = rig.app_command(app_port, self.db.dsn, f"127.0.0.1:{mq_port}", work_ms)
+        self.stack.enter_context(rig.started(app, self.groups["app"]))
+        conf = self.work / "haproxy.cfg"
+        conf.write_text(HAPROXY.format(port=sidecar_port, app=app_port))
+        self.stack.enter_context(
+            rig.started(["haproxy", "-f", str(conf)], self.groups["sidecar"], ready=None)
+        )
+        rig.wait_port("127.0.0.1", sidecar_port)
+        conf = self.work / "nginx.conf"
+        conf.write_text(NGINX.format(dir=self.work, port=self.port, sidecar=sidecar_port))
+        self.stack.enter_context(rig.started(["nginx", "-c", str(conf)], self.groups["gw"], ready=None))
+        rig.wait_port("127.0.0.1", self.port)
+
+    def components(self) -> str:
+        return ",".join(f"{name}=cgroup:{g.cgroup2}" for name, g in self.groups.items())
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def bench(system: System, rate: float, seconds: float, log: Path, verify: bool) -> list[dict[str, Any]]:
+    # Keys over the whole table (1M rows, 130 MB): more than the database's RAM holds.
+    load = rig.load_command("127.0.0.1", system.port, rate, seconds, SCALE * 100_000, log)
+    cmd = [sys.executable, "-m", "bpfscope", "bench", "--json", "--entry", "gw", "--components",
+           system.components(), *(["--verify"] if verify else []), "--", *load]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench failed: {result.stderr.strip()[-2000:]}")
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
+    """What a scenario showed, and the load generator's own p50/p99 beside bench's."""
+    summ = next(r for r in records if r["record"] == "bench.summary")
+    nodes = [r for r in records if r["record"] == "bench.node" and r["band"] == "p99"]
+    advice = [r for r in records if r["record"] == "bench.advice" and r["advised"]]
+    verified = next((r for r in records if r["record"] == "bench.verify"), None)
+    logged = [ns / 1e6 for ns in rig.read_load_log(log)]
+    lines = ("cpu_ms", "runqueue_ms", "disk_read_ms", "disk_write_ms", "lock_ms", "net_ms", "other_ms")
+    return {
+        "requests": summ["requests"],
+        "client_requests": len(logged),
+        "p50_ms": summ["p50_ms"],
+        "client_p50_ms": round(quantile(logged, 0.5), 3),
+        "p99_ms": summ["p99_ms"],
+        "client_p99_ms": round(quantile(logged, 0.99), 3),
+        "bottleneck": summ["bottleneck"],
+        "graphs_would_buy": summ["graphs_would_buy"],
+        "tree": [
+            {
+                "path": n["path"],
+                "time_ms": n["time_ms"],
+                "network_ms": n["network_ms"],
+                "residual_ms": n["residual_ms"],
+                **{k: n[k] for k in lines},
+            }
+            for n in nodes
+        ],
+        "advice": [
+            {k: a[k] for k in ("lever", "component", "amount", "unit", "monthly", "gain_ms")} for a in advice
+        ],
+        "verify": verified,
+        # The replay's own log (load.py writes a second run's beside the first's).
+        "verify_client_p99_ms": round(quantile([ns / 1e6 for ns in rig.read_load_log(replay)], 0.99), 3)
+        if (replay := Path(f"{log}.1")).exists()
+        else None,
+    }
+
+
+@contextlib.contextmanager
+def scenario(work: Path, work_ms: float) -> Iterator[System]:
+    system = System(work)
+    try:
+        system.start(work_ms)
+        yield system
+    finally:
+        system.close()
+
+
+def run(short: bool) -> dict[str, Any]:
+    rate, seconds = (30.0, 6.0) if short else (30.0, 30.0)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        with scenario(WORK, 0.0) as system:
+            db = system.groups["db"].limits
+            disk = disk_of(WORK)
+            db.set_memory_bytes(64 << 20)
+            db.set_read_iops(disk, READ_IOPS)
+            system.db.evict()
+            log = Path(tmp) / "disk.log"
+            out["disk"] = summary(bench(system, rate, seconds, log, verify=True), log)
+        with scenario(WORK, 6.0) as system:
+            system.groups["app"].limits.set_cpus(0.5)
+            system.db.sql("SELECT count(*) FROM pgbench_accounts")  # warm
+            log = Path(tmp) / "cpu.log"
+            out["cpu"] = summary(bench(system, rate, seconds, log, verify=False), log)
+    return out
+
+
+def show(result: dict[str, Any]) -> None:
+    for name, s in result.items():
+        print(f"\n== scenario {name}: {s['requests']} requests (client: {s['client_requests']})")
+        print(f"p50 {s['p50_ms']} ms (client {s['client_p50_ms']}), p99 {s['p99_ms']} ms ", end="")
+        print(f"(client {s['client_p99_ms']})")
+        heads = ("ms", "cpu", "runq", "dread", "dwrite", "net", "resid")
+        print(f"{'p99 band':28} {heads[0]:>8}" + "".join(f" {h:>7}" for h in heads[1:]))
+        for n in s["tree"]:
+            print(
+                f"{n['path']:28} {n['time_ms']:8.2f} {n['cpu_ms']:7.2f} {n['runqueue_ms']:7.2f} "
+                f"{n['disk_read_ms']:7.2f} {n['disk_write_ms']:7.2f} {n['network_ms']:7.2f} "
+                f"{n['residual_ms']:7.2f}"
+            )
+        print(f"bottleneck: {s['bottleneck']}")
+        for a in s["advice"]:
+            print(f"advice: {a['lever']} for {a['component']}: {a['amount']:g} {a['unit']}, "
+                  f"{a['monthly']:.2f}/month, p99 -{a['gain_ms']} ms")  # fmt: skip
+        print(f"CPU and RAM graphs alone would buy: {s['graphs_would_buy']}")
+        if s["verify"]:
+            v = s["verify"]
+            verdict = "confirmed" if v["confirmed"] else "withdrawn"
+            print(
+                f"verify: {v['limit']}: p99 {v['before_p99_ms']} -> predicted {v['predicted_p99_ms']}, ",
+                end="",
+            )
+            print(f"measured {v['measured_p99_ms']} ms (client {s['verify_client_p99_ms']}): {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--short", action="store_true", help="a few seconds per scenario (CI)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = run(args.short)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        show(result)
+
+
+if __name__ == "__main__":
+    main()

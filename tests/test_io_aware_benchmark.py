@@ -1,0 +1,71 @@
+"""experiments/io-aware-benchmark in its short mode: five components under an open-loop load, measured
+by bpfscope bench. The truths: the load generator's own log (every request counted, p50/p99 within 2%),
+closure (residuals under 1%), and advice that follows the bottleneck: a disk lever for the database in
+the disk scenario (replayed by --verify, measured against the replay's own log), CPU for the app when
+its CPU quota holds it back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "io-aware-benchmark" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def result() -> dict[str, Any]:
+    run = subprocess.run(
+        [sys.executable, str(EXPERIMENT), "--short", "--json"], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["disk", "cpu"])
+def test_end_to_end_as_the_client_logged_it(result: dict[str, Any], name: str) -> None:
+    s = result[name]
+    assert s["requests"] == s["client_requests"] > 0, s
+    for key in ("p50_ms", "p99_ms"):
+        truth = s[f"client_{key}"]
+        assert abs(s[key] - truth) <= 0.02 * truth, (name, key, s[key], truth)
+    for node in s["tree"]:
+        assert abs(node["residual_ms"]) <= 0.01 * node["time_ms"] + 0.001, node
+    paths = {n["path"] for n in s["tree"]}
+    # Every component joined below the gateway: the tree is the whole path.
+    assert {"end-to-end/gw/sidecar/app/db", "end-to-end/gw/sidecar/app/mq"} <= paths, paths
+
+
+def test_disk_scenario(result: dict[str, Any]) -> None:
+    s = result["disk"]
+    nodes = {n["path"].rsplit("/", 1)[-1]: n for n in s["tree"]}
+    below_app = [n for n in s["tree"] if n["path"].startswith("end-to-end/gw/sidecar/app/")]
+    db = nodes["db"]
+    assert db == max(below_app, key=lambda n: n["time_ms"])
+    assert db["disk_read_ms"] == max(
+        db[k] for k in ("cpu_ms", "runqueue_ms", "disk_read_ms", "disk_write_ms")
+    )
+    # (Not the bottleneck's words: the short mode's p99 band is two requests, and one slow hop elsewhere
+    # in one of them can outweigh the database's reads in the sum over the path.)
+    first = s["advice"][0]
+    assert first["component"] == "db" and first["lever"] in ("ram", "iops"), s["advice"]
+    v = s["verify"]
+    assert v is not None and v["lever"] == first["lever"], v
+    # Raising the cap 31-fold shortens a disk-bound tail (whether by half the predicted gain, so that
+    # the advice is confirmed, depends on what else the machine runs: the run's own words say).
+    assert v["measured_p99_ms"] < v["before_p99_ms"], v
+    # The replay's p99 as bench measured it, against the load generator's log of the replay.
+    assert abs(v["measured_p99_ms"] - s["verify_client_p99_ms"]) <= 0.02 * s["verify_client_p99_ms"], v
+
+
+def test_cpu_scenario(result: dict[str, Any]) -> None:
+    s = result["cpu"]
+    first = s["advice"][0]
+    assert (first["lever"], first["component"]) == ("cpu", "app"), s["advice"]
+    app = next(n for n in s["tree"] if n["path"].endswith("/app"))
+    assert app["runqueue_ms"] > app["disk_read_ms"] + app["cpu_ms"], app
+    # (The bottleneck's words may say network: the app's throttled accept shows as the sidecar's hop.)
