@@ -104,6 +104,16 @@ def test_ring_keeps_every_event_when_read_in_time(engine_obj: Path) -> None:
         assert got == 100_000 and obj.dropped() == 0
 
 
+def test_pending_counts_what_a_read_would_take(engine_obj: Path) -> None:
+    with BpfObject(engine_obj, rodata={"bs_targ_tgid": os.getpid(), "burst": 300}) as obj:
+        obj.attach()
+        ring = obj.ring_buffer("events")
+        for _ in range(3):
+            os.getppid()
+        assert ring.pending() == 900 and ring.pending() == 900  # counted, not consumed
+        assert len(ring.read()) == 900 and ring.pending() == 0
+
+
 def test_kernel_histograms_match_user_space(attached: BpfObject) -> None:
     """Values recorded by the BPF side land in the same slots Python computes, and the percentiles
     agree with numpy's on the same samples within the log-linear bucket error."""

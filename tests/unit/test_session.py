@@ -258,3 +258,35 @@ def test_a_closed_output_stops_the_session_quietly() -> None:
     # Well before the duration: the first sample's closed output ended the run.
     assert time.monotonic() - began < 4.0 and session.stop_token.reason == "output closed"
     assert counter.closed == 1
+
+
+def test_a_ring_refilled_as_fast_as_it_is_read_does_not_hold_up_the_stop() -> None:
+    class Endless(Collector[Config]):
+        """A ring that always has more: what the final drain leaves is counted, not dropped silently."""
+
+        name = "endless"
+
+        def __init__(self) -> None:
+            super().__init__(Config())
+            self.read_fd, self.write_fd = os.pipe()
+            os.write(self.write_fd, b"x")
+
+        def fds(self) -> list[int]:
+            return [self.read_fd]
+
+        def drain(self) -> Bytes:
+            return Bytes(time.time(), b"x")
+
+        def unread(self) -> int:
+            return 42
+
+        def close(self) -> None:
+            for fd in (self.read_fd, self.write_fd):
+                os.close(fd)
+
+    sink = MemorySink()
+    session = Session([Endless()], [sink], duration=60.0)
+    threading.Timer(0.2, session.stop).start()
+    session.run()
+    assert sink.losses["endless"]["unread_at_stop"] == 42
+    assert len(sink.samples["endless"]) > 1

@@ -151,6 +151,19 @@ class RingBuffer:
             struct.pack_into("<I", out, start + event_size, len(record))
         return np.frombuffer(out, dtype=self._var_dtype, count=len(records))
 
+    def pending(self) -> int:
+        """Records committed and not read yet (counted, not consumed): what a stop leaves behind."""
+        cons = int(self._consumer_pos[0])
+        prod = int(self._producer_pos[0])
+        count = 0
+        while cons < prod:
+            (header,) = struct.unpack_from("<I", self._data, self._page + (cons & self._mask))
+            if header & _BUSY:
+                break
+            count += not header & _DISCARD
+            cons += (_HEADER + (header & ~(_BUSY | _DISCARD)) + 7) & ~7
+        return count
+
     def read_sized(self, limit: int | None = None) -> list[bytes]:
         """A variable-length ring's records as sent, each at its own length (not padded to the struct:
         records of a few hundred bytes in a ring whose struct holds kilobytes of payload); never blocks.

@@ -137,6 +137,11 @@ class Collector(Generic[C]):
     def losses(self) -> Losses:
         return Losses()
 
+    def unread(self) -> int:
+        """Stream collectors: records their rings hold that were not read (asked at the end of a run,
+        when a stop cut the final drain short: they are reported as lost, never dropped silently)."""
+        return 0
+
     def done(self) -> bool:
         """Whether the collector has nothing more to give (a program it runs has exited): a session
         whose collectors are all done ends."""
@@ -233,6 +238,9 @@ class BpfCollector(Collector[C]):
 
     def fds(self) -> list[int]:
         return [ring.fileno() for ring in self.rings.values()]
+
+    def unread(self) -> int:
+        return sum(ring.pending() for ring in self.rings.values())
 
     def losses(self) -> Losses:
         if self.obj is None:

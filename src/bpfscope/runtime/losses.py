@@ -9,6 +9,8 @@ them from the object itself:
   CPU (each program's ``recursion_misses``);
 - ``map_full``: every ``.bss`` counter named ``*_dropped`` (by convention: things a full map could not
   hold, counted by ``bs_insert``);
+- ``unread_at_stop``: records still in a ring when a stop ended the final drain (a ring refilled as
+  fast as it is read is not read forever: the session reads for a bounded time, then counts the rest);
 - and counters a collector names itself (requests whose completion was never seen, ...).
 """
 
@@ -28,6 +30,7 @@ RECURSION = "recursion"
 MAP_FULL = "map_full"
 UNSEEN = "unseen"
 MALFORMED = "malformed"
+UNREAD_AT_STOP = "unread_at_stop"
 
 # Shown even at zero: a reader should see that these were counted and none was lost.
 ALWAYS_SHOWN = (RING_FULL, RECURSION)

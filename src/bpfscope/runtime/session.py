@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from bpfscope.runtime.losses import Losses
+from bpfscope.runtime.losses import UNREAD_AT_STOP, Loss, Losses
 
 if TYPE_CHECKING:
     from bpfscope.runtime.collector import Collector, Sample
@@ -49,10 +49,10 @@ _SLACK_S = 1e-3
 # request tracer under a 50 MB/s load) must still leave the loop to its timers. The rest is read on the
 # next turn: its descriptor stays readable, so the wait returns at once.
 MAX_BATCHES_PER_TURN = 8
-# Batches read from one collector by drain() (a stop, a removal): a read takes every record committed
-# when it starts, up to one still being written; the second read takes those behind it. More would be
-# records that came after the stop, read as long as a busy producer keeps refilling the ring.
-DRAIN_BATCHES = 2
+# How long drain() (a stop, a removal) reads one collector's rings: to their end when it can, but a ring
+# refilled as fast as it is read (the request tracer under load) must not keep a stop from ending. What
+# is left is counted by the collector (unread()) and reported as lost at the end of the run.
+DRAIN_SECONDS = 0.5
 
 
 class StopToken:
@@ -228,8 +228,8 @@ class Session:
         emitted = 0
         for slot in self.slots:
             if slot.open and slot.collector.fds():
-                # Bounded: a ring refilled as fast as it is read would keep a stop from ever ending.
-                for _ in range(DRAIN_BATCHES):
+                deadline = time.monotonic() + DRAIN_SECONDS
+                while time.monotonic() < deadline:
                     batch = self._guard(slot, slot.collector.drain)
                     if batch is None or batch is _FAILED:
                         break
@@ -334,8 +334,12 @@ class Session:
                 self._sample(slot)
         for slot in self.slots:
             losses = self._guard(slot, slot.collector.losses) if slot.open else Losses()
+            losses = losses if isinstance(losses, Losses) else Losses()
+            unread = slot.collector.unread() if slot.open else 0
+            if unread:
+                losses += Losses([Loss(UNREAD_AT_STOP, unread, "records left in a ring at the stop")])
             for sink in self.sinks:
-                sink.finish(slot.collector, losses if isinstance(losses, Losses) else Losses(), elapsed)
+                sink.finish(slot.collector, losses, elapsed)
 
     def close(self) -> None:
         if self._closed:
