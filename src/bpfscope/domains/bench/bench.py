@@ -756,20 +756,20 @@ def _change(lever: str, amount: float, limits: Limits, disk: str | None) -> tupl
     if lever == "ram":
         before = limits.memory_bytes() if limits.memory is not None else None
         if before is None:
-            raise BpfscopeError("--verify: the component has no memory limit to raise")
+            raise BpfscopeError("no memory limit to raise")
         after = before + int(amount * 2**30)
         words = f"memory limit {before >> 20} -> {after >> 20} MiB"
         return words, lambda: limits.set_memory_bytes(after), lambda: limits.set_memory_bytes(before)
     if lever == "iops":
         cap = limits.read_iops(disk) if disk and limits.io is not None else None
         if cap is None or disk is None:
-            raise BpfscopeError("--verify: the component has no read IOPS cap to raise")
+            raise BpfscopeError("no read IOPS cap to raise")
         raised = cap + int(amount)
         words = f"read IOPS cap on {disk} {cap} -> {raised}"
         return words, lambda: limits.set_read_iops(disk, raised), lambda: limits.set_read_iops(disk, cap)
     cpus = limits.cpus() if limits.cpu is not None else None
     if cpus is None:
-        raise BpfscopeError("--verify: the component has no CPU quota to raise")
+        raise BpfscopeError("no CPU quota to raise")
     more = cpus + amount
     words = f"CPU quota {cpus:g} -> {more:g} CPUs"
     return words, lambda: limits.set_cpus(more), lambda: limits.set_cpus(cpus)
@@ -779,11 +779,21 @@ def _verify(run: Run, config: BenchConfig, workload: Sequence[str], stop: Any, r
     if not report.verdict.advice:
         note("--verify: no advice to verify")
         return
-    best = report.verdict.advice[0]
-    use = report.usage.get(best.component, advice.Usage())
-    if use.pid is None:
-        raise BpfscopeError(f"--verify: no process of {best.component} to find its cgroups")
-    words, apply, undo = _change(best.lever, best.amount, Limits.of_pid(use.pid), use.disk)
+    # The first advice whose change a cgroup limit can emulate (a limit the component runs under).
+    change, reasons = None, []
+    for best in report.verdict.advice:
+        use = report.usage.get(best.component, advice.Usage())
+        try:
+            if use.pid is None:
+                raise BpfscopeError(f"no process of {best.component} to find its cgroups")
+            change = _change(best.lever, best.amount, Limits.of_pid(use.pid), use.disk)
+            break
+        except BpfscopeError as exc:
+            reasons.append(f"{best.lever} for {best.component}: {exc}")
+    if change is None:
+        note(f"--verify: no advice can be emulated ({'; '.join(reasons)})")
+        return
+    words, apply, undo = change
     note(f"Verifying: {words}, the workload again...")
     apply()
     try:
