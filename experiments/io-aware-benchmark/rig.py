@@ -1,8 +1,9 @@
-"""The system under test, piece by piece: cgroups, PostgreSQL, the servers, the app and the load, each
-server in a cgroup of its own. run.py builds the whole system from these; bpfscope's bench tests and
-the tsa benchmark use parts of it.
+"""The system under test, piece by piece: cgroups, a delayed network, PostgreSQL, the servers, the app
+and the load, each server in a cgroup of its own. run.py builds the whole system from these; bpfscope's
+bench tests and the tsa benchmark use parts of it.
 
-Names (cgroups) carry this process's id, so that two runs on one machine do not meet.
+Names (cgroups, network namespaces, links, subnets) carry this process's id, so that two runs on one
+machine do not meet.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from bpfscope.domains.bench.limits import Limits, controllers
 HERE = Path(__file__).resolve().parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 TAG = f"iab{os.getpid() % 100000}"
+# A /24 of 10.77.0.0/16 per run: root <-> wan link, and wan <-> far link.
+_SUBNET = (os.getpid() % 60) * 4
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -104,6 +107,100 @@ class Group:
                     time.sleep(0.05)
             with contextlib.suppress(OSError):
                 d.parent.rmdir()  # the run's directory, once its last group is gone
+
+
+class DelayedNetwork:
+    """A namespace ``far`` reached from this one through a namespace ``wan`` whose relay (relay.py)
+    holds every packet ``delay_ms`` in each direction: a known network delay on that hop.
+
+        this netns  <veth>  wan netns (relay)  <veth>  far netns
+        10.77.K.1           10.77.K.2  10.77.K+1.1     10.77.K+1.2
+    """
+
+    def __init__(self, delay_ms: float) -> None:
+        self.delay_ms = delay_ms
+        self.wan, self.far = f"{TAG}-wan", f"{TAG}-far"
+        self.near_ip = f"10.77.{_SUBNET}.1"
+        self.far_ip = f"10.77.{_SUBNET + 1}.2"
+        self.relay: subprocess.Popen | None = None
+
+    def _in(self, ns: str, *args: str) -> None:
+        sh("ip", "netns", "exec", ns, *args)
+
+    def up(self) -> DelayedNetwork:
+        self.down()
+        a, b = f"10.77.{_SUBNET}", f"10.77.{_SUBNET + 1}"
+        for ns in (self.wan, self.far):
+            sh("ip", "netns", "add", ns)
+            self._in(ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"{TAG}n", "type", "veth", "peer", f"{TAG}w", "netns", self.wan)
+        sh(
+            "ip",
+            "link",
+            "add",
+            f"{TAG}f",
+            "netns",
+            self.far,
+            "type",
+            "veth",
+            "peer",
+            f"{TAG}v",
+            "netns",
+            self.wan,
+        )
+        sh("ip", "addr", "add", f"{a}.1/24", "dev", f"{TAG}n")
+        sh("ip", "link", "set", f"{TAG}n", "up")
+        sh("ip", "route", "add", f"{b}.0/24", "via", f"{a}.2")
+        self._in(self.wan, "ip", "addr", "add", f"{a}.2/24", "dev", f"{TAG}w")
+        self._in(self.wan, "ip", "addr", "add", f"{b}.1/24", "dev", f"{TAG}v")
+        self._in(self.far, "ip", "addr", "add", f"{b}.2/24", "dev", f"{TAG}f")
+        for ns, dev in ((self.wan, f"{TAG}w"), (self.wan, f"{TAG}v"), (self.far, f"{TAG}f")):
+            self._in(ns, "ip", "link", "set", dev, "up")
+        self._in(self.far, "ip", "route", "add", "default", "via", f"{b}.1")
+        for key in (
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ):
+            self._in(self.wan, "sysctl", "-qw", key)
+        # The relay opens the TUN device; every packet that comes in from either link goes to it, and
+        # what it writes back is routed by the main table.
+        dly = f"{TAG}d"
+        self.relay = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.wan,
+                sys.executable,
+                str(HERE / "relay.py"),
+                dly,
+                str(self.delay_ms),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.relay.stdout is not None
+        if self.relay.stdout.readline().strip() != "ready":
+            raise RuntimeError("the delay relay did not start")
+        self._in(self.wan, "ip", "link", "set", dly, "up")
+        self._in(self.wan, "sysctl", "-qw", f"net.ipv4.conf.{dly}.rp_filter=0")
+        self._in(self.wan, "ip", "route", "add", "default", "dev", dly, "table", "100")
+        for dev in (f"{TAG}w", f"{TAG}v"):
+            self._in(self.wan, "ip", "rule", "add", "iif", dev, "lookup", "100")
+        return self
+
+    def run_far(self, args: list[str]) -> list[str]:
+        """A command line that runs in the far namespace."""
+        return ["ip", "netns", "exec", self.far, *args]
+
+    def down(self) -> None:
+        if self.relay is not None:
+            stop(self.relay)
+            self.relay = None
+        for ns in (self.wan, self.far):
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", f"{TAG}n", check=False)
 
 
 class Postgres:
