@@ -1,8 +1,9 @@
 """bpfscope bench on PostgreSQL under pgbench, against the truths it must agree with: the client's own
 per-request log (p50/p99 within 2%), PostgreSQL's own view of its reads (track_io_timing: blk_read_time
 within 10% of the tree's database disk reads), closure (every node's residual within 1% of its time),
-advice that follows the bottleneck (disk-bound: RAM or IOPS, never CPU; CPU-bound: CPU), and --verify
-replaying the first advice with its cgroup limit raised."""
+advice that follows the bottleneck (disk-bound: RAM or IOPS first; CPU-bound: CPU), --verify replaying
+the first advice with its cgroup limit raised, and the network time of a hop with an injected delay
+(within 10%)."""
 
 from __future__ import annotations
 
