@@ -85,3 +85,11 @@ def test_bcc_aliases_name_real_tools_and_entries() -> None:
     for (tool, flag), entry in BCC_ALIASES.items():
         assert tool in registry.tools(), tool
         assert entry in VOCABULARY and flag not in VOCABULARY[entry].flags
+
+
+def test_a_tool_is_found_from_its_own_domain_as_from_the_whole_registry() -> None:
+    # The command runs one tool and reads only its domain's manifest (start-up); it must find what the
+    # whole registry lists.
+    for name, entry in registry.tools().items():
+        assert registry.entry(name) == entry
+    assert registry.entry("no-such-tool") is None

@@ -164,10 +164,15 @@ class Run:
 
     def session(self, collectors: Sequence[Collector], view: View, stop: Any = None) -> Session:
         from bpfscope.runtime.session import Session
-        from bpfscope.sinks.jsonl import JsonLinesSink
-        from bpfscope.sinks.terminal import TerminalSink
 
-        sink = JsonLinesSink(view=view) if self.as_json else TerminalSink(view)
+        if self.as_json:
+            from bpfscope.sinks.jsonl import JsonLinesSink
+
+            sink: Any = JsonLinesSink(view=view)
+        else:
+            from bpfscope.sinks.terminal import TerminalSink
+
+            sink = TerminalSink(view)
         return Session(
             collectors,
             [sink],

@@ -15,9 +15,8 @@ from bpfscope.domains import ToolEntry
 _extra: dict[str, ToolEntry] = {}
 
 
-@cache
-def _known() -> dict[str, ToolEntry]:
-    tools = domains.tools()
+def _layers() -> dict[str, ToolEntry]:
+    tools = {}
     for package in (health, agent):
         layer = package.__name__.rpartition(".")[2]
         for name, summary in package.TOOLS.items():
@@ -25,8 +24,18 @@ def _known() -> dict[str, ToolEntry]:
     return tools
 
 
+@cache
+def _known() -> dict[str, ToolEntry]:
+    return {**domains.tools(), **_layers()}
+
+
 def tools() -> dict[str, ToolEntry]:
     return {**_known(), **_extra}
+
+
+def entry(name: str) -> ToolEntry | None:
+    """The tool ``name``, as ``tools()[name]`` but reading only its own domain's manifest."""
+    return _extra.get(name) or _layers().get(name) or domains.tool(name)
 
 
 def register(name: str, module: str, summary: str) -> None:
@@ -35,10 +44,10 @@ def register(name: str, module: str, summary: str) -> None:
 
 
 def command(name: str) -> click.Command | None:
-    entry = tools().get(name)
-    if entry is None:
+    found = entry(name)
+    if found is None:
         return None
-    cmd = importlib.import_module(entry.module).command
+    cmd = importlib.import_module(found.module).command
     # The manifest's summary is the one description of the tool: `bpfscope --help` lists it.
-    cmd.short_help = entry.summary
+    cmd.short_help = found.summary
     return cmd

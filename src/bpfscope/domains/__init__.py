@@ -11,6 +11,7 @@ adding it here, beside its code.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from dataclasses import dataclass
 from functools import cache
@@ -48,6 +49,17 @@ def tools() -> dict[str, ToolEntry]:
                 raise RuntimeError(f"tool {name} is in domains {out[name].domain} and {domain}")
             out[name] = ToolEntry(name, f"{__name__}.{domain}.{name}", summary, domain)
     return out
+
+
+def tool(name: str) -> ToolEntry | None:
+    """The tool ``name``, reading only the manifest of the domain that holds its module: running one tool
+    needs no other manifest."""
+    for domain in names():
+        if os.path.exists(os.path.join(__path__[0], domain, f"{name}.py")):
+            summary = getattr(manifest(domain), "TOOLS", {}).get(name)
+            if summary is not None:
+                return ToolEntry(name, f"{__name__}.{domain}.{name}", summary, domain)
+    return None
 
 
 def rules() -> list[RuleEntry]:

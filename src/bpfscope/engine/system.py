@@ -7,7 +7,6 @@ and how to fix it.
 from __future__ import annotations
 
 import os
-import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -63,6 +62,8 @@ def _is_mounted(path: Path, fstype: str) -> bool:
 def _mount(fstype: str, path: Path, what: str) -> None:
     if _is_mounted(path, fstype):
         return
+    import subprocess
+
     result = subprocess.run(["mount", "-t", fstype, fstype, str(path)], capture_output=True, text=True)
     if result.returncode != 0 and not _is_mounted(path, fstype):
         reason = next(

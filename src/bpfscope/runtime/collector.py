@@ -56,11 +56,14 @@ class Config:
 
     def task_filter(self) -> dict[str, int]:
         """The .rodata values of bpfscope.bpf.h's task filter."""
-        from bpfscope.sources.cgroups import cgroup_id
+        cgroup = 0
+        if self.cgroup:
+            from bpfscope.sources.cgroups import cgroup_id
 
+            cgroup = cgroup_id(self.cgroup)
         return {
             "bs_targ_tgid": self.pid or 0,
-            "bs_targ_cgroup": cgroup_id(self.cgroup) if self.cgroup else 0,
+            "bs_targ_cgroup": cgroup,
             "bs_self_tgid": 0 if self.include_self else os.getpid(),
         }
 
