@@ -20,9 +20,11 @@ from bpfscope.sinks.terminal import Terminal, note
 DEFAULT_DURATION_S = 10.0
 # What --json prints: one record per row, then the summary.
 SCHEMAS = (ROW_SCHEMA, SUMMARY_SCHEMA)
-# The compact view fits this many columns: name, value and verdict, then as much detail as fits.
+# The compact view fits this many columns: name, value and verdict, then as much detail as fits. The name
+# and value columns are as wide as their longest entries, up to these widths (a longer value pushes its
+# own line's verdict right rather than every line's detail).
 WIDTH = 100
-_NAME, _VALUE, _VERDICT = 16, 10, 8
+_NAME, _VALUE, _VERDICT = 26, 12, 7
 
 _STYLES = {Verdict.PROBLEM: "bold red", Verdict.WARN: "yellow", Verdict.OK: None, Verdict.UNKNOWN: "dim"}
 
@@ -46,8 +48,11 @@ def _fit(text: str, width: int) -> str:
 
 
 def compact(report: Report, term: Terminal) -> None:
-    for row in lead_rows(report):
-        head = f"{row.name:<{_NAME}} {row.text:<{_VALUE}} {row.verdict.value:<{_VERDICT}}"
+    rows = lead_rows(report)
+    name_w = min(_NAME, max((len(r.name) for r in rows), default=0))
+    value_w = min(_VALUE, max((len(r.text) for r in rows), default=0))
+    for row in rows:
+        head = f"{row.name:<{name_w}} {row.text:<{value_w}} {row.verdict.value:<{_VERDICT}}"
         detail = _fit(row.detail, WIDTH - len(head) - 1) if row.verdict is not Verdict.OK else ""
         term.styled(f"{head} {detail}".rstrip(), _STYLES[row.verdict])
 

@@ -58,10 +58,10 @@ class DiskRule(Rule):
     def _disk_rows(self, disk: DiskSample) -> list[Row]:
         res = f"Disk {disk.name}"
         depth = disk.aqu_sz if disk.active else None
-        context = [f"{pct(disk.util)} util"]
+        # Who moves the bytes before the queue depth: the compact view keeps the first clauses that fit.
+        context = [f"{pct(disk.util)} util", *who(disk)]
         if depth is not None:
             context.append(f"queue depth {depth:.0f}")
-        context += who(disk)
         rows = [self._latency_row(res, disk, context)]
         if not disk.active:
             return rows  # an idle disk: one row, so that the busy ones stand out

@@ -112,8 +112,9 @@ class VfsRule(Rule):
         assert isinstance(s, VfsSample)
         rate = s.total.per_second(s.interval_s)
         ops = s.total.ops / s.interval_s
-        text = ", ".join(f"{rate[k]:.0f} {k}" for k in ("reads", "writes", "opens", "fsyncs")) + " /s"
-        detail = [f"creates {rate['creates']:.0f}/s, unlinks {rate['unlinks']:.0f}/s"]
+        text = f"{ops:.0f}"
+        kinds = ("reads", "writes", "opens", "fsyncs", "creates", "unlinks")
+        detail = [", ".join(f"{k} {rate[k]:.0f}/s" for k in kinds)]
         for p in s.top(1):
             detail.insert(0, f"top: {p.comm} ({p.pid}) {p.counts.ops / s.interval_s:.0f} calls/s")
         return [

@@ -78,10 +78,10 @@ class TcpRule(Rule):
             "connections",
             new_per_s,
             "/s",
-            f"{len(active)} active, {new_per_s:.1f} new/s",
+            f"{new_per_s:.1f} new/s",
             Verdict.OK,
             "no threshold: normal rates depend on the service",
-            f"active: sent segments in the window; {iv.active_opens} connect(), "
+            f"{len(active)} active (sent segments in the window); {iv.active_opens} connect(), "
             f"{iv.passive_opens} accepted in {window_s:.1f} s",
         )
         limit = Threshold(RETRANS_WARN_PCT, RETRANS_PROBLEM_PCT, "%")
