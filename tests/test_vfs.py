@@ -250,7 +250,7 @@ def test_vfs_check_rule(work_dir: Path) -> None:
     assert row.resource == "VFS" and row.verdict is Verdict.OK
     # Calls per second over the window: at least this process's reads, and the process is named.
     assert row.value is not None and row.value * window_s >= 2000, (row.value, window_s)
-    assert "reads" in row.text and f"({os.getpid()})" in row.detail, row.detail
+    assert "reads" in row.detail and f"({os.getpid()})" in row.detail, row.detail
     assert run_check(0.2, rules=[VfsRule]).rows[0].verdict is Verdict.OK
 
 
