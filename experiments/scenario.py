@@ -6,17 +6,37 @@ Each experiment's run.py puts this directory on sys.path and imports it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def remove_cgroups(pids: list[int], dirs: list[Path]) -> None:
+    """Kill what is left in an experiment's cgroups, then remove their directories (a cgroup whose
+    last task is still exiting refuses rmdir for a moment: retried for up to 5 s)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for d in dirs:
+        for _ in range(100):
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
 
 
 def bpfscope_cmd() -> list[str]:

@@ -52,7 +52,7 @@ try:
 except ImportError:
     sys.exit("cache-analysis: psutil is missing: run ./setup.sh first")
 sys.path.insert(0, str(HERE.parent))
-from scenario import Watcher, as_postgres, parse_pgbench  # noqa: E402 - after its directory is on the path
+from scenario import Watcher, as_postgres, parse_pgbench, remove_cgroups  # noqa: E402 - after its directory is on the path
 
 if TYPE_CHECKING:
     from bpfscope.health.window import CheckWindow
@@ -199,18 +199,7 @@ class ServerCgroups:
 
     def remove(self) -> None:
         """Kill what is left inside (only on a failed stop), then remove the directories."""
-        for pid in self.tasks():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for d in self.dirs:
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        remove_cgroups(self.tasks(), self.dirs)
 
 
 class Server:

@@ -22,6 +22,9 @@ from pathlib import Path
 from bpfscope.domains.bench.limits import Limits, controllers
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # experiments/scenario.py, what the experiments share
+from scenario import remove_cgroups  # noqa: E402 - after its directory is on the path
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 TAG = f"iab{os.getpid() % 100000}"
 # A /24 of 10.77.0.0/16 per run: root <-> wan link, and wan <-> far link.
@@ -93,18 +96,8 @@ class Group:
         return [int(p) for p in (self.cgroup2 / "cgroup.procs").read_text().split()]
 
     def close(self) -> None:
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        remove_cgroups(self.pids(), self.dirs)
         for d in self.dirs:
-            for _ in range(100):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
             with contextlib.suppress(OSError):
                 d.parent.rmdir()  # the run's directory, once its last group is gone
 
