@@ -47,12 +47,16 @@ class Worker:
             os._exit(code)
         os.close(jobs)
 
-    def get(self, request: bytes) -> None:
-        """Send a request and read its whole response (Content-Length framed)."""
+    def get(self, request: bytes) -> tuple[int, int]:
+        """Send a request and read its whole response (Content-Length framed): the clock right before
+        the send and right after the receive that completed the response (the parsing between the
+        receives is not the request's time: ~40 us a request of this interpreter's, 2% of a 2 ms median)."""
+        sent = time.monotonic_ns()
         self.sock.sendall(request)
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = self.sock.recv(65536)
+            done = time.monotonic_ns()
             if not chunk:
                 raise ConnectionError("closed")
             data += chunk
@@ -64,17 +68,17 @@ class Worker:
                 length = int(value)
         while len(body) < length:
             chunk = self.sock.recv(65536)
+            done = time.monotonic_ns()
             if not chunk:
                 raise ConnectionError("closed")
             body += chunk
+        return sent, done
 
     def serve(self, args: argparse.Namespace, jobs: IO[str], results: int) -> None:
         for line in jobs:
             rid, key = line.split()
             request = f"GET {args.path}?id={key} HTTP/1.1\r\nHost: {args.host}\r\nX-Request-ID: {rid}\r\n\r\n"
-            sent = time.monotonic_ns()
-            self.get(request.encode())
-            done = time.monotonic_ns()
+            sent, done = self.get(request.encode())
             os.write(results, f"{os.getpid()} {rid} {sent} {done}\n".encode())  # one write: atomic
 
     def send(self, rid: str, key: int) -> None:
