@@ -1,7 +1,8 @@
 """The agent's service with fake collectors in place of the kernel's: a collector that fails is reported
-and opened again with back-off while the others keep their rhythm; SIGHUP restarts exactly the
-collectors whose section changed, the last partial interval of the one replaced reaching the store; a
-configuration that does not load leaves the running one; the store is read while the agent writes."""
+and opened again with back-off while the others keep their rhythm (and its count of losses never goes
+back); SIGHUP restarts exactly the collectors whose section changed, the last partial interval of the one
+replaced reaching the store; a configuration that does not load leaves the running one; the store is
+read while the agent writes."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import pytest
 
 from bpfscope.agent import components
 from bpfscope.agent.config import load_config
-from bpfscope.agent.service import Agent
+from bpfscope.agent.service import Agent, LossTally
 from bpfscope.runtime import session as session_mod
 from bpfscope.runtime.collector import Collector, Config, Sample
+from bpfscope.runtime.losses import Loss, Losses
 from bpfscope.runtime.schema import Field, Schema
 from bpfscope.sinks.store import Store
 
@@ -173,3 +175,59 @@ def test_sighup_restarts_only_what_changed_and_keeps_everything(fakes: dict, tmp
     )[0][0]
     assert partial < 1.0
     assert len(flaky) - len(first_run) >= 3
+
+
+class Leaky(Ticker):
+    """Loses 5 events a sample, counted like a BPF collector's: from zero at every open."""
+
+    def open(self) -> None:
+        super().open()
+        self.lost = 0
+
+    def sample(self) -> Tick:
+        self.lost += 5
+        return super().sample()
+
+    def losses(self) -> Losses:
+        return Losses([Loss("ring_full", self.lost, "events lost")])
+
+
+def test_lost_never_decreases_across_failures(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """agent.collector's lost is the run's count: it held 0 while the collector was retrying and
+    started again from 0 after each reopening (a new BPF object's counters)."""
+    Ticker.opened = []
+    made: list[Leaky] = []
+
+    def build(section: Any, node: str | None) -> Leaky:
+        made.append(Leaky("leaky", 0.25, fail_every=3))
+        return made[-1]
+
+    monkeypatch.setattr(components, "COMPONENTS", (components.Component("profile", build),))
+    monkeypatch.setattr(session_mod, "RESTART_BACKOFF_S", (0.3,))
+    config_path = tmp_path / "agent.yaml"
+    store = tmp_path / "store"
+    config_path.write_text(
+        f"listen: 127.0.0.1:0\nstore: {{path: {store}, flush: 1s}}\nui: {{enabled: false}}\n"
+        "exporters: {prometheus: {enabled: false}}\n"
+    )
+    agent = Agent(load_config(str(config_path)), str(config_path))
+    agent.run(duration=5.0)
+    lost = [n for (n,) in Store(store).query('SELECT lost FROM "agent.collector" ORDER BY ts')]
+    failed = [e for e in events(store) if e[0] == "failed"]
+    assert len(failed) >= 3 and len(lost) >= 4
+    assert lost == sorted(lost), lost
+    # Two good samples (10 lost) per opening that failed; each failure's count is kept.
+    assert lost[-1] >= 10 * len(failed), (lost, failed)
+    assert agent.losses["leaky"].total >= lost[-1]
+    assert f"profile {len(failed)} failures, {agent.losses['leaky'].total} lost" in agent.summary()
+
+
+def test_loss_tally() -> None:
+    tally = LossTally()
+    assert [tally.seen(n) for n in (0, 3, 7)] == [0, 3, 7]
+    tally.closed()  # failed: its counters went with it
+    assert tally.total == 7
+    assert [tally.seen(n) for n in (0, 2)] == [7, 9]
+    assert tally.seen(1) == 10  # counters restarted unannounced: the 2 before stay counted
+    tally.seen(4)
+    assert tally.total == 13

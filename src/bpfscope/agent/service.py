@@ -51,6 +51,41 @@ EVENT_SCHEMA = Schema(
     doc="What happened to the agent: starts, stops, reloads, failures.",
 )
 AGENT_SCHEMAS = (COLLECTOR_SCHEMA, EVENT_SCHEMA)
+
+
+class LossTally:
+    """One collector's losses over the agent's whole run, never decreasing.
+
+    A collector's own counters start again from zero whenever it is opened again: after a failure (the
+    session closes it, its BPF counters with it), on a reload that replaces it, and inside the health
+    collector when one of the check's collectors fails and is dropped from its window. Reported as they
+    were, the running ``lost`` of ``agent.collector`` fell back to 0 while a collector was retrying and
+    restarted from there after; this keeps what earlier openings lost as a base under the current one."""
+
+    def __init__(self) -> None:
+        self.base = 0  # lost by the collector's earlier openings
+        self.last = 0  # the current opening's count when last read
+
+    def seen(self, count: int) -> int:
+        """The current opening's count; a count below the last one read means its counters started
+        again (an opening we were not told of), so the last one joins the base."""
+        if count < self.last:
+            self.base += self.last
+        self.last = count
+        return self.total
+
+    def closed(self) -> None:
+        """The collector was closed (failed, removed): what it had lost when last read is kept (after
+        its last sample, or within the last second for a stream collector); what it lost after that
+        reading went with its counters."""
+        self.base += self.last
+        self.last = 0
+
+    @property
+    def total(self) -> int:
+        return self.base + self.last
+
+
 # Records buffered before a flush comes early: about 20 MB of request records, a few seconds of a busy
 # web server's.
 MAX_PENDING = 20_000
@@ -114,16 +149,23 @@ class Sinks(Sink):
         made = Records(getattr(sample, "ts", time.time()), list(sample.records()), sample)
         for sink in self.sinks:
             sink.emit(collector, made)
+        if not collector.fds() and collector.name != StatusCollector.name:
+            # The session reads a stream collector's losses every second (lost() below) but an
+            # interval collector's only at our status tick: read them after each sample, or a failure
+            # closes it with everything since that tick uncounted.
+            self.agent.tally(collector.name).seen(collector.losses().total)
 
     def status(self, collector: Collector, elapsed_s: float) -> None:
         for sink in self.sinks:
             sink.status(collector, elapsed_s)
 
     def lost(self, collector: Collector, new: Losses, total: Losses) -> None:
+        self.agent.tally(collector.name).seen(total.total)
         for sink in self.sinks:
             sink.lost(collector, new, total)
 
     def error(self, collector: Collector, exc: BaseException, retry_in_s: float | None) -> None:
+        self.agent.tally(collector.name).closed()
         self.agent.failures[collector.name] = self.agent.failures.get(collector.name, 0) + 1
         self.agent.errors[collector.name] = str(exc)
         when = f"; opened again in {retry_in_s:g} s" if retry_in_s is not None else ""
@@ -132,7 +174,10 @@ class Sinks(Sink):
             sink.error(collector, exc, retry_in_s)
 
     def finish(self, collector: Collector, losses: Losses, elapsed_s: float) -> None:
-        self.agent.final_losses[collector.name] = losses.total
+        # Its last count (it is closed next: a reload's replacement starts from zero again).
+        tally = self.agent.tally(collector.name)
+        tally.seen(losses.total)
+        tally.closed()
         for sink in self.sinks:
             sink.finish(collector, losses, elapsed_s)
 
@@ -158,8 +203,8 @@ class Agent:
         self.json_out = json_out
         self.failures: dict[str, int] = {}
         self.errors: dict[str, str] = {}
-        # Each collector's losses when its run ended: once closed, a BPF collector has no counters left.
-        self.final_losses: dict[str, int] = {}
+        # Each collector's losses over the run, by name, across its openings (see LossTally).
+        self.losses: dict[str, LossTally] = {}
         self.unavailable: dict[str, str] = {}
         self.collectors: dict[str, Collector] = {}
         self.writer: StoreWriter | None = None
@@ -187,10 +232,14 @@ class Agent:
         assert self.writer is not None
         parts = [f"{self.writer.rows_written} records stored in {self.writer.files_written} files"]
         for name, collector in self.collectors.items():
-            failures = self.failures.get(name, 0)
-            lost = self.final_losses.get(collector.name, 0)
+            # failures and losses are kept by the collector's name (offcpu's is offcputime)
+            failures = self.failures.get(collector.name, 0)
+            lost = self.tally(collector.name).total
             parts.append(f"{name} {failures} failures, {lost} lost")
         return "; ".join(parts)
+
+    def tally(self, name: str) -> LossTally:
+        return self.losses.setdefault(name, LossTally())
 
     def collector_states(self) -> list[dict[str, Any]]:
         assert self.session is not None
@@ -199,12 +248,14 @@ class Agent:
             collector = slot.collector
             if collector.name == StatusCollector.name:
                 continue
+            tally = self.tally(collector.name)
+            lost = tally.seen(collector.losses().total) if slot.open else tally.total
             out.append(
                 {
                     "collector": collector.name,
                     "state": "running" if slot.open else "retrying",
                     "failures": self.failures.get(collector.name, 0),
-                    "lost": collector.losses().total if slot.open else 0,
+                    "lost": lost,
                     "error": self.errors.get(collector.name, ""),
                 }
             )
