@@ -15,7 +15,7 @@ from typing import Any
 
 from bpfscope.domains.requests import redact
 from bpfscope.domains.requests.capture import Connection
-from bpfscope.domains.requests.protocols import redis
+from bpfscope.domains.requests.protocols import mysql, redis
 from bpfscope.domains.requests.protocols.base import Exchange
 from bpfscope.runtime.schema import CGROUP, COMM, PID, Field, Schema
 
@@ -72,6 +72,39 @@ PGSQL = Schema(
     doc="A PostgreSQL request (a Query, or extended-protocol messages up to Sync) and its response.",
 )
 
+MYSQL_STATUSES = ("UNKNOWN", "NONE", "OK", "ERR")
+
+MYSQL = Schema(
+    "mysql_events",
+    (
+        *COMMON,
+        Field(
+            "req_cmd",
+            "str",
+            label=True,
+            doc="the command as SHOW PROCESSLIST names it: Query, Prepare, Execute, Close stmt, Ping, "
+            "Init DB, Quit, ...; Connect for the connection phase (Pixie has the command's number)",
+        ),
+        Field(
+            "req_body",
+            "str",
+            label=True,
+            doc="the statement (Query, Prepare; Execute: its prepared text), normalised (literals as ?) "
+            "unless --no-redact; Init DB: the schema",
+        ),
+        Field(
+            "resp_status",
+            "enum",
+            values=MYSQL_STATUSES,
+            doc="OK (an OK, EOF or result set), ERR, NONE (a command that gets no answer)",
+        ),
+        Field("resp_body", "str", doc="Resultset rows = N, the error message, or empty"),
+        Field("error", "str", doc="the error (ERROR code (SQLSTATE): message), empty when none"),
+        Field("rows", "int", doc="result set rows returned"),
+    ),
+    doc="A MySQL or MariaDB command (or the connection phase) and its response.",
+)
+
 REDIS = Schema(
     "redis_events",
     (
@@ -102,7 +135,7 @@ DNS = Schema(
     doc="A DNS query and its response.",
 )
 
-SCHEMAS: dict[str, Schema] = {"http": HTTP, "pgsql": PGSQL, "redis": REDIS, "dns": DNS}
+SCHEMAS: dict[str, Schema] = {"http": HTTP, "pgsql": PGSQL, "mysql": MYSQL, "redis": REDIS, "dns": DNS}
 
 
 def _common(conn: Connection, exchange: Exchange) -> dict[str, Any]:
@@ -162,6 +195,29 @@ def _pgsql(exchange: Exchange, keep: bool) -> dict[str, Any]:
     }
 
 
+def _mysql(exchange: Exchange, keep: bool) -> dict[str, Any]:
+    req = exchange.request.fields
+    resp = exchange.response.fields if exchange.response is not None else {}
+    cmd, text = req.get("cmd", ""), req.get("query", "")
+    error = resp.get("error", "")
+    if not keep:
+        error = mysql.redact_error(error, redact.normalize_sql)
+    if error:
+        body = error.partition(": ")[2]
+    elif resp.get("columns") and cmd != "Prepare":
+        body = f"Resultset rows = {resp.get('rows', 0)}"
+    else:
+        body = resp.get("info", "")
+    return {
+        "req_cmd": cmd,
+        "req_body": redact.normalize_sql(text) if cmd in mysql.SQL and not keep else text,
+        "resp_status": resp.get("status", "UNKNOWN"),
+        "resp_body": body,
+        "error": error,
+        "rows": resp.get("rows", 0),
+    }
+
+
 def _redis(exchange: Exchange, keep: bool) -> dict[str, Any]:
     name, args = redis.command(exchange.request.fields.get("parts", []))
     parts = exchange.response.fields.get("parts", []) if exchange.response is not None else []
@@ -201,6 +257,7 @@ def _dns(exchange: Exchange, keep: bool) -> dict[str, Any]:
 BUILDERS: dict[str, Callable[[Exchange, bool], dict[str, Any]]] = {
     "http": _http,
     "pgsql": _pgsql,
+    "mysql": _mysql,
     "redis": _redis,
     "dns": _dns,
 }

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from bpfscope.domains.requests.protocols import dns, http1, http2, postgres, redis
+from bpfscope.domains.requests.protocols import dns, http1, http2, mysql, postgres, redis
 from bpfscope.domains.requests.protocols.base import Exchange, Message, ParseError, Parser
 
-PROTOCOLS = ("http", "dns", "pgsql", "redis")
+PROTOCOLS = ("http", "dns", "pgsql", "mysql", "redis")
 # Ports that name a protocol whose messages carry no signature of their own when a capture begins in
 # the middle of a connection (a response first).
-PORTS = {5432: "pgsql", 6379: "redis", 53: "dns"}
+PORTS = {5432: "pgsql", 3306: "mysql", 6379: "redis", 53: "dns"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,13 @@ def detect(data: bytes, udp: bool, ports: tuple[int, int]) -> Detected | None:
         return Detected(partial(postgres.PostgresParser, after_startup=True), False)
     if "redis" in by_port and data[:1] in b"+-:$*%~_,#(!=|>":
         return Detected(redis.RedisParser, False)
+    # MySQL's packets carry no signature but the connection phase's and a framing that fits.
+    if mysql.looks_like_greeting(data):
+        return Detected(mysql.MysqlParser, False)
+    if mysql.looks_like_handshake_response(data) or mysql.looks_like_command(data):
+        return Detected(mysql.MysqlParser, True)
+    if "mysql" in by_port and mysql.looks_like_response(data):
+        return Detected(mysql.MysqlParser, False)
     if http2.frames_fit(data):
         # HTTP/2 met after its preface (gRPC's long-lived connections): whole frames, end to end. Which
         # side is the client comes from the socket's role when the kernel saw it open.
