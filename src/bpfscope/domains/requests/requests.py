@@ -202,6 +202,8 @@ def summary(record: dict[str, Any]) -> tuple[str, str]:
         return f"{record['req_method']} {record['req_path']}", str(record["resp_status"])
     if table == "pgsql_events":
         return record["req"][:80], record["resp"][:60]
+    if table == "mysql_events":
+        return (record["req_body"] or record["req_cmd"])[:80], (record["error"] or record["resp_body"])[:60]
     if table == "redis_events":
         return " ".join([record["req_cmd"], *record["req_args"]])[:80], record["resp"][:60]
     if table == "dns_events":
@@ -248,6 +250,7 @@ Examples:
   bpfscope requests                       # every request on the machine, as it completes
   bpfscope requests -p 1234 --json        # one process's requests, JSON lines (Pixie's tables)
   bpfscope requests --protocol http --port 8080
+  bpfscope requests --protocol mysql      # each MySQL/MariaDB statement, normalised, with its latency
   bpfscope requests --cgroup system.slice/nginx.service --capture-bytes 8192
   bpfscope requests --no-redact           # show header values, query values and bodies
   bpfscope requests --store /var/tmp/reqs # keep them: bpfscope query --store /var/tmp/reqs ...
@@ -260,7 +263,8 @@ Examples:
     "protocol",
     multiple=True,
     type=click.Choice(PROTOCOLS),
-    help="Only this protocol (repeatable).",
+    help="Only this protocol (repeatable): http (HTTP/1.x, HTTP/2, gRPC), dns, pgsql (PostgreSQL), mysql "
+    "(MySQL, MariaDB), redis.",
 )
 @click.option(
     "--port",
