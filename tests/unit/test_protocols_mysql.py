@@ -326,3 +326,17 @@ def test_any_split_parses_the_same(cuts: list[int]) -> None:
     """Calls split anywhere (packets across calls, several per call) change nothing."""
     calls = [SESSION[0]] + [(ingress, c) for ingress, data in SESSION[1:] for c in split(data, cuts)]
     assert summary(feed(calls)[0]) == EXPECTED
+
+
+def test_bench_leaves_the_connection_phase_out() -> None:
+    """bench's spans are the workload's requests: the connection phase is set-up, as PostgreSQL's."""
+    import numpy as np
+
+    from bpfscope.domains.bench.spans import CallThreads, span_of
+
+    exchanges, _ = feed(conversation())
+    threads = CallThreads(np.dtype([("cookie", "u8"), ("end_ns", "u8"), ("tid", "u4")]))
+    conn = connection("client", ports=(40000, 3306))
+    spans = [span_of(conn, e, threads) for e in exchanges]
+    assert spans[0] is None
+    assert spans[1] is not None and spans[1].what == "SELECT a, b FROM t WHERE name = ? AND id = ?"

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from bpfscope.domains.requests.capture import Connection
     from bpfscope.domains.requests.protocols.base import Exchange
 
-# PostgreSQL's connection set-up exchanges (the request tracer shows them; they are not requests).
-SETUP = frozenset({"Startup", "SSLRequest", "GSSENCRequest", "CancelRequest"})
+# PostgreSQL's and MySQL's connection set-up exchanges (the request tracer shows them; they are not
+# requests).
+SETUP = frozenset({"Startup", "SSLRequest", "GSSENCRequest", "CancelRequest", "Connect"})
 # Calls remembered (a message completes within a few batches of its last call).
 CALLS_KEPT = 1 << 20
 
@@ -87,7 +88,7 @@ def _what(exchange: Exchange) -> str:
     fields = exchange.request.fields
     if exchange.protocol == "http":
         return f"{fields.get('method', '')} {redact.path(fields.get('path', ''))}"
-    if exchange.protocol == "pgsql":
+    if exchange.protocol in ("pgsql", "mysql"):
         return redact.normalize_sql(fields.get("query", ""))[:80] or fields.get("cmd", "")
     if exchange.protocol == "redis":
         return redis.command(fields.get("parts", []))[0]
@@ -99,7 +100,7 @@ def span_of(conn: Connection, exchange: Exchange, threads: CallThreads) -> Span 
     response = exchange.response
     if response is None or conn.trace_role not in ("server", "client"):
         return None
-    if exchange.protocol == "pgsql" and exchange.request.fields.get("cmd") in SETUP:
+    if exchange.protocol in ("pgsql", "mysql") and exchange.request.fields.get("cmd") in SETUP:
         return None  # a connection being set up: no request of the workload (a client log has none)
     server = conn.trace_role == "server"
     # Who answered (server) or who asked (client): the thread of that message's last call.
