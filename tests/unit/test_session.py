@@ -162,6 +162,53 @@ def test_stream_is_drained_when_ready_and_at_the_end() -> None:
     assert sink.losses["pipe"]["ring_full"] == 0
 
 
+class PacedStream(PipeStream):
+    """A stream whose records wake nobody (paced wake-ups): the descriptor it gives the session never
+    becomes readable, so only the session's own drains every ``paced_drain_s`` read the pipe."""
+
+    name = "paced"
+    paced_drain_s = 0.02
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.silent_fd, self.silent_write_fd = os.pipe2(os.O_NONBLOCK)
+
+    def fds(self) -> list[int]:
+        return [self.silent_fd]
+
+    def close(self) -> None:
+        super().close()
+        for fd in (self.silent_fd, self.silent_write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def test_a_paced_stream_is_drained_on_the_session_timer() -> None:
+    sink = MemorySink()
+    paced = PacedStream()
+    session = Session([paced], [sink], duration=60.0)
+    session.open()
+    session.start()
+    seen_while_running = threading.Event()
+
+    def feed() -> None:
+        os.write(paced.write_fd, b"x" * 7)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not sink.samples.get("paced"):
+            time.sleep(0.01)
+        if sink.samples.get("paced"):
+            seen_while_running.set()
+        session.stop("test")
+
+    threading.Thread(target=feed).start()
+    session.loop()
+    session.finish()
+    session.close()
+    # Read by a drain of the running loop, not by the final one after the stop.
+    assert seen_while_running.is_set()
+    assert b"".join(s.data for s in sink.samples["paced"]) == b"x" * 7
+
+
 def test_stop_from_another_thread_ends_with_the_summary() -> None:
     sink = MemorySink()
     session = Session([Counter()], [sink], interval=10.0)

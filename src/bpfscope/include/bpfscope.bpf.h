@@ -20,6 +20,22 @@ const volatile __u32 bs_self_tgid = 0;
 /* Events a ring buffer had no room for; read by user space through .bss (BpfObject.dropped). */
 __u64 bs_dropped = 0;
 
+/* Paced wake-ups (set by collectors whose programs run inside the calls of the programs they watch): a
+ * record wakes the consumer only once the ring is a quarter full, and the consumer drains on a timer
+ * instead. By default the kernel wakes a consumer that has caught up for every record, and that wake-up
+ * lands in the traced task's own call: an HTTP client at 300 requests/s, traced, logged each request a
+ * p90 of 31-37 us longer than its traced calls took, paced 12-19 us. */
+const volatile bool bs_paced_wakeup = false;
+
+static __always_inline __u64 bs_wakeup(void *ringbuf)
+{
+	if (!bs_paced_wakeup)
+		return 0;
+	return bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA) >= bpf_ringbuf_query(ringbuf, BPF_RB_RING_SIZE) / 4
+		       ? BPF_RB_FORCE_WAKEUP
+		       : BPF_RB_NO_WAKEUP;
+}
+
 /* Whether the current task is bpfscope or one of its children (its own start-up, the helpers it runs):
  * the tgid first, which costs nothing; the parent's only for other tasks, read through the task's BTF
  * pointer (two plain loads: about 40 ns less per event than two bpf_probe_read_kernel calls, measured on
@@ -63,12 +79,18 @@ static __always_inline void *bs_reserve(void *ringbuf, __u64 size)
 	return event;
 }
 
+/* Commits a record reserved with bs_reserve, waking the consumer as bs_paced_wakeup says. */
+static __always_inline void bs_submit(void *ringbuf, void *event)
+{
+	bpf_ringbuf_submit(event, bs_wakeup(ringbuf));
+}
+
 /* A record of variable length (a header and `size - header` bytes of payload), copied from `data`
  * (per-CPU scratch space): bpf_ringbuf_reserve takes only constant sizes. The ring must be declared with
  * BS_RINGBUF_VAR; user space gets each record zero-padded to the full struct with its length. */
 static __always_inline int bs_output(void *ringbuf, void *data, __u64 size)
 {
-	int err = bpf_ringbuf_output(ringbuf, data, size, 0);
+	int err = bpf_ringbuf_output(ringbuf, data, size, bs_wakeup(ringbuf));
 
 	if (err)
 		__sync_fetch_and_add(&bs_dropped, 1);

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
     from bpfscope.runtime.schema import Schema
 
 
+# Paced collectors' records wait this long at most before the session reads them: a line on a terminal
+# 50 ms late is not seen late, and an idle session wakes 20 times a second.
+PACED_DRAIN_S = 0.05
+
+
 @dataclass(kw_only=True)
 class Config:
     """What every collector's configuration holds. A collector's own configuration subclasses it.
@@ -102,6 +107,10 @@ class Collector(Generic[C]):
     # Sampled every this many seconds when neither the configuration nor the session says otherwise
     # (top-like tools refresh every second); None: once, at the end of the run.
     default_interval_s: ClassVar[float | None] = None
+    # Stream collectors whose programs run inside the watched tasks' own calls: their records do not
+    # wake the session (bpfscope.bpf.h's bs_paced_wakeup), which drains them this often (seconds;
+    # PACED_DRAIN_S) instead, and at once when a ring is a quarter full. None: every record may wake it.
+    paced_drain_s: ClassVar[float | None] = None
     _schemas: ClassVar[tuple[Schema, ...]] = ()
 
     def __init__(self, config: C) -> None:
@@ -136,6 +145,10 @@ class Collector(Generic[C]):
     def drain(self) -> Sample | None:
         """Stream collectors: what has arrived; never blocks."""
         return None
+
+    def drain_every(self) -> float | None:
+        """Seconds between drains the session makes on its own (paced wake-ups), or None."""
+        return self.paced_drain_s
 
     def losses(self) -> Losses:
         return Losses()
@@ -198,8 +211,10 @@ class BpfCollector(Collector[C]):
         return object_btf(cls.object_path())
 
     def rodata(self) -> dict[str, Any]:
-        """The object's configuration: the task filter, plus what a subclass adds."""
-        return self.config.task_filter()
+        """The object's configuration: the task filter and the wake-up pacing, plus what a subclass
+        adds."""
+        paced = {"bs_paced_wakeup": True} if self.drain_every() is not None else {}
+        return {**self.config.task_filter(), **paced}
 
     def autoload(self) -> set[str] | None:
         """The programs to load (None: all)."""

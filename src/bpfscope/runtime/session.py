@@ -138,6 +138,7 @@ class _Slot:
     collector: Collector
     interval_s: float | None
     next_tick: float | None = None
+    next_drain: float | None = None  # paced wake-ups: the session's own next drain
     ticks: int = 0
     open: bool = False
     failures: int = 0
@@ -209,6 +210,7 @@ class Session:
                 # From when this collector's baseline was taken: a slow start does not shorten its
                 # first interval.
                 slot.next_tick = time.monotonic() + slot.interval_s if slot.interval_s else None
+                self._pace(slot, time.monotonic())
         self.started_at = time.monotonic()
         for sink in self.sinks:
             sink.open(self)
@@ -246,6 +248,7 @@ class Session:
         self._open(slot, now)
         if slot.open and self._guard(slot, collector.start) is not _FAILED:
             slot.next_tick = now + slot.interval_s if slot.interval_s else None
+            self._pace(slot, now)
 
     def remove(self, collector: Collector) -> None:
         """Stop running one collector (between loops): what its rings hold and its last partial interval
@@ -308,6 +311,7 @@ class Session:
                     if self.stop_token:
                         break
                 ring_ready = [registered[fd] for fd, _ in events if fd in registered]
+                ring_ready += self._paced_due(time.monotonic())
                 if ring_ready:
                     self._drain_ready(ring_ready)
                 now = time.monotonic()
@@ -451,7 +455,26 @@ class Session:
             slot.last_loss_report = now
 
     def _timers(self) -> list[float]:
-        return [t for slot in self.slots for t in (slot.next_tick, slot.retry_at) if t is not None]
+        return [
+            t
+            for slot in self.slots
+            for t in (slot.next_tick, slot.retry_at, slot.next_drain)
+            if t is not None
+        ]
+
+    @staticmethod
+    def _pace(slot: _Slot, now: float) -> None:
+        every = slot.collector.drain_every() if slot.open else None
+        slot.next_drain = now + every if every else None
+
+    def _paced_due(self, now: float) -> list[_Slot]:
+        """The open collectors with paced wake-ups whose drain is due (their next one scheduled)."""
+        due = []
+        for slot in self.slots:
+            if slot.next_drain is not None and now >= slot.next_drain - _SLACK_S:
+                due.append(slot)
+                self._pace(slot, now)
+        return due
 
     def _tick(self, now: float) -> None:
         for slot in self.slots:
@@ -475,6 +498,7 @@ class Session:
                 self._open(slot, now)
                 if slot.open and self._guard(slot, slot.collector.start) is not _FAILED:
                     slot.next_tick = now + slot.interval_s if slot.interval_s else None
+                    self._pace(slot, now)
 
     def _register(self, poller: select.epoll, registered: dict[int, _Slot]) -> dict[int, _Slot]:
         """(Re-)register the rings of open stream collectors (a restarted one has new descriptors)."""

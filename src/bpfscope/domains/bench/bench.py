@@ -35,7 +35,7 @@ from bpfscope.domains.sched import components as comp
 from bpfscope.domains.sched import tsa
 from bpfscope.domains.sched.tsa import TsaCollector, TsaConfig
 from bpfscope.errors import BpfscopeError
-from bpfscope.runtime.collector import Collector, Config, Sample
+from bpfscope.runtime.collector import PACED_DRAIN_S, Collector, Config, Sample
 from bpfscope.runtime.losses import Losses
 from bpfscope.runtime.schema import Field, Schema
 from bpfscope.sinks.terminal import Terminal, View, note
@@ -103,6 +103,7 @@ class BenchCollector(Collector[BenchConfig]):
 
     name = "bench"
     requires = ("raw_tracepoint", "ringbuf")
+    paced_drain_s = PACED_DRAIN_S  # the request tracer's and the timeline's are
 
     def __init__(self, config: BenchConfig) -> None:
         from bpfscope.domains.requests.requests import RequestsConfig

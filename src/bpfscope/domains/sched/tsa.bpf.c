@@ -257,7 +257,7 @@ static __always_inline void send_episode(struct tsa_thread *t, __u32 tid, __u64 
 	e->tgid = t->tgid;
 	e->state = t->blocked;
 	e->pad = 0;
-	bpf_ringbuf_submit(e, 0);
+	bs_submit(&episodes, e);
 }
 
 SEC("tp_btf/sched_entry_tp")

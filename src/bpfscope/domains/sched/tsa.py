@@ -26,7 +26,7 @@ import numpy as np
 from bpfscope.cli.options import Run, common_options, option, top_options
 from bpfscope.domains.sched import components as comp
 from bpfscope.errors import BpfscopeError
-from bpfscope.runtime.collector import BpfCollector, Config, Sample
+from bpfscope.runtime.collector import PACED_DRAIN_S, BpfCollector, Config, Sample
 from bpfscope.runtime.schema import CGROUP, COMM, PID, TID, Field, Schema, enum_names
 from bpfscope.sinks.terminal import Terminal, View, loadavg
 from bpfscope.sources.syscalls import syscall_number
@@ -217,6 +217,11 @@ class TsaCollector(BpfCollector[TsaConfig]):
     requires = ("raw_tracepoint", "ringbuf")
     default_interval_s = 1.0
     loss_counters = {"threads_dropped": ("map_full", "threads not followed (too many at once)")}
+
+    def drain_every(self) -> float | None:
+        # The timeline's episodes are sent from the scheduler's switches: a record that woke the session
+        # would make a switch of its own, and another episode.
+        return PACED_DRAIN_S if self.config.timeline else None
 
     @classmethod
     def schemas(cls) -> tuple[Schema, ...]:
