@@ -128,6 +128,7 @@ class Connection:
     # skip_until the kernel was told, per direction; and whether it sends only the calls' first bytes
     skips_told: list[int] = field(default_factory=lambda: [0, 0])
     probing: bool = False
+    json_parts: tuple[str, str, str] | tuple[()] = ()  # its records' common JSON (encode.py)
 
     @property
     def protocol(self) -> str:
@@ -205,6 +206,10 @@ class Connections:
             conn.bytes_sent = max(conn.bytes_sent + size, moved)
         if conn.ignored:
             return
+        if conn.parser is not None and not conn.probing:
+            # Most calls: a connection whose protocol is known, parsed at once (no Call).
+            self._parse(conn, ingress, data, size, start, end, tail, None if conn.udp else pos, out)
+            return
         call = Call(ingress, data, size, start, end, tail, None if conn.udp else pos)
         if conn.probing and conn.parser is not None and not self._resynchronised(conn, call):
             return
@@ -228,15 +233,27 @@ class Connections:
         else:
             calls = [call]
         for one in calls:
-            self._parse(conn, one, out)
+            self._parse(
+                conn, one.ingress, one.data, one.size, one.start_ns, one.end_ns, one.tail, one.pos, out
+            )
 
-    def _parse(self, conn: Connection, call: Call, out: list[tuple[Connection, Exchange]]) -> None:
+    def _parse(
+        self,
+        conn: Connection,
+        ingress: bool,
+        data: bytes,
+        size: int,
+        start: int,
+        end: int,
+        tail: bytes,
+        pos: int | None,
+        out: list[tuple[Connection, Exchange]],
+    ) -> None:
         parser, pairing = conn.parser, conn.pairing
         assert parser is not None and pairing is not None
-        stream = conn.streams[call.ingress]
-        data = call.data
-        stream.append(data, call.size, call.start_ns, call.end_ns, call.tail, call.pos)
-        is_requests = call.ingress == conn.requests_ingress
+        stream = conn.streams[ingress]
+        stream.append(data, size, start, end, tail, pos)
+        is_requests = ingress == conn.requests_ingress
         try:
             messages = parser.requests(stream) if is_requests else parser.responses(stream)
         except ParseError as exc:
@@ -251,14 +268,14 @@ class Connections:
                 self.counts.parse_errors += 1
             stream.clear()
             pairing.forget()
-            self._tell_skip(conn, call.ingress, stream)
+            self._tell_skip(conn, ingress, stream)
             if not conn.udp and not conn.ignored:
                 # Until a call begins a message again (the rest of a body whose head was lost): the
                 # kernel sends only the calls' first bytes.
                 conn.probing = True
                 self._tell(conn, 0, PROBE_BYTES)
             return
-        self._tell_skip(conn, call.ingress, stream)
+        self._tell_skip(conn, ingress, stream)
         for message in messages:
             if is_requests:
                 pairing.request(message)

@@ -101,6 +101,17 @@ class Stream:
 
     def view(self, limit: int = MAX_HEAD_BYTES) -> bytes:
         """Captured bytes from the next one up to the next gap (at most ``limit``)."""
+        segments = self.segments
+        if not segments:
+            return b""
+        first = segments[0]
+        if first.missing or len(segments) == 1:
+            # The common case (a call parsed as it arrives): its own bytes, not joined.
+            head = self.head
+            data = first.data
+            if head or len(data) > limit:
+                return data[head : head + limit]
+            return data
         parts: list[bytes] = []
         n = 0
         for i, seg in enumerate(self.segments):
@@ -114,6 +125,21 @@ class Stream:
     def consume(self, n: int) -> int:
         """Step over ``n`` bytes (captured or not); returns how many there were (fewer when the stream
         holds fewer: the caller waits for the rest)."""
+        segments = self.segments
+        if segments and n > 0:
+            # The common case: within the first call's bytes (messages parsed one after another).
+            seg = segments[0]
+            after = self.head + n
+            size = len(seg.data) + seg.missing
+            if after <= size:
+                self.last_end_ns = seg.end_ns
+                self.available -= n
+                if after == size:
+                    segments.popleft()
+                    self.head = 0
+                else:
+                    self.head = after
+                return n
         done = 0
         while n > done and self.segments:
             seg = self.segments[0]
