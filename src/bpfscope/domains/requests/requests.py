@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bpfscope.cli.options import Run, common_options, option
-from bpfscope.domains.requests import records, stats
+from bpfscope.domains.requests import encode, records, stats
 from bpfscope.domains.requests.capture import Connection, Tracker, limits
 from bpfscope.domains.requests.protocols import PROTOCOLS
 from bpfscope.domains.requests.protocols.base import Exchange
@@ -194,6 +194,19 @@ class RequestBatch(Sample):
             end = exchange.response.end_ns if exchange.response is not None else exchange.request.end_ns
             assert self.tracker is not None
             yield records.record(conn, exchange, self.tracker.wall_s(end), self.keep_secrets)
+
+    def json_lines(self) -> str:
+        # The same records as records(), each connection's part encoded once (encode.py).
+        tracker, keep, line = self.tracker, self.keep_secrets, encode.line
+        if tracker is None:
+            return ""
+        wall_s = tracker.wall_s
+        return "".join(
+            [
+                line(conn, exchange, wall_s((exchange.response or exchange.request).end_ns), keep)
+                for conn, exchange in self.pairs
+            ]
+        )
 
 
 def summary(record: dict[str, Any]) -> tuple[str, str]:
