@@ -35,8 +35,8 @@ if [ "$mode" = test ]; then
     # (driven by Playwright from PyPI, which downloads no browser of its own).
     packages+=(prometheus chromium)
     # bpfscope requests's tests and benchmarks: real servers and their clients (Redis and
-    # redis-benchmark, dnsmasq as a DNS resolver, wrk as an HTTP load generator).
-    packages+=(redis-server redis-tools dnsmasq-base wrk)
+    # redis-benchmark, MariaDB and mariadb-slap, dnsmasq as a DNS resolver, wrk as an HTTP load generator).
+    packages+=(redis-server redis-tools mariadb-server mariadb-client dnsmasq-base wrk)
 fi
 missing=()
 for p in "${packages[@]}"; do
