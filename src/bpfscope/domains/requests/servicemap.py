@@ -4,7 +4,7 @@ Nodes are services. Outside Kubernetes a traced process is named by its command 
 listens on (``nginx 10.0.0.2:80``), or the address it calls from when it serves nothing; a peer that was
 not traced is its address, named from the DNS answers captured (``db.internal:5432``) when one maps to
 it. Edges are a client's requests to a server: requests per second, error rate (HTTP status >= 400, a
-PostgreSQL or Redis error, a DNS rcode other than NOERROR), p50 and p99 latency, bytes both ways.
+PostgreSQL, MySQL or Redis error, a DNS rcode other than NOERROR), p50 and p99 latency, bytes both ways.
 
 When both ends of a connection are traced, each request is in the tables twice (the client's record and
 the server's): the two are joined by the connection's addresses and ports, the edge is counted once,
