@@ -199,12 +199,8 @@ class _Packets:
         self.more = False  # the last packet's payload goes on in the next one
 
     def next(self, stream: Stream) -> Packet | None:
-        if self.skip:
-            self.skip -= stream.consume(self.skip)
-            if self.skip:
-                stream.skipping(self.skip)
-                return None
-        if not len(stream):
+        self.skip = stream.step_over(self.skip)
+        if self.skip or not len(stream):
             return None
         if stream.at_gap():
             raise ParseError("packet header not captured")
@@ -219,9 +215,7 @@ class _Packets:
             stream.consume(total)
             payload = view[HEADER:total]
         elif len(view) >= TEXT_KEPT + HEADER or stream.gap_at(len(view)):
-            self.skip = total - stream.consume(total)
-            if self.skip:
-                stream.skipping(self.skip)
+            self.skip = stream.step_over(total)
             payload = view[HEADER:]
         else:
             return None
@@ -266,23 +260,37 @@ class MysqlParser(Parser):
         self._request = self._response = None
         self._phase = ""
 
-    # --- the client's packets -------------------------------------------------------------------------
+    # --- both directions ------------------------------------------------------------------------------
     def requests(self, stream: Stream) -> list[Message]:
+        return self._read(stream, server=False)
+
+    def responses(self, stream: Stream) -> list[Message]:
+        return self._read(stream, server=True)
+
+    def _read(self, stream: Stream, server: bool) -> list[Message]:
         done: list[Message] = []
+        packets = self._server if server else self._client
+        handle = self._server_packet if server else self._client_packet
         try:
+            if server:
+                self._answer_silent(done)
             while True:
                 if self._tls and len(stream):
                     raise ParseError("TLS after the SSL request")
                 start_ns = stream.start_ns()
-                packet = self._client.next(stream)
+                packet = packets.next(stream)
                 if packet is None:
                     return done
-                self._client_packet(packet, start_ns, stream, done)
+                handle(packet, start_ns, stream, done)
         except ParseError:
-            self._client = _Packets()
+            if server:
+                self._server = _Packets()
+            else:
+                self._client = _Packets()
             self._reset()
             raise
 
+    # --- the client's packets -------------------------------------------------------------------------
     def _client_packet(self, packet: Packet, start_ns: int, stream: Stream, done: list[Message]) -> None:
         size = HEADER + packet.length
         if packet.continued:
@@ -355,23 +363,6 @@ class MysqlParser(Parser):
         done.append(message)
 
     # --- the server's packets -------------------------------------------------------------------------
-    def responses(self, stream: Stream) -> list[Message]:
-        done: list[Message] = []
-        try:
-            if self._tls and len(stream):
-                raise ParseError("TLS after the SSL request")
-            self._answer_silent(done)
-            while True:
-                start_ns = stream.start_ns()
-                packet = self._server.next(stream)
-                if packet is None:
-                    return done
-                self._server_packet(packet, start_ns, stream, done)
-        except ParseError:
-            self._server = _Packets()
-            self._reset()
-            raise
-
     def closed(self) -> list[Message]:
         """The commands that get no answer, sent last (COM_QUIT): answered by the close."""
         done: list[Message] = []

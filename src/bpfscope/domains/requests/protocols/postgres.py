@@ -74,12 +74,8 @@ class _Messages:
         self.one_byte = False  # the answer to an SSL or GSS request: one byte, no frame
 
     def next(self, stream: Stream) -> tuple[int, bytes] | None:
-        if self.skip:
-            self.skip -= stream.consume(self.skip)
-            if self.skip:
-                stream.skipping(self.skip)
-                return None
-        if not len(stream):
+        self.skip = stream.step_over(self.skip)
+        if self.skip or not len(stream):
             return None
         if stream.at_gap():
             raise ParseError("message head not captured")

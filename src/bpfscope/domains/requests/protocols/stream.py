@@ -156,6 +156,14 @@ class Stream:
         self.available -= done
         return done
 
+    def step_over(self, n: int) -> int:
+        """Step over ``n`` bytes whatever they are (a body counted, not read); returns how many are still
+        to come, which the kernel is told it need not send."""
+        left = n - self.consume(n) if n else 0
+        if left:
+            self.skipping(left)
+        return left
+
     def discard(self, size: int, pos: int | None) -> None:
         """A call not parsed (the connection is being resynchronised): only its place is kept."""
         self.clear()
