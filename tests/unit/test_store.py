@@ -15,6 +15,7 @@ import pytest
 
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.schema import Field, Schema
+from bpfscope.sinks import store as store_mod
 from bpfscope.sinks.store import Store, StoreWriter, parse_age, parse_size
 
 SCHEMA = Schema(
@@ -60,6 +61,47 @@ def test_records_come_back_as_they_went_in(tmp_path: Path) -> None:
     assert store.records(SCHEMA, where="pid = ?", params=[4]) == records[4:]
     columns = dict(store.query('SELECT column_name, column_type FROM (DESCRIBE "test.row")'))
     assert columns["pid"] == "BIGINT" and columns["share"] == "DOUBLE" and columns["ok"] == "BOOLEAN"
+
+
+GAPS = Schema(
+    "test.gaps",
+    (
+        Field("n", "int", nullable=True),
+        Field("big", "int"),
+        Field("share", "float", nullable=True),
+        Field("ok", "bool", nullable=True),
+        Field("name", "str", nullable=True),
+        Field("frames", "list", nullable=True),
+    ),
+)
+
+
+@pytest.mark.parametrize("staging", ["columns", "json"])
+def test_gaps_and_wide_values_either_way(
+    tmp_path: Path, staging: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records go to DuckDB as NumPy columns, or as JSON lines when a value does not fit its column:
+    either way they come back as they went in (gaps, 64-bit values, a column with no value at all)."""
+    if staging == "json":
+        monkeypatch.setattr(store_mod, "_columns", lambda schema, rows: None)
+    records = [
+        GAPS.record(
+            {
+                "ts": BASE + i,
+                "n": None if i % 2 else i,
+                "big": 2**62 + i,
+                "share": None if i == 1 else i / 4,
+                "ok": None if i == 2 else bool(i % 3),
+                "name": None,
+                "frames": None if i == 3 else [i, "x"],
+            }
+        )
+        for i in range(1500)  # past DuckDB's sample of an object column's values
+    ]
+    writer = StoreWriter(tmp_path, [GAPS])
+    writer.add(records)
+    writer.close()
+    assert Store(tmp_path).records(GAPS) == records
 
 
 def test_partitions_by_hour_and_keeps_by_age_and_size(tmp_path: Path) -> None:
