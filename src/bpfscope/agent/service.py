@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from bpfscope.agent import components
+from bpfscope.agent import components, memory
 from bpfscope.agent.config import AgentConfig, load_config
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.collector import Collector, Config, Sample
@@ -124,6 +124,7 @@ class StatusCollector(Collector[Config]):
     def sample(self) -> Records:
         if self.agent.writer is not None:
             self.agent.writer.flush()  # the flush interval is this collector's: kill -9 loses at most one
+            memory.trim()  # what the flush freed, back to the system (see agent/memory.py)
         now, ts = time.monotonic(), time.time()
         interval, self.last = now - self.last, now
         made = [
@@ -268,6 +269,7 @@ class Agent:
     # --- the run ------------------------------------------------------------------------------------
     def run(self, duration: float | None = None, ready: Callable[[Agent], None] | None = None) -> None:
         """Until SIGINT or SIGTERM (or ``duration`` seconds); SIGHUP reloads."""
+        memory.limit_arenas()  # before any of our threads allocates
         self.collectors, self.unavailable = components.build(self.config)
         self._open_store()
         self._make_exporters()

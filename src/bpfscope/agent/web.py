@@ -31,6 +31,9 @@ UI = Path(__file__).with_name("ui")
 # How far back a page may look (minutes), and how many rows a table returns at most.
 MAX_MINUTES = 7 * 24 * 60
 MAX_ROWS = 1000
+# DuckDB's memory for one page's query, at most (its default is 80% of the machine's RAM, inside the
+# agent's process): a page over a week of requests spills to disk or fails rather than growing the agent.
+QUERY_MEMORY_LIMIT = "256MB"
 # Scripts inline only in the flame graph's document (the profile domain's self-contained page, shown in
 # a srcdoc frame, which inherits this policy); every value is placed with textContent, never as markup.
 CSP = (
@@ -80,7 +83,7 @@ class Api:
         store = self.store
         if table not in store.tables():
             return []
-        con = store.connect(only=[table])
+        con = store.connect(only=[table], memory_limit=QUERY_MEMORY_LIMIT)
         try:
             cursor = con.execute(sql, params)
             names = [d[0] for d in cursor.description]
