@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -64,7 +64,7 @@ class ProfileSample(Sample):
         return self.profile.records(self.ts, self.interval_s)
 
 
-@cache
+@lru_cache(maxsize=4096)  # a cgroup per job or pod, ever seen: bounded for the always-on agent
 def container_of(cgroup: int) -> str | None:
     from bpfscope.sources.cgroups import cgroup_path, container_id
 

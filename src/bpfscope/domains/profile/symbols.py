@@ -58,6 +58,9 @@ BAD_ELF = (
 )
 # Where what was read of a binary is kept, by build-id (symbols here, unwind tables in unwind.py).
 CACHE_DIR = Path(os.environ.get("BPFSCOPE_CACHE", "/var/cache/bpfscope"))
+# Files a Symbolizer holds (open, or read with their symbols) before it lets go of those no process it
+# watches maps any more (prune).
+MAX_HELD_FILES = 1024
 # Bump when the layout of a cached file changes: old files are then ignored.
 CACHE_VERSION = 1
 
@@ -613,6 +616,7 @@ class Symbolizer:
         self._reader: threading.Thread | None = None
         self._closing = False
         self._lock = threading.RLock()
+        self.released = 0  # files let go by prune()
 
     # --- processes -----------------------------------------------------------------------------------
     def watch(self, pid: int) -> bool:
@@ -760,6 +764,31 @@ class Symbolizer:
                 rule = binary.unwind.rule(vaddr)
         process.rules[pc] = rule
         return rule
+
+    def prune(self, keep: int = MAX_HELD_FILES) -> int:
+        """Past ``keep`` files held or read, let go of those no watched process maps any more (their
+        descriptors closed, their symbols dropped; read again, from the cache by build-id, if a process
+        maps them later). Every file ever mapped stayed otherwise: an always-on profiler on a machine
+        that runs new binaries (builds, containers, virtual environments) grew without end. Returns how
+        many were let go (also counted in ``released``)."""
+        with self._lock:
+            if len(self._by_file) + len(self._open) <= keep:
+                return 0
+            used = {
+                k for p in self._processes.values() for k in p.files.values() if not isinstance(k, Binary)
+            }
+            unused = [k for k in (*self._open, *self._by_file) if k not in used and k not in self._loading]
+            for key in unused:
+                held = self._open.pop(key, None)
+                if held is not None:
+                    os.close(held[0])
+                self._by_file.pop(key, None)
+                self._queued.discard(key)
+            kept = {id(b) for b in self._by_file.values()}
+            for build_id in [i for i, b in self._binaries.items() if id(b) not in kept]:
+                del self._binaries[build_id]
+            self.released += len(unused)
+            return len(unused)
 
     def close(self) -> None:
         """Stop reading binaries; the files held are closed (unless a reader is still busy with one:

@@ -262,6 +262,7 @@ class Tracker:
                     if self.python.pop(pid, None) is not None:
                         self.obj.maps["py_processes"].delete(pid)
             self._exited.clear()
+            self.symbols.prune()  # files no live process maps, past a bound
 
     def stop(self) -> None:
         self._stop.set()

@@ -37,9 +37,15 @@ NS_NAMES = (
 DEFAULT_LIMIT = 65536 * 2
 # Shared, immutable values: most processes have the same credentials, capabilities and namespaces.
 _interned: dict[Any, Any] = {}
+# Values interned at most: every distinct working directory and namespace set ever seen stayed here for
+# the always-on agent's lifetime (a test runner's temporary directories, a container's namespaces). Past
+# it the table starts again; nothing recorded is lost, values are only shared less until it refills.
+MAX_INTERNED = 65536
 
 
 def intern(value: Any) -> Any:
+    if len(_interned) >= MAX_INTERNED:
+        _interned.clear()
     return _interned.setdefault(value, value)
 
 
@@ -240,6 +246,8 @@ def _cgroup2_id(path: Path) -> int:
         if line.startswith("0::"):
             relative = line[3:]
             if relative not in _cgroup_ids:
+                if len(_cgroup_ids) >= MAX_INTERNED:  # a cgroup made and removed per job: bounded too
+                    _cgroup_ids.clear()
                 mounts = cgroup2_mounts()
                 _cgroup_ids[relative] = os.stat(f"{mounts[0]}{relative}").st_ino if mounts else 0
             return _cgroup_ids[relative]
