@@ -340,3 +340,51 @@ def test_bench_leaves_the_connection_phase_out() -> None:
     spans = [span_of(conn, e, threads) for e in exchanges]
     assert spans[0] is None
     assert spans[1] is not None and spans[1].what == "SELECT a, b FROM t WHERE name = ? AND id = ?"
+
+
+def test_statements_described_without_eofs_met_mid_connection() -> None:
+    """No handshake seen: whether EOF packets follow a statement's description is learned from the
+    packets; when nothing tells yet, the next response (or the close) ends it."""
+    delete, select = b"DELETE FROM t WHERE id = ?", b"SELECT c FROM t WHERE id = ?"
+    calls = [
+        (False, command(mysql.PREPARE, delete)),
+        (True, prepare_ok(9, 0, 1, deprecate_eof=True)),  # an EOF may follow: not known yet
+        (False, command(0x0E)),
+        (True, ok()),  # it did not: this is the ping's answer
+        (False, command(mysql.PREPARE, select)),
+        (True, prepare_ok(10, 1, 1, deprecate_eof=True)),
+        (False, command(mysql.EXECUTE, struct.pack("<IBI", 10, 0, 1) + b"\0\x01\x03\0\x05\0\0\0")),
+        (True, packets(1, b"\x01", column(b"c"), b"\0\0\x01v", b"\xfe\0\0\x02\0\0\0")),
+        (False, command(mysql.PREPARE, delete)),
+        (True, prepare_ok(11, 0, 1, deprecate_eof=True)),  # known by now: ends at once
+    ]
+    exchanges, tracker = feed(calls, close=False)
+    assert summary(exchanges) == [("Prepare", "OK", 0), ("Ping", "OK", 0), ("Prepare", "OK", 0),
+                                  ("Execute", "OK", 1), ("Prepare", "OK", 0)]  # fmt: skip
+    assert exchanges[3].request.fields["query"] == select.decode()
+    # A description that waits for an EOF ends with the connection when nothing else comes.
+    exchanges, tracker = feed(calls[:2])
+    assert summary(exchanges) == [("Prepare", "OK", 0)] and tracker.counts.unanswered == 0
+
+
+def test_a_cursor_statistics_and_change_user() -> None:
+    execute = command(mysql.EXECUTE, struct.pack("<IBI", 7, 1, 1))  # CURSOR_TYPE_READ_ONLY
+    calls = [
+        (False, command(mysql.PREPARE, b"SELECT c FROM t")),
+        (True, prepare_ok(7, 1, 0)),
+        (False, execute),
+        (True, packets(1, b"\x01", column(b"c"), eof(2 | mysql.CURSOR_EXISTS))),  # rows by COM_STMT_FETCH
+        (False, command(mysql.FETCH, struct.pack("<II", 7, 100))),
+        (True, packets(1, b"\0\0\x01v", b"\0\0\x01w", eof(2 | 0x80))),  # the last row sent
+        (False, command(mysql.STATISTICS)),
+        (True, packet(1, b"Uptime: 5  Threads: 1  Questions: 9")),
+        (False, command(mysql.CHANGE_USER, b"other\0\x14" + bytes(20) + b"db\0")),
+        (True, packet(1, b"\xfe" + b"mysql_native_password\0" + bytes(21))),
+        (False, packet(2, bytes(20))),
+        (True, ok(3)),
+    ]
+    exchanges, tracker = feed(calls)
+    assert summary(exchanges) == [("Prepare", "OK", 0), ("Execute", "OK", 0), ("Fetch", "OK", 2),
+                                  ("Statistics", "OK", 0), ("Change user", "OK", 0)]  # fmt: skip
+    assert exchanges[3].response.fields["info"].startswith("Uptime")  # type: ignore[union-attr]
+    assert tracker.counts.parse_errors == tracker.counts.unmatched == 0

@@ -257,7 +257,7 @@ class MysqlParser(Parser):
     def _reset(self) -> None:
         """After a parse error: the capture forgets the requests waiting, so do we."""
         self._pending.clear()
-        self._request = self._response = None
+        self._request = self._response = self._last_request = None
         self._phase = ""
 
     # --- both directions ------------------------------------------------------------------------------
@@ -364,8 +364,14 @@ class MysqlParser(Parser):
 
     # --- the server's packets -------------------------------------------------------------------------
     def closed(self) -> list[Message]:
-        """The commands that get no answer, sent last (COM_QUIT): answered by the close."""
+        """The commands that get no answer, sent last (COM_QUIT): answered by the close. A statement's
+        description that waited for an EOF that was never to come ends where its last packet did."""
         done: list[Message] = []
+        if self._response is not None and self._phase.endswith(" eof"):
+            done.append(self._response)
+            self._response = None
+            if self._pending:
+                self._pending.popleft()
         self._answer_silent(done, at_close=True)
         return done
 
@@ -447,6 +453,11 @@ class MysqlParser(Parser):
                 return "end"
             if first == 0 and cmd == PREPARE:
                 return self._prepared(p)
+            if cmd == FETCH and not terminator:
+                # Rows of a cursor (binary rows begin with 0, as an OK would), up to an EOF.
+                fields["rows"] += 1
+                self._phase = "rows"
+                return "more"
             if first == 0 or terminator:
                 return self._results_end(p, packet.length)
             if first == 0xFB:
@@ -454,10 +465,6 @@ class MysqlParser(Parser):
                 return "more"
             if cmd == FIELD_LIST:
                 self._phase = "definitions"
-                return "more"
-            if cmd == FETCH:
-                fields["rows"] += 1
-                self._phase = "rows"
                 return "more"
             count, at = lenenc(p, 0)
             if count == 0:
