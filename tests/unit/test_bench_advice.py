@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfscope.domains.bench import advice, tree
+from bpfscope.domains.bench import advice, limits, tree
 from bpfscope.errors import BpfscopeError
 
 
@@ -93,3 +93,57 @@ def test_an_average_adds_up() -> None:
     assert db is not None and db.time_ns == pytest.approx(100e6)
     assert db.lines == pytest.approx({"disk_read": 45e6, "cpu": 30e6, "runqueue": 25e6})
     assert tree.quantile([5, 1, 4, 2, 3], 0.5) == 3 and tree.quantile([5, 1, 4, 2, 3], 0.99) == 5
+
+
+def test_refaults_are_what_ram_removes_with_the_waits_after_the_reads() -> None:
+    """A refault is a page the cgroup had cached and evicted: a larger cache would have served the read,
+    and the thread would neither have blocked nor waited for a CPU after it."""
+    top = band(disk_read=60, runqueue=30, cpu=10)
+    db = top.find("db")
+    assert db is not None
+    db.read_wake_ns = 20e6
+    # 100 reads of 8 KiB: 200 pages, 150 of them refaults (the rest first reads: cold misses).
+    use = advice.Usage(reads=100, read_bytes=100 * 8192, refaults=150, memory_used=64 << 20,
+                       memory_limit=64 << 20, rereads=0)  # fmt: skip
+    verdict = advice.advise(top, {"db": use}, advice.load_prices(), 10, 2)
+    ram = next(a for a in verdict.considered if a.lever == "ram")
+    assert ram.gain_ns == pytest.approx(0.75 * (60e6 + 20e6))
+    assert ram.amount == 8 and "75% of the 200 pages" in ram.why and "64 MiB limit" in ram.why
+    # Re-reads within the run do not matter when the kernel counts refaults (evictions before the run
+    # count too); none at all: no RAM gain, however many reads.
+    share, _, _ = advice.ram_share(advice.Usage(reads=100, read_bytes=100 * 8192, refaults=0, rereads=90))
+    assert share == 0
+
+
+def test_the_ram_share_is_at_most_all_the_reads() -> None:
+    share, extra, why = advice.ram_share(advice.Usage(reads=10, read_bytes=10 * 4096, refaults=25))
+    assert share == 1 and extra == 10 * 4096 and "the machine's memory" in why
+
+
+def test_without_refault_counters_re_reads_are_the_share() -> None:
+    share, extra, _ = advice.ram_share(advice.Usage(reads=10, rereads=4, read_blocks_bytes=6 << 20))
+    assert share == pytest.approx(0.4) and extra == 6 << 20
+
+
+@pytest.mark.parametrize("prefix", ["total_", ""])
+def test_refaults_from_memory_stat(prefix: str, tmp_path: Path) -> None:
+    """cgroup v1 prints the hierarchy's counters with total_ (beside its own), v2 its hierarchical ones."""
+    own = "workingset_refault_file 3\n" if prefix else ""
+    (tmp_path / "memory.stat").write_text(f"cache 1\n{own}{prefix}workingset_refault_file 42\n")
+    assert limits.Limits(tmp_path, None, None).refaults() == 42
+    (tmp_path / "memory.stat").write_text("cache 1\n")
+    assert limits.Limits(tmp_path, None, None).refaults() is None
+    assert limits.Limits(None, None, None).refaults() is None
+
+
+def test_warm_reads_the_files_up_to_the_budget(tmp_path: Path) -> None:
+    """The reading is done by a child that joins the memory cgroup (here a directory standing for one)."""
+    (tmp_path / "cgroup.procs").write_text("")
+    files = []
+    for name in ("a", "b"):
+        files.append(tmp_path / name)
+        files[-1].write_bytes(b"x" * (3 << 20))
+    group = limits.Limits(tmp_path, None, None)
+    assert group.warm(files, 1 << 30) == 6 << 20
+    assert group.warm(files, 4 << 20) == 4 << 20
+    assert int((tmp_path / "cgroup.procs").read_text()) > 0  # the child wrote itself there

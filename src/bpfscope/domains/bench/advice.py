@@ -3,9 +3,14 @@ p99 it can give, its monthly price, and which resource is the bottleneck.
 
 A lever can only remove the part of the p99 band's time it acts on:
 
-- RAM removes disk reads that a larger page cache would hold: the band's disk-read time, times the
-  share of the component's reads that read a block it had read before in the run (a cache of the blocks
-  it read would have held them). It buys the RAM those blocks take, in the table's steps.
+- RAM removes disk reads that a larger page cache would have served, and with them the waits for a CPU
+  that follow each read (a read the cache serves neither blocks nor has to be woken): the band's
+  disk-read time and its run-queue time right after disk reads, times the share of the pages the
+  component read from the disk that its memory cgroup had held and evicted (the kernel's workingset
+  refaults over the run; where the kernel does not count them, the reads of a block it had read before
+  in the run). A refault is a capacity miss, whenever the page was evicted, before the run too; a first
+  read (a cold miss) is not, and no RAM removes it. It buys the RAM that covers the working set (what
+  the cgroup holds, and the pages it read back) beyond its memory limit, in the table's steps.
 - IOPS removes the queueing of disk waits while the volume is at its cap (the component's read IOPS at
   80% of its cgroup's cap or more, or its disk waits mostly queueing under a cap): the band's disk time
   less the device's own time for the I/Os.
@@ -40,6 +45,7 @@ QUEUED = 0.5
 # working set for this share of its memory limit.
 GRAPH_CPU_BUSY = 0.8
 GRAPH_MEMORY_FULL = 0.9
+PAGE = 4096  # the unit of the kernel's page-cache counters
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,11 @@ class Usage:
     memory_working_set: int | None = None  # usage less inactive file pages, as the VPA reads it
     memory_limit: int | None = None
     reads: int = 0  # block reads it submitted
+    read_bytes: int = 0  # the bytes they read
     rereads: int = 0  # of them, of a block it had read before in the run
     read_blocks_bytes: int = 0  # the distinct bytes it read from the disk
+    refaults: int | None = None  # file pages its memory cgroup read back after evicting them (None: unknown)
+    memory_used: int | None = None  # its memory cgroup's usage at the end
     device_ns: int = 0  # the disk's own time for its reads (issue to completion)
     disk_wait_ns: int = 0  # its threads' disk waits (tsa: the time the reads took them)
     read_iops_cap: int | None = None  # its cgroup's cap on the disk it read from
@@ -159,13 +168,10 @@ def advise(
         disk = disk_read + node.lines.get("disk_write", 0.0)
         ram, iops, cpu = prices.levers["ram"], prices.levers["iops"], prices.levers["cpu"]
         if disk_read and use.reads:
-            share = use.rereads / use.reads
-            gib = _steps(use.read_blocks_bytes / 2**30, ram)
-            considered.append(Advice(
-                "ram", name, gib, gib * ram.monthly_per_unit, disk_read * share,
-                f"{share:.0%} of its {use.reads} disk reads read a block it had read before in the run; "
-                f"the {use.read_blocks_bytes / 2**20:.0f} MiB it read would stay cached",
-            ))  # fmt: skip
+            share, extra, why = ram_share(use)
+            gib = _steps(extra / 2**30, ram)
+            gain = (disk_read + node.read_wake_ns) * share
+            considered.append(Advice("ram", name, gib, gib * ram.monthly_per_unit, gain, why))
         if disk and use.reads and use.read_iops_cap:
             rate = use.reads / window_s
             # The disk waits beyond the device's own time were spent queued at the cap. A throttle
@@ -189,6 +195,44 @@ def advise(
     worth = [a for a in considered if a.gain_ns >= MIN_GAIN_SHARE * whole]
     worth.sort(key=lambda a: -a.gain_per_100)
     return Verdict(worth, _bottleneck(band, considered), _graphs(usage, window_s, machine_cpus), considered)
+
+
+def ram_share(use: Usage) -> tuple[float, int, str]:
+    """(the share of the component's disk reads a larger cache would have served, the bytes of memory
+    that cache needs beyond its limit, why), from its memory cgroup's refaults when the kernel counts
+    them, else from its re-reads within the run.
+
+    Refaults cost two reads of memory.stat per component (no tracing), and see evictions from before
+    the run, which re-reads within the run cannot: with 64 MiB for a 160 MiB file read once, 3,000
+    random 8 KiB reads brought 3,620 pages back from the disk and the cgroup counted 3,620 refaults;
+    in experiments/io-aware-benchmark's disk scenario (6 s), the database's 9,556 reads brought in
+    20,539 pages, all refaults. Tracing evictions (filemap:mm_filemap_delete_from_page_cache) would
+    cost an event per page and still miss those before the run. Block reads and refaults are both
+    pages, read-ahead included. A cgroup shared with others (the root's) counts their refaults too:
+    the share is at most 1."""
+    if use.refaults is not None and use.read_bytes:
+        pages = use.read_bytes / PAGE
+        share = min(1.0, use.refaults / pages)
+        back = int(min(use.refaults * PAGE, use.read_bytes))
+        held = use.memory_used or 0
+        # The working set is at least what the cgroup holds and what it read back; a cache that holds
+        # it needs that much beyond the limit (without a limit, the pages it read back).
+        need = held + back - use.memory_limit if use.memory_limit else back
+        working = f"{(held + back) / 2**20:.0f} MiB" if use.memory_limit else f"{back / 2**20:.0f} MiB more"
+        limit = (
+            f"its {use.memory_limit / 2**20:.0f} MiB limit" if use.memory_limit else "the machine's memory"
+        )
+        why = (
+            f"{share:.0%} of the {pages:.0f} pages its {use.reads} disk reads brought in were pages "
+            f"{limit} had evicted (refaults); its working set is at least {working}"
+        )
+        return share, max(need, back), why
+    share = use.rereads / use.reads if use.reads else 0.0
+    why = (
+        f"{share:.0%} of its {use.reads} disk reads read a block it had read before in the run; "
+        f"the {use.read_blocks_bytes / 2**20:.0f} MiB it read would stay cached"
+    )
+    return share, use.read_blocks_bytes, why
 
 
 def _bottleneck(band: Node, considered: list[Advice]) -> str:

@@ -11,6 +11,7 @@ network, and a residual so that the lines add up.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -125,6 +126,7 @@ class BenchCollector(Collector[BenchConfig]):
         self.threads: dict[int, tuple[int, int]] = {}  # tid -> (tgid, cgroup), read at the end
         self.processes: list[tsa.Row] = []  # each component process's thread time over the run
         self._names: dict[int, str | None] = {}
+        self.refaults_before: dict[Path, int] = {}  # memory cgroup -> its refaults when tracing began
         self.started_ns = 0
         self.stopped_ns = 0  # when tracing stopped (the drain after it is not part of the run)
         self.ended_ns = 0
@@ -149,6 +151,7 @@ class BenchCollector(Collector[BenchConfig]):
         self.tsa.start()
         for tid, since in zip(self.tsa.before.tid.tolist(), self._since_ns(), strict=True):
             self.timeline.seen(tid, since)
+        self.refaults_before = _refaults(set(self.tsa.before.tgid.tolist()))
         self.started_ns = time.monotonic_ns()
 
     def _since_ns(self) -> list[int]:
@@ -314,7 +317,7 @@ class BenchCollector(Collector[BenchConfig]):
     def usage(self) -> dict[str, advice.Usage]:
         """Each component's use of the run and its limits (the advice's inputs): CPU and disk-wait time
         from tsa, reads from the block tracer (re-reads of a block it had read before in the run, the
-        distinct bytes read, the device's own time), limits from its cgroups."""
+        distinct bytes read, the device's own time), refaults and limits from its cgroups."""
         out: dict[str, advice.Usage] = {}
         names = tsa.states()
         for row in self.processes:
@@ -341,6 +344,7 @@ class BenchCollector(Collector[BenchConfig]):
                     continue
                 use = out[name]
                 use.reads += 1
+                use.read_bytes += size
                 use.device_ns += latency
                 key = (dev, sector)
                 blocks = seen.setdefault(name, set())
@@ -361,11 +365,29 @@ class BenchCollector(Collector[BenchConfig]):
                 limits = Limits.of_pid(use.pid)
                 use.cpus = limits.cpus()
                 use.memory_limit = limits.memory_bytes()
-                use.memory_working_set = limits.working_set() if limits.memory is not None else None
+                if limits.memory is not None:
+                    use.memory_working_set = limits.working_set()
+                    use.memory_used = limits.memory_used()
+                    before, now = self.refaults_before.get(limits.memory), limits.refaults()
+                    if before is not None and now is not None:
+                        use.refaults = now - before
                 use.read_iops_cap = limits.read_iops(use.disk) if use.disk else None
             except (BpfscopeError, OSError, ValueError):
                 pass  # the process is gone: no limits known
         return out
+
+
+def _refaults(tgids: set[int]) -> dict[Path, int]:
+    """Each memory cgroup of these processes -> its refaults now."""
+    out: dict[Path, int] = {}
+    for tgid in tgids:
+        with contextlib.suppress(BpfscopeError, OSError, ValueError):
+            memory = Limits.of_pid(tgid).memory
+            if memory is not None and memory not in out:
+                value = Limits(memory, None, None).refaults()
+                if value is not None:
+                    out[memory] = value
+    return out
 
 
 def _read_op() -> int:
@@ -620,6 +642,10 @@ def _rows(node: tree.Node, depth: int, whole: float, rows: list[list[Any]]) -> N
         value = node.lines.get(key, 0.0)
         if abs(value) >= 5e3 or key == "residual":
             rows.append([f"{pad}  {label}", _ms(value), _pct(value, whole), ""])
+        if key == "runqueue" and node.read_wake_ns >= 5e3:
+            # A part of the run queue the disk reads caused (RAM's lever removes it with them).
+            wake = node.read_wake_ns
+            rows.append([f"{pad}    of which right after disk reads", _ms(wake), _pct(wake, whole), ""])
     if node.network_ns or node.children:
         rows.append([f"{pad}  network to its calls", _ms(node.network_ns), _pct(node.network_ns, whole), ""])
     for child in sorted(node.children.values(), key=lambda c: -c.time_ns):
@@ -760,7 +786,18 @@ def _change(lever: str, amount: float, limits: Limits, disk: str | None) -> tupl
             raise BpfscopeError("no memory limit to raise")
         after = before + int(amount * 2**30)
         words = f"memory limit {before >> 20} -> {after >> 20} MiB"
-        return words, lambda: limits.set_memory_bytes(after), lambda: limits.set_memory_bytes(before)
+
+        def apply() -> None:
+            # A larger cache would have been warm when the requests came: raising the limit alone
+            # leaves it as cold as the smaller one left it, and a short replay would measure the cache
+            # filling up. So the files the component reads are read into its cache first, up to the
+            # RAM bought (its open files on the disk it read from: a database's tables and indexes).
+            limits.set_memory_bytes(after)
+            if disk is not None:
+                warmed = limits.warm(limits.open_files(disk), after - limits.memory_used())
+                note(f"Warmed its cache with {warmed >> 20} MiB of the files it holds open on {disk}.")
+
+        return words, apply, lambda: limits.set_memory_bytes(before)
     if lever == "iops":
         cap = limits.read_iops(disk) if disk and limits.io is not None else None
         if cap is None or disk is None:

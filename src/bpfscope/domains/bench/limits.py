@@ -9,7 +9,9 @@ of its processes (/proc/PID/cgroup).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,12 +118,73 @@ class Limits:
         name = "memory.current" if (self.memory / "memory.current").exists() else "memory.usage_in_bytes"
         return int((self.memory / name).read_text())
 
+    def _stat(self) -> dict[str, int]:
+        assert self.memory is not None
+        return {
+            k: int(v)
+            for k, v in (line.split() for line in (self.memory / "memory.stat").read_text().splitlines())
+        }
+
+    def refaults(self) -> int | None:
+        """File pages read back into this cgroup's page cache after it had evicted them (the kernel's
+        workingset refaults, this cgroup and those below it): each is a read a larger cache would have
+        served, as long as the kernel still remembered the eviction (its shadow entries, which it keeps
+        for a few times the cgroup's memory). None where the kernel does not count them."""
+        if self.memory is None:
+            return None
+        stat = self._stat()
+        # v1 prints its own counters and, prefixed total_, the hierarchy's; v2's are hierarchical.
+        value = stat.get("total_workingset_refault_file", stat.get("workingset_refault_file"))
+        return None if value is None else value
+
     def working_set(self) -> int:
         """Usage less the inactive file pages (what the kernel can drop first), as the VPA reads it."""
-        assert self.memory is not None
-        stat = dict(line.split() for line in (self.memory / "memory.stat").read_text().splitlines())
-        inactive = int(stat.get("inactive_file", stat.get("total_inactive_file", 0)))
+        stat = self._stat()
+        inactive = stat.get("inactive_file", stat.get("total_inactive_file", 0))
         return max(0, self.memory_used() - inactive)
+
+    def open_files(self, disk: str) -> list[Path]:
+        """The regular files the memory cgroup's processes hold open on a disk (MAJOR:MINOR): what its
+        page cache holds when it is warm."""
+        assert self.memory is not None
+        files: dict[tuple[int, int], Path] = {}
+        for pid in (self.memory / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError, ValueError):
+                        path = fd.resolve(strict=True)
+                        st = path.stat()
+                        if (
+                            stat.S_ISREG(st.st_mode)
+                            and (st.st_dev, st.st_ino) not in files
+                            and disk_of(path) == disk
+                        ):
+                            files[(st.st_dev, st.st_ino)] = path
+        return sorted(files.values())
+
+    def warm(self, files: list[Path], budget: int) -> int:
+        """Read ``files`` (up to ``budget`` bytes) into the page cache from a child in this memory cgroup,
+        so that their pages are charged to it; the bytes read. A child of this memory cgroup only: on a
+        hybrid machine its blkio throttle does not slow the reading down."""
+        assert self.memory is not None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            total = 0
+            with contextlib.suppress(BaseException):
+                os.close(read)
+                (self.memory / "cgroup.procs").write_text(str(os.getpid()))
+                for path in files:
+                    with contextlib.suppress(OSError), open(path, "rb", buffering=0) as f:
+                        while total < budget and (chunk := f.read(1 << 20)):
+                            total += len(chunk)
+                os.write(write, str(total).encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as r:
+            text = r.read()
+        os.waitpid(pid, 0)
+        return int(text or 0)
 
     # --- disk reads --------------------------------------------------------------------------------
     def read_iops(self, disk: str) -> int | None:
