@@ -1,8 +1,8 @@
 """experiments/io-aware-benchmark in its short mode: five components under an open-loop load, measured
 by bpfscope bench. The truths: the load generator's own log (every request counted, p50/p99 within 2%),
-closure (residuals under 1%), and advice that follows the bottleneck: a disk lever for the database in
-the disk scenario (replayed by --verify, measured against the replay's own log), CPU for the app when
-its CPU quota holds it back."""
+closure (residuals under 1%), and advice that follows the bottleneck: RAM for the database in the disk
+scenario (replayed by --verify, measured against the replay's own log), CPU for the app when its CPU
+quota holds it back."""
 
 from __future__ import annotations
 
@@ -46,17 +46,22 @@ def test_disk_scenario(result: dict[str, Any]) -> None:
     below_app = [n for n in s["tree"] if n["path"].startswith("end-to-end/gw/sidecar/app/")]
     db = nodes["db"]
     assert db == max(below_app, key=lambda n: n["time_ms"])
-    assert db["disk_read_ms"] == max(
-        db[k] for k in ("cpu_ms", "runqueue_ms", "disk_read_ms", "disk_write_ms")
-    )
+    # Its time is its reads: the disk's, and the wait for a CPU once each read is done (on a busy machine
+    # that wait can be the larger part). Both go with the reads a larger cache serves.
+    reads = db["disk_read_ms"] + db["read_wake_ms"]
+    assert reads > db["cpu_ms"] + db["runqueue_ms"] - db["read_wake_ms"] + db["disk_write_ms"], db
     # (Not the bottleneck's words: the short mode's p99 band is two requests, and one slow hop elsewhere
     # in one of them can outweigh the database's reads in the sum over the path.)
+    # RAM first: its reads are pages its too small cache had evicted, on a volume below its cap (more
+    # IOPS would not shorten them); CPU, if advised at all, comes after.
     first = s["advice"][0]
-    assert first["component"] == "db" and first["lever"] in ("ram", "iops"), s["advice"]
+    assert (first["lever"], first["component"]) == ("ram", "db"), s["advice"]
+    assert "iops" not in {a["lever"] for a in s["advice"]}, s["advice"]
     v = s["verify"]
-    assert v is not None and v["lever"] == first["lever"], v
-    # Raising the cap 31-fold shortens a disk-bound tail (whether by half the predicted gain, so that
-    # the advice is confirmed, depends on what else the machine runs: the run's own words say).
+    assert v is not None and v["lever"] == "ram", v
+    # With the memory raised (and its cache warm, as a larger one would be), the tail is shorter
+    # (whether by half the predicted gain, so that the advice is confirmed, depends on what else the
+    # machine runs meanwhile: the run's own words say).
     assert v["measured_p99_ms"] < v["before_p99_ms"], v
     # The replay's p99 as bench measured it, against the load generator's log of the replay.
     assert abs(v["measured_p99_ms"] - s["verify_client_p99_ms"]) <= 0.02 * s["verify_client_p99_ms"], v

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""The app: a thread-per-request HTTP service that reads a row from PostgreSQL and publishes a message.
+"""The app: a thread-per-request HTTP service that reads rows from PostgreSQL and publishes a message.
 
-    python3 app.py PORT --db DSN [--redis HOST:PORT] [--work-ms W]
+    python3 app.py PORT --db DSN [--redis HOST:PORT] [--work-ms W] [--rows R]
 
-``GET /item?id=N`` reads account N (pgbench's table, by its primary key), publishes an event to a Redis
+``GET /item?id=N`` reads a page of R accounts (pgbench's table, by its primary key: N and the R - 1
+accounts spread evenly after it across the table, as a listing's items are), publishes an event to a Redis
 list when --redis is given (the messaging component; Redis fsyncs its append-only file before it
 answers), spends W ms of CPU when asked (the CPU-bound scenario), and answers with the balance. Each
 connection has a thread of its own, with its own database and Redis connections: a request is served
@@ -22,7 +23,8 @@ from urllib.parse import parse_qs, urlparse
 import psycopg
 import redis
 
-QUERY = "SELECT abalance FROM pgbench_accounts WHERE aid = %s"
+QUERY = "SELECT aid, abalance FROM pgbench_accounts WHERE aid = ANY(%s)"
+ACCOUNTS = 1_000_000  # pgbench's accounts at scale 10: the page's keys wrap around within them
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -46,14 +48,16 @@ class Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         key = int(parse_qs(url.query).get("id", ["1"])[0])
         db, mq = self.connections()
-        row = db.execute(QUERY, (key,)).fetchone()
+        rows = self.args.rows
+        keys = [(key - 1 + i * (ACCOUNTS // rows)) % ACCOUNTS + 1 for i in range(rows)]
+        found = dict(db.execute(QUERY, (keys,)).fetchall())
         if mq is not None:
             mq.rpush("events", json.dumps({"id": key, "request": self.headers.get("X-Request-ID", "")}))
         if self.args.work_ms:
             end = time.thread_time() + self.args.work_ms / 1000
             while time.thread_time() < end:
                 pass
-        body = json.dumps({"id": key, "balance": row[0] if row else None}).encode()
+        body = json.dumps({"id": key, "balance": found.get(key)}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--db", required=True, help="libpq connection string")
     parser.add_argument("--redis", help="HOST:PORT of the messaging Redis")
     parser.add_argument("--work-ms", type=float, default=0.0, help="CPU time spent per request")
+    parser.add_argument("--rows", type=int, default=1, help="accounts read per request")
     Handler.args = parser.parse_args()
     server = ThreadingHTTPServer((Handler.args.host, Handler.args.port), Handler)
     server.daemon_threads = True

@@ -13,6 +13,7 @@ the clock and the socket, so the log is the requests' time on the wire plus micr
 The log has one line per request: its id, when its first byte was written and when its response's last
 byte was read (CLOCK_MONOTONIC ns, the clock bpfscope's records use), and the latency between. When FILE
 exists (a second run of the same command, as bench --verify makes), the log goes to FILE.1, FILE.2, ...
+and the keys are drawn with the seed plus that number.
 """
 
 from __future__ import annotations
@@ -145,11 +146,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log", required=True, help="the per-request log (written at the end)")
     args = parser.parse_args()
-    log, failed = run(args)
     path, i = Path(args.log), 0
     while path.exists():
         i += 1
         path = Path(f"{args.log}.{i}")
+    # A replay draws other keys: the same keys would find the first run's pages in the caches, and any
+    # replay would look faster than the run it replays.
+    args.seed += i
+    log, failed = run(args)
     with open(path, "w") as f:
         for rid, sent, done in sorted(log, key=lambda r: r[1]):
             f.write(f"{rid} {sent} {done} {done - sent}\n")

@@ -84,6 +84,18 @@ class Group:
             d.mkdir(parents=True, exist_ok=True)
         self.limits = Limits.of_dir(self.name)
 
+    def weigh_run(self) -> None:
+        """The whole run's CPU weight (its directory above every group) against the machine's other work:
+        the largest there is. A shared machine's other jobs, each of whose threads weighs as much as the
+        run's whole group, would otherwise make every component wait for a CPU; a component's own CPU
+        quota still holds. Processes of the run outside its groups (a client) lose to it: put them in a
+        group too."""
+        cpu = controllers().get("cpu")
+        if cpu is not None:
+            v2 = (cpu / "cgroup.controllers").exists()
+            with contextlib.suppress(OSError):
+                (cpu / TAG / ("cpu.weight" if v2 else "cpu.shares")).write_text("10000" if v2 else "262144")
+
     def join(self, pid: int) -> None:
         for d in self.dirs:
             (d / "cgroup.procs").write_text(str(pid))
@@ -323,8 +335,11 @@ def started(
         stop(proc)
 
 
-def app_command(port: int, db_dsn: str, redis: str | None = None, work_ms: float = 0.0) -> list[str]:
+def app_command(
+    port: int, db_dsn: str, redis: str | None = None, work_ms: float = 0.0, rows: int = 1
+) -> list[str]:
     cmd = [sys.executable, str(HERE / "app.py"), str(port), "--db", db_dsn, "--work-ms", str(work_ms)]
+    cmd += ["--rows", str(rows)]
     return cmd + (["--redis", redis] if redis else [])
 
 

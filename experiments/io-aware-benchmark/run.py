@@ -6,11 +6,16 @@ under an open-loop load, measured by `bpfscope bench`; two scenarios whose bottl
                                                                   -> database (PostgreSQL)
                                                                   -> messaging (Redis, AOF fsync always)
 
-- disk: the database with too little RAM for its data (64 MB for 160 MB) on a volume capped at 100 read
-  IOPS. Expected: the database is the largest part of the p99 band, mostly disk reads; the advice is a
-  disk lever (RAM or IOPS), never CPU; --verify raises that limit and measures the p99 again.
+Each request reads a page of 40 accounts (app.py --rows) from pgbench's table, scale 10.
+
+- disk: the database with too little RAM for its data (64 MB for 160 MB), in the steady state of a
+  database that has run so (every page read once under the limit, the kernel evicting what does not
+  fit), on a volume capped at a cloud volume's 3,000 read IOPS, below which its reads stay. Expected:
+  the database is the largest part of the p99 band, its reads most of it (the disk's time and the wait
+  for a CPU after each); the advice is RAM first, never IOPS; --verify raises the memory limit and
+  measures the p99 again.
 - cpu: the database warm and unlimited, the app spending 6 ms of CPU per request under a CPU quota of
-  half a CPU. Expected: the app's run-queue time is the largest part, and the advice is CPU.
+  a quarter of a CPU. Expected: the app waits for a CPU, and the advice is CPU for it.
 
     .venv/bin/python experiments/io-aware-benchmark/run.py [--short] [--json]
 
@@ -36,7 +41,9 @@ from bpfscope.domains.bench.tree import quantile
 
 WORK = Path("/var/tmp/bpfscope-io-aware")
 SCALE = 10
-READ_IOPS = 100  # a small volume's cap: the load needs about 60 reads a second at 30 requests
+READ_IOPS = 3000  # a cloud volume's cap (gp3's baseline)
+CPUS = 0.25  # the app's quota in the CPU scenario: 30 requests of 6 ms a second need 0.18 of a CPU
+ROWS = 40  # accounts a request reads: a page of a listing, each a random index leaf and table page
 NGINX = """
 worker_processes 1;
 pid {dir}/nginx.pid;
@@ -81,6 +88,10 @@ class System:
         self.work = work
         self.stack = contextlib.ExitStack()
         self.groups = {name: rig.Group(name) for name in ("gw", "sidecar", "app", "db", "mq")}
+        # The load generator (and bench, its parent) in the run's CPU weight too: not a component.
+        self.client = rig.Group("client")
+        self.stack.callback(self.client.close)
+        self.client.weigh_run()
         for g in self.groups.values():
             self.stack.callback(g.close)
 
@@ -98,7 +109,7 @@ class System:
                  "--appendonly", "yes", "--appendfsync", "always", "--save", ""]  # fmt: skip
         self.stack.enter_context(rig.started(redis, self.groups["mq"], ready=None))
         rig.wait_port("127.0.0.1", mq_port)
-        app = rig.app_command(app_port, self.db.dsn, f"127.0.0.1:{mq_port}", work_ms)
+        app = rig.app_command(app_port, self.db.dsn, f"127.0.0.1:{mq_port}", work_ms, ROWS)
         self.stack.enter_context(rig.started(app, self.groups["app"]))
         conf = self.work / "haproxy.cfg"
         conf.write_text(HAPROXY.format(port=sidecar_port, app=app_port))
@@ -123,7 +134,9 @@ def bench(system: System, rate: float, seconds: float, log: Path, verify: bool) 
     load = rig.load_command("127.0.0.1", system.port, rate, seconds, SCALE * 100_000, log)
     cmd = [sys.executable, "-m", "bpfscope", "bench", "--json", "--entry", "gw", "--components",
            system.components(), *(["--verify"] if verify else []), "--", *load]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, preexec_fn=system.client.preexec()
+    )
     if result.returncode != 0:
         raise RuntimeError(f"bench failed: {result.stderr.strip()[-2000:]}")
     return [json.loads(line) for line in result.stdout.splitlines()]
@@ -136,7 +149,8 @@ def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
     advice = [r for r in records if r["record"] == "bench.advice" and r["advised"]]
     verified = next((r for r in records if r["record"] == "bench.verify"), None)
     logged = [ns / 1e6 for ns in rig.read_load_log(log)]
-    lines = ("cpu_ms", "runqueue_ms", "disk_read_ms", "disk_write_ms", "lock_ms", "net_ms", "other_ms")
+    lines = ("cpu_ms", "runqueue_ms", "read_wake_ms", "disk_read_ms", "disk_write_ms", "lock_ms", "net_ms",
+             "other_ms")  # fmt: skip
     return {
         "requests": summ["requests"],
         "client_requests": len(logged),
@@ -185,13 +199,20 @@ def run(short: bool) -> dict[str, Any]:
             db = system.groups["db"].limits
             disk = disk_of(WORK)
             db.set_memory_bytes(64 << 20)
-            db.set_read_iops(disk, READ_IOPS)
+            # A database that has run with too little RAM: every page of its data has been read under
+            # its limit, the cache holds what fits and the kernel evicted the rest (remembering each
+            # eviction). Its misses are then capacity misses, which RAM removes, not the cold misses of
+            # a cache emptied by hand (evicted first: no page is resident by someone else's reads).
             system.db.evict()
+            db.warm(sorted(p for p in (system.db.data / "base").rglob("*") if p.is_file()), 1 << 40)
+            db.set_read_iops(disk, READ_IOPS)
             log = Path(tmp) / "disk.log"
             out["disk"] = summary(bench(system, rate, seconds, log, verify=True), log)
         with scenario(WORK, 6.0) as system:
-            system.groups["app"].limits.set_cpus(0.5)
-            system.db.sql("SELECT count(*) FROM pgbench_accounts")  # warm
+            system.groups["app"].limits.set_cpus(CPUS)
+            # Warm: every page of its tables and indexes in its cache (no limit: they all fit).
+            db = system.groups["db"].limits
+            db.warm(sorted(p for p in (system.db.data / "base").rglob("*") if p.is_file()), 1 << 40)
             log = Path(tmp) / "cpu.log"
             out["cpu"] = summary(bench(system, rate, seconds, log, verify=False), log)
     return out
