@@ -2,7 +2,8 @@
 
 Each kind of record (a :class:`~bpfscope.runtime.schema.Schema`) is a table, its columns made from
 the schema's fields (int -> BIGINT, float -> DOUBLE, str and enum -> VARCHAR, bool -> BOOLEAN, list
-and dict -> JSON). A table is a directory of Parquet files partitioned by hour::
+and dict -> their JSON text as VARCHAR, which DuckDB's JSON functions read). A table is a directory
+of Parquet files partitioned by hour::
 
     STORE/profile.stack/date=2026-12-06/hour=14/part-1796520000123-4242.parquet
 
@@ -54,6 +55,14 @@ FLUSH_S = 60.0
 # The writer's DuckDB memory at most (a flush of the agent's 20,000 pending records needs a few MB;
 # beyond this it spills to disk rather than growing the process).
 WRITER_MEMORY_LIMIT = "128MB"
+# As written: a list or dict as its JSON text in a VARCHAR column (DuckDB's JSON functions and ->>
+# take it as they take JSON). A cast to JSON parses every value, 2,048 at a time at about five times
+# their size: 3,000 security exits (28 MB of JSON) needed more than 122 MB, and read back as JSON
+# lines before, as much. Files written before, with JSON columns, read together with these as JSON.
+WRITTEN_TYPES = {**SQL_TYPES, "list": "VARCHAR", "dict": "VARCHAR"}
+# A row group of at most 8 MB: DuckDB buffers a row group's column whole (122,880 rows by default), and
+# 3,000 security exits of 21 kB each asked for one 70 MB block.
+PARQUET = "FORMAT parquet, ROW_GROUP_SIZE_BYTES '8MB'"
 # Retention measures the store's size (a stat of every file) this often; between, it counts what it wrote.
 RESCAN_S = 600.0
 _TABLE = re.compile(r"[a-z][a-z0-9_.]*")
@@ -248,10 +257,10 @@ class StoreWriter:
         columns = _columns(schema, rows)
         if columns is None:
             return False
-        cast = ", ".join(f'CAST("{f.name}" AS {SQL_TYPES[f.type]}) AS "{f.name}"' for f in schema.fields)
+        cast = ", ".join(f'CAST("{f.name}" AS {WRITTEN_TYPES[f.type]}) AS "{f.name}"' for f in schema.fields)
         con.register("staged", columns)
         try:
-            con.execute(f"COPY (SELECT {cast} FROM staged) TO '{_quote(written)}' (FORMAT parquet)")
+            con.execute(f"COPY (SELECT {cast} FROM staged) TO '{_quote(written)}' ({PARQUET})")
         except duckdb.Error:
             written.unlink(missing_ok=True)
             return False
@@ -268,13 +277,17 @@ class StoreWriter:
         final = directory / f"{stem}.parquet"
         try:
             if not self._copy_columns(con, schema, rows, written):
+                nested = {f.name for f in schema.fields if f.type in ("list", "dict")}
                 with open(staged, "w") as f:
                     for row in rows:
-                        f.write(json.dumps({n: row.get(n) for n in schema.names}) + "\n")
-                columns_sql = ", ".join(f"'{f.name}': '{SQL_TYPES[f.type]}'" for f in schema.fields)
+                        values = {n: row.get(n) for n in schema.names}
+                        for n in nested:
+                            values[n] = None if values[n] is None else json.dumps(values[n])
+                        f.write(json.dumps(values) + "\n")
+                columns_sql = ", ".join(f"'{f.name}': '{WRITTEN_TYPES[f.type]}'" for f in schema.fields)
                 con.execute(
                     f"COPY (SELECT * FROM read_json('{_quote(staged)}', format = 'newline_delimited', "
-                    f"columns = {{{columns_sql}}})) TO '{_quote(written)}' (FORMAT parquet)"
+                    f"columns = {{{columns_sql}}})) TO '{_quote(written)}' ({PARQUET})"
                 )
             # On disk before it has its name: a crash leaves a hidden temporary, never a torn file.
             fd = os.open(written, os.O_RDONLY)
