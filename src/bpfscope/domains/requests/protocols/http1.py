@@ -10,6 +10,7 @@ cut by the capture limit, or bytes that are not HTTP, cost the bytes the directi
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 from bpfscope.domains.requests.protocols.base import Message, ParseError, Parser
@@ -53,6 +54,22 @@ def _headers(lines: list[bytes]) -> dict[str, str]:
 _HEADERS_SEEN: dict[bytes, dict[str, str]] = {}
 _HEADERS_SEEN_MAX = 1024
 _HEADERS_SEEN_BYTES = 2048
+
+
+# Whole heads seen lately (a client's requests to one URL, a server's responses within a second), each
+# with what it says: for a request, (method, fields, body length, chunked); for a response, (fields,
+# status, Content-Length or None, chunked); the framing that depends on the request is decided per
+# message. A head found here costs a dict copy instead of a parse (replaying paced wrk's calls:
+# 13.0 -> 10.4 us per call).
+_REQUESTS_SEEN: dict[bytes, tuple] = {}
+_RESPONSES_SEEN: dict[bytes, tuple] = {}
+
+
+def _keep(seen: dict[bytes, tuple], head: bytes, what: tuple) -> None:
+    if len(head) <= _HEADERS_SEEN_BYTES:
+        if len(seen) >= _HEADERS_SEEN_MAX:
+            seen.clear()
+        seen[head] = what
 
 
 def _headers_of(block: bytes) -> dict[str, str]:
@@ -125,7 +142,29 @@ class _Reader:
                 raise ParseError("head longer than the capture")
             return None
         start_ns = stream.start_ns()
-        first, _, block = view[:end].partition(b"\r\n")
+        head = view[:end]
+        seen = (_REQUESTS_SEEN if self.requests else _RESPONSES_SEEN).get(head)
+        if seen is None:
+            return self._new_head(stream, methods, head, start_ns)
+        until_close = False
+        if self.requests:
+            method, known, body_len, chunked = seen
+            methods.append(method)
+        else:
+            known, status, body_len, chunked = seen
+            method = methods.popleft() if methods else b""
+            if method == b"HEAD" or status in (204, 304) or (method == b"CONNECT" and status < 300):
+                body_len, chunked = 0, False
+            elif chunked:
+                body_len = 0
+            elif body_len is None:
+                until_close = True
+        return self._message(stream, dict(known), start_ns, end + 4, body_len, chunked, until_close)
+
+    def _new_head(self, stream: Stream, methods: deque[bytes], head: bytes, start_ns: int) -> Message | None:
+        """A head not among those seen lately: parsed, and kept when it parses."""
+        end = len(head)
+        first, _, block = head.partition(b"\r\n")
         headers = _headers_of(block)
         fields: dict = {"headers": headers}
         body_len: int | None = 0
@@ -141,6 +180,8 @@ class _Reader:
             methods.append(parts[0])
             if not chunked:
                 body_len = _content_length(headers)
+            fields["content_type"] = headers.get("content-type", "")
+            _keep(_REQUESTS_SEEN, head, (parts[0], dict(fields), body_len, chunked))
         else:
             version, _, rest = first.partition(b" ")
             status_text, _, reason = rest.partition(b" ")
@@ -154,6 +195,9 @@ class _Reader:
                 # Informational: the real response follows for the same request.
                 stream.consume(end + 4)
                 return self._head(stream, methods) if len(stream) else None
+            fields["content_type"] = headers.get("content-type", "")
+            with contextlib.suppress(ParseError):  # (kept only with a Content-Length that parses)
+                _keep(_RESPONSES_SEEN, head, (dict(fields), status, _content_length(headers), chunked))
             method = methods.popleft() if methods else b""
             if method == b"HEAD" or status in (204, 304) or (method == b"CONNECT" and status < 300):
                 body_len, chunked = 0, False
@@ -161,8 +205,18 @@ class _Reader:
                 body_len = _content_length(headers)
                 if body_len is None:
                     until_close = True
-        fields["content_type"] = headers.get("content-type", "")
-        head_size = end + 4
+        return self._message(stream, fields, start_ns, end + 4, body_len, chunked, until_close)
+
+    def _message(
+        self,
+        stream: Stream,
+        fields: dict,
+        start_ns: int,
+        head_size: int,
+        body_len: int | None,
+        chunked: bool,
+        until_close: bool,
+    ) -> Message:
         stream.consume(head_size)
         message = Message(start_ns, stream.last_end_ns, head_size, fields)
         if chunked or until_close or body_len:

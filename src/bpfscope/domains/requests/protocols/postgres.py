@@ -122,8 +122,7 @@ class _Messages:
         """The whole typed messages at the stream's head that lie in its first call, read at once and
         consumed; empty where :meth:`next` must go one by one (start-up, a long message, a message the
         call does not hold whole, an SSL answer due). A response to pgbench -S is four messages in one
-        call: one slice and one consume for them, instead of a view and a consume each, took
-        PostgreSQL's parsing from about 6 to 3 us per call."""
+        call: one slice each and one consume for them all, instead of a view and a consume each."""
         segments = stream.segments
         if self.skip or self.startup or self.one_byte or not segments:
             return []
