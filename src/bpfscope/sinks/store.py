@@ -238,7 +238,16 @@ class StoreWriter:
 
             self._con = duckdb.connect(
                 ":memory:",
-                config={"threads": 1, "memory_limit": WRITER_MEMORY_LIMIT, "preserve_insertion_order": True},
+                config={
+                    "threads": 1,
+                    "memory_limit": WRITER_MEMORY_LIMIT,
+                    "preserve_insertion_order": True,
+                    # DuckDB's allocator (its own jemalloc, which malloc_trim does not reach) keeps
+                    # freed memory for reuse up to 128-512 MB by default; past 16 MB it gives it back
+                    # after the flush.
+                    "allocator_flush_threshold": "16MB",
+                    "allocator_bulk_deallocation_flush_threshold": "16MB",
+                },
             )
         return self._con
 
