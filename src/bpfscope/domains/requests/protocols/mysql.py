@@ -74,6 +74,8 @@ CURSOR_EXISTS = 0x0040
 STATEMENTS_KEPT = 4096
 # A statement id that means "the statement just prepared" (MariaDB's pipelined prepare and execute).
 LAST_PREPARED = 0xFFFFFFFF
+# A row's first byte is never an EOF's or ERR's (but for a value of 2^24 bytes or more).
+_NOT_ROWS = (b"\xfe", b"\xff", b"")
 _CATALOG = b"\x03def"  # every column definition begins with its catalog, always "def"
 
 
@@ -223,6 +225,29 @@ class _Packets:
         self.more = length == MAX_PAYLOAD
         return packet
 
+    def run(self, stream: Stream) -> list[Packet]:
+        """The whole packets at the stream's head that lie in its first call, read at once and consumed
+        (the packets of a call share its times); empty where :meth:`next` must go one by one (a packet
+        longer than kept, or than the call holds, the rest of one being stepped over). A query's answer
+        is often six packets or more in one call."""
+        segments = stream.segments
+        if self.skip or self.more or not segments:
+            return []
+        data = segments[0].data
+        at = start = stream.head
+        end = len(data)
+        out: list[Packet] = []
+        while end - at >= HEADER:
+            length = data[at] | data[at + 1] << 8 | data[at + 2] << 16
+            total = HEADER + length
+            if total > TEXT_KEPT + HEADER or at + total > end:
+                break
+            out.append(Packet(data[at + 3], length, data[at + HEADER : at + total], False))
+            at += total
+        if out:
+            stream.consume(at - start)
+        return out
+
 
 class MysqlParser(Parser):
     protocol = "mysql"
@@ -275,13 +300,19 @@ class MysqlParser(Parser):
             if server:
                 self._answer_silent(done)
             while True:
-                if self._tls and len(stream):
-                    raise ParseError("TLS after the SSL request")
                 start_ns = stream.start_ns()
-                packet = packets.next(stream)
-                if packet is None:
-                    return done
-                handle(packet, start_ns, stream, done)
+                batch = packets.run(stream)
+                if not batch:
+                    if self._tls and len(stream):
+                        raise ParseError("TLS after the SSL request")
+                    packet = packets.next(stream)
+                    if packet is None:
+                        return done
+                    batch = [packet]
+                for packet in batch:
+                    if self._tls:
+                        raise ParseError("TLS after the SSL request")
+                    handle(packet, start_ns, stream, done)
         except ParseError:
             if server:
                 self._server = _Packets()
@@ -370,6 +401,7 @@ class MysqlParser(Parser):
         if self._response is not None and self._phase.endswith(" eof"):
             done.append(self._response)
             self._response = None
+            self._phase = ""
             if self._pending:
                 self._pending.popleft()
         self._answer_silent(done, at_close=True)
@@ -382,6 +414,18 @@ class MysqlParser(Parser):
             done.append(Message(request.end_ns, end, 0, {"status": "NONE", "error": "", "rows": 0}))
 
     def _server_packet(self, packet: Packet, start_ns: int, stream: Stream, done: list[Message]) -> None:
+        response = self._response
+        if (
+            response is not None
+            and self._phase == "rows"
+            and packet.payload[:1] not in _NOT_ROWS
+            and not packet.continued
+        ):
+            # A row (most packets of a result set): counted here, without the steps of the others.
+            response.fields["rows"] += 1
+            response.size += HEADER + packet.length
+            response.end_ns = stream.last_end_ns
+            return
         if packet.continued:
             if self._response is not None:
                 self._response.size += HEADER + packet.length
@@ -416,6 +460,7 @@ class MysqlParser(Parser):
         assert self._response is not None
         done.append(self._response)
         self._response = None
+        self._phase = ""
         if self._command is not None and self._pending:
             self._pending.popleft()
         self._answer_silent(done)
