@@ -303,6 +303,12 @@ class Postgres:
                 finally:
                     os.close(fd)
 
+    def warm(self) -> None:
+        """Read every file of its databases once, from a process in its memory cgroup: under a memory
+        limit the cache keeps what fits and the kernel evicts the rest (remembering each eviction: the
+        steady state of a database that has run so); without one, all of it is cached."""
+        self.group.limits.warm(sorted(p for p in (self.data / "base").rglob("*") if p.is_file()), 1 << 40)
+
     def stop(self) -> None:
         if self.proc is not None:
             # Fast shutdown, told to the postmaster itself (runuser does not pass signals on).

@@ -204,15 +204,14 @@ def run(short: bool) -> dict[str, Any]:
             # eviction). Its misses are then capacity misses, which RAM removes, not the cold misses of
             # a cache emptied by hand (evicted first: no page is resident by someone else's reads).
             system.db.evict()
-            db.warm(sorted(p for p in (system.db.data / "base").rglob("*") if p.is_file()), 1 << 40)
+            system.db.warm()
             db.set_read_iops(disk, READ_IOPS)
             log = Path(tmp) / "disk.log"
             out["disk"] = summary(bench(system, rate, seconds, log, verify=True), log)
         with scenario(WORK, 6.0) as system:
             system.groups["app"].limits.set_cpus(CPUS)
             # Warm: every page of its tables and indexes in its cache (no limit: they all fit).
-            db = system.groups["db"].limits
-            db.warm(sorted(p for p in (system.db.data / "base").rglob("*") if p.is_file()), 1 << 40)
+            system.db.warm()
             log = Path(tmp) / "cpu.log"
             out["cpu"] = summary(bench(system, rate, seconds, log, verify=False), log)
     return out
