@@ -87,7 +87,7 @@ for i in range(1, 51):
 conn.select_db("shop")
 sock = conn._sock
 
-def timed(sql):
+def raw(sql):  # (latency, bytes received, rows) of one text query
     payload = b"\x03" + sql.encode()
     data, at, eofs, rows = b"", 0, 0, 0
     t0 = time.perf_counter_ns()
@@ -102,11 +102,16 @@ def timed(sql):
                 eofs += 1
             elif eofs == 1:
                 rows += 1
-    assert rows == 1 and at == len(data)
-    return t1 - t0
+    assert at == len(data)
+    return t1 - t0, len(data), rows
 
-timings = [timed(f"SELECT name, price FROM items WHERE id = {i % 50 + 1} AND price > {i % 3}")
-           for i in range(queries)]
+timings = []
+for i in range(queries):
+    latency, _, rows = raw(f"SELECT name, price FROM items WHERE id = {i % 50 + 1} AND price > {i % 3}")
+    assert rows == 1
+    timings.append(latency)
+# Result sets longer than the capture (each about 10 kB, in one call): their sizes as received.
+big = [raw("SELECT REPEAT('x', 200), id FROM items")[1:] for _ in range(5)]
 
 def packets_until_eof():
     while not conn._read_packet().is_eof_packet():
@@ -136,11 +141,12 @@ try:
 except pymysql.err.ProgrammingError as e:
     error = list(e.args)
 conn.close()
-print(json.dumps({"timings": timings, "rows": rows, "error": error}))
+print(json.dumps({"timings": timings, "big": big, "rows": rows, "error": error}))
 """
 
 SELECT = "SELECT name, price FROM items WHERE id = ? AND price > ?"
 PREPARED = "SELECT name FROM items WHERE id <= ?"
+BIG = "SELECT REPEAT(?, ?), id FROM items"
 
 
 def run_client(port: int, queries: int, executes: int) -> dict:
@@ -165,6 +171,12 @@ def test_statements_counted_normalised_and_timed(mariadb: Mariadb) -> None:
         assert counts[("Ping", "")] == counts[("Init DB", "shop")] == counts[("Connect", "")] == 1, counts
         assert counts[("Quit", "")] == 1, (role, counts)
         assert counts[("Query", "INSERT INTO items VALUES (?, ?, ?)")] == 50, (role, counts)
+        # Longer than the capture: counted, with their sizes exact (rows: those before the cut).
+        big = [
+            (r["resp_bytes"], r["resp_status"], r["resp_body"][:17]) for r in records if r["req_body"] == BIG
+        ]
+        assert big == [(size, "OK", "Resultset rows >=") for size, _ in truth["big"]]
+        assert truth["big"][0][0] > 2 * 4096 and truth["big"][0][1] == 50
         by_cmd = Counter((r["req_cmd"], r["resp_status"]) for r in records)
         assert by_cmd[("Close stmt", "NONE")] == by_cmd[("Quit", "NONE")] == 1
         executed = [r for r in records if r["req_cmd"] == "Execute"]

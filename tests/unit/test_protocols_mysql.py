@@ -388,3 +388,27 @@ def test_a_cursor_statistics_and_change_user() -> None:
                                   ("Statistics", "OK", 0), ("Change user", "OK", 0)]  # fmt: skip
     assert exchanges[3].response.fields["info"].startswith("Uptime")  # type: ignore[union-attr]
     assert tracker.counts.parse_errors == tracker.counts.unmatched == 0
+
+
+def test_rows_beyond_the_capture_are_counted_as_bytes_to_the_result_sets_end() -> None:
+    """A result set longer than the capture: its packets after the cut are not found, but the call's
+    last bytes (the kernel sends them too) hold the EOF that ends it; the size stays exact."""
+    query = command(mysql.QUERY, b"SELECT c FROM t")
+    rows = packets(1, b"\x01", column(b"c"), eof(), *[text_row(b"y" * 200)] * 60, eof())
+    half = len(rows) // 2
+    tracker = Connections()
+    conn = tracker.add(("k", 7), connection("client", ports=(40000, 3306)))
+    out: list = []
+    for t, (ingress, data) in enumerate([(False, query), (True, rows), (False, query)]):
+        head, tail = (data[:300], data[-64:]) if len(data) > 300 + 64 else (data, b"")
+        tracker.data(conn, ingress, head, len(data), t * 10, t * 10 + 5, tail, out)
+    # The same in two calls, each cut, the second beginning inside a row.
+    tracker.data(conn, True, rows[:300], half, 40, 45, rows[half - 64 : half], out)
+    tracker.data(conn, True, rows[half : half + 300], len(rows) - half, 50, 55, rows[-64:], out)
+    tracker.data(conn, False, command(0x0E), 5, 60, 65, b"", out)
+    tracker.data(conn, True, ok(), 11, 70, 75, b"", out)
+    exchanges = [e for _, e in out]
+    assert [e.request.fields["cmd"] for e in exchanges] == ["Query", "Query", "Ping"]
+    assert sizes(exchanges[0]) == sizes(exchanges[1]) == (len(query), len(rows))
+    assert exchanges[1].response.end_ns == 55 and exchanges[0].response.fields["cut"]  # type: ignore[union-attr]
+    assert tracker.counts.parse_errors == tracker.counts.truncated == 0

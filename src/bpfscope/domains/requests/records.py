@@ -100,7 +100,11 @@ MYSQL = Schema(
         ),
         Field("resp_body", "str", doc="Resultset rows = N, the error message, or empty"),
         Field("error", "str", doc="the error (ERROR code (SQLSTATE): message), empty when none"),
-        Field("rows", "int", doc="result set rows returned"),
+        Field(
+            "rows",
+            "int",
+            doc="result set rows returned (a result longer than the capture: those before the cut)",
+        ),
     ),
     doc="A MySQL or MariaDB command (or the connection phase) and its response.",
 )
@@ -205,7 +209,8 @@ def _mysql(exchange: Exchange, keep: bool) -> dict[str, Any]:
     if error:
         body = error.partition(": ")[2]
     elif resp.get("columns") and cmd != "Prepare":
-        body = f"Resultset rows = {resp.get('rows', 0)}"
+        # A result longer than the capture: its rows after the cut were not seen.
+        body = f"Resultset rows {'>=' if resp.get('cut') else '='} {resp.get('rows', 0)}"
     else:
         body = resp.get("info", "")
     return {

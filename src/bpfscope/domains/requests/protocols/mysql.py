@@ -77,10 +77,35 @@ LAST_PREPARED = 0xFFFFFFFF
 # A row's first byte is never an EOF's or ERR's (but for a value of 2^24 bytes or more).
 _NOT_ROWS = (b"\xfe", b"\xff", b"")
 _CATALOG = b"\x03def"  # every column definition begins with its catalog, always "def"
+# Where a result set's packets may be stepped over blind when the capture cut them.
+_ROW_PHASES = frozenset({"columns", "after columns", "rows"})
 
 
 def _header(data: bytes, at: int = 0) -> tuple[int, int]:
     return int.from_bytes(data[at : at + 3], "little"), data[at + 3]
+
+
+def _ends_results(data: bytes) -> bool:
+    """Whether these bytes end with the EOF (or OK) packet that ends a result set and the response
+    (no more results said to follow)."""
+    for length in range(5, 16):
+        at = len(data) - HEADER - length
+        if at < 0:
+            return False
+        if data[at : at + 3] != bytes((length, 0, 0)) or data[at + HEADER] != 0xFE:
+            continue
+        payload = data[at + HEADER :]
+        if length == 5:
+            status = int.from_bytes(payload[3:5], "little")
+        else:
+            try:
+                _, i = lenenc(payload, 1)
+                _, i = lenenc(payload, i)
+            except ParseError:
+                continue
+            status = int.from_bytes(payload[i : i + 2], "little")
+        return not status & MORE_RESULTS_EXISTS
+    return False
 
 
 def looks_like_greeting(data: bytes) -> bool:
@@ -300,6 +325,8 @@ class MysqlParser(Parser):
             if server:
                 self._answer_silent(done)
             while True:
+                if server and self._blind(stream, done):
+                    continue
                 start_ns = stream.start_ns()
                 batch = packets.run(stream)
                 if not batch:
@@ -455,6 +482,31 @@ class MysqlParser(Parser):
         response.end_ns = stream.last_end_ns
         if outcome == "end":
             self._finish(done)
+
+    def _blind(self, stream: Stream, done: list[Message]) -> bool:
+        """A result set whose next packet was not captured (rows longer than the capture): where its
+        packets begin is lost, so every byte until its end is the result's, and its end is a call that
+        ends with the terminator (the kernel captures each call's last bytes too). Its size stays
+        exact; its rows are those before the cut."""
+        response = self._response
+        if response is None or self._server.skip or not len(stream):
+            return False
+        if self._phase != "blind" and not (self._phase in _ROW_PHASES and stream.at_gap()):
+            return False
+        if len(self._pending) > 1:
+            # The client sent its next command: the end went by uncaptured (a call lost), and where the
+            # next response begins is not known either.
+            raise ParseError("a result set's end not captured")
+        last = stream.segments[-1]
+        ended = not last.missing and _ends_results(last.data)
+        response.size += stream.consume(len(stream))
+        response.end_ns = stream.last_end_ns
+        response.fields["cut"] = True
+        self._server.more = False
+        self._phase = "blind"
+        if ended:
+            self._finish(done)
+        return True
 
     def _finish(self, done: list[Message]) -> None:
         assert self._response is not None
