@@ -46,10 +46,12 @@ def test_disk_scenario(result: dict[str, Any]) -> None:
     below_app = [n for n in s["tree"] if n["path"].startswith("end-to-end/gw/sidecar/app/")]
     db = nodes["db"]
     assert db == max(below_app, key=lambda n: n["time_ms"])
-    # Its time is its reads: the disk's, and the wait for a CPU once each read is done (on a busy machine
-    # that wait can be the larger part). Both go with the reads a larger cache serves.
+    # Its time is more its reads than its own work: the disk's time and the wait for a CPU once each
+    # read is done (on a busy machine that wait can be the larger part), both gone with the reads a
+    # larger cache serves. (Not more than its other waits for a CPU too: at a load average of 17 on the
+    # two CPUs, one band's database waited 6.3 ms for a CPU beside 4.9 ms of reads.)
     reads = db["disk_read_ms"] + db["read_wake_ms"]
-    assert reads > db["cpu_ms"] + db["runqueue_ms"] - db["read_wake_ms"] + db["disk_write_ms"], db
+    assert reads > db["cpu_ms"] + db["disk_write_ms"], db
     # (Not the bottleneck's words: the short mode's p99 band is two requests, and one slow hop elsewhere
     # in one of them can outweigh the database's reads in the sum over the path.)
     # RAM first: its reads are pages its too small cache had evicted, on a volume below its cap (more
