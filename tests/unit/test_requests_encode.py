@@ -8,6 +8,7 @@ from test_protocols import connection, http_request, http_response, pg_message, 
 
 from bpfscope.domains.requests import encode, records
 from bpfscope.domains.requests.capture import Connections
+from bpfscope.domains.requests.protocols.base import Exchange, Message
 from bpfscope.sinks.jsonl import dumps
 
 READY = pg_message(b"Z", b"I")
@@ -55,3 +56,12 @@ def test_json_lines_are_the_records_encoded(protocol: str, keep: bool) -> None:
         ts = 1700000000.123456 + i / 3
         expected = dumps(records.record(c, exchange, ts, keep)) + "\n"
         assert encode.line(c, exchange, ts, keep) == expected
+
+
+@pytest.mark.parametrize("protocol", sorted(records.BUILDERS))
+def test_records_are_built_in_their_schemas_order(protocol: str) -> None:
+    # records.record puts the builders' fields after the common ones without reordering them.
+    exchange = Exchange(protocol, Message(0, 0, 0, {}), Message(0, 0, 0, {}))
+    record = records.record(connection(), exchange, 1.0, False)
+    schema = records.SCHEMAS[protocol]
+    assert list(record) == list(schema.record(record)) == ["record", *schema.names]

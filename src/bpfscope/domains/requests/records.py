@@ -17,7 +17,7 @@ from bpfscope.domains.requests import redact
 from bpfscope.domains.requests.capture import Connection
 from bpfscope.domains.requests.protocols import mysql, redis
 from bpfscope.domains.requests.protocols.base import Exchange
-from bpfscope.runtime.schema import CGROUP, COMM, PID, Field, Schema
+from bpfscope.runtime.schema import CGROUP, COMM, PID, RECORD_KEY, Field, Schema
 
 ROLES = ("client", "server", "unknown")
 
@@ -269,8 +269,14 @@ BUILDERS: dict[str, Callable[[Exchange, bool], dict[str, Any]]] = {
 
 
 def record(conn: Connection, exchange: Exchange, ts: float, keep_secrets: bool) -> dict[str, Any]:
-    """The exchange as a record of its protocol's table."""
-    schema = SCHEMAS[exchange.protocol]
-    return schema.record(
-        {"ts": ts, **_common(conn, exchange), **BUILDERS[exchange.protocol](exchange, keep_secrets)}
-    )
+    """The exchange as a record of its protocol's table. Built in the schema's order at once (each
+    builder gives its fields in its schema's order: tests/unit/test_requests_encode.py), where
+    Schema.record built the dict a second time to order it (about a fifth of a record's cost in a
+    profile of the tracer's records())."""
+    protocol = exchange.protocol
+    return {
+        RECORD_KEY: SCHEMAS[protocol].name,
+        "ts": ts,
+        **_common(conn, exchange),
+        **BUILDERS[protocol](exchange, keep_secrets),
+    }
