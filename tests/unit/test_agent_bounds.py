@@ -43,3 +43,20 @@ def test_interned_values_are_bounded(monkeypatch) -> None:
     assert len(processes._interned) <= 100
     shared = processes.intern(("uid", 0))
     assert processes.intern(("uid", 0)) is shared
+
+
+def test_the_agents_request_tracer_lets_closed_connections_go() -> None:
+    from bpfscope.agent.components import ForgetClosed
+    from bpfscope.domains.requests.capture import Connections
+
+    class Tracer:
+        def __init__(self) -> None:
+            self.tracker = Connections()
+
+        def drain(self) -> list[int]:
+            self.tracker.closed.extend(["a", "b"])  # closed while the batch was parsed
+            return [1]
+
+    tracer = type("AgentTracer", (ForgetClosed, Tracer), {})()
+    assert tracer.drain() == [1] and tracer.drain() == [1]
+    assert tracer.tracker.closed == []

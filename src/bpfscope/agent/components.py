@@ -54,13 +54,32 @@ def _security(section: SecuritySection, node: str | None) -> Collector:
     return collector
 
 
+class ForgetClosed:
+    """The request tracer's closed connections let go after each drain.
+
+    Its tracker keeps every connection it closes or forgets (with its parser, buffers and pending
+    requests) until ``take_closed()``, for conn_stats; ``bpfscope requests`` runs the stats collector,
+    which takes them every 10 s, but the agent records no conn_stats and nothing took them: every
+    connection closed since the start stayed in memory."""
+
+    tracker: Any
+
+    def drain(self) -> Any:
+        batch = super().drain()  # type: ignore[misc]
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.take_closed()
+        return batch
+
+
 def _requests(section: RequestsSection, node: str | None) -> Collector:
     from bpfscope.domains.requests.requests import RequestsCollector, RequestsConfig
 
     config = RequestsConfig(
         keep_secrets=not section.redact, capture_bytes=section.capture_bytes, tls=section.tls
     )
-    return RequestsCollector(config)
+    collector = type("AgentRequestsCollector", (ForgetClosed, RequestsCollector), {})
+    return collector(config)
 
 
 @dataclass(frozen=True)
