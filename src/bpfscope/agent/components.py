@@ -78,7 +78,12 @@ def _requests(section: RequestsSection, node: str | None) -> Collector:
     config = RequestsConfig(
         keep_secrets=not section.redact, capture_bytes=section.capture_bytes, tls=section.tls
     )
-    collector = type("AgentRequestsCollector", (ForgetClosed, RequestsCollector), {})
+    # Its module stays the tracer's: the BPF object is found beside it.
+    collector = type(
+        "AgentRequestsCollector",
+        (ForgetClosed, RequestsCollector),
+        {"__module__": RequestsCollector.__module__},
+    )
     return collector(config)
 
 
