@@ -60,3 +60,12 @@ def test_the_agents_request_tracer_lets_closed_connections_go() -> None:
     tracer = type("AgentTracer", (ForgetClosed, Tracer), {})()
     assert tracer.drain() == [1] and tracer.drain() == [1]
     assert tracer.tracker.closed == []
+
+
+def test_the_agents_request_tracer_finds_its_bpf_object() -> None:
+    from bpfscope.agent import components
+    from bpfscope.agent.config import AgentConfig
+
+    tracer = components.build(AgentConfig())[0]["requests"]
+    assert isinstance(tracer, components.ForgetClosed)
+    assert tracer.object_path().parent.name == "requests"

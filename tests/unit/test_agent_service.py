@@ -212,7 +212,12 @@ def test_lost_never_decreases_across_failures(monkeypatch: pytest.MonkeyPatch, t
     )
     agent = Agent(load_config(str(config_path)), str(config_path))
     agent.run(duration=5.0)
-    lost = [n for (n,) in Store(store).query('SELECT lost FROM "agent.collector" ORDER BY ts')]
+    lost = [
+        n
+        for (n,) in Store(store).query(
+            'SELECT lost FROM "agent.collector" WHERE collector = ? ORDER BY ts', ["leaky"]
+        )
+    ]
     failed = [e for e in events(store) if e[0] == "failed"]
     assert len(failed) >= 3 and len(lost) >= 4
     assert lost == sorted(lost), lost

@@ -185,3 +185,26 @@ def test_sizes_and_ages() -> None:
             parse_age(bad)
     with pytest.raises(BpfscopeError):
         parse_size("big")
+
+
+def test_a_batch_that_cannot_be_written_is_counted_and_the_others_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import duckdb
+
+    other = Schema("test.other", (Field("n", "int"),))
+    writer = StoreWriter(tmp_path, [SCHEMA, other])
+    write = writer._write
+
+    def failing(con: object, schema: Schema, date: str, hour: str, rows: list) -> None:
+        if schema is SCHEMA:
+            raise duckdb.OutOfMemoryException("Out of Memory Error: test")
+        write(con, schema, date, hour, rows)
+
+    monkeypatch.setattr(writer, "_write", failing)
+    writer.add([row(BASE + i, pid=i) for i in range(3)])
+    writer.add([other.record({"ts": BASE, "n": 7})])
+    writer.flush()
+    assert (writer.dropped_rows, writer.failed_writes) == (3, 1)
+    assert writer.last_error == "test.row: Out of Memory Error: test"
+    assert Store(tmp_path).query('SELECT n FROM "test.other"') == [(7,)]

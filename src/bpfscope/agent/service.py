@@ -232,6 +232,8 @@ class Agent:
         """The run's last line: what was stored, each collector's failures and losses."""
         assert self.writer is not None
         parts = [f"{self.writer.rows_written} records stored in {self.writer.files_written} files"]
+        if self.writer.dropped_rows:
+            parts.append(f"{self.writer.dropped_rows} lost in {self.writer.failed_writes} failed writes")
         for name, collector in self.collectors.items():
             # failures and losses are kept by the collector's name (offcpu's is offcputime)
             failures = self.failures.get(collector.name, 0)
@@ -258,6 +260,17 @@ class Agent:
                     "failures": self.failures.get(collector.name, 0),
                     "lost": lost,
                     "error": self.errors.get(collector.name, ""),
+                }
+            )
+        if self.writer is not None:  # the store's writes that failed, and the records they lost
+            writer = self.writer
+            out.append(
+                {
+                    "collector": "store",
+                    "state": "running",
+                    "failures": writer.failed_writes,
+                    "lost": writer.dropped_rows,
+                    "error": writer.last_error,
                 }
             )
         return out

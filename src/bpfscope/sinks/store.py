@@ -191,6 +191,9 @@ class StoreWriter:
         self.last_flush = time.monotonic()
         self.files_written = 0
         self.rows_written = 0
+        self.dropped_rows = 0  # records a failed write lost (see flush)
+        self.failed_writes = 0
+        self.last_error = ""
         self._con: Any = None  # one DuckDB connection for every flush (see _connection)
         # The store's size as retention last measured it, plus what was written since: a rescan (a
         # stat of every file) every RESCAN_S, not every flush.
@@ -218,14 +221,17 @@ class StoreWriter:
         pending, self.pending = self.pending, {}
         self.pending_rows = 0
         self.last_flush = time.monotonic()
-        if pending:
-            con = self._connection()
+        for (table, hour), rows in pending.items():
             try:
-                for (table, hour), rows in pending.items():
-                    self._write(con, self.schemas[table], *_hour_of(hour), rows)
-            except duckdb.Error:
-                self._close_connection()  # a fresh one next time
-                raise
+                self._write(self._connection(), self.schemas[table], *_hour_of(hour), rows)
+            except (duckdb.Error, OSError) as exc:
+                # One table's batch that cannot be written (DuckDB past its memory limit, a full disk)
+                # is counted and the others are written: raised, it ended the agent from whichever
+                # sink's add() had filled the buffer.
+                self._close_connection()  # a fresh one for the next
+                self.dropped_rows += len(rows)
+                self.failed_writes += 1
+                self.last_error = f"{table}: {str(exc).splitlines()[0]}"
         self.apply_retention()
 
     def _connection(self) -> Any:
