@@ -66,6 +66,34 @@ def status_kb(pid: int, key: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def rss_parts_mb(pid: int) -> dict[str, float]:
+    """Where the RSS is: the BPF maps mapped in (the rings, whose data pages are mapped twice and
+    counted twice), the heap, other anonymous memory (Python's arenas, DuckDB's allocator, large
+    arrays), and files (libraries); with the proportional size (PSS), which counts a ring's pages once."""
+    parts = {"bpf_maps": 0, "heap": 0, "anonymous": 0, "files": 0}
+    kind = "files"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if not line[:1].isupper():  # a mapping's first line: its range, then its name
+            name = head[5] if len(head) > 5 else ""
+            kind = (
+                "bpf_maps"
+                if "bpf" in name
+                else "heap"
+                if name == "[heap]"
+                else "anonymous"
+                if not name or name.startswith("[")
+                else "files"
+            )
+        elif head[0] == "Rss:":
+            parts[kind] += int(head[1])
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    pss = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
+    out = {k: round(v / 1024, 1) for k, v in parts.items()}
+    out["pss"] = round(int(pss.group(1)) / 1024, 1) if pss else 0.0
+    return out
+
+
 def bpf_run_ns(pid: int) -> dict[int, int]:
     """Time the kernel spent in each BPF program the agent holds open, by program id (each program's
     fdinfo says its run_time_ns when kernel.bpf_stats_enabled is 1)."""
@@ -213,6 +241,7 @@ def run(
             "max": round(max(kb for _, kb in rss) / 1024, 1),
             "last": round(rss[-1][1] / 1024, 1),
             "high_water": round(status_kb(agent.pid, "VmHWM") / 1024, 1),
+            "at_end": rss_parts_mb(agent.pid),
         }
         if soak_minutes:
             fifth = max(1, len(rss) // 5)
@@ -227,6 +256,10 @@ def run(
             "growth_mb_per_hour": round((Store(store).size() - size0) / elapsed * 3600 / 2**20, 1),
             "tables": len(Store(store).tables()),
         }
+        if agent.poll() is not None:  # it died: say how, keep what was measured
+            time.sleep(0.5)
+            results["agent_died"] = {"returncode": agent.returncode, "stderr": stderr[-20:]}
+            return results
         results["ui_page_load_ms"] = page_loads(address)
         agent.send_signal(signal.SIGTERM)
         began = time.monotonic()
