@@ -113,7 +113,7 @@ def test_the_check_always_on_read_while_it_writes(agent: RunningAgent) -> None:
     assert any(resource.startswith("Disk ") for resource, _ in rows)
     assert health["summary"]["summary"]
     status = agent.get("/api/status")
-    assert [c["collector"] for c in status["collectors"]] == ["health"]
+    assert [c["collector"] for c in status["collectors"]] == ["health", "store"]
     assert status["collectors"][0]["state"] == "running"
     # Read-only: nothing but GET.
     post = urllib.request.Request(agent.address + "/api/health", data=b"{}", method="POST")

@@ -80,7 +80,8 @@ def test_short_soak_flat_rss_nothing_lost_silently(tmp_path: Path) -> None:
     assert last <= first * 1.10, (first, last, samples)
     store = Store(agent.store)
     lost = dict(store.query('SELECT collector, max(lost) FROM "agent.collector" GROUP BY collector'))
-    assert set(lost) == {"health", "profile", "secure", "requests"}, lost
+    assert set(lost) == {"health", "profile", "secure", "requests", "store"}, lost
+    assert lost["store"] == 0, err  # every batch written
     failures = store.query('SELECT count(*) FROM "agent.event" WHERE kind = ?', ["failed"])[0][0]
     assert failures == 0, err
     served = store.query(
