@@ -49,9 +49,13 @@ def test_disk_scenario(result: dict[str, Any]) -> None:
     # Its time is more its reads than its own work: the disk's time and the wait for a CPU once each
     # read is done (on a busy machine that wait can be the larger part), both gone with the reads a
     # larger cache serves. (Not more than its other waits for a CPU too: at a load average of 17 on the
-    # two CPUs, one band's database waited 6.3 ms for a CPU beside 4.9 ms of reads.)
-    reads = db["disk_read_ms"] + db["read_wake_ms"]
-    assert reads > db["cpu_ms"] + db["disk_write_ms"], db
+    # two CPUs, one band's database waited 6.3 ms for a CPU beside 4.9 ms of reads.) Over every request:
+    # the short mode's p99 band is two requests, and on a quiet machine one of three runs had a band
+    # whose database worked 10.7 ms beside 9.1 ms of reads (reads 15.9 and 20.6 against 5.0 and 6.0 in
+    # the other two).
+    every = {n["path"].rsplit("/", 1)[-1]: n for n in s["tree_all"]}["db"]
+    reads = every["disk_read_ms"] + every["read_wake_ms"]
+    assert reads > every["cpu_ms"] + every["disk_write_ms"], every
     # (Not the bottleneck's words: the short mode's p99 band is two requests, and one slow hop elsewhere
     # in one of them can outweigh the database's reads in the sum over the path.)
     # RAM first: its reads are pages its too small cache had evicted, on a volume below its cap (more

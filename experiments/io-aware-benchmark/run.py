@@ -146,6 +146,7 @@ def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
     """What a scenario showed, and the load generator's own p50/p99 beside bench's."""
     summ = next(r for r in records if r["record"] == "bench.summary")
     nodes = [r for r in records if r["record"] == "bench.node" and r["band"] == "p99"]
+    every = [r for r in records if r["record"] == "bench.node" and r["band"] == "all"]
     advice = [r for r in records if r["record"] == "bench.advice" and r["advised"]]
     verified = next((r for r in records if r["record"] == "bench.verify"), None)
     logged = [ns / 1e6 for ns in rig.read_load_log(log)]
@@ -170,6 +171,9 @@ def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
             }
             for n in nodes
         ],
+        # Every request's tree, averaged: what a component's time is made of, beyond the two requests
+        # of the short mode's p99 band.
+        "tree_all": [{"path": n["path"], "time_ms": n["time_ms"], **{k: n[k] for k in lines}} for n in every],
         "advice": [
             {k: a[k] for k in ("lever", "component", "amount", "unit", "monthly", "gain_ms")} for a in advice
         ],
