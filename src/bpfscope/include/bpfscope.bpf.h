@@ -24,7 +24,10 @@ __u64 bs_dropped = 0;
  * record wakes the consumer only once the ring is a quarter full, and the consumer drains on a timer
  * instead. By default the kernel wakes a consumer that has caught up for every record, and that wake-up
  * lands in the traced task's own call: an HTTP client at 300 requests/s, traced, logged each request a
- * p90 of 31-37 us longer than its traced calls took, paced 12-19 us. */
+ * p90 of 31-37 us longer than its traced calls took, paced 12-19 us. Not for a consumer of heavy
+ * traffic: the agent's request tracer under a mesh's 48 MB/s, paced, spent 14.5-15.2% of the machine
+ * in the agent and 7.4-7.5% in BPF against 7.1-7.4% and 5.4-5.5% woken per record (its batches grew
+ * 50 ms large). */
 const volatile bool bs_paced_wakeup = false;
 
 static __always_inline __u64 bs_wakeup(void *ringbuf)

@@ -107,9 +107,10 @@ class Collector(Generic[C]):
     # Sampled every this many seconds when neither the configuration nor the session says otherwise
     # (top-like tools refresh every second); None: once, at the end of the run.
     default_interval_s: ClassVar[float | None] = None
-    # Stream collectors whose programs run inside the watched tasks' own calls: their records do not
-    # wake the session (bpfscope.bpf.h's bs_paced_wakeup), which drains them this often (seconds;
-    # PACED_DRAIN_S) instead, and at once when a ring is a quarter full. None: every record may wake it.
+    # Stream collectors whose programs run inside the watched tasks' own calls, at modest rates: their
+    # records do not wake the session (bpfscope.bpf.h's bs_paced_wakeup), which drains them this often
+    # (seconds; PACED_DRAIN_S) instead, and at once when a ring is a quarter full. None: every record
+    # may wake it.
     paced_drain_s: ClassVar[float | None] = None
     _schemas: ClassVar[tuple[Schema, ...]] = ()
 

@@ -76,7 +76,11 @@ def _set_requests() -> type:
 
     class SetRequests(RequestsCollector):
         """The request tracer on tsa's set of tasks (the components and the workload): the two objects
-        share the set's maps, which tsa keeps as processes fork."""
+        share the set's maps, which tsa keeps as processes fork. Its wake-ups are paced, as the
+        timeline's: a benchmark's requests come a few hundred a second, each record's wake-up would land
+        in the call of the component it times."""
+
+        paced_drain_s = PACED_DRAIN_S
 
         def __init__(self, config: Any, tsa: TsaCollector) -> None:
             super().__init__(config)
@@ -104,7 +108,7 @@ class BenchCollector(Collector[BenchConfig]):
 
     name = "bench"
     requires = ("raw_tracepoint", "ringbuf")
-    paced_drain_s = PACED_DRAIN_S  # the request tracer's and the timeline's are
+    paced_drain_s = PACED_DRAIN_S  # its request tracer's and timeline's are
 
     def __init__(self, config: BenchConfig) -> None:
         from bpfscope.domains.requests.requests import RequestsConfig

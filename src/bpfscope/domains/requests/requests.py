@@ -28,7 +28,7 @@ from bpfscope.domains.requests.capture import Connection, Tracker, limits
 from bpfscope.domains.requests.protocols import PROTOCOLS
 from bpfscope.domains.requests.protocols.base import Exchange
 from bpfscope.errors import BpfscopeError
-from bpfscope.runtime.collector import PACED_DRAIN_S, BpfCollector, Config, Sample, wall_clock_offset_ns
+from bpfscope.runtime.collector import BpfCollector, Config, Sample, wall_clock_offset_ns
 from bpfscope.runtime.losses import Loss, Losses
 from bpfscope.sinks.terminal import Terminal, View
 
@@ -84,7 +84,6 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
 
     name = "requests"
     bpf_object = "requests"
-    paced_drain_s = PACED_DRAIN_S  # its programs run in the traced processes' socket calls
     requires = ("raw_tracepoint", "ringbuf")
     loss_counters = {
         "calls_dropped": ("map_full", "calls not followed (too many in flight)"),
