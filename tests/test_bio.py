@@ -27,6 +27,7 @@ p99 within about 25% (fio's tail holds its own wake-up delays on a busy machine,
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import subprocess
@@ -124,6 +125,9 @@ def _wait_tracing(tool: subprocess.Popen[str], timeout: float = 30.0) -> None:
 def run_traced(tmp_path: Path, tools: list[list[str]], jobs: list[list[str]]) -> Traced:
     """Start fio processes paused, the tools (``{pid0}`` in their arguments is the first fio's pid),
     then the fio processes once every tool is tracing; stop the tools with SIGINT when fio is done."""
+    # The machine's dirty pages written out first: the flusher writing them (a fresh install leaves
+    # about 200 MB) would share the disk with fio, whose numbers here are those of the disk alone.
+    os.sync()
     fios = []
     for i, job in enumerate(jobs):
         report = tmp_path / f"fio{i}.json"
@@ -302,7 +306,12 @@ def test_biolatency_counts_and_matches_biosnoop(saturated: Traced) -> None:
     # Every request: the same count biosnoop saw, request by request.
     snooped = np.array([e["latency_ms"] for e in saturated.records(0, "biosnoop") if e["op"] == "Read"])
     snooped *= 1000
-    assert reads["count"] == len(snooped)
+    # (Both less what each completed unseen: at this rate the kernel completes a few requests running
+    # no program, and not the same ones for each tool.)
+    assert abs(reads["count"] - len(snooped)) <= _unseen(saturated, 0) + _unseen(saturated, 1), (
+        reads["count"],
+        len(snooped),
+    )
     assert sum(b["count"] for b in reads["hist"]) == reads["count"]
     writes = sum(r["count"] for key, r in hists.items() if key.startswith("W"))
     assert writes == sum(1 for e in saturated.records(0, "biosnoop") if e["op"] == "Write")
@@ -351,15 +360,14 @@ def test_biolatency_against_fio(paced: Traced) -> None:
     # between io_submit() being called and fio reaping it; it may be above clat by the end of
     # io_submit() after the issue, a few microseconds (see the module's docstring). Below, the gap is the
     # completion path to fio (interrupt, wake-up, io_getevents), a few microseconds that grow with what
-    # else runs. What is defensible: p50 at least 85% of fio's clat, less 15 us for that path under load,
-    # and at most fio's lat (plus a bucket, 1/16); p99 at most fio's lat (plus a bucket), with only a
-    # loose lower bound, since fio's tail is mostly its own wake-ups. The p50's lower bound is on the
-    # time from the request's insert (-Q), since fio's clock also runs while a request waits in the I/O
-    # scheduler behind other work on the disk, and it is half of fio's clat: on a virtual disk the
-    # completion's way to fio (the host's interrupt, the guest's wake-up) took 50-73 us beside 110-125 us
-    # from insert to completion (clat p50 173-183 us), in runs where nothing else used the machine.
+    # else runs: on a virtual disk (the host's interrupt, the guest's wake-up) it took 50-73 us beside
+    # 110-125 us from insert to completion in runs where nothing else used the machine, and once 790 us
+    # (clat p50 971 us against 179), so fio's clat bounds the p50 from above only. What holds: the p50
+    # at most fio's lat (plus a bucket, 1/16) and the time from insert (-Q) at least the device time;
+    # p99 at most fio's lat (plus a bucket), with only a loose lower bound, since fio's tail is mostly
+    # its own wake-ups.
     (queued,) = paced.records(3, "biolatency")
-    assert fio_p50 * 0.5 <= queued["p50_us"], (queued["p50_us"], total["p50_us"], fio_p50)
+    assert total["p50_us"] * (1 - 1 / 16) <= queued["p50_us"], (queued["p50_us"], total["p50_us"], fio_p50)
     assert total["p50_us"] <= lat_p50 * (1 + 1 / 16), (total["p50_us"], fio_p50, lat_p50)
     assert fio_p99 * 0.15 <= total["p99_us"] <= lat_p99 * (1 + 1 / 16), (total["p99_us"], fio_p99, lat_p99)
 
@@ -462,7 +470,10 @@ def test_biotop_tells_processes_apart(fio_file: Path, tmp_path: Path) -> None:
     intervals = {r["ts"]: r["interval_s"] for r in rows}
     assert len(intervals) >= 2, "interval rows expected"
     assert all((r["ts"], r["interval_s"]) in intervals.items() for r in rows)
-    assert all(0 < length < 1.5 for length in intervals.values()), intervals
+    # About a second each; the first counts from the attach (a tool counts from then), which a slow
+    # start-up puts up to a second before the session's clock starts (1.50 s once, the rest 0.5-1.2 s).
+    first, *rest = (intervals[ts] for ts in sorted(intervals))
+    assert 0 < first < 2.0 and all(0 < length < 1.5 for length in rest), intervals
     reads = {pid: sum(r["reads"] for r in rows if r["pid"] == pid) for pid in traced.pids}
     for i, pid in enumerate(traced.pids):
         fio_ios = traced.fio_total(i, "read", "total_ios")
