@@ -241,7 +241,9 @@ def test_biosnoop_sees_every_io(saturated: Traced) -> None:
     writes = [e for e in events if e["op"] == "Write" and e["bytes"] == 4096]
     fio_reads = saturated.fio_total(0, "read", "total_ios")
     fio_writes = saturated.fio_total(0, "write", "total_ios")
-    assert fio_reads > 50_000, "fio did less than expected: is the disk that slow?"
+    # Enough requests that misses would show (this virtual disk did 24-60 thousand in the 2 s, with
+    # its host's other work).
+    assert fio_reads > 10_000, "fio did less than expected: is the disk that slow?"
     # At this rate the kernel completes a few requests (0 to 0.3% here, in whole batches of fio's
     # iodepth) without running any program at block_rq_complete; the tool counts them as it finds their
     # entries left behind, so what it shows and what it reports unseen add up to what fio did.
