@@ -368,12 +368,12 @@ def test_biolatency_against_fio(paced: Traced) -> None:
     # 110-125 us from insert to completion in runs where nothing else used the machine, and once 790 us
     # (clat p50 971 us against 179), so fio's clat bounds the p50 from above only. What holds: the p50
     # at most fio's lat (plus a bucket, 1/16) and the time from insert (-Q) at least the device time;
-    # p99 at most fio's lat (plus a bucket), with only a loose lower bound, since fio's tail is mostly
-    # its own wake-ups.
+    # p99 at most fio's lat (plus a bucket) and no lower bound from fio, whose tail is mostly its own
+    # wake-ups (a clat p99 of 2.3 ms once, beside 343 us on the device).
     (queued,) = paced.records(3, "biolatency")
     assert total["p50_us"] * (1 - 1 / 16) <= queued["p50_us"], (queued["p50_us"], total["p50_us"], fio_p50)
     assert total["p50_us"] <= lat_p50 * (1 + 1 / 16), (total["p50_us"], fio_p50, lat_p50)
-    assert fio_p99 * 0.15 <= total["p99_us"] <= lat_p99 * (1 + 1 / 16), (total["p99_us"], fio_p99, lat_p99)
+    assert total["p50_us"] <= total["p99_us"] <= lat_p99 * (1 + 1 / 16), (total["p99_us"], fio_p99, lat_p99)
 
 
 def test_biosnoop_min_latency_filters_in_kernel(paced: Traced) -> None:
