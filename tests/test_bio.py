@@ -484,7 +484,12 @@ def test_biotop_tells_processes_apart(fio_file: Path, tmp_path: Path) -> None:
         assert abs(reads[pid] - fio_ios) <= 0.01 * fio_ios, (pid, reads[pid], fio_ios)
         mine = [r for r in rows if r["pid"] == pid]
         assert {r["comm"] for r in mine} == {"fio"} and {r["disk"] for r in mine} == {DISK}
-        assert all(r["writes"] == 0 and r["read_kb"] == r["reads"] * 4 for r in mine)
+        assert all(r["writes"] == 0 and r["read_kb"] >= r["reads"] * 4 for r in mine)
+        # fio's job reads 4 KiB at a time; what its pid read beyond is its own pages faulted back in
+        # after the host reclaimed them (reads of 8 to 128 KiB, read-ahead, seen once in a full run): a
+        # few, not 1% of the reads at the largest.
+        extra_kb = sum(r["read_kb"] for r in mine) - 4 * reads[pid]
+        assert extra_kb <= 0.01 * fio_ios * 128, (pid, extra_kb, fio_ios)
         assert all(r["avg_ms"] > 0 and r["p99_ms"] is not None for r in mine)
     share = reads[traced.pids[0]] / (reads[traced.pids[0]] + reads[traced.pids[1]])
     assert abs(share - rates[0] / sum(rates)) < 0.02, share

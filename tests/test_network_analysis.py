@@ -46,16 +46,14 @@ def test_experiment_names_the_lossy_hop(tmp_path: Path) -> None:
         if name != "sidecar->app":
             assert hop["retrans_pct"] < 1, (name, hop)
     assert all(hop["retrans_pct"] < 1 for hop in healthy["hops"].values()), healthy["hops"]
-    # Over the whole run, tcpretrans's count is the kernel's, namespace by namespace: exactly in most
-    # runs, and in some 2 segments above it out of some 56,000 in the lossy namespace (not explained
-    # yet; the controlled test in test_tcp.py is exact every time). A row whose count went down (a
-    # connection's count lost to another's) would be a defect.
+    # Over the whole run, tcpretrans's count is the kernel's, namespace by namespace. The kernel's
+    # counters are read before the tools attach and after they stop: a count above the kernel's is the
+    # tool's error; below it, only what a retransmission timer sent in the quiet seconds between (none
+    # in most runs). A row whose count went down (a connection's count lost to another's) is a defect.
     for service, row in analysis["whole_run"].items():
         assert row["tcpretrans_rows_down"] == 0, (service, row)
-        assert abs(row["tcpretrans"] - row["snmp_retrans"]) <= max(2, 0.0001 * row["snmp_retrans"]), (
-            service,
-            row,
-        )
+        missed = row["snmp_retrans"] - row["tcpretrans"]
+        assert 0 <= missed <= max(2, 0.0001 * row["snmp_retrans"]), (service, row)
     # The namespaces' own counters say the same, whatever the tools: the app's namespace (the sender on
     # the lossy link) retransmits far more than any other.
     app = lossy["netns"]["app"]["snmp_retrans_pct"]

@@ -391,8 +391,8 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     lines += [
         "## The independent truth over the whole run",
         "",
-        "Each namespace's RetransSegs (/proc/net/snmp, read before the load started and after it ended)",
-        "against the sum of every tcpretrans interval over that namespace's connections:",
+        "Each namespace's RetransSegs (/proc/net/snmp, read before the tools attached and after they",
+        "stopped) against the sum of every tcpretrans interval over that namespace's connections:",
         "",
         "| namespace | RetransSegs (/proc/net/snmp) | tcpretrans | tcpretrans rows whose count went down |",
         "|---|---|---|---|",

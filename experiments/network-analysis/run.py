@@ -131,12 +131,17 @@ def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, A
         t0 = time.time()
         total = 2 * seconds + 2
         every = str(mesh.TOOL_INTERVAL)
+        # The whole run's kernel counters are read before the tools attach and after they stop: the
+        # kernel's window holds the tools', so tcpretrans can never count more than RetransSegs, and what
+        # it counts less is what was retransmitted in the quiet seconds between the two (read the other
+        # way round, a retransmission timer backed off past the quiet wait below once put tcpretrans 4
+        # segments above the kernel's count, in a window the kernel's count did not cover).
+        snmp_start = {s: mesh.snmp(s) for s in mesh.SERVICES}
         watchers = {
             "sockstat": stack.enter_context(Watcher("sockstat", "-C", str(mesh.SOCKSTAT_INTERVAL), t0=t0)),
             "tcpretrans": stack.enter_context(Watcher("tcpretrans", "-c", every, t0=t0)),
             "tcptop": stack.enter_context(Watcher("tcptop", "-C", every, t0=t0)),
         }
-        snmp_start = {s: mesh.snmp(s) for s in mesh.SERVICES}
         db = mesh.pgbench("-S", "-c", "2", "-j", "1", "-R", str(DB_RATE), "-T", str(int(total)))
         stack.callback(lambda: db.poll() is None and os.killpg(db.pid, signal.SIGKILL))
         client = subprocess.Popen(
@@ -175,24 +180,25 @@ def run_experiment(work: Path, seconds: float, fault: mesh.Fault) -> dict[str, A
         results["db"] = db_out[-600:] + db_err[-300:]
         # The load is over, but a segment lost just before the loss rule went can still wait for its
         # retransmission timer, backed off to a second or more: wait until no namespace's counters have
-        # moved for 3 s (15 s at most), so that nothing is retransmitted between this reading and the
-        # tools' last interval and the whole run's counts agree exactly.
-        ends = {s: mesh.snmp(s) for s in mesh.SERVICES}
+        # moved for 3 s (15 s at most), so that little is retransmitted between the tools' stop and the
+        # last reading of the kernel's counters.
+        last = {s: mesh.snmp(s) for s in mesh.SERVICES}
         quiet_since = time.monotonic()
         deadline = quiet_since + 15
         while time.monotonic() < deadline and time.monotonic() - quiet_since < 3:
             time.sleep(0.5)
             now = {s: mesh.snmp(s) for s in mesh.SERVICES}
-            if any(now[s].get("Tcp.RetransSegs") != ends[s].get("Tcp.RetransSegs") for s in now):
+            if any(now[s].get("Tcp.RetransSegs") != last[s].get("Tcp.RetransSegs") for s in now):
                 quiet_since = time.monotonic()
-            ends = now
+            last = now
+        for name, watcher in watchers.items():
+            results[name] = watcher.stop()
+        ends = {s: mesh.snmp(s) for s in mesh.SERVICES}
         results["run_snmp"] = {}
         for s in mesh.SERVICES:
             end = ends[s]
             deltas = {k: end[k] - snmp_start[s].get(k, 0) for k in end if k.startswith("Tcp.")}
             results["run_snmp"][s] = deltas
-        for name, watcher in watchers.items():
-            results[name] = watcher.stop()
         results["lost"] = {name: watcher.lost() for name, watcher in watchers.items()}
         results["phases"] = [asdict(p) for p in (healthy, faulty)]
         results["pids"] = group.pids()
