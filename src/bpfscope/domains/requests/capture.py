@@ -167,6 +167,9 @@ class Connections:
         # `until`, and to copy only `probe` bytes of those it sends (0, 0: everything again).
         self.skip = skip
         self.connections: OrderedDict[tuple, Connection] = OrderedDict()
+        # Each socket's connections (a cookie has several: its plain and TLS sources, the peers of a UDP
+        # socket, processes sharing it), so that a close finds them without scanning every connection.
+        self.by_cookie: dict[int, dict[tuple, None]] = {}  # keys in the order seen
         self.counts = Counts()
         self.closed: list[Connection] = []  # since the last take_closed(): for conn_stats
         self._last_sweep = time.monotonic()
@@ -178,10 +181,18 @@ class Connections:
     def add(self, key: tuple, connection: Connection) -> Connection:
         """A connection seen for the first time (the least recently used forgotten past the limit)."""
         self.connections[key] = connection
+        self.by_cookie.setdefault(connection.cookie, {})[key] = None
         if len(self.connections) > MAX_CONNECTIONS:
-            _, old = self.connections.popitem(last=False)
-            self._forget(old)
+            self._forget(self._pop(next(iter(self.connections))))
         return connection
+
+    def _pop(self, key: tuple) -> Connection:
+        conn = self.connections.pop(key)
+        keys = self.by_cookie[conn.cookie]
+        keys.pop(key, None)
+        if not keys:
+            del self.by_cookie[conn.cookie]
+        return conn
 
     def data(
         self,
@@ -365,9 +376,8 @@ class Connections:
 
     # --- ends ---------------------------------------------------------------------------------------
     def close(self, cookie: int, end_ns: int, out: list[tuple[Connection, Exchange]]) -> None:
-        keys = [key for key in self.connections if key[1] == cookie]
-        for key in keys:
-            conn = self.connections.pop(key)
+        for key in list(self.by_cookie.get(cookie, ())):
+            conn = self._pop(key)
             if conn.parser is not None and conn.pairing is not None:
                 for message in conn.parser.closed():
                     message.end_ns = message.end_ns or end_ns
@@ -392,7 +402,7 @@ class Connections:
         self._last_sweep = now
         horizon = time.monotonic_ns() - int(IDLE_S * 1e9)
         for key in [k for k, c in self.connections.items() if c.last_ns < horizon]:
-            self._forget(self.connections.pop(key))
+            self._forget(self._pop(key))
 
     def flush(self) -> None:
         """The end of a run: count what is still waiting."""
