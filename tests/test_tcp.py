@@ -431,6 +431,51 @@ def test_synack_retransmit_owned_by_listener(pair: nh.NetnsPair) -> None:
     assert sum(e["segs"] for e in events) == snmp
 
 
+def test_synack_then_data_retransmits_counted_once(pair: nh.NetnsPair) -> None:
+    """The socket a handshake makes keeps its request sock's cookie, and starts with the SYN-ACKs in its
+    total_retrans: its first retransmission, counted against the SYN-ACK row, counts only itself."""
+    port = 41011
+    server = nh.start_server(pair.server, nh.SERVER_IP, port, reply=200_000)
+    # Counted until the stop, one interval: the SYN-ACK row is still there when the reply is retransmitted.
+    counting = Tool("tcpretrans", "-c", "--json", "--lport", str(port))
+    try:
+        before = pair.retrans_segs(pair.server)
+        # The client's ACK and data dropped: the server retransmits its SYN-ACK (after 1 s).
+        pair.drop(f"tcp dport {port} tcp flags & syn == 0 drop")
+        client = threading.Thread(
+            target=nh.run_client, args=(pair.client, nh.SERVER_IP, port, 1, 1000, 200_000)
+        )
+        client.start()
+        time.sleep(1.6)
+        # Then only the client's pure ACKs: its data, retransmitted, completes the handshake (at 3.4-3.6 s
+        # here), and the server's reply goes unacknowledged until retransmitted (3 s later: the RTO after a
+        # SYN-ACK was retransmitted, TCP_TIMEOUT_FALLBACK).
+        pair.drop(f"tcp dport {port} tcp flags & (fin | syn | rst) == 0 ip length < 100 drop")
+        established: int | None = None
+        deadline = time.monotonic() + 15
+        while established is None or pair.retrans_segs(pair.server) == established:
+            assert time.monotonic() < deadline, "the server's reply was not retransmitted"
+            time.sleep(0.1)
+            ss = nh.sh(*nh.in_ns(pair.server, "ss", "-Htn", "state", "established", f"sport = :{port}"))
+            if established is None and ss.stdout.strip():
+                established = pair.retrans_segs(pair.server)  # its SYN-ACKs, all before
+        pair.clear_loss()
+        client.join(timeout=30)
+        time.sleep(0.5)  # the close's last segments
+        snmp = pair.retrans_segs(pair.server) - before
+        conns = counting.stop("tcpretrans.connection")
+    finally:
+        pair.clear_loss()
+        counting.kill()
+        server.kill()
+    kinds = Counter()
+    for row in conns:
+        kinds.update(row["kinds"])
+    print(f"server's retransmitted segments: snmp {snmp}, tcpretrans -c {kinds}")
+    assert kinds["synack"] >= 1 and sum(kinds.values()) - kinds["synack"] >= 1, kinds
+    assert sum(r["retrans"] for r in conns) == snmp, conns
+
+
 def test_tcptop_peek_once_and_tcpconn_reset() -> None:
     """On loopback, in this process: peeked bytes are received once (tcptop); a connection closed by its
     peer with SO_LINGER 0 (a RST) is a RESET of this process, with ECONNRESET (tcpconn)."""

@@ -11,7 +11,10 @@
  * have over-counted). A call the program missed (recursion) is counted at the connection's next one. A
  * connection first seen at a retransmission counts tcp_skb_pcount when err is 0 and nothing otherwise.
  * SYN-ACK retransmissions (tcp_retransmit_synack, one segment each, on a half-open connection) are
- * keyed by their request sock's cookie.
+ * keyed by their request sock's cookie, which the socket the handshake makes inherits
+ * (inet_csk_clone_lock), with the SYN-ACKs in its total_retrans (tcp_create_openreq_child copies
+ * req->num_retrans): the row's last total follows them, or the new socket's first retransmission would
+ * count them again.
  *
  * Connections are keyed by the socket's cookie (never reused, where its address is at once): a closed
  * connection's counts stay until user space has read them, whatever socket takes its address.
@@ -246,6 +249,8 @@ int BPF_PROG(retransmit_synack, const struct sock *sk, const struct request_sock
 	__sync_fetch_and_add(&st->retrans, 1);
 	__sync_fetch_and_add(&st->kinds[RETRANS_SYNACK], 1);
 	__sync_fetch_and_add(&st->segs_out, 1);
+	/* The kernel counts this one in num_retrans once the tracepoint has returned (inet_rtx_syn_ack). */
+	st->total_retrans_last = BPF_CORE_READ(req, num_retrans) + 1;
 	return 0;
 }
 
