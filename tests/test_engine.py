@@ -96,12 +96,36 @@ def test_ring_keeps_every_event_when_read_in_time(engine_obj: Path) -> None:
     with BpfObject(engine_obj, rodata={"bs_targ_tgid": os.getpid(), "burst": 500}) as obj:
         obj.attach()
         ring = obj.ring_buffer("events")
-        got = 0
+        batches = []
         for _ in range(200):
             os.getppid()
-            got += len(ring.read())
-        got += len(ring.poll(0.2))
-        assert got == 100_000 and obj.dropped() == 0
+            batches.append(ring.read())
+        batches.append(ring.poll(0.2))
+        events = np.concatenate(batches)
+        assert len(events) == 100_000 and obj.dropped() == 0
+        assert np.array_equal(events["seq"], np.arange(100_000))
+
+
+def test_fixed_size_records_across_the_rings_end(attached: BpfObject) -> None:
+    """48-byte records wrap around the 64 KiB ring 70 times, most of those times across its end (the
+    stride does not divide the size): each arrives whole and in order, those across the end as well."""
+    ring = attached.ring_buffer("odd")
+    attached.bss["odd_burst"] = 250
+    batches = []
+    for _ in range(400):
+        os.getppid()
+        batches.append(ring.read())
+    attached.bss["odd_burst"] = 0
+    attached.ring_buffer("events").read()
+    events = np.concatenate(batches)
+    assert attached.dropped() == 0 and ring.malformed == 0
+    assert np.array_equal(events["seq"], np.arange(100_000))
+    assert np.array_equal(events["tail"], ~np.arange(100_000, dtype=np.uint32))
+    fill = np.frombuffer(events["fill"].tobytes(), dtype=np.uint8).reshape(-1, 28)
+    low = (events["seq"] & 0xFF).astype(np.uint8)
+    assert (
+        np.array_equal(fill[:, 0], low) and np.array_equal(fill[:, 27], low) and (fill[:, 1:27] == 0xAB).all()
+    )
 
 
 def test_pending_counts_what_a_read_would_take(engine_obj: Path) -> None:
@@ -219,6 +243,28 @@ def test_variable_length_records_arrive_at_their_length(attached: BpfObject) -> 
         data = bytes(record["data"]).ljust(256, b"\0")
         assert data[:n] == bytes(range(1, n + 1)) and data[n:] == bytes(256 - n)
     assert ring.malformed == 0 and attached.dropped() == 0
+
+
+def test_variable_length_records_across_the_rings_end(attached: BpfObject) -> None:
+    """Records of every length wrap around the 64 KiB ring many times: each arrives whole, the ones
+    across the ring's end joined from its two pieces."""
+    ring, fixed = attached.ring_buffer("varlen"), attached.ring_buffer("events")
+    sent: list[int] = []
+    got: list[bytes] = []
+    for i in range(3000):
+        n = 1 + (i * 37) % 255
+        attached.bss["var_len"] = n
+        os.getppid()
+        sent.append(n)
+        if i % 50 == 49:
+            got.extend(ring.read_sized())
+            fixed.read()  # each call also sends a fixed-size event: read, not to fill that ring
+    attached.bss["var_len"] = 0
+    got.extend(ring.read_sized())
+    assert attached.dropped() == 0 and ring.malformed == 0
+    assert [len(record) for record in got] == [4 + n for n in sent]
+    for record, n in zip(got, sent, strict=True):
+        assert int.from_bytes(record[:4], "little") == n and record[4:] == bytes(range(1, n + 1))
 
 
 def test_enums_are_read_from_btf(attached: BpfObject) -> None:

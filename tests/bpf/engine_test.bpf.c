@@ -65,6 +65,19 @@ struct {
 	__type(value, struct var_event);
 } var_scratch SEC(".maps");
 
+/* Records of a stride (48 bytes) that does not divide the ring's size: some lie across its end. */
+struct odd_event {
+	__u64 seq;
+	__u8 fill[28];
+	__u32 tail;
+};
+
+BS_RINGBUF(odd, 64 * 1024, struct odd_event);
+
+/* odd_event records to send per getppid(), written by the test. */
+__u32 odd_burst = 0;
+__u64 odd_seq = 0;
+
 /* An enum user space reads from BTF. */
 enum test_kind {
 	TEST_KIND_FIRST = 1,
@@ -119,6 +132,19 @@ int on_getppid(void *ctx)
 				v->data[i] = i < len ? (__u8)(i + 1) : 0;
 			bs_output(&varlen, v, sizeof(v->len) + len);
 		}
+	}
+
+	for (i = 0; i < 256 && i < odd_burst; i++) {
+		struct odd_event *o = bs_reserve(&odd, sizeof(*o));
+
+		if (!o)
+			continue;
+		o->seq = odd_seq++;
+		__builtin_memset(o->fill, 0xab, sizeof(o->fill));
+		o->fill[0] = (__u8)o->seq;
+		o->fill[sizeof(o->fill) - 1] = (__u8)o->seq;
+		o->tail = ~(__u32)o->seq;
+		bpf_ringbuf_submit(o, 0);
 	}
 
 	task = (struct task_struct *)bpf_get_current_task();

@@ -2,10 +2,15 @@
 record.
 
 The ring's layout is the kernel's (kernel/bpf/ringbuf.c): a consumer page we write, a producer page we
-read, then the data area mapped twice in a row so that a record that wraps is still contiguous. Each
-record is an 8-byte header (length with BUSY and DISCARD bits, page offset) and the event, padded to 8
-bytes. Records of one event type have one stride, so a run of them is a numpy structured array we can
-check and copy in one go.
+read, then the data area. Each record is an 8-byte header (length with BUSY and DISCARD bits, page
+offset) and the event, padded to 8 bytes. Records of one event type have one stride, so a run of them is
+a numpy structured array we can check and copy in one go.
+
+The kernel lets a consumer map the data area twice in a row, so that a record that wraps is contiguous
+(libbpf does). We map it once and join the two pieces of a record that wraps: every page of the mapping
+is resident from mmap() on, so the second copy counted the rings twice in the RSS (the agent's 56 MiB
+of rings: 261 -> 200 MB idle; `secure`'s 24 MiB: 91 -> 67 MB), for no speed (benchmarks/ringbuf.py's
+drain 27-34 M records/s either way).
 
 A ring declared with BS_RINGBUF_VAR carries records of variable length (a header and as much payload as
 there was, sent with bs_output): those are decoded one at a time, each zero-padded to the full event
@@ -70,9 +75,8 @@ class RingBuffer:
         self._consumer = mmap.mmap(
             fd, self._page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0
         )
-        self._data = mmap.mmap(
-            fd, self._page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self._page
-        )
+        self._data = mmap.mmap(fd, self._page + self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self._page)
+        self._end = self._page + self.size
         # The positions are read and written as single aligned 8-byte loads and stores (numpy element
         # access): a store done in pieces could show the kernel a consumer position of 0 for a moment,
         # which to it means a full ring.
@@ -110,7 +114,8 @@ class RingBuffer:
         event_size = self.event.size
         while cons < prod:
             offset = self._page + (cons & self._mask)
-            n = (prod - cons) // self._stride
+            # The batch stops at the end of the mapping; a record across it is taken on its own below.
+            n = min(prod - cons, self._end - offset) // self._stride
             if n:
                 rows = self._bytes[offset : offset + n * self._stride].reshape(n, self._stride)
                 # Headers first, then data: x86 and arm64 (with the kernel's release store) order these
@@ -128,10 +133,14 @@ class RingBuffer:
                 break
             length = header & ~(_BUSY | _DISCARD)
             if not header & _DISCARD:
-                if length == event_size:
+                if length != event_size:
+                    self.malformed += 1
+                elif offset + self._stride <= self._end:
                     # Committed between the batch read and now: take it on the next pass.
                     continue
-                self.malformed += 1
+                else:
+                    event = self._record(offset, length)
+                    batches.append(np.frombuffer(bytearray(event), dtype=self.event.dtype, count=1))
             cons += (_HEADER + length + 7) & ~7
         self._consumer_pos[0] = cons
         if not batches:
@@ -181,13 +190,22 @@ class RingBuffer:
             length = header & ~(_BUSY | _DISCARD)
             if not header & _DISCARD:
                 if length <= event_size:
-                    records.append(self._data[offset + _HEADER : offset + _HEADER + length])
+                    records.append(self._record(offset, length))
                 else:
                     self.malformed += 1
             cons += (_HEADER + length + 7) & ~7
         self._consumer_pos[0] = cons
         self.consumed += len(records)
         return records
+
+    def _record(self, offset: int, length: int) -> bytes:
+        """The record whose header is at ``offset``: one slice, or two joined where it wraps (a header
+        never does: records start 8-byte aligned in a ring of a power-of-two size)."""
+        start = offset + _HEADER
+        end = start + length
+        if end <= self._end:
+            return self._data[start:end]
+        return self._data[start : self._end] + self._data[self._page : self._page + end - self._end]
 
     def poll(self, timeout: float | None = None) -> np.ndarray:
         """Records available now, or wait up to ``timeout`` seconds (None: forever) for some."""
