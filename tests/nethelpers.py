@@ -47,19 +47,32 @@ class NetnsPair:
             f"tcp dport {port} tcp flags & (fin | syn | rst) == 0 numgen random mod 100 < {percent} drop"
         )
 
+    def set_reply_loss(self, percent: int, port: int) -> None:
+        """Drop ``percent``% of the segments from the server's ``port`` as they arrive in the client netns
+        (its replies, and its ACKs of what the client sends): the server retransmits them. SYNs, FINs and
+        RSTs pass. Beside set_loss's rule, in the other namespace."""
+        self.drop(
+            f"tcp sport {port} tcp flags & (fin | syn | rst) == 0 numgen random mod 100 < {percent} drop",
+            ns=self.client,
+        )
+
     def drop_syns(self, port: int) -> None:
         """Drop every SYN to the server's ``port``: connects to it time out."""
         self.drop(f"tcp dport {port} tcp flags & (syn | ack) == syn drop")
 
-    def drop(self, rule: str) -> None:
-        """An nftables rule (a drop) on the server's input path, in its own table, replacing the last."""
+    def drop(self, rule: str, ns: str | None = None) -> None:
+        """An nftables rule (a drop) on the input path of ``ns`` (default: the server's), in its own
+        table, replacing the last one there."""
+        ns = ns or self.server
         chain = f"chain input {{\n type filter hook input priority 0;\n {rule}\n }}"
         rules = f"table inet {LOSS_TABLE} {{\n {chain}\n}}\n"
-        self.clear_loss()
-        subprocess.run(in_ns(self.server, "nft", "-f", "-"), input=rules, text=True, check=True)
+        self.clear_loss(ns)
+        subprocess.run(in_ns(ns, "nft", "-f", "-"), input=rules, text=True, check=True)
 
-    def clear_loss(self) -> None:
-        sh(*in_ns(self.server, "nft", "delete", "table", "inet", LOSS_TABLE), check=False)
+    def clear_loss(self, ns: str | None = None) -> None:
+        """Remove the drops of ``ns`` (default: both namespaces')."""
+        for one in (ns,) if ns else (self.server, self.client):
+            sh(*in_ns(one, "nft", "delete", "table", "inet", LOSS_TABLE), check=False)
 
     def snmp(self, ns: str) -> dict[str, dict[str, int]]:
         """/proc/net/snmp of a namespace (its own per-netns counters): {"Tcp": {"RetransSegs": n, ...}}."""

@@ -8,7 +8,9 @@ retransmitted and the segments sent, the rate's denominator: sent segments are r
 bpfscope finds (diag.py), and from the row a connection leaves in the kernel when it closes. Nothing runs
 per segment: a per-segment program cost about 13% of iperf3's throughput over loopback.
 
-:class:`TcpretransCollector` with ``count_mode`` is also the health check's source (health.py: TcpRule).
+:class:`TcpretransCollector` with ``count_mode`` is also the health check's source (health.py: TcpRule),
+and the request tracer's conn_stats's, joined by socket cookie (requests/stats.py: without owners or
+rates).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class ConnRetrans:
     kinds: dict[str, int] = field(default_factory=dict)
     retrans_total: int = 0  # since tracking began
     segs_out_total: int = 0
+    cookie: int = 0  # the socket's (requests' conn_stats joins on it)
 
     @property
     def retrans_pct(self) -> float | None:
@@ -98,6 +101,9 @@ class RetransSample(Sample):
     conns: list[ConnRetrans]  # most retransmissions first
     active_opens: int  # connect() calls
     passive_opens: int  # handshakes completed for a listener
+    # Cookies whose rows were let go: connections that closed (their counts final), half-open ones whose
+    # SYN-ACKs stopped.
+    forgotten: frozenset[int] = frozenset()
 
     @property
     def retrans(self) -> int:
@@ -238,6 +244,12 @@ def count_schemas() -> tuple[Schema, Schema]:
 @dataclass(kw_only=True)
 class TcpretransConfig(ConnConfig):
     count_mode: bool = False  # per connection, with the rate (-c); else each retransmission
+    # Count mode's extras, which a join by socket cookie (requests' conn_stats) does without: the
+    # sockets' owners (learnt at every TCP send and receive: -p, --cgroup and the process columns) and
+    # the open connections' segments sent (sock_diag in every network namespace at each interval: the
+    # rate's denominator).
+    owners: bool = True
+    rates: bool = True
 
 
 @dataclass(frozen=True)
@@ -280,6 +292,17 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
 
     def rodata(self) -> dict[str, Any]:
         return {**super().rodata(), "count_mode": self.config.count_mode}
+
+    def max_entries(self) -> dict[str, int]:
+        # Without owners the LRU map of 65,536 preallocated entries is not used: one instead.
+        return {} if self.config.owners else {"bs_owners": 1}
+
+    def configure(self) -> None:
+        assert self.obj is not None
+        if not self.config.owners:
+            for name, program in self.obj.programs.items():
+                if name.startswith("bs_owner_"):
+                    program.autoload = False
 
     def streams_events(self) -> bool:
         return not self.config.count_mode
@@ -332,13 +355,19 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
                         {name: n - b for name, n, b in by_kind if n - b},
                         now.retrans,
                         now.segs_out - first,
+                        cookie,
                     )
                 )
-        self._forget_closed(look)
+        forgotten = self._forget_closed(look)
         opens = self._opens()
         conns.sort(key=lambda c: (c.retrans, c.segs_out), reverse=True)
         sample = RetransSample(
-            time.time(), t - self.t0, conns, opens[0] - self.opens[0], opens[1] - self.opens[1]
+            time.time(),
+            t - self.t0,
+            conns,
+            opens[0] - self.opens[0],
+            opens[1] - self.opens[1],
+            forgotten,
         )
         self.before, self.opens, self.t0 = look.counts, opens, t
         return sample
@@ -349,7 +378,7 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         or closed from the kernel's rows."""
         assert self.obj is not None
         look = _Look()
-        listed = _listed_segs_out(look.namespaces)
+        listed = _listed_segs_out(look.namespaces) if self.config.rates else {}
         keys, rows = self.obj.maps["conns"].items()
         known = owners(self.obj)
         columns = zip(
@@ -378,17 +407,19 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
                 look.who[cookie] = (owner, conn)
         return look
 
-    def _forget_closed(self, look: _Look) -> None:
+    def _forget_closed(self, look: _Look) -> frozenset[int]:
         """Delete the rows whose counts have been shown and will not grow: those of closed connections
-        at once, and a SYN-ACK row (whose request sock is never seen to close) once it stopped growing."""
+        at once, and a SYN-ACK row (whose request sock is never seen to close) once it stopped growing.
+        Their cookies."""
         assert self.obj is not None
         unchanged = {cookie for cookie in look.half_open if look.counts[cookie] == self.before.get(cookie)}
-        gone = look.closed | unchanged
+        gone = frozenset(look.closed | unchanged)
         self.obj.maps["conns"].delete_many(gone)
         for cookie in gone:
             del look.counts[cookie]
         for cookie in self.first_segs_out.keys() - look.counts.keys():
             del self.first_segs_out[cookie]
+        return gone
 
     def _opens(self) -> tuple[int, int]:
         assert self.obj is not None

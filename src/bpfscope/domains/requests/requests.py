@@ -252,7 +252,8 @@ class RequestsView(View):
 
     def summary(self, collector: Collector, losses: Losses) -> str:
         if isinstance(collector, stats.StatsCollector):
-            return f"requests: {collector.rows} conn_stats and process_stats rows"
+            # Its losses are tcpretrans's: retransmissions not counted.
+            return f"requests: {collector.rows} conn_stats and process_stats rows, {losses.text()}"
         seen = getattr(collector, "exchanges", 0)
         return f"requests: {seen} requests traced, {losses.text()}"
 

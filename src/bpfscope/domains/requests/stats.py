@@ -1,7 +1,12 @@
 """Pixie's two other tables beside the requests: ``conn_stats`` (each process's connections to each
-peer: bytes and connections opened and closed, cumulative since the tool started) and
-``process_stats`` (the CPU, memory and I/O of the processes that spoke, from /proc), one record per
-row at each interval.
+peer: bytes, TCP segments retransmitted, connections opened and closed, cumulative since the tool
+started) and ``process_stats`` (the CPU, memory and I/O of the processes that spoke, from /proc), one
+record per row at each interval.
+
+Retransmitted segments are the network domain's: tcpretrans's count mode counts them per socket cookie in
+the kernel, exactly as /proc/net/snmp RetransSegs does (tcpretrans.bpf.c), and keeps a closed
+connection's row until it is read; each interval's counts are joined to the request tracer's connections
+by their cookie.
 """
 
 from __future__ import annotations
@@ -9,15 +14,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bpfscope.domains.requests.requests import RequestsCollector
 
+from bpfscope.domains.net.tcpretrans import TcpretransCollector, TcpretransConfig
 from bpfscope.domains.requests.capture import Connection
 from bpfscope.runtime.collector import Collector, Sample
+from bpfscope.runtime.losses import Losses
 from bpfscope.runtime.schema import CGROUP, COMM, PID, Field, Schema
 
 CONN_STATS = Schema(
@@ -41,6 +48,11 @@ CONN_STATS = Schema(
         Field("conn_active", "int", doc="open now"),
         Field("bytes_sent", "int", "bytes", "sent, since the start"),
         Field("bytes_recv", "int", "bytes", "received, since the start"),
+        Field(
+            "retrans",
+            "int",
+            doc="TCP segments retransmitted, since the start (as /proc/net/snmp RetransSegs counts them)",
+        ),
     ),
     doc="A process's connections to one peer (a server's: to all its clients on one port).",
     interval=True,
@@ -82,16 +94,23 @@ class PeerStats:
     conn_close: int = 0
     bytes_sent: int = 0
     bytes_recv: int = 0
+    retrans: int = 0
     open_keys: set = field(default_factory=set)
 
 
 class ConnStats:
     """Cumulative counters per (process, peer, role, protocol): connections are counted once when first
-    seen and once when closed, bytes as they move."""
+    seen and once when closed, bytes as they move, retransmitted segments as tcpretrans reads them."""
 
     def __init__(self) -> None:
         self.rows: dict[tuple, PeerStats] = {}
         self.pids: set[int] = set()
+        # Segments retransmitted per socket cookie that no row has taken yet: the tracer has not seen the
+        # connection yet (a SYN retransmitted before its first bytes, records still in its ring), or
+        # never will (a process or port not traced). Kept while the connection is open, and one update
+        # after tcpretrans let its row go (the tracer may read the close after the kernel's row was read).
+        self.unclaimed: dict[int, int] = {}
+        self.let_go: Set[int] = frozenset()
 
     def _row(self, conn: Connection) -> PeerStats:
         role = conn.trace_role if conn.trace_role in ("client", "server") else "unknown"
@@ -106,14 +125,40 @@ class ConnStats:
             )
         return row
 
-    def update(self, connections: Iterable[Connection], closed: Iterable[Connection]) -> None:
-        """Fold in the connections' counters (the tracker's, cumulative per connection)."""
-        for conn in connections:
-            self._count(conn, closing=False)
-        for conn in closed:
-            self._count(conn, closing=True)
+    def update(
+        self,
+        connections: Iterable[Connection],
+        closed: Iterable[Connection],
+        retransmitted: Mapping[int, int] | None = None,
+        forgotten: Set[int] = frozenset(),
+    ) -> None:
+        """Fold in the connections' counters (the tracker's, cumulative per connection) and the segments
+        retransmitted since the previous update per socket cookie, with the cookies whose rows
+        tcpretrans has let go since (``forgotten``: closed connections, whose counts are final)."""
+        seen = [(conn, self._count(conn, closing=False)) for conn in connections]
+        seen += [(conn, self._count(conn, closing=True)) for conn in closed]
+        if retransmitted is not None:
+            self._join_retransmitted(seen, retransmitted, forgotten)
 
-    def _count(self, conn: Connection, closing: bool) -> None:
+    def _join_retransmitted(
+        self, seen: list[tuple[Connection, PeerStats]], retransmitted: Mapping[int, int], forgotten: Set[int]
+    ) -> None:
+        unclaimed = self.unclaimed
+        for cookie, segments in retransmitted.items():
+            if segments:
+                unclaimed[cookie] = unclaimed.get(cookie, 0) + segments
+        if unclaimed:
+            # A socket seen through OpenSSL too has two connections: its segments go to the plain one,
+            # whose bytes are the wire's, and once only (processes sharing a socket: to the first).
+            for encrypted in (False, True):
+                for conn, row in seen:
+                    if conn.encrypted == encrypted and conn.cookie in unclaimed:
+                        row.retrans += unclaimed.pop(conn.cookie)
+        for cookie in self.let_go:
+            unclaimed.pop(cookie, None)
+        self.let_go = forgotten & unclaimed.keys()
+
+    def _count(self, conn: Connection, closing: bool) -> PeerStats:
         row = self._row(conn)
         self.pids.add(conn.pid)
         key = id(conn)
@@ -129,6 +174,7 @@ class ConnStats:
                 row.conn_open += 1
             row.open_keys.discard(key)
             row.conn_close += 1
+        return row
 
     def records(self, ts: float, interval_s: float) -> Iterator[dict[str, Any]]:
         for row in self.rows.values():
@@ -149,6 +195,7 @@ class ConnStats:
                     "conn_active": len(row.open_keys),
                     "bytes_sent": row.bytes_sent,
                     "bytes_recv": row.bytes_recv,
+                    "retrans": row.retrans,
                 }
             )
 
@@ -199,7 +246,7 @@ class StatsSample(Sample):
 
 class StatsCollector(Collector):
     """conn_stats and process_stats at each interval, from a requests collector's connections (an
-    interval collector beside the stream one, in the same session)."""
+    interval collector beside the stream one, in the same session) and tcpretrans's count mode."""
 
     name = "requests.stats"
     # Pixie samples its stats every 10 s too.
@@ -210,11 +257,19 @@ class StatsCollector(Collector):
         super().__init__(requests.config)
         self.requests = requests
         self.conn_stats = ConnStats()
+        # Retransmissions by socket cookie: neither the sockets' owners nor the rates' segments sent,
+        # which the join does not need (they cost a program at every TCP send and receive, and a
+        # sock_diag listing of every namespace at each interval).
+        self.tcpretrans = TcpretransCollector(TcpretransConfig(count_mode=True, owners=False, rates=False))
         self.rows = 0
         self.last = time.monotonic()
 
+    def open(self) -> None:
+        self.tcpretrans.open()
+
     def start(self) -> None:
         self.last = time.monotonic()
+        self.tcpretrans.start()
 
     def sample(self) -> StatsSample | None:
         tracker = getattr(self.requests, "tracker", None)
@@ -222,10 +277,21 @@ class StatsCollector(Collector):
             return None
         now = time.monotonic()
         interval, self.last = now - self.last, now
-        self.conn_stats.update(tracker.iter_connections(), tracker.take_closed())
+        # The tracker first: a connection it closed has left its final count in tcpretrans's rows.
+        connections, closed = list(tracker.iter_connections()), tracker.take_closed()
+        retrans = self.tcpretrans.sample()
+        assert retrans is not None  # count mode
+        retransmitted = {c.cookie: c.retrans for c in retrans.conns if c.retrans}
+        self.conn_stats.update(connections, closed, retransmitted, retrans.forgotten)
         ts = time.time()
         rows = [*self.conn_stats.records(ts, interval), *process_stats(self.conn_stats.pids, ts, interval)]
         # Processes with connections open stay in process_stats; the others leave it.
         self.conn_stats.pids = {c.pid for c in tracker.iter_connections()}
         self.rows += len(rows)
         return StatsSample(rows, ts)
+
+    def losses(self) -> Losses:
+        return self.tcpretrans.losses()
+
+    def close(self) -> None:
+        self.tcpretrans.close()
