@@ -224,15 +224,32 @@ def test_lost_never_decreases_across_failures(monkeypatch: pytest.MonkeyPatch, t
     # Two good samples (10 lost) per opening that failed; each failure's count is kept.
     assert lost[-1] >= 10 * len(failed), (lost, failed)
     assert agent.losses["leaky"].total >= lost[-1]
-    assert f"profile {len(failed)} failures, {agent.losses['leaky'].total} lost" in agent.summary()
+    total = agent.losses["leaky"].total
+    assert f"profile {len(failed)} failures, {total} lost (ring_full {total})" in agent.summary()
+
+
+def losses_of(**counts: int) -> Losses:
+    return Losses(Loss(reason, n, reason) for reason, n in counts.items())
 
 
 def test_loss_tally() -> None:
     tally = LossTally()
-    assert [tally.seen(n) for n in (0, 3, 7)] == [0, 3, 7]
+    assert [tally.seen(losses_of(ring_full=n)) for n in (0, 3, 7)] == [0, 3, 7]
     tally.closed()  # failed: its counters went with it
     assert tally.total == 7
-    assert [tally.seen(n) for n in (0, 2)] == [7, 9]
-    assert tally.seen(1) == 10  # counters restarted unannounced: the 2 before stay counted
-    tally.seen(4)
+    assert [tally.seen(losses_of(ring_full=n)) for n in (0, 2)] == [7, 9]
+    # counters restarted unannounced: the 2 before stay counted
+    assert tally.seen(losses_of(ring_full=1)) == 10
+    tally.seen(losses_of(ring_full=4))
     assert tally.total == 13
+    assert tally.reasons() == {"ring_full": 13}
+
+
+def test_loss_tally_by_reason() -> None:
+    """The health collector's reasons are its rule collectors': one dropped from the window takes only
+    its own count to zero; the others' counts are not taken for a restart (counted twice)."""
+    tally = LossTally()
+    tally.seen(losses_of(**{"iostat/recursion": 5, "tcpretrans/recursion": 3, "cachestat/recursion": 0}))
+    assert tally.seen(losses_of(**{"iostat/recursion": 6, "cachestat/recursion": 0})) == 9
+    assert tally.seen(losses_of(**{"iostat/recursion": 8, "tcpretrans/recursion": 1})) == 12
+    assert tally.reasons() == {"iostat/recursion": 8, "tcpretrans/recursion": 4}

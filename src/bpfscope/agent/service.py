@@ -36,6 +36,11 @@ COLLECTOR_SCHEMA = Schema(
         Field("state", "enum", values=("running", "retrying"), doc="retrying: failed, opened again soon"),
         Field("failures", "int", doc="times it failed since the agent started"),
         Field("lost", "int", doc="events it lost (its running count, all reasons)"),
+        Field(
+            "reasons",
+            "dict",
+            doc="lost by reason, those not zero (the health collector's named after its rule's collector)",
+        ),
         Field("error", "str", doc="its last failure, empty if none"),
     ),
     doc="Each collector of the agent, every flush interval.",
@@ -54,36 +59,48 @@ AGENT_SCHEMAS = (COLLECTOR_SCHEMA, EVENT_SCHEMA)
 
 
 class LossTally:
-    """One collector's losses over the agent's whole run, never decreasing.
+    """One collector's losses over the agent's whole run, by reason, never decreasing.
 
     A collector's own counters start again from zero whenever it is opened again: after a failure (the
     session closes it, its BPF counters with it), on a reload that replaces it, and inside the health
     collector when one of the check's collectors fails and is dropped from its window. Reported as they
     were, the running ``lost`` of ``agent.collector`` fell back to 0 while a collector was retrying and
-    restarted from there after; this keeps what earlier openings lost as a base under the current one."""
+    restarted from there after; this keeps what earlier openings lost as a base under the current one.
+    Kept per reason: a health rule's collector dropped from its window takes only its own reasons to
+    zero while the others go on counting."""
 
     def __init__(self) -> None:
-        self.base = 0  # lost by the collector's earlier openings
-        self.last = 0  # the current opening's count when last read
+        self.base: dict[str, int] = {}  # lost by the collector's earlier openings, by reason
+        self.last: dict[str, int] = {}  # the current opening's counts when last read
 
-    def seen(self, count: int) -> int:
-        """The current opening's count; a count below the last one read means its counters started
-        again (an opening we were not told of), so the last one joins the base."""
-        if count < self.last:
-            self.base += self.last
-        self.last = count
+    def seen(self, losses: Losses) -> int:
+        """The current opening's counts; a reason's count below the last one read means its counters
+        started again (an opening we were not told of), so the last one joins the base."""
+        counts = losses.counts()
+        for reason, count in self.last.items():
+            if counts.get(reason, 0) < count:
+                self.base[reason] = self.base.get(reason, 0) + count
+        self.last = counts
         return self.total
 
     def closed(self) -> None:
         """The collector was closed (failed, removed): what it had lost when last read is kept (after
         its last sample, or within the last second for a stream collector); what it lost after that
         reading went with its counters."""
-        self.base += self.last
-        self.last = 0
+        for reason, count in self.last.items():
+            self.base[reason] = self.base.get(reason, 0) + count
+        self.last = {}
 
     @property
     def total(self) -> int:
-        return self.base + self.last
+        return sum(self.base.values()) + sum(self.last.values())
+
+    def reasons(self) -> dict[str, int]:
+        """The run's losses by reason, those not zero."""
+        out = dict(self.base)
+        for reason, count in self.last.items():
+            out[reason] = out.get(reason, 0) + count
+        return {reason: count for reason, count in out.items() if count}
 
 
 # Records buffered before a flush comes early: about 20 MB of request records, a few seconds of a busy
@@ -154,14 +171,14 @@ class Sinks(Sink):
             # The session reads a stream collector's losses every second (lost() below) but an
             # interval collector's only at our status tick: read them after each sample, or a failure
             # closes it with everything since that tick uncounted.
-            self.agent.tally(collector.name).seen(collector.losses().total)
+            self.agent.tally(collector.name).seen(collector.losses())
 
     def status(self, collector: Collector, elapsed_s: float) -> None:
         for sink in self.sinks:
             sink.status(collector, elapsed_s)
 
     def lost(self, collector: Collector, new: Losses, total: Losses) -> None:
-        self.agent.tally(collector.name).seen(total.total)
+        self.agent.tally(collector.name).seen(total)
         for sink in self.sinks:
             sink.lost(collector, new, total)
 
@@ -177,7 +194,7 @@ class Sinks(Sink):
     def finish(self, collector: Collector, losses: Losses, elapsed_s: float) -> None:
         # Its last count (it is closed next: a reload's replacement starts from zero again).
         tally = self.agent.tally(collector.name)
-        tally.seen(losses.total)
+        tally.seen(losses)
         tally.closed()
         for sink in self.sinks:
             sink.finish(collector, losses, elapsed_s)
@@ -237,8 +254,11 @@ class Agent:
         for name, collector in self.collectors.items():
             # failures and losses are kept by the collector's name (offcpu's is offcputime)
             failures = self.failures.get(collector.name, 0)
-            lost = self.tally(collector.name).total
-            parts.append(f"{name} {failures} failures, {lost} lost")
+            tally = self.tally(collector.name)
+            reasons = ", ".join(f"{reason} {count}" for reason, count in tally.reasons().items())
+            parts.append(
+                f"{name} {failures} failures, {tally.total} lost" + (f" ({reasons})" if reasons else "")
+            )
         return "; ".join(parts)
 
     def tally(self, name: str) -> LossTally:
@@ -252,13 +272,14 @@ class Agent:
             if collector.name == StatusCollector.name:
                 continue
             tally = self.tally(collector.name)
-            lost = tally.seen(collector.losses().total) if slot.open else tally.total
+            lost = tally.seen(collector.losses()) if slot.open else tally.total
             out.append(
                 {
                     "collector": collector.name,
                     "state": "running" if slot.open else "retrying",
                     "failures": self.failures.get(collector.name, 0),
                     "lost": lost,
+                    "reasons": tally.reasons(),
                     "error": self.errors.get(collector.name, ""),
                 }
             )
@@ -270,6 +291,7 @@ class Agent:
                     "state": "running",
                     "failures": writer.failed_writes,
                     "lost": writer.dropped_rows,
+                    "reasons": {"failed_writes": writer.dropped_rows} if writer.dropped_rows else {},
                     "error": writer.last_error,
                 }
             )
