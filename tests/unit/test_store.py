@@ -4,6 +4,7 @@ most its last flush lost, never a torn file)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def test_gaps_and_wide_values_either_way(
     """Records go to DuckDB as NumPy columns, or as JSON lines when a value does not fit its column:
     either way they come back as they went in (gaps, 64-bit values, a column with no value at all)."""
     if staging == "json":
-        monkeypatch.setattr(store_mod, "_columns", lambda schema, rows: None)
+        monkeypatch.setattr(store_mod, "_columns", lambda schema, rows, texts=None: None)
     records = [
         GAPS.record(
             {
@@ -196,10 +197,10 @@ def test_a_batch_that_cannot_be_written_is_counted_and_the_others_are_written(
     writer = StoreWriter(tmp_path, [SCHEMA, other])
     write = writer._write
 
-    def failing(con: object, schema: Schema, date: str, hour: str, rows: list) -> None:
+    def failing(con: object, schema: Schema, date: str, hour: str, rows: list, texts: dict) -> None:
         if schema is SCHEMA:
             raise duckdb.OutOfMemoryException("Out of Memory Error: test")
-        write(con, schema, date, hour, rows)
+        write(con, schema, date, hour, rows, texts)
 
     monkeypatch.setattr(writer, "_write", failing)
     writer.add([row(BASE + i, pid=i) for i in range(3)])
@@ -208,3 +209,43 @@ def test_a_batch_that_cannot_be_written_is_counted_and_the_others_are_written(
     assert (writer.dropped_rows, writer.failed_writes) == (3, 1)
     assert writer.last_error == "test.row: Out of Memory Error: test"
     assert Store(tmp_path).query('SELECT n FROM "test.other"') == [(7,)]
+
+
+def test_a_large_batch_is_written_in_pieces_of_bounded_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table's batch is encoded and written a file at a time, each of at most about FILE_JSON_BYTES of
+    JSON text: an exec storm's exits in one piece were 705 MB of JSON at once. Every record comes back
+    in order, and a piece that cannot be written loses only its own rows (counted)."""
+    import duckdb
+
+    big = {"process": {"binary": "/usr/bin/x", "arguments": "y" * 900}}
+    records = [BIG.record({"ts": BASE + i, "n": i, "body": big}) for i in range(100)]
+    size = len(json.dumps(big))
+    monkeypatch.setattr(store_mod, "FILE_JSON_BYTES", 10 * size)
+    pieces = list(store_mod._pieces(BIG, records, 10 * size))
+    assert [len(rows) for rows, _ in pieces] == [10] * 10
+    assert all(texts["body"] == [json.dumps(big)] * 10 for _, texts in pieces)
+    plain = Schema("test.plain", (Field("n", "int"),))
+    assert [
+        len(rows) for rows, _ in store_mod._pieces(plain, [plain.record({"ts": BASE, "n": 1})] * 7, 1)
+    ] == [7]
+
+    writer = StoreWriter(tmp_path, [BIG])
+    write, calls = writer._write, []
+
+    def third_fails(con: object, schema: Schema, date: str, hour: str, rows: list, texts: dict) -> None:
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise duckdb.OutOfMemoryException("Out of Memory Error: test")
+        write(con, schema, date, hour, rows, texts)
+
+    monkeypatch.setattr(writer, "_write", third_fails)
+    writer.add(records)
+    writer.flush()
+    assert calls == [10] * 10
+    assert (writer.files_written, writer.rows_written, writer.dropped_rows) == (9, 90, 10)
+    assert Store(tmp_path).records(BIG) == records[:20] + records[30:]
+
+
+BIG = Schema("test.big", (Field("n", "int"), Field("body", "dict")))
