@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from bpfscope.agent import components, memory
+from bpfscope.agent import components
 from bpfscope.agent.config import AgentConfig, load_config
+from bpfscope.engine import memory
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.collector import Collector, Config, Sample
 from bpfscope.runtime.schema import Field, Schema
@@ -141,7 +142,7 @@ class StatusCollector(Collector[Config]):
     def sample(self) -> Records:
         if self.agent.writer is not None:
             self.agent.writer.flush()  # the flush interval is this collector's: kill -9 loses at most one
-            memory.trim()  # what the flush freed, back to the system (see agent/memory.py)
+            memory.trim()  # what the flush freed, back to the system (see engine/memory.py)
         now, ts = time.monotonic(), time.time()
         interval, self.last = now - self.last, now
         made = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bpfscope.engine import btf as btf_kinds
-from bpfscope.engine import libbpf, system
+from bpfscope.engine import libbpf, memory, system
 from bpfscope.engine.btf import Btf, CType, Struct
 from bpfscope.errors import BpfscopeError, MissingCapability
 
@@ -438,15 +439,20 @@ def _to_bytes(value: Any, ctype: CType | None, size: int, what: str, map_name: s
     return raw
 
 
-_kernel_btf: Btf | None = None
-
-
+@functools.cache
 def _kernel_struct(name: str) -> Struct:
-    """A kernel UAPI struct's layout from the kernel's BTF (loaded once, on first use)."""
-    global _kernel_btf
-    if _kernel_btf is None:
-        _kernel_btf = Btf(_check_ptr(libbpf.lib.btf__load_vmlinux_btf(), "cannot read the kernel's BTF"))
-    return _kernel_btf.struct(name)
+    """A kernel UAPI struct's layout from the kernel's BTF, read once. The layout is kept, not the BTF:
+    the kernel's parsed BTF is 11 MB of libbpf's memory, which a copy of its own held for good in every
+    process that read a program's recursion misses (the agent held that copy beside the shared one)."""
+    loaded = btf_kinds.loaded_kernel_btf()
+    if loaded is not None:
+        return loaded.struct(name)
+    handle = _check_ptr(libbpf.lib.btf__load_vmlinux_btf(), "cannot read the kernel's BTF")
+    kernel = btf_kinds.OwnedBtf(handle)
+    layout = kernel.struct(name)
+    del kernel  # freed here
+    memory.trim()  # and its pages given back (see engine/memory.py)
+    return layout
 
 
 _ncpus: int | None = None

@@ -347,6 +347,11 @@ def object_btf(path: str | Path) -> OwnedBtf:
 _KERNEL_BTF: list[OwnedBtf] = []
 
 
+def loaded_kernel_btf() -> OwnedBtf | None:
+    """The running kernel's BTF if this process parsed it already (kernel_btf), else None."""
+    return _KERNEL_BTF[0] if _KERNEL_BTF else None
+
+
 def kernel_btf() -> OwnedBtf:
     """The running kernel's BTF (for its enums: request operations, TCP states, ...), parsed once."""
     if not _KERNEL_BTF:

@@ -27,6 +27,7 @@ from bpfscope.domains.security import compiler
 from bpfscope.domains.security.events import Formatter, SecurityEvent, signal_name, sockaddr_json
 from bpfscope.domains.security.policy import Policy, check_names, load_policy, parse_policies
 from bpfscope.domains.security.processes import DEFAULT_LIMIT, Process, ProcessCache, intern
+from bpfscope.engine import memory
 from bpfscope.runtime.collector import BpfCollector, Config, Sample
 from bpfscope.runtime.schema import Field, Schema
 from bpfscope.sinks.terminal import Terminal, View
@@ -214,6 +215,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
                 procs.update(process.pid, value, flags=1)  # BPF_NOEXIST
             except Exception:
                 continue  # the kernel has it already (or is full: counted there)
+        memory.trim()  # what the start-up freed (see engine/memory.py)
 
     def drain(self) -> SecurityBatch | None:
         # Hits first: a hit read now was committed after its process's exec, which the lifecycle ring,

@@ -1,13 +1,14 @@
-"""The agent's process memory as glibc's allocator keeps it.
+"""A process's memory as glibc's allocator keeps it.
 
-Two settings keep freed memory from staying in the agent's RSS:
+Two settings keep freed memory from staying in a long-running tool's RSS (the agent's, secure's):
 
 - ``limit_arenas``: glibc gives each thread that allocates its own arena (up to eight per CPU), and
   memory freed in one is reused only there. The agent's threads (the session, the web server, the
   profiler's tracker and ELF reader, DuckDB's workers) each kept their high-water mark that way.
 - ``trim``: after a flush the batch's records, its columns and DuckDB's buffers are freed, but the top
   of the heap is given back only past glibc's trim threshold and the free pages inside it never;
-  malloc_trim returns both (about a millisecond for the agent's heap).
+  malloc_trim returns both (about a millisecond for the agent's heap); also after a one-off parse, such
+  as the kernel's BTF read for one struct's layout (11 MB, see bpf.py), or `secure`'s seed from /proc.
 """
 
 from __future__ import annotations
