@@ -253,3 +253,46 @@ def test_loss_tally_by_reason() -> None:
     assert tally.seen(losses_of(**{"iostat/recursion": 6, "cachestat/recursion": 0})) == 9
     assert tally.seen(losses_of(**{"iostat/recursion": 8, "tcpretrans/recursion": 1})) == 12
     assert tally.reasons() == {"iostat/recursion": 8, "tcpretrans/recursion": 4}
+
+
+class Watched(Leaky):
+    """Says which threads asked for its losses."""
+
+    asked_from: set[str] = set()
+
+    def losses(self) -> Losses:
+        Watched.asked_from.add(threading.current_thread().name)
+        return super().losses()
+
+
+def test_the_web_server_reads_states_the_loop_made(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """/api/status's collectors are what the loop last read: a collector's losses() called from the
+    web server's thread raced the loop (the request tracer's: "OrderedDict mutated during iteration")."""
+    from bpfscope.agent.web import Api
+
+    Watched.asked_from = set()
+    monkeypatch.setattr(
+        components, "COMPONENTS", (components.Component("profile", lambda s, n: Watched("watched", 0.2)),)
+    )
+    config_path = tmp_path / "agent.yaml"
+    config_path.write_text(
+        f"listen: 127.0.0.1:0\nstore: {{path: {tmp_path / 'store'}, flush: 1s}}\nui: {{enabled: false}}\n"
+        "exporters: {prometheus: {enabled: false}}\n"
+    )
+    agent = Agent(load_config(str(config_path)), str(config_path))
+    seen: list[list[dict[str, Any]]] = []
+
+    def web() -> None:
+        while agent.session is None or not agent.states:
+            time.sleep(0.05)
+        for _ in range(10):
+            seen.append(Api(agent).status()["collectors"])
+            time.sleep(0.2)
+
+    reader = threading.Thread(target=web, name="web")
+    reader.start()
+    agent.run(duration=3.0)
+    reader.join()
+    assert Watched.asked_from == {threading.main_thread().name}
+    lost = [next(c["lost"] for c in states if c["collector"] == "watched") for states in seen]
+    assert len(lost) == 10 and lost == sorted(lost) and lost[-1] >= 5, lost

@@ -225,6 +225,8 @@ class Agent:
         # Each collector's losses over the run, by name, across its openings (see LossTally).
         self.losses: dict[str, LossTally] = {}
         self.unavailable: dict[str, str] = {}
+        # collector_states() as the loop last made it, for the web server's thread (see there).
+        self.states: list[dict[str, Any]] = []
         self.collectors: dict[str, Collector] = {}
         self.writer: StoreWriter | None = None
         self.prometheus: Any = None
@@ -266,6 +268,10 @@ class Agent:
         return self.losses.setdefault(name, LossTally())
 
     def collector_states(self) -> list[dict[str, Any]]:
+        """Each collector's state and losses, read now: from the loop's thread only (a collector's
+        losses() reads its state while the loop changes it: the request tracer's, called from the
+        web server's thread, failed with "OrderedDict mutated during iteration"). Kept in ``states``
+        for other threads."""
         assert self.session is not None
         out = []
         for slot in self.session.slots:
@@ -296,6 +302,7 @@ class Agent:
                     "error": writer.last_error,
                 }
             )
+        self.states = out
         return out
 
     @property
@@ -333,6 +340,7 @@ class Agent:
                 self.event("unavailable", name, why)
             self.session.open()
             self.session.start()
+            self.collector_states()  # for the web server until the first status tick
             self.event(
                 "start",
                 "",

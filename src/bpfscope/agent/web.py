@@ -273,7 +273,8 @@ class Api:
         return {
             "node": agent.config.node_name,
             "started": agent.started,
-            "collectors": agent.collector_states() if agent.session is not None else [],
+            # As the loop last read them (every flush interval): losses() is not for this thread.
+            "collectors": agent.states,
             "unavailable": agent.unavailable,
             "kubernetes": None
             if agent.pods is None
