@@ -11,9 +11,13 @@ second). Measured over the same window:
 - the UI: each page loaded in Debian's headless Chromium (navigation to the page drawn), median of
   five loads, from the store this run wrote;
 - with ``--soak MINUTES``: RSS every 10 s over the whole run, to show it flat (the first and the last
-  fifth compared).
+  fifth compared), and every minute where it is (the rings, heap, other anonymous memory, files);
+- with ``--census``: every minute, from a thread inside the agent, Python's allocated blocks, glibc's
+  mallinfo2, and the garbage collector's objects counted by type (the types that grew most since the
+  first count), to tell live objects from memory the allocators keep. Counting takes the interpreter
+  for about half a second a minute.
 
-    .venv/bin/python benchmarks/agent_overhead.py --seconds 120 [--soak 30] [--json]
+    .venv/bin/python benchmarks/agent_overhead.py --seconds 120 [--soak 30] [--census] [--json]
 """
 
 from __future__ import annotations
@@ -115,11 +119,73 @@ def program_names() -> dict[int, str]:
 
 COLLECTORS = ("health", "profile", "offcpu", "security", "requests")
 
+# Runs the agent (``python -c CENSUS agent ...``) with a thread that appends a JSON line to the file
+# named by BPFSCOPE_CENSUS every CENSUS_EVERY seconds.
+CENSUS = """
+import collections, ctypes, gc, json, os, re, runpy, sys, threading, time
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+# Python's small-object allocator: its arenas (1 MiB each, freed only when wholly empty) and the
+# bytes of the blocks in use in them.
+def pymalloc_mb(libc):
+    stats = f"/dev/shm/census-{os.getpid()}"
+    fp = libc.fopen(stats.encode(), b"w")
+    ctypes.pythonapi._PyObject_DebugMallocStats(ctypes.c_void_p(fp))
+    libc.fclose(ctypes.c_void_p(fp))
+    text = open(stats).read()
+    os.unlink(stats)
+    wanted = r"^# (arenas allocated current|bytes in allocated blocks) *= *([\\d,]+)"
+    found = dict(re.findall(wanted, text, re.M))
+    return {
+        "arenas": int(found.get("arenas allocated current", "0").replace(",", "")),
+        "blocks": round(int(found.get("bytes in allocated blocks", "0").replace(",", "")) / 2**20, 1),
+    }
+
+def census(path, every):
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    libc.fopen.restype = ctypes.c_void_p
+    first = None
+    t0 = time.monotonic()
+    while True:
+        time.sleep(every)
+        objects = gc.get_objects()
+        counts = collections.Counter(type(o).__qualname__ for o in objects)
+        del objects
+        first = first or counts
+        info = libc.mallinfo2()
+        grew = sorted(counts, key=lambda k: first.get(k, 0) - counts[k])[:15]
+        line = {
+            "t": round(time.monotonic() - t0),
+            "allocated_blocks": sys.getallocatedblocks(),
+            "gc_objects": sum(counts.values()),
+            "pymalloc_mb": pymalloc_mb(libc),
+            "malloc_mb": {
+                f: round(getattr(info, f) / 2**20, 1) for f in ("arena", "hblkhd", "uordblks", "fordblks")
+            },
+            "grew": {k: [first.get(k, 0), counts[k]] for k in grew},
+        }
+        with open(path, "a") as out:
+            out.write(json.dumps(line) + "\\n")
+
+threading.Thread(
+    target=census, args=(os.environ["BPFSCOPE_CENSUS"], float(os.environ.get("CENSUS_EVERY", "60"))),
+    daemon=True,
+).start()
+sys.argv = ["bpfscope", *sys.argv[1:]]
+runpy.run_module("bpfscope", run_name="__main__", alter_sys=True)
+"""
+
 
 def start_agent(
-    store: Path, only: list[str] | None = None, unwind: str | None = None
+    store: Path, only: list[str] | None = None, unwind: str | None = None, census: Path | None = None
 ) -> tuple[subprocess.Popen[str], str, list[str]]:
-    """The agent with every default (everything on), or with ``only`` these collectors."""
+    """The agent with every default (everything on), or with ``only`` these collectors; with
+    ``census``, counting its objects into that file every minute."""
     config = store.parent / "agent.yaml"
     text = f"listen: 127.0.0.1:0\nstore: {{path: {store}}}\n"
     sections = {c: f"enabled: {str(c in only).lower()}" for c in COLLECTORS} if only else {}
@@ -128,8 +194,11 @@ def start_agent(
     if sections:
         text += "collectors:\n" + "".join(f"  {c}: {{{v}}}\n" for c, v in sections.items())
     config.write_text(text)
+    command = ["-c", CENSUS] if census else ["-m", "bpfscope"]
+    env = {**os.environ, "BPFSCOPE_CENSUS": str(census)} if census else None
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bpfscope", "agent", "--config", str(config)],
+        [sys.executable, *command, "agent", "--config", str(config)],
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -172,7 +241,11 @@ def page_loads(address: str, rounds: int = 5) -> dict[str, float]:
 
 
 def run(
-    seconds: float, soak_minutes: float | None, only: list[str] | None = None, unwind: str | None = None
+    seconds: float,
+    soak_minutes: float | None,
+    only: list[str] | None = None,
+    unwind: str | None = None,
+    census: bool = False,
 ) -> dict[str, Any]:
     warmup = 20.0
     measured = soak_minutes * 60 if soak_minutes else seconds
@@ -204,7 +277,8 @@ def run(
         )
         stack.callback(lambda: client.poll() is None and os.killpg(client.pid, signal.SIGKILL))
         store = Path(tmp) / "store"
-        agent, address, stderr = start_agent(store, only, unwind)
+        census_file = Path(tmp) / "census.jsonl" if census else None
+        agent, address, stderr = start_agent(store, only, unwind, census_file)
         stack.callback(lambda: agent.poll() is None and agent.kill())
         time.sleep(warmup)
         cpu0, bpf0, t0, size0 = (
@@ -214,9 +288,13 @@ def run(
             Store(store).size(),
         )
         rss: list[tuple[float, int]] = []
+        parts: list[dict[str, float]] = []
         every = 10.0 if soak_minutes else 1.0
         while time.monotonic() - t0 < measured:
-            rss.append((round(time.monotonic() - t0, 1), status_kb(agent.pid, "VmRSS")))
+            now = round(time.monotonic() - t0, 1)
+            rss.append((now, status_kb(agent.pid, "VmRSS")))
+            if soak_minutes and now >= 60 * len(parts):
+                parts.append({"t": now, **rss_parts_mb(agent.pid)})
             time.sleep(every)
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(agent.pid) - cpu0
@@ -252,6 +330,13 @@ def run(
                 statistics.mean(kb for _, kb in rss[-fifth:]) / 1024, 1
             )
             results["rss_series_mb"] = [(t, round(kb / 1024, 1)) for t, kb in rss]
+            results["rss_per_minute_mb"] = [
+                round(statistics.mean(kb for t, kb in rss if m * 60 <= t < (m + 1) * 60) / 1024, 1)
+                for m in range(int(measured // 60))
+            ]
+            results["rss_parts_per_minute_mb"] = parts
+        if census_file and census_file.exists():
+            results["census"] = [json.loads(line) for line in census_file.read_text().splitlines()]
         results["store"] = {
             "growth_mb_per_hour": round((Store(store).size() - size0) / elapsed * 3600 / 2**20, 1),
             "tables": len(Store(store).tables()),
@@ -266,7 +351,9 @@ def run(
         agent.wait(timeout=600)
         results["stop_s"] = round(time.monotonic() - began, 1)
         time.sleep(0.5)  # the reader's last lines
-        results["summary"] = "".join(stderr).strip().splitlines()[-1]
+        lines = "".join(stderr).strip().splitlines()
+        results["summary"] = lines[-1]
+        results["stderr_tail"] = lines[-40:]  # losses as they were reported, by collector and reason
         lost = Store(store).query(
             'SELECT collector, max(lost), max(failures) FROM "agent.collector" GROUP BY collector ORDER BY 1'
         )
@@ -286,9 +373,12 @@ def main() -> None:
     parser.add_argument(
         "--unwind", choices=("dwarf", "fp"), help="the profiler's unwinder (default: the agent's)"
     )
+    parser.add_argument(
+        "--census", action="store_true", help="count the agent's objects every minute (see above)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = run(args.seconds, args.soak, args.only, args.unwind)
+    results = run(args.seconds, args.soak, args.only, args.unwind, args.census)
     print(json.dumps(results, indent=None if args.json else 2))
 
 
