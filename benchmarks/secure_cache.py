@@ -34,6 +34,22 @@ def memory_kb(pid: int) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM|RssAnon|RssFile):\s+(\d+) kB", status, re.M)}
 
 
+def wait_for_execs(count: int, timeout_s: float = 120.0) -> None:
+    """Until ``count`` sleepers run their own command line (each executes itself again after its fork)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = 0
+        for entry in Path("/proc").iterdir():
+            try:
+                done += entry.name.isdigit() and (entry / "cmdline").read_bytes().endswith(b"\0child\0")
+            except OSError:
+                continue
+        if done >= count:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the sleepers did not all execute within {timeout_s:g} s")
+
+
 def measure() -> dict[str, float]:
     """The tool's memory once it traces, and how many processes it holds."""
     tool = subprocess.Popen(
@@ -68,6 +84,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--processes", type=int, default=None, help="Sleeping processes to start.")
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="Each sleeper with a command line of its own (default: forked, sharing their parent's).",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
@@ -80,7 +101,7 @@ def main() -> None:
         )
         baseline = measure()
         sleepers = subprocess.Popen(
-            [str(binary), str(wanted)],
+            [str(binary), str(wanted), *(["distinct"] if args.distinct else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -89,6 +110,8 @@ def main() -> None:
         assert sleepers.stdin is not None and sleepers.stdout is not None
         try:
             started = int(sleepers.stdout.readline().split()[1])
+            if args.distinct:
+                wait_for_execs(started)
             loaded = measure()
         finally:
             sleepers.stdin.write("end\n")
@@ -99,6 +122,7 @@ def main() -> None:
     more = per_process_kb * (TARGET_PROCESSES - baseline["processes_cached"]) / 1024
     at_target = baseline["rss_mb"] + more
     report = {
+        "distinct_command_lines": args.distinct,
         "pid_max": pid_max,
         "sleepers_started": started,
         "baseline": baseline,

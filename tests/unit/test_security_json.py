@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from bpfscope.domains.security.events import Formatter, SecurityEvent
-from bpfscope.domains.security.processes import Process, ProcessCache
+from bpfscope.domains.security.processes import Process, ProcessCache, join_arguments
 from bpfscope.domains.security.secure import SecurityBatch
 from bpfscope.sinks.jsonl import dumps
 
@@ -16,7 +16,8 @@ NS = tuple(range(4026531835, 4026531845))
 def process(pid: int, parent: Process | None, binary: str, *args: str) -> Process:
     creds = (1000, 1000, 1000, 1000, 100, 100, 100, 100, 1000, 0)
     return Process(
-        pid, pid * 1_000_000, binary, (binary, *args), "/home/u", creds, (0x3, 0x3, 0), NS, 0, "execve",
+        pid, pid * 1_000_000, binary, join_arguments((binary, *args)), "/home/u", creds, (0x3, 0x3, 0), NS, 0,
+        "execve",
         parent, parent.pid if parent else 0, pid,
     )  # fmt: skip
 

@@ -66,11 +66,6 @@ def signal_name(number: int) -> str:
         return f"SIG{number}"
 
 
-def join_arguments(arguments: tuple[str, ...]) -> str:
-    """Tetragon's ``arguments``: argv after argv[0], space-separated, an argument with spaces quoted."""
-    return " ".join(f'"{a}"' if (" " in a or not a) else a for a in arguments[1:])
-
-
 @lru_cache(maxsize=4096)
 def _container(cgroup_id: int) -> tuple[str | None, dict[str, Any] | None]:
     path = cgroup_path(cgroup_id) if cgroup_id else None
@@ -120,7 +115,7 @@ class Formatter:
             "uid": uid,
             "cwd": p.cwd,
             "binary": p.binary,
-            "arguments": join_arguments(p.arguments),
+            "arguments": p.arguments,
             "flags": p.flags,
             "start_time": rfc3339(p.ktime + cache.boot_offset_ns),
             "auid": loginuid,
@@ -239,7 +234,7 @@ class SecurityEvent:
     def compact(self) -> str:
         p = self.process
         where = _compact_where(p)
-        command = f"{p.binary} {join_arguments(p.arguments)}".rstrip()
+        command = f"{p.binary} {p.arguments}".rstrip()
         if self.kind == "process_exec":
             return f"🚀 process {where} {command}"
         if self.kind == "process_exit":

@@ -49,12 +49,18 @@ def intern(value: Any) -> Any:
     return _interned.setdefault(value, value)
 
 
+def join_arguments(argv: tuple[str, ...] | list[str]) -> str:
+    """Tetragon's ``arguments``: argv after argv[0], space-separated, an argument with spaces quoted.
+    A process keeps this one string, not its argv: a tuple of strings took 0.2 kB more a process."""
+    return " ".join(f'"{a}"' if (" " in a or not a) else a for a in argv[1:])
+
+
 @dataclass(slots=True, eq=False)
 class Process:
     pid: int
     ktime: int  # boot ns of its exec (or fork): with pid and the node, its identity
     binary: str
-    arguments: tuple[str, ...]
+    arguments: str  # join_arguments(argv): what events show of the command line
     cwd: str
     creds: tuple[int, ...]  # uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, securebits
     caps: tuple[int, int, int]  # effective, permitted, inheritable
@@ -117,7 +123,7 @@ class ProcessCache:
     def clone(self, pid: int, ppid: int, ktime: int, parent_ktime: int) -> Process:
         parent = self.parent_of(ppid, parent_ktime)
         if parent is None:
-            return self.add(Process(pid, ktime, "", (), "", (), (0, 0, 0), (), 0, "clone", None, ppid, pid))
+            return self.add(Process(pid, ktime, "", "", "", (), (0, 0, 0), (), 0, "clone", None, ppid, pid))
         child = Process(
             pid,
             ktime,
@@ -154,11 +160,11 @@ class ProcessCache:
     def seed(self, proc: Path = Path("/proc"), skip: set[int] | None = None) -> list[Process]:
         """Every process /proc lists, parents before children; returns those added."""
         found = []
-        # One tuple per distinct command line, for the seed's time only: a pre-forked server's workers
-        # (nginx's, php-fpm's) share their parent's, as clones do. A tuple of its own per process,
-        # replaced once its parent was known, was freed too late for its memory to be reused: 0.53 kB of
-        # RSS a seeded process, of which 0.24 kB live (20,000 forked sleepers).
-        command_lines: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # One string per distinct command line, for the seed's time only: a pre-forked server's workers
+        # (nginx's, php-fpm's) share their parent's, as clones do. One of its own per process, replaced
+        # once its parent was known, was freed too late for its memory to be reused: 0.53 kB of RSS a
+        # seeded process, of which 0.24 kB live (20,000 forked sleepers).
+        command_lines: dict[str, str] = {}
         for entry in proc.iterdir():
             if not entry.name.isdigit() or (skip and int(entry.name) in skip):
                 continue
@@ -208,7 +214,7 @@ def read_proc(path: Path) -> Process | None:
     binary = _readlink(path / "exe")
     cwd = _readlink(path / "cwd")
     ns = tuple(_ns_inode(path, name) for name in NS_NAMES)
-    arguments = tuple(a.decode(errors="replace") for a in cmdline.split(b"\0")[:-1]) if cmdline else ()
+    arguments = join_arguments([a.decode(errors="replace") for a in cmdline.split(b"\0")[:-1]])
     try:
         cgroup_id = _cgroup2_id(path)
     except OSError:

@@ -26,7 +26,7 @@ from bpfscope.cli.options import Run, common_options
 from bpfscope.domains.security import compiler
 from bpfscope.domains.security.events import Formatter, SecurityEvent, signal_name, sockaddr_json
 from bpfscope.domains.security.policy import Policy, check_names, load_policy, parse_policies
-from bpfscope.domains.security.processes import DEFAULT_LIMIT, Process, ProcessCache, intern
+from bpfscope.domains.security.processes import DEFAULT_LIMIT, Process, ProcessCache, intern, join_arguments
 from bpfscope.engine import memory
 from bpfscope.runtime.collector import BpfCollector, Config, Sample
 from bpfscope.runtime.schema import Field, Schema
@@ -266,7 +266,9 @@ class SecureCollector(BpfCollector[SecureConfig]):
                 argv = raw[start : start + columns["args_size"][i]].split(b"\0")
                 if argv and argv[-1] == b"":
                     argv.pop()
-                process = self._exec_process(columns, i, tuple(a.decode(errors="replace") for a in argv))
+                process = self._exec_process(
+                    columns, i, join_arguments([a.decode(errors="replace") for a in argv])
+                )
                 cache.add(process)
                 if emit and selected:
                     self.seen["exec"] += 1
@@ -286,7 +288,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
         out.extend(self._hit(hits[j]) for j in order[next_hit:])
         return out
 
-    def _exec_process(self, columns: dict[str, list[Any]], i: int, arguments: tuple[str, ...]) -> Process:
+    def _exec_process(self, columns: dict[str, list[Any]], i: int, arguments: str) -> Process:
         creds = columns["creds"][i]
         cwd = columns["cwd"][i].decode(errors="replace")
         flags = "execve" + (" rootcwd" if cwd == "/" else "")
@@ -352,7 +354,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
             int(r["pid"]),
             int(r["exec_ktime"]),
             "",
-            (),
+            "",
             "",
             (int(c["uid"]), int(c["euid"]), 0, 0, int(c["gid"]), int(c["egid"]), 0, 0, 0, 0),
             (int(c["cap_effective"]), 0, 0),
