@@ -65,3 +65,18 @@ def test_details_that_would_replace_the_lineage_take_the_slow_path() -> None:
     p = cache.add(process(7, None, "/bin/true"))
     batch = SecurityBatch([SecurityEvent("process_exit", 1, p, {"parent": None})], Formatter(cache))
     assert batch.json_lines() == "".join(dumps(record) + "\n" for record in batch.records())
+
+
+def test_processes_alike_share_their_capabilities_namespaces_and_credentials() -> None:
+    """Two processes with the same credentials, capabilities and namespaces share those dictionaries
+    (2.6 of a process's 3.3 kB, each made again before), and each reads as it did."""
+    formatter = Formatter(ProcessCache("node"))
+    a, b = formatter.process(process(7, None, "/bin/a")), formatter.process(process(8, None, "/bin/b"))
+    for key in ("cap", "ns", "process_credentials"):
+        assert a[key] is b[key], key
+    assert a["cap"] == {"effective": ("CAP_CHOWN", "CAP_DAC_OVERRIDE"), "permitted": a["cap"]["effective"],
+                        "inheritable": ()}  # fmt: skip
+    assert a["ns"]["uts"] == {"inum": NS[0], "is_host": False} and len(a["ns"]) == len(NS)
+    users, groups = ("uid", "euid", "suid", "fsuid"), ("gid", "egid", "sgid", "fsgid")
+    assert a["process_credentials"] == {**dict.fromkeys(users, 1000), **dict.fromkeys(groups, 100)}
+    assert (a["uid"], a["auid"]) == (1000, 1000)
