@@ -15,7 +15,8 @@ second). Measured over the same window:
 - with ``--census``: every minute, from a thread inside the agent, Python's allocated blocks, glibc's
   mallinfo2, and the garbage collector's objects counted by type (the types that grew most since the
   first count), to tell live objects from memory the allocators keep. Counting takes the interpreter
-  for about half a second a minute.
+  for about half a second a minute. With CENSUS_TRACEMALLOC=1 also the source lines whose allocations
+  in use grew most (tracemalloc: it slows the agent down, so its CPU then means nothing).
 
     .venv/bin/python benchmarks/agent_overhead.py --seconds 120 [--soak 30] [--census] [--json]
 """
@@ -146,6 +147,11 @@ def pymalloc_mb(libc):
     }
 
 def census(path, every):
+    traced = os.environ.get("CENSUS_TRACEMALLOC") == "1"
+    if traced:  # where the allocations in use grew, by line (slows the agent down: diagnosis only)
+        import tracemalloc
+        tracemalloc.start(1)
+        base = None
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = Mallinfo2
     libc.fopen.restype = ctypes.c_void_p
@@ -169,6 +175,13 @@ def census(path, every):
             },
             "grew": {k: [first.get(k, 0), counts[k]] for k in grew},
         }
+        if traced:
+            snap = tracemalloc.take_snapshot()
+            base = base or snap
+            line["traced_grew_kb"] = [
+                [str(d.traceback), round(d.size_diff / 1024), round(d.size / 1024)]
+                for d in snap.compare_to(base, "lineno")[:12]
+            ]
         with open(path, "a") as out:
             out.write(json.dumps(line) + "\\n")
 
