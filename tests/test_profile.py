@@ -187,8 +187,8 @@ OFFCPU_C = r"""#define _GNU_SOURCE
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
-static int request[2], reply[2], disk;
-static long file_bytes;
+static int request[2], reply[2], disk, schedstat;
+static long file_bytes, waited[3];
 static long clock_ns(clockid_t clock) {
 	struct timespec t;
 	clock_gettime(clock, &t);
@@ -197,6 +197,17 @@ static long clock_ns(clockid_t clock) {
 static long now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 /* Wall-clock time less CPU time: the time the thread was off the CPU. */
 static long off_cpu_ns(void) { return now_ns() - clock_ns(CLOCK_THREAD_CPUTIME_ID); }
+/* Its time on a run queue (schedstat's second field): after a wake-up, and when preempted while it ran,
+ * which is off the CPU without being blocked. */
+static long run_delay_ns(void) {
+	char text[128];
+	long on_cpu, delay;
+	ssize_t n = pread(schedstat, text, sizeof text - 1, 0);
+	if (n <= 0) exit(1);
+	text[n] = 0;
+	if (sscanf(text, "%ld %ld", &on_cpu, &delay) != 2) exit(1);
+	return delay;
+}
 /* The other end of the pipe: answers each request 15 ms later. */
 static void *writer(void *arg) {
 	char c;
@@ -209,22 +220,28 @@ static void *writer(void *arg) {
 }
 __attribute__((noinline)) long sleep_a(void) {
 	struct timespec wait = {0, 20000000};
-	long t = off_cpu_ns();
+	long d = run_delay_ns(), t = off_cpu_ns();
 	nanosleep(&wait, NULL);
-	return off_cpu_ns() - t;
+	t = off_cpu_ns() - t;
+	waited[0] += run_delay_ns() - d;
+	return t;
 }
 __attribute__((noinline)) long pipe_b(void) {
 	char c = 'x';
 	if (write(request[1], &c, 1) != 1) exit(1);
-	long t = off_cpu_ns();
+	long d = run_delay_ns(), t = off_cpu_ns();
 	if (read(reply[0], &c, 1) != 1) exit(1);
-	return off_cpu_ns() - t;
+	t = off_cpu_ns() - t;
+	waited[1] += run_delay_ns() - d;
+	return t;
 }
 __attribute__((noinline)) long disk_c(void *buf) {
 	off_t at = (random() % (file_bytes / (1 << 20))) << 20;
-	long t = off_cpu_ns();
+	long d = run_delay_ns(), t = off_cpu_ns();
 	if (pread(disk, buf, 1 << 20, at) != 1 << 20) exit(1);
-	return off_cpu_ns() - t;
+	t = off_cpu_ns() - t;
+	waited[2] += run_delay_ns() - d;
+	return t;
 }
 int main(int argc, char **argv) {
 	double seconds = atof(argv[1]);
@@ -232,6 +249,8 @@ int main(int argc, char **argv) {
 	void *buf;
 	pthread_t thread;
 	disk = open(argv[2], O_RDONLY | O_DIRECT);
+	schedstat = open("/proc/thread-self/schedstat", O_RDONLY);
+	if (schedstat < 0) return 1;
 	file_bytes = lseek(disk, 0, SEEK_END);
 	if (disk < 0 || pipe(request) || pipe(reply) || posix_memalign(&buf, 4096, 1 << 20)) return 1;
 	pthread_create(&thread, NULL, writer, NULL);
@@ -244,7 +263,9 @@ int main(int argc, char **argv) {
 		spent[1] += pipe_b();
 		for (int i = 0; i < 4; i++) spent[2] += disk_c(buf);
 	}
-	printf("sleep_a %ld\npipe_b %ld\ndisk_c %ld\n", spent[0], spent[1], spent[2]);
+	printf("sleep_a %ld %ld\n", spent[0], waited[0]);
+	printf("pipe_b %ld %ld\n", spent[1], waited[1]);
+	printf("disk_c %ld %ld\n", spent[2], waited[2]);
 	return 0;
 }
 """
@@ -736,13 +757,26 @@ def test_offcpu_blocked_time_per_stack_matches_the_truth(build_dir: Path) -> Non
             [str(binary), "4", data.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         out, profile = offcpu_of(work)
-    truth = {name: int(ns) for name, ns in (line.split() for line in out.splitlines())}
+    # Per function: its time off the CPU (wall less CPU time), and of it on a run queue (schedstat).
+    truth, queued = {}, {}
+    for name, ns, delay in (line.split() for line in out.splitlines()):
+        truth[name], queued[name] = int(ns), int(delay)
     blocked: Counter[str] = Counter()
     for (_, frames), ns in profile.weights.items():
         for name in {f.function for f in frames} & set(BLOCKERS):
             blocked[name] += ns
+    # offcputime counts from the switch out of a blocked thread to its switch back in (the run queue
+    # after its wake-up included), not the times it was preempted while it ran: those are off the CPU
+    # too, in the truth, and part of the run-queue time. disk_c's reads were once 9% more off the CPU
+    # than blocked (43 ms in 4 s) on a quiet machine.
     for name in BLOCKERS:
-        assert abs(blocked[name] - truth[name]) <= 0.05 * truth[name], (name, blocked, truth)
+        low, high = truth[name] - queued[name], truth[name]
+        assert low - 0.05 * truth[name] <= blocked[name] <= high + 0.05 * truth[name], (
+            name,
+            blocked,
+            truth,
+            queued,
+        )
     kernel = {f.function for _, frames in profile.samples for f in frames if f.kind == "kernel"}
     assert {"do_nanosleep", "anon_pipe_read", "__iomap_dio_rw"} <= kernel, sorted(kernel)
 
