@@ -263,8 +263,8 @@ def read_proc(path: Path) -> Process | None:
         intern(binary),
         arguments,
         intern(cwd),
-        intern((uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, 0)),
-        intern(caps),
+        (uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, 0),  # interned as a pair by Process
+        caps,
         intern(ns),
         cgroup_id,
         flags,

@@ -301,8 +301,8 @@ class SecureCollector(BpfCollector[SecureConfig]):
             intern(columns["binary"][i].decode(errors="replace")),
             arguments,
             intern(cwd),
-            intern(self.pick_creds(creds)),
-            intern(self.pick_caps(creds)),
+            self.pick_creds(creds),  # shared with its caps as one pair by Process
+            self.pick_caps(creds),
             intern(tuple(columns["ns"][i])),
             columns["cgroup_id"][i],
             flags,
