@@ -588,6 +588,32 @@ def test_a_process_that_exits_while_profiled_keeps_its_profile(shares_fp: Path) 
     assert profile_records(out).shares(short.pid).get("hot_a", 0) > 30
 
 
+def test_stacks_idle_for_a_window_leave_the_kernels_map(shares_fp: Path) -> None:
+    """An exited thread's stacks are counted in the window they ran in, then leave the counts map after a
+    window without a sample: an always-on profiler's map would otherwise fill with every thread it saw."""
+    from bpfscope.domains.profile.profile import ProfileCollector, ProfileConfig
+
+    # include_self: the workload is this process's child, which a collector leaves out by default.
+    with ProfileCollector(ProfileConfig(frequency_hz=199, unwind="fp", include_self=True)) as collector:
+        collector.open()
+        collector.start()
+        assert collector.obj is not None
+        counts = collector.obj.maps["counts"]
+
+        def pids() -> set[int]:
+            return {int(key["tgid"]) for key in counts.items()[0]}
+
+        short = Workload(shares_fp, 0.5)
+        short.truth()  # it has run and exited
+        first = collector.sample()
+        # 0.5 s of CPU at 199 Hz: about 100 samples (the process is gone: its stacks may stay unnamed).
+        assert sum(n for key, n in first.profile.samples.items() if key[0].pid == short.pid) > 30
+        assert short.pid in pids()
+        time.sleep(0.2)
+        collector.sample()  # a window without it
+        assert short.pid not in pids()
+
+
 # A JIT's code: two copies of a counting loop in anonymous executable memory (mov ecx, 1<<20; dec ecx;
 # jnz; ret), called in turn; the first is listed in /tmp/perf-PID.map as JITs write it (Node
 # --perf-basic-prof, Java agents), the second is not.

@@ -207,9 +207,28 @@ class StackCollector(BpfCollector[C]):
             profile.add(thread, frames, samples, self.ring_weight(samples, weight), self.tracker.exe(pid))
         profile.duration_s = now - self.t0
         profile.start_ts = time.time() - profile.duration_s
+        self.forget_idle(counts)
         self.before, self.t0 = counts.counts, now
         self.tracker.forget_exited()
         return ProfileSample(time.time(), profile.duration_s, profile)
+
+    def forget_idle(self, counts: StackCounts) -> None:
+        """Keys that counted nothing over a whole window (an exited thread's, a stack not run since) leave
+        the kernel's map: it was never emptied, so an always-on profiler's map filled with the stacks of
+        every thread it ever saw, and then dropped every new stack (the agent's copy of it grew 1.3 MB a
+        minute). A key counted again comes back at its new count, read as new. A sample that lands on an
+        idle key between this read and the delete (microseconds, after a window without one) is lost."""
+        assert self.obj is not None
+        weigh, before = self.weigh, self.before
+        idle = [
+            raw
+            for raw, value in counts.counts.items()
+            if raw in before and weigh(value) == weigh(before[raw])
+        ]
+        if idle:
+            self.obj.maps["counts"].delete_many(idle)
+            for raw in idle:
+                del counts.counts[raw]
 
     def losses(self) -> Losses:
         losses = super().losses()
