@@ -148,6 +148,7 @@ def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
     nodes = [r for r in records if r["record"] == "bench.node" and r["band"] == "p99"]
     every = [r for r in records if r["record"] == "bench.node" and r["band"] == "all"]
     advice = [r for r in records if r["record"] == "bench.advice" and r["advised"]]
+    not_worth = [r for r in records if r["record"] == "bench.advice" and not r["advised"]]
     verified = next((r for r in records if r["record"] == "bench.verify"), None)
     logged = [ns / 1e6 for ns in rig.read_load_log(log)]
     lines = ("cpu_ms", "runqueue_ms", "read_wake_ms", "disk_read_ms", "disk_write_ms", "lock_ms", "net_ms",
@@ -177,6 +178,9 @@ def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
         "advice": [
             {k: a[k] for k in ("lever", "component", "amount", "unit", "monthly", "gain_ms")} for a in advice
         ],
+        # Levers considered and not worth 5% of the band after the advice (e.g. CPU for the database
+        # once the RAM removes its reads and the waits for a CPU after them).
+        "not_worth": [{k: a[k] for k in ("lever", "component", "gain_ms", "alone_ms")} for a in not_worth],
         "verify": verified,
         # The replay's own log (load.py writes a second run's beside the first's).
         "verify_client_p99_ms": round(quantile([ns / 1e6 for ns in rig.read_load_log(replay)], 0.99), 3)
@@ -238,6 +242,9 @@ def show(result: dict[str, Any]) -> None:
         for a in s["advice"]:
             print(f"advice: {a['lever']} for {a['component']}: {a['amount']:g} {a['unit']}, "
                   f"{a['monthly']:.2f}/month, p99 -{a['gain_ms']} ms")  # fmt: skip
+        for a in s["not_worth"]:
+            print(f"not worth it: {a['lever']} for {a['component']}: p99 -{a['gain_ms']} ms after the advice "
+                  f"({a['alone_ms']} ms by itself)")  # fmt: skip
         print(f"CPU and RAM graphs alone would buy: {s['graphs_would_buy']}")
         if s["verify"]:
             v = s["verify"]

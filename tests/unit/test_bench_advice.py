@@ -147,3 +147,44 @@ def test_warm_reads_the_files_up_to_the_budget(tmp_path: Path) -> None:
     assert group.warm(files, 1 << 30) == 6 << 20
     assert group.warm(files, 4 << 20) == 4 << 20
     assert int((tmp_path / "cgroup.procs").read_text()) > 0  # the child wrote itself there
+
+
+def test_levers_are_taken_in_turn_each_counting_what_the_ones_before_left() -> None:
+    """RAM removes the waits for a CPU after the reads it saves: CPU after the RAM only gains the
+    run-queue time left (here 2 of 6 ms of a 100 ms band, under the 5% floor), though by itself it
+    would remove all 6 ms."""
+    top = band(disk_read=60, runqueue=6, cpu=10)
+    db = top.find("db")
+    assert db is not None
+    db.read_wake_ns = 4e6
+    use = advice.Usage(reads=100, read_bytes=100 * 8192, refaults=200, memory_used=64 << 20,
+                       memory_limit=64 << 20)  # fmt: skip
+    verdict = advice.advise(top, {"db": use}, advice.load_prices(), 10, 2)
+    assert [a.lever for a in verdict.advice] == ["ram"]
+    assert verdict.advice[0].gain_ns == pytest.approx(64e6)
+    cpu = next(a for a in verdict.considered if a.lever == "cpu")
+    assert cpu.alone_ns == pytest.approx(6e6) and cpu.gain_ns == pytest.approx(2e6)
+    assert "after ram for db" in cpu.why
+    # Without the RAM's reads, CPU is worth its 6 ms by itself: the same lever, advised.
+    alone = advice.advise(
+        band(runqueue=6, cpu=10), {"db": advice.Usage(cpu_s=1)}, advice.load_prices(), 10, 2
+    )
+    assert [(a.lever, a.gain_ns) for a in alone.advice] == [("cpu", pytest.approx(6e6))]
+
+
+def test_iops_after_ram_gains_the_queueing_of_the_reads_left() -> None:
+    """IOPS removes the queued share of the disk time that RAM left: half the reads gone, half the gain."""
+    top = band(disk_read=80)
+    use = advice.Usage(reads=9000, read_bytes=9000 * 4096, refaults=4500, memory_used=64 << 20,
+                       memory_limit=64 << 20, device_ns=int(5e9), disk_wait_ns=int(10e9),
+                       read_iops_cap=1000)  # fmt: skip
+    prices = advice.load_prices()
+    verdict = advice.advise(top, {"db": use}, prices, 10, 2)
+    ram = next(a for a in verdict.considered if a.lever == "ram")
+    iops = next(a for a in verdict.considered if a.lever == "iops")
+    first, second = verdict.advice
+    assert first.alone_ns == first.gain_ns
+    # Each removes half the reads' time by itself (half are refaults; half of the waits queued), and
+    # half of what the other left: whichever comes first (by price), the second gains half as much.
+    assert ram.alone_ns == pytest.approx(40e6) and iops.alone_ns == pytest.approx(40e6)
+    assert first.gain_ns == pytest.approx(40e6) and second.gain_ns == pytest.approx(20e6)

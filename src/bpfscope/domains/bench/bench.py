@@ -484,7 +484,13 @@ ADVICE = Schema(
         Field("unit", "str", doc="GiB, IOPS, vCPU"),
         Field("monthly", "float", doc="its price a month, in currency"),
         Field("currency", "str", doc="the price table's currency"),
-        Field("gain_ms", "float", "ms", "the p99 band's time per request it can remove, at most"),
+        Field(
+            "gain_ms",
+            "float",
+            "ms",
+            "the p99 band's time per request it can remove, at most, after the advice before it",
+        ),
+        Field("alone_ms", "float", "ms", "what it could remove were it the only lever taken"),
         Field("ms_per_100", "float", "ms", "gain per 100 of the currency a month"),
         Field("why", "str", doc="what the gain is made of"),
     ),
@@ -625,6 +631,14 @@ class BenchView(View):
             )
         else:
             term.line("No lever removes 5% of the p99 band's time: nothing to buy.")
+        advised = {id(a) for a in v.advice}
+        for a in v.considered:
+            if id(a) not in advised:
+                after = " after the advice above" if v.advice else ""
+                term.line(
+                    f"Not worth it: {a.lever} for {a.component} (p99 -{_ms(a.gain_ns)} ms, less than "
+                    f"{advice.MIN_GAIN_SHARE:.0%} of the band{after})."
+                )
         idle = sorted({a.lever for a in v.considered} ^ set(advice.LEVERS))
         if idle:
             term.line(f"Would buy nothing here: {', '.join(idle)} (none of the band's time is theirs).")
