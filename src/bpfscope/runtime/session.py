@@ -430,16 +430,19 @@ class Session:
                 total += len(batch) if hasattr(batch, "__len__") else 1
         # After a small batch, wait a little so the next arrives in a larger one: far less CPU for
         # the consumer and a faster producer (measured in benchmarks/ringbuf.py).
-        from bpfscope.engine.ringbuf import BATCH_WAIT_S, SMALL_BATCH
+        from bpfscope.engine.ringbuf import SMALL_BATCH
 
-        if 0 < total < SMALL_BATCH and any(self._batch_wait(s) for s in slots):
-            time.sleep(BATCH_WAIT_S)
+        if 0 < total < SMALL_BATCH:
+            wait = max(self._batch_wait(s) for s in slots)
+            if wait:
+                time.sleep(wait)
         self._report_losses(slots)
 
     @staticmethod
-    def _batch_wait(slot: _Slot) -> bool:
+    def _batch_wait(slot: _Slot) -> float:
+        """The longest wait for a larger batch its rings allow (each ring's: see ringbuf.py)."""
         rings = getattr(slot.collector, "rings", {})
-        return any(ring.batch_wait for ring in rings.values())
+        return max((ring.batch_wait for ring in rings.values()), default=0.0)
 
     def _report_losses(self, slots: Sequence[_Slot], force: bool = False) -> None:
         now = time.monotonic()
