@@ -113,6 +113,23 @@ def _credentials_json(creds: tuple[int, ...]) -> dict[str, int]:
     }
 
 
+# Their JSON texts, encoded once: a root process's capabilities are most of its 2.2 kB of JSON, and
+# encoding them again for each new process was a fifth of the tool's time under an exec storm.
+@lru_cache(maxsize=4096)
+def _caps_text(caps: tuple[int, int, int]) -> str:
+    return json.dumps(_caps_json(caps))
+
+
+@lru_cache(maxsize=4096)
+def _ns_text(ns: tuple[int, ...]) -> str:
+    return json.dumps(_ns_json(ns))
+
+
+@lru_cache(maxsize=4096)
+def _credentials_text(creds: tuple[int, ...]) -> str:
+    return json.dumps(_credentials_json(creds))
+
+
 @lru_cache(maxsize=1)
 def _host_namespaces() -> tuple[int, ...]:
     from bpfscope.domains.security.policy import NAMESPACES, host_namespace
@@ -187,11 +204,27 @@ class Formatter:
         key = (p.pid, p.ktime)
         text = self._recent_json.get(key)
         if text is None:
-            text = json.dumps(self.process(p))
+            text = self._encode(p, self.process(p))
             if len(self._recent_json) >= 1024:
                 self._recent_json.pop(next(iter(self._recent_json)))
             self._recent_json[key] = text
         return text
+
+    @staticmethod
+    def _encode(p: Process, out: dict[str, Any]) -> str:
+        """``json.dumps(out)``, byte for byte, with the shared parts' texts encoded once (_process
+        puts them together, between the process's own scalars and its cgroup)."""
+        keys = list(out)
+        at = keys.index("cap")
+        if keys[at : at + 3] != ["cap", "ns", "process_credentials"]:
+            return json.dumps(out)
+        head = json.dumps({k: out[k] for k in keys[:at]})
+        tail = json.dumps({k: out[k] for k in keys[at + 3 :]})
+        shared = (
+            f'"cap": {_caps_text(p.caps)}, "ns": {_ns_text(p.ns)}, '
+            f'"process_credentials": {_credentials_text(p.creds)}'
+        )
+        return f"{head[:-1]}, {shared}, {tail[1:]}" if len(tail) > 2 else f"{head[:-1]}, {shared}}}"
 
     def lineage_json(self, p: Process) -> str:
         """:meth:`lineage` as the members of a JSON object (no braces), from the processes' texts."""
@@ -270,6 +303,12 @@ def _compact_where(p: Process) -> str:
     _, container = _container(p.cgroup_id)
     if container and container["id"]:
         return f"{container['runtime']}/{container['id'][:12]}"
+    return _hostname()
+
+
+@lru_cache(maxsize=1)
+def _hostname() -> str:
+    # Once: a system call per compact line was 8% of the tool's time under an exec storm.
     return socket.gethostname()
 
 
