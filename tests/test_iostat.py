@@ -378,7 +378,7 @@ def test_depth_near_iodepth_on_a_device_bound_disk(loop_backing: Path, tmp_path:
         assert r["device"] == loop
         # The throttle's batches of reads fall on one side of an interval boundary or the other.
         assert close(r["r_s"], iops, 0.2), r["r_s"]
-        assert r["depth_max"] == iodepth <= r["nr_requests"]
+        assert r["depth_max"] == iodepth <= r["nr_requests"], (records.index(r), r)
         assert 0.5 * expected_us <= r["p50_us"] <= r["p99_us"] <= 2 * expected_us, r
         assert r["aqu_sz"] > 0.9 * iodepth and r["util"] > 95
         assert r["top"][0]["pid"] == fio.pid
