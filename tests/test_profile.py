@@ -585,7 +585,11 @@ def test_a_process_that_exits_while_profiled_keeps_its_profile(shares_fp: Path) 
     short.truth()  # it has exited
     out, err = profiler.communicate(timeout=60)
     assert profiler.returncode == 0, err
-    assert profile_records(out).shares(short.pid).get("hot_a", 0) > 30
+    # Its stacks were named after it had gone: nearly all of its samples are in its three functions.
+    # Not their shares: about 50 samples of a loop whose period (3-6 ms) can fall in step with the
+    # 10.1 ms sampling period read hot_a at 12% and 29% of them in two full-suite runs (60% alone).
+    shares = profile_records(out).shares(short.pid)
+    assert sum(shares.get(name, 0) for name in FUNCTIONS) > 80, shares
 
 
 def test_stacks_idle_for_a_window_leave_the_kernels_map(shares_fp: Path) -> None:
