@@ -337,6 +337,26 @@ BAD_POLICIES = {
 }
 
 
+@pytest.mark.parametrize("size", ["12M", "64K", "lots"])
+def test_a_bad_ring_size_is_one_line_and_exit_2(size: str) -> None:
+    result = bpfscope("secure", "--ring-size", size)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bpfscope: error: "), result.stderr
+    assert ("power of two" in lines[0]) or ("not a size" in lines[0]), lines[0]
+
+
+def test_the_rings_are_the_size_asked_for() -> None:
+    """--ring-size sizes the lifecycle ring, and the hits' ring at half of it, in the kernel."""
+    from bpfscope.domains.security.secure import SecureCollector, SecureConfig
+
+    with SecureCollector(SecureConfig(ring_size=16 << 20, default_policy=False)) as collector:
+        collector.open()
+        assert collector.obj is not None
+        sizes = {name: collector.obj.maps[name].max_entries for name in ("lifecycle", "hits")}
+    assert sizes == {"lifecycle": 16 << 20, "hits": 8 << 20}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_POLICIES))
 def test_a_bad_policy_is_one_line_with_its_line_and_exit_2(case: str, tmp_path: Path) -> None:
     text, line, reason = BAD_POLICIES[case]

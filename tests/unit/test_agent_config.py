@@ -39,6 +39,7 @@ def test_values_are_read_in_their_units() -> None:
     assert (config.store.flush, config.store.keep, config.store.max_size) == (2.0, 43200.0, 500 << 20)
     assert config.collectors.profile.frequency == 49 and config.collectors.profile.unwind == "fp"
     assert not config.collectors.security.enabled
+    assert parse_config("collectors: {security: {ring_size: 64MB}}").collectors.security.ring_size == 64 << 20
     assert config.exporters.otlp.headers == (("x-tenant", "a"),)
 
 
@@ -56,6 +57,8 @@ def test_values_are_read_in_their_units() -> None:
         ("collectors: [health]", "collectors must be a mapping"),
         ("collectors: {security: {policies: [/no/such/policy.yaml]}}", "no such file /no/such/policy.yaml"),
         ("store: {path: [", "at line 1"),
+        ("collectors: {security: {ring_size: 12MB}}", "security.ring_size: must be a power of two"),
+        ("collectors: {security: {ring_size: 64KB}}", "collectors.security.ring_size: must be between"),
     ],
 )
 def test_a_mistake_is_one_line_naming_the_key(text: str, message: str) -> None:

@@ -33,7 +33,7 @@ collectors:
   health: {{enabled: true, interval: 10s}}      # every rule of bpfscope check, window after window
   profile: {{enabled: true, frequency: 19, interval: 10s, unwind: fp}}   # dwarf: code without frame pointers
   offcpu: {{enabled: false, interval: 10s}}
-  security: {{enabled: true, default_policy: true, policies: [], exec_events: true}}
+  security: {{enabled: true, default_policy: true, policies: [], exec_events: true, ring_size: 8MB}}
   requests: {{enabled: true, redact: true, capture_bytes: 4096, tls: true}}
 exporters:
   prometheus: {{enabled: true, max_series: 2000}}   # /metrics on the listen address

@@ -48,7 +48,9 @@ def _security(section: SecuritySection, node: str | None) -> Collector:
     from bpfscope.domains.security.secure import SecureCollector, SecureConfig, policies_from
 
     policies = policies_from(list(section.policies), section.default_policy)
-    config = SecureConfig(policies=policies, exec_events=section.exec_events, node=node)
+    config = SecureConfig(
+        policies=policies, exec_events=section.exec_events, node=node, ring_size=section.ring_size
+    )
     collector = SecureCollector(config)
     collector.compile()  # a policy's mistake is a configuration error, before anything loads
     return collector

@@ -28,8 +28,10 @@ from bpfscope.domains.security.events import Formatter, SecurityEvent, signal_na
 from bpfscope.domains.security.policy import Policy, check_names, load_policy, parse_policies
 from bpfscope.domains.security.processes import DEFAULT_LIMIT, Process, ProcessCache, intern, join_arguments
 from bpfscope.engine import memory
+from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.collector import BpfCollector, Config, Sample
 from bpfscope.runtime.schema import Field, Schema
+from bpfscope.sinks.store import parse_size
 from bpfscope.sinks.terminal import Terminal, View
 
 if TYPE_CHECKING:
@@ -73,6 +75,22 @@ LIFECYCLE_COLUMNS = (
 # record after a quiet spell is read as it comes (the wait follows a drain); in a storm an event waits at
 # most this long, and the lifecycle ring holds far more (5 ms of 5,000 exec/s is 75 kB of 8 MiB).
 STORM_BATCH_WAIT_S = 0.005
+# The lifecycle ring, as secure.bpf.c sizes it: an exec is about 1 kB of records, so 8 MiB hold 1.7 s of
+# a stopped consumer at 5,000 exec/s. A host with bigger storms trades memory for headroom (--ring-size,
+# as Tetragon's --rb-size): 30,000 processes ending at once overflowed 8 MiB in the agent.
+DEFAULT_RING_SIZE = 8 << 20
+RING_SIZES = (1 << 20, 1 << 30)
+
+
+def check_ring_size(size: int) -> int:
+    """The ring's size in bytes, or a one-line error: a power of two (the kernel's rule for a ring
+    buffer), from 1 MiB to 1 GiB."""
+    low, high = RING_SIZES
+    if not low <= size <= high or size & (size - 1):
+        raise BpfscopeError(f"ring size {size} bytes: a power of two from 1 MiB to 1 GiB (say 16M)")
+    return size
+
+
 ENUMS = ("sec_match_op", "sec_arg_type", "sec_proc_attr", "sec_ns_kind", "sec_cap_kind", "sec_action")
 
 
@@ -84,6 +102,8 @@ class SecureConfig(Config):
     ancestors: bool = True
     cache_size: int = DEFAULT_LIMIT  # processes the kernel and user-space caches hold
     node: str | None = None  # node_name (default: the host name)
+    # The lifecycle ring's bytes (the hits ring gets half): what a stalled consumer can fall behind.
+    ring_size: int = DEFAULT_RING_SIZE
 
 
 def policies_from(paths: list[str], default_policy: bool) -> list[Policy]:
@@ -105,6 +125,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
 
     def __init__(self, config: SecureConfig) -> None:
         super().__init__(config)
+        check_ring_size(config.ring_size)
         self.cache = ProcessCache(config.node, config.cache_size)
         self.formatter = Formatter(self.cache, ancestors=config.ancestors)
         self.seen = {"exec": 0, "exit": 0, "tracepoint": 0}
@@ -136,7 +157,8 @@ class SecureCollector(BpfCollector[SecureConfig]):
         return programs
 
     def max_entries(self) -> dict[str, int]:
-        return {"procs": self.config.cache_size}
+        ring = self.config.ring_size
+        return {"procs": self.config.cache_size, "lifecycle": ring, "hits": ring // 2}
 
     def open(self) -> None:
         self.compile()
@@ -520,6 +542,7 @@ Examples:
   bpfscope secure --policy my.yaml --no-default-policy --no-exec-events   # my policy's hits only
   bpfscope secure --check --policy my.yaml # check a policy, load nothing
   bpfscope secure --container 3f2a         # one container's processes
+  bpfscope secure --ring-size 64M          # room for bigger exec storms
 """
 
 
@@ -547,6 +570,14 @@ Examples:
     show_default=True,
     help="Processes the caches hold (kernel and user space).",
 )
+@click.option(
+    "--ring-size",
+    default="8M",
+    show_default=True,
+    metavar="SIZE",
+    help="The lifecycle ring's size (a power of two; the policy hits' ring gets half): room for a storm "
+    "of execs and exits while the reader is busy. Lost records are counted (ring_full).",
+)
 @common_options
 def command(
     run: Run,
@@ -557,6 +588,7 @@ def command(
     no_exec_events: bool,
     no_ancestors: bool,
     cache_size: int,
+    ring_size: str,
 ) -> None:
     """Security observability and enforcement: every exec and exit with the process's lineage, and the
     hits of policies (TracingPolicy YAML on tracepoints) filtered in the kernel.
@@ -580,6 +612,7 @@ def command(
         exec_events=not no_exec_events,
         ancestors=not no_ancestors,
         cache_size=cache_size,
+        ring_size=check_ring_size(parse_size(ring_size)),
     )
     collector = SecureCollector(config)
     collector.compile()
