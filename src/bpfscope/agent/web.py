@@ -256,10 +256,25 @@ class Api:
                 )
                 where += f" AND contains({binary} || ' ' || {arguments}, ?)"
                 params.append(text)
+            # The newest events' times first, then only their bodies: ordering the bodies themselves (an
+            # exit with its ancestors is 23 kB) held every candidate row, and after a storm of exits
+            # the page failed DuckDB's memory limit (15,000 exits: out of memory at 256 MB; this way
+            # 0.04 s). A command filter still reads every body of the span, in DuckDB's vectors of 2,048
+            # rows: bounded by that, not by the storm's length.
+            table = f'"secure.{kind}"'
+            newest = self._rows(
+                f"secure.{kind}",
+                f"SELECT min(ts) AS since FROM "
+                f"(SELECT ts FROM {table} WHERE {where} ORDER BY ts DESC LIMIT ?)",
+                [*params, limit],
+            )
+            if not newest or newest[0]["since"] is None:
+                continue
             rows = self._rows(
                 f"secure.{kind}",
-                f'SELECT ts, "{kind}" AS body FROM "secure.{kind}" WHERE {where} ORDER BY ts DESC LIMIT ?',
-                [*params, limit],
+                f'SELECT ts, "{kind}" AS body FROM {table} '
+                f"WHERE {where} AND ts >= ? ORDER BY ts DESC LIMIT ?",
+                [*params, newest[0]["since"], limit],
             )
             events += [{"ts": r["ts"], "kind": kind, **json.loads(r["body"])} for r in rows]
         if self.agent.pods is not None:
