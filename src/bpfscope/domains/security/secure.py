@@ -612,7 +612,7 @@ def command(
         exec_events=not no_exec_events,
         ancestors=not no_ancestors,
         cache_size=cache_size,
-        ring_size=check_ring_size(parse_size(ring_size)),
+        ring_size=parse_size(ring_size),  # checked by the collector
     )
     collector = SecureCollector(config)
     collector.compile()
