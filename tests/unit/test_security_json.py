@@ -80,3 +80,18 @@ def test_processes_alike_share_their_capabilities_namespaces_and_credentials() -
     users, groups = ("uid", "euid", "suid", "fsuid"), ("gid", "egid", "sgid", "fsgid")
     assert a["process_credentials"] == {**dict.fromkeys(users, 1000), **dict.fromkeys(groups, 100)}
     assert (a["uid"], a["auid"]) == (1000, 1000)
+
+
+def test_a_hit_read_after_its_process_exited_still_finds_it() -> None:
+    """A hit committed between the reads of the two rings comes in the next drain, after its process's
+    exit: the process is still found among the last to exit, and a live one comes first."""
+    cache = ProcessCache(node="node-1")
+    victim = cache.add(process(300, None, "/tmp/kill-at-exec/touch"))
+    assert cache.exit(300) is victim and cache.get(300) is None
+    assert cache.get_or_exited(300) is victim
+    reused = cache.add(process(300, None, "/bin/true"))
+    assert cache.get_or_exited(300) is reused
+    for pid in range(1000, 1300):  # the kept exits are bounded
+        cache.add(process(pid, None, "/bin/true"))
+        cache.exit(pid)
+    assert len(cache.exited) <= 256 and cache.get_or_exited(1299) is not None

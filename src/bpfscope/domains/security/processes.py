@@ -123,6 +123,9 @@ class Process:
         return f"Process(pid={self.pid}, binary={self.binary!r}, ppid={self.ppid}, flags={self.flags!r})"
 
 
+RECENT_EXITS = 256  # processes kept after their exit for hits read late (ProcessCache.exited)
+
+
 class ProcessCache:
     """Live processes by pid; see the module's text."""
 
@@ -132,6 +135,10 @@ class ProcessCache:
         self.live: dict[int, Process] = {}
         self.evicted = 0  # processes dropped because the cache was full
         self.unknown_parents = 0  # execs and clones whose parent the cache did not know
+        # The last processes to exit, for a hit read after its process's exit: the consumer reads the
+        # hits' ring before the lifecycle ring, and a hit committed between the two reads (a Sigkill at
+        # exec, its process dead microseconds later) comes in the next drain, after the exit.
+        self.exited: dict[int, Process] = {}
         # Boot-clock ns -> wall-clock ns.
         self.boot_offset_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
@@ -182,7 +189,17 @@ class ProcessCache:
         return self.add(child)
 
     def exit(self, pid: int) -> Process | None:
-        return self.live.pop(pid, None)
+        process = self.live.pop(pid, None)
+        if process is not None:
+            self.exited.pop(pid, None)
+            self.exited[pid] = process
+            if len(self.exited) > RECENT_EXITS:
+                del self.exited[next(iter(self.exited))]
+        return process
+
+    def get_or_exited(self, pid: int) -> Process | None:
+        """The live process, or the last that exited with this pid (see ``exited``)."""
+        return self.live.get(pid) or self.exited.get(pid)
 
     def ancestors(self, process: Process, limit: int = 32) -> Iterator[Process]:
         """Its parent's parent and up (the parent itself is reported on its own)."""

@@ -345,7 +345,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
         are no longer those of the exec (a setuid since)."""
         rule = self.compile().rules[int(r["rule"])]
         pid = int(r["pid"])
-        process = self.cache.get(pid) or self._unknown(r)
+        process = self.cache.get_or_exited(pid) or self._unknown(r)
         action = self.action_names.get(int(r["action"]), "Post")
         args = block_args(r) if action == "Block" else hook_args(rule, r)
         fields: dict[str, Any] = {}
