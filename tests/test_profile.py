@@ -524,7 +524,10 @@ def test_outputs_are_read_by_their_readers(workload: Workload, tmp_path: Path) -
     assert lines and all(
         line.startswith("shares_c_fp;") and line.rsplit(" ", 1)[1].isdigit() for line in lines
     )
-    assert any(";main;hot_a" in line for line in lines)
+    # Any of the three functions under main: about 99 samples of a loop whose rounds are a few ms
+    # can fall in step with the sampling period (a full-suite run once had none in hot_a); what this
+    # checks is the folded format, not the shares (test_shares_match_the_truth has those).
+    assert any(f";main;{name} " in line for line in lines for name in FUNCTIONS), lines
     for name, check in (("cpu.json", _check_speedscope), ("cpu.html", _check_html)):
         out = tmp_path / name
         result = bpfscope(
@@ -537,13 +540,13 @@ def test_outputs_are_read_by_their_readers(workload: Workload, tmp_path: Path) -
 def _check_speedscope(text: str) -> None:
     doc = json.loads(text)
     names = {f["name"] for f in doc["shared"]["frames"]}
-    assert {"hot_a", "main"} <= names
+    assert "main" in names and names & set(FUNCTIONS), names
     (prof,) = doc["profiles"]
     assert prof["type"] == "sampled" and len(prof["samples"]) == len(prof["weights"])
 
 
 def _check_html(text: str) -> None:
-    assert text.startswith("<!DOCTYPE html>") and "hot_a" in text
+    assert text.startswith("<!DOCTYPE html>") and any(name in text for name in FUNCTIONS)
     # Self-contained: nothing is fetched from anywhere.
     assert "http://" not in text.replace("http://www.w3.org", "") and "src=" not in text
 
