@@ -92,6 +92,40 @@ def test_fields_typed_from_btf() -> None:
     assert unit_of("read_kb") == "kB" and unit_of("pid") == ""
 
 
+def test_a_structs_head_unpacks_flat_and_equals_its_numpy_decoding() -> None:
+    """Struct.unpacker: nested structs and arrays flattened, padding skipped, stopped before a field;
+    the values are numpy's for the same bytes."""
+    import numpy as np
+
+    u8, u32, u64 = Scalar(size=1), Scalar(size=4), Scalar(size=8)
+    creds = Struct("creds", 16, (BtfField("uid", 0, u32), BtfField("cap", 8, u64)))
+    record = Struct(
+        "record",
+        64,
+        (
+            BtfField("kind", 0, u8),
+            BtfField("delta", 4, Scalar(size=4, signed=True)),
+            BtfField("creds", 8, creds),
+            BtfField("ns", 24, Array(u32, 3)),
+            BtfField("comm", 36, Array(Scalar(size=1, char=True), 4)),
+            BtfField("binary", 40, Array(Scalar(size=1, char=True), 24)),
+        ),
+    )
+    head, names = record.unpacker(upto="binary")
+    assert head.size == 40
+    assert names == ("kind", "delta", "creds.uid", "creds.cap", "ns[0]", "ns[1]", "ns[2]", "comm")
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, 64 * 3, dtype=np.uint8).tobytes()
+    decoded = np.frombuffer(raw, dtype=record.dtype)
+    for row, values in zip(
+        decoded, head.iter_unpack(b"".join(raw[i : i + 40] for i in (0, 64, 128))), strict=True
+    ):
+        assert values[:2] == (row["kind"], row["delta"])
+        assert values[2:4] == (row["creds"]["uid"], row["creds"]["cap"])
+        assert list(values[4:7]) == row["ns"].tolist() and values[7] == bytes(row["comm"]).ljust(4, b"\0")
+    assert record.unpacker()[0].size == 64
+
+
 def test_losses_by_reason() -> None:
     before = Losses([Loss("ring_full", 2, "events lost (ring buffer full)"), Loss("recursion", 0, "missed")])
     after = Losses(

@@ -8,6 +8,7 @@ layout is ever declared a second time in Python.
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -133,6 +134,19 @@ class Struct:
     def decode(self, raw: bytes) -> dict[str, Any]:
         return {f.name: f.type.decode(raw[f.offset : f.offset + f.type.size]) for f in self.fields}
 
+    def unpacker(self, upto: str | None = None) -> tuple[struct.Struct, tuple[str, ...]]:
+        """The fields before ``upto`` (all of them by default) as one flat ``struct.Struct`` and the
+        names of its items: a nested struct's fields are ``outer.inner``, an array's elements
+        ``name[i]``, a string one ``bytes`` item. For records read one at a time (``iter_unpack``
+        over their heads), where a numpy batch of a few dozen costs more than the records."""
+        stop = self.field(upto).offset if upto else self.size
+        parts: list[str] = []
+        names: list[str] = []
+        at = _flatten(self, 0, stop, "", parts, names)
+        if at < stop:
+            parts.append(f"{stop - at}x")
+        return struct.Struct("<" + "".join(parts)), tuple(names)
+
     def encode(self, value: dict[str, Any]) -> bytes:
         buf = bytearray(self.size)
         for name, v in value.items():
@@ -146,6 +160,38 @@ class Struct:
 
 
 CType = Scalar | Array | Struct
+_STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def _flatten(t: CType, base: int, stop: int, name: str, parts: list[str], names: list[str]) -> int:
+    """Append ``t`` (at byte ``base``) to a struct format, up to ``stop``; the offset reached."""
+    if isinstance(t, Struct):
+        at = base
+        for f in t.fields:
+            start = base + f.offset
+            if start >= stop:
+                break
+            if start > at:
+                parts.append(f"{start - at}x")
+            at = _flatten(f.type, start, stop, f"{name}.{f.name}" if name else f.name, parts, names)
+        return at
+    if base + t.size > stop:
+        raise BpfscopeError(f"{name} crosses the end of the fields asked for")
+    if isinstance(t, Array):
+        if t.is_string:
+            parts.append(f"{t.count}s")
+            names.append(name)
+            return base + t.size
+        for i in range(t.count):
+            _flatten(t.elem, base + i * t.elem.size, stop, f"{name}[{i}]", parts, names)
+        return base + t.size
+    if t.floating:
+        parts.append("d" if t.size == 8 else "f")
+    else:
+        code = _STRUCT_CODES[t.size]
+        parts.append(code.lower() if t.signed else code)
+    names.append(name)
+    return base + t.size
 
 
 def to_dtype(t: CType) -> np.dtype:

@@ -184,6 +184,7 @@ class Session:
         self.failed: dict[Collector, BaseException] = {}
         self.started_at: float | None = None
         self._closed = False
+        self._slots_changed = True  # the loop registers the rings again (see loop)
 
     # --- the Python API ------------------------------------------------------------------------------
     @property
@@ -296,6 +297,7 @@ class Session:
         try:
             poller.register(self.stop_token.fileno(), select.EPOLLIN)
             registered = self._register(poller, {})
+            self._slots_changed = False
             while not self.stop_token:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline - _SLACK_S:
@@ -319,7 +321,9 @@ class Session:
                     break
                 self._tick(now)
                 self._retry(now)
-                registered = self._register(poller, registered)
+                if self._slots_changed:  # a collector opened or closed: its rings came or went
+                    registered = self._register(poller, registered)
+                    self._slots_changed = False
                 if self._count_reached():
                     self.stop_token.set("count")
         finally:
@@ -365,6 +369,7 @@ class Session:
 
     # --- inside the loop -----------------------------------------------------------------------------
     def _open(self, slot: _Slot, now: float) -> None:
+        self._slots_changed = True
         try:
             slot.collector.open()
         except BaseException as exc:
@@ -396,6 +401,7 @@ class Session:
                 raise
             slot.collector.close()
             slot.open = False
+            self._slots_changed = True
             self._failed(slot, exc, time.monotonic())
             return _FAILED
 

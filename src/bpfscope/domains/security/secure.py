@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -37,6 +38,7 @@ from bpfscope.sinks.terminal import Terminal, View
 if TYPE_CHECKING:
     import numpy as np
 
+    from bpfscope.engine.btf import Struct
     from bpfscope.runtime.collector import Collector
     from bpfscope.runtime.losses import Losses
 
@@ -50,24 +52,10 @@ BLOCK_PROGRAMS = {
 # Process.creds and Process.caps, in their order (processes.py).
 CREDS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid", "loginuid", "securebits")
 CAPS = ("cap_effective", "cap_permitted", "cap_inheritable")
-# The lifecycle record's fields, read per batch as lists (secure.bpf.c's struct sec_proc_event).
-LIFECYCLE_COLUMNS = (
-    "kind",
-    "flags",
-    "pid",
-    "tid",
-    "ppid",
-    "ktime",
-    "exec_ktime",
-    "parent_exec_ktime",
-    "exit_code",
-    "args_size",
-    "cgroup_id",
-    "creds",
-    "ns",
-    "binary",
-    "cwd",
-)
+# The lifecycle record's fields before its exec-only strings, as one flat tuple per record
+# (Struct.unpacker): an exec storm drains a few dozen records at a time, and a numpy batch of them
+# (each padded to the 1.6 kB struct, then its columns turned into lists) cost more than the records.
+HEAD_END = "binary"
 # After a drain that found only a few records, the loop waits this long for more. An exec storm came a
 # few records a drain, each drain's own cost (two rings, the columns, the sinks) paid per handful of
 # execs: waiting 5 ms instead of the engine's 0.2 took the tool from 30% to 11.6% of a core at 2,045 and
@@ -89,6 +77,50 @@ def check_ring_size(size: int) -> int:
     if not low <= size <= high or size & (size - 1):
         raise BpfscopeError(f"ring size {size} bytes: a power of two from 1 MiB to 1 GiB (say 16M)")
     return size
+
+
+@dataclass(frozen=True)
+class LifecycleLayout:
+    """Where a lifecycle record (secure.bpf.c's struct sec_proc_event) keeps what the consumer reads:
+    the head's items picked from its flat tuple, the exec-only strings' byte offsets."""
+
+    head: struct.Struct
+    common: operator.itemgetter[
+        tuple[Any, ...]
+    ]  # kind ktime pid ppid flags exec_ktime parent_exec_ktime exit_code
+    identity: operator.itemgetter[tuple[Any, ...]]  # pid, tid, ppid, exec_ktime, args_size, cgroup_id
+    creds: operator.itemgetter[tuple[Any, ...]]  # CREDS, Process's order
+    caps: operator.itemgetter[tuple[Any, ...]]  # CAPS
+    ns: slice
+    binary: int
+    cwd: int
+    args: int
+    string_size: int
+
+    @classmethod
+    def of(cls, record: Struct) -> LifecycleLayout:
+        head, names = record.unpacker(upto=HEAD_END)
+        at = {name: i for i, name in enumerate(names)}
+
+        def pick(*fields: str) -> operator.itemgetter[tuple[Any, ...]]:
+            return operator.itemgetter(*(at[name] for name in fields))
+
+        ns = [i for name, i in at.items() if name.startswith("ns[")]
+        return cls(
+            head,
+            pick("kind", "ktime", "pid", "ppid", "flags", "exec_ktime", "parent_exec_ktime", "exit_code"),
+            pick("pid", "tid", "ppid", "exec_ktime", "args_size", "cgroup_id"),
+            pick(*(f"creds.{name}" for name in CREDS)),
+            pick(*(f"creds.{name}" for name in CAPS)),
+            slice(ns[0], ns[-1] + 1),
+            record.field("binary").offset,
+            record.field("cwd").offset,
+            record.field("args").offset,
+            record.field("binary").type.size,
+        )
+
+    def string(self, record: bytes, offset: int) -> str:
+        return record[offset : offset + self.string_size].split(b"\0", 1)[0].decode(errors="replace")
 
 
 ENUMS = ("sec_match_op", "sec_arg_type", "sec_proc_attr", "sec_ns_kind", "sec_cap_kind", "sec_action")
@@ -203,10 +235,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
         )
         flags = dict(self.btf().enum("sec_proc_flag"))
         self.selected_flag, self.truncated_flag = flags["PROC_SELECTED"], flags["PROC_ARGS_TRUNCATED"]
-        # A record's creds come as a tuple in the C struct's order: Process wants them in its own.
-        creds = [f.name for f in self.btf().pointee("bs_record__lifecycle").field("creds").type.fields]
-        self.pick_creds = operator.itemgetter(*(creds.index(name) for name in CREDS))
-        self.pick_caps = operator.itemgetter(*(creds.index(name) for name in CAPS))
+        self.layout = LifecycleLayout.of(self.ring("lifecycle").event)
         actions = {v: k for k, v in self.btf().enum("sec_action")}
         self.action_names = {v: compiler_action_word(k) for v, k in actions.items()}
 
@@ -250,8 +279,8 @@ class SecureCollector(BpfCollector[SecureConfig]):
         # Hits first: a hit read now was committed after its process's exec, which the lifecycle ring,
         # read next, therefore holds.
         hits = self.rings["hits"].read()
-        lifecycle = self.rings["lifecycle"].read()
-        if not len(hits) and not len(lifecycle):
+        lifecycle = self.rings["lifecycle"].read_sized()
+        if not len(hits) and not lifecycle:
             return None
         events = self._lifecycle(lifecycle, hits)
         return SecurityBatch(events, self.formatter)
@@ -259,85 +288,70 @@ class SecureCollector(BpfCollector[SecureConfig]):
     def _wall(self, ktime: int) -> int:
         return ktime + self.cache.boot_offset_ns
 
-    def _lifecycle(self, batch: np.ndarray, hits: np.ndarray) -> list[SecurityEvent]:
+    def _lifecycle(self, records: list[bytes], hits: np.ndarray) -> list[SecurityEvent]:
         """The lifecycle records in order, each hit taken where it happened among them (a hit after its
-        process's exit in the same drain must still find the process). Columns become Python lists once
-        per batch: a field read from a numpy record costs far more than an item of a list."""
+        process's exit in the same drain must still find the process)."""
         out: list[SecurityEvent] = []
         hit_times = hits["ktime"].tolist() if len(hits) else []
         order = sorted(range(len(hit_times)), key=hit_times.__getitem__)
         next_hit = 0
         cache = self.cache
         emit = self.config.exec_events
-        raw = batch.tobytes()
-        stride = batch.dtype.itemsize
-        args_offset = batch.dtype.fields["args"][1]
-        columns = {name: batch[name].tolist() for name in LIFECYCLE_COLUMNS}
-        for i, (kind, ktime, pid, ppid, flags) in enumerate(
-            zip(
-                columns["kind"],
-                columns["ktime"],
-                columns["pid"],
-                columns["ppid"],
-                columns["flags"],
-                strict=True,
-            )
-        ):
+        layout = self.layout
+        head = layout.head.size
+        rows = layout.head.iter_unpack(b"".join(r[:head] for r in records)) if records else ()
+        for record, row in zip(records, rows, strict=True):
+            kind, ktime, pid, ppid, flags, exec_ktime, parent_ktime, status = layout.common(row)
             while next_hit < len(order) and hit_times[order[next_hit]] <= ktime:
                 out.append(self._hit(hits[order[next_hit]]))
                 next_hit += 1
             if kind == self.clone_kind:
-                cache.clone(pid, ppid, columns["exec_ktime"][i], columns["parent_exec_ktime"][i])
+                cache.clone(pid, ppid, exec_ktime, parent_ktime)
                 continue
-            selected = bool(flags & self.selected_flag)
+            selected = flags & self.selected_flag
             if kind == self.exec_kind:
-                start = i * stride + args_offset
-                argv = raw[start : start + columns["args_size"][i]].split(b"\0")
-                if argv and argv[-1] == b"":
-                    argv.pop()
-                process = self._exec_process(
-                    columns, i, join_arguments([a.decode(errors="replace") for a in argv])
-                )
-                cache.add(process)
+                process = cache.add(self._exec_process(record, row, flags, parent_ktime))
                 if emit and selected:
                     self.seen["exec"] += 1
-                    out.append(SecurityEvent("process_exec", self._wall(ktime), process))
+                    out.append(SecurityEvent("process_exec", ktime + cache.boot_offset_ns, process))
             elif kind == self.exit_kind:
                 process = cache.exit(pid)
                 if process is None:
                     continue
-                status = columns["exit_code"][i]
                 if emit and selected:
                     self.seen["exit"] += 1
                     fields = {
                         "signal": signal_name(status & 0x7F) if status & 0x7F else "",
                         "status": status >> 8 & 0xFF,
                     }
-                    out.append(SecurityEvent("process_exit", self._wall(ktime), process, fields))
+                    out.append(SecurityEvent("process_exit", ktime + cache.boot_offset_ns, process, fields))
         out.extend(self._hit(hits[j]) for j in order[next_hit:])
         return out
 
-    def _exec_process(self, columns: dict[str, list[Any]], i: int, arguments: str) -> Process:
-        creds = columns["creds"][i]
-        cwd = columns["cwd"][i].decode(errors="replace")
-        flags = "execve" + (" rootcwd" if cwd == "/" else "")
-        if columns["flags"][i] & self.truncated_flag:
-            flags += " truncArgs"
-        ppid = columns["ppid"][i]
+    def _exec_process(self, record: bytes, row: tuple[Any, ...], flags: int, parent_ktime: int) -> Process:
+        layout = self.layout
+        pid, tid, ppid, exec_ktime, args_size, cgroup_id = layout.identity(row)
+        argv = record[layout.args : layout.args + args_size].split(b"\0")
+        if argv and argv[-1] == b"":
+            argv.pop()
+        cwd = layout.string(record, layout.cwd)
+        exec_flags = "execve" + (" rootcwd" if cwd == "/" else "")
+        if flags & self.truncated_flag:
+            exec_flags += " truncArgs"
         return Process(
-            columns["pid"][i],
-            columns["exec_ktime"][i],
-            intern(columns["binary"][i].decode(errors="replace")),
-            arguments,
+            pid,
+            exec_ktime,
+            intern(layout.string(record, layout.binary)),
+            join_arguments([a.decode(errors="replace") for a in argv]),
             intern(cwd),
-            self.pick_creds(creds),  # shared with its caps as one pair by Process
-            self.pick_caps(creds),
-            intern(tuple(columns["ns"][i])),
-            columns["cgroup_id"][i],
-            flags,
-            self.cache.parent_of(ppid, columns["parent_exec_ktime"][i]),
+            layout.creds(row),  # shared with its caps as one pair by Process
+            layout.caps(row),
+            intern(row[layout.ns]),
+            cgroup_id,
+            exec_flags,
+            self.cache.parent_of(ppid, parent_ktime),
             ppid,
-            columns["tid"][i],
+            tid,
         )
 
     def _hit(self, r: Any) -> SecurityEvent:
