@@ -54,7 +54,7 @@ CREDS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid", "loginu
 CAPS = ("cap_effective", "cap_permitted", "cap_inheritable")
 # The lifecycle record's fields before its exec-only strings, as one flat tuple per record
 # (Struct.unpacker): an exec storm drains a few dozen records at a time, and a numpy batch of them
-# (each padded to the 1.6 kB struct, then its columns turned into lists) cost more than the records.
+# (each padded to the 1.7 kB struct, then its columns turned into lists) cost more than the records.
 HEAD_END = "binary"
 # After a drain that found only a few records, the loop waits this long for more. An exec storm came a
 # few records a drain, each drain's own cost (two rings, the columns, the sinks) paid per handful of
