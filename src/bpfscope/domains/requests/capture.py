@@ -34,9 +34,6 @@ MAX_CONNECTIONS = 16384
 IDLE_S = 300.0
 # Calls looked at before a connection whose bytes fit no protocol is left alone.
 DETECT_TRIES = 4
-# The kernel is asked not to send the calls of a body when this many bytes of it are still to come
-# (fewer are not worth a map update: a body that fits in a call or two).
-SKIP_MIN_BYTES = 64 * 1024
 # A TCP connection whose protocol is not known after DETECT_TRIES calls (met in the middle of a large
 # body, or a protocol bpfscope does not parse) is probed: the kernel sends its calls' first bytes only,
 # until one begins a message (256: the head of a request like GET /path, whole).
@@ -62,7 +59,8 @@ class Kinds:
 
 
 def limits(btf: Btf) -> dict[str, int]:
-    """enum bs_req_limits: capture_max (the most one record carries), tail (a long call's last bytes)."""
+    """enum bs_req_limits: capture_max (the most one record carries), tail (a long call's last bytes),
+    skip_min (the fewest bytes of a body still to come for which its calls are skipped)."""
     return {name: value for value, name in enum_names(btf.enum("bs_req_limits")).items()}
 
 
@@ -161,11 +159,14 @@ class Connections:
         self,
         protocols_wanted: frozenset[str] | None = None,
         skip: Callable[[Connection, bool, int, int], None] | None = None,
+        skip_min: int = 0,
     ) -> None:
         self.wanted = protocols_wanted
         # (connection, ingress, until, probe): tell the kernel not to send a direction's calls before
-        # `until`, and to copy only `probe` bytes of those it sends (0, 0: everything again).
+        # `until`, and to copy only `probe` bytes of those it sends (0, 0: everything again); asked when
+        # at least skip_min bytes of a body are still to come (the kernel's BS_REQ_SKIP_MIN).
         self.skip = skip
+        self.skip_min = skip_min
         self.connections: OrderedDict[tuple, Connection] = OrderedDict()
         # Each socket's connections (a cookie has several: its plain and TLS sources, the peers of a UDP
         # socket, processes sharing it), so that a close finds them without scanning every connection.
@@ -323,7 +324,7 @@ class Connections:
         wanted = stream.skip_until
         if self.skip is None or wanted == told or stream.end is None:
             return
-        if wanted and wanted - stream.end < SKIP_MIN_BYTES:
+        if wanted and wanted - stream.end < self.skip_min:
             return
         conn.skips_told[ingress] = wanted
         self.skip(conn, ingress, wanted, 0)
@@ -425,7 +426,7 @@ class Tracker(Connections):
         protocols_wanted: frozenset[str] | None = None,
         skip: Callable[[Connection, bool, int, int], None] | None = None,
     ) -> None:
-        super().__init__(protocols_wanted, skip)
+        super().__init__(protocols_wanted, skip, limits(btf)["skip_min"])
         self.kinds = Kinds.of(btf)
         self.dtype = header_dtype(btf)
         self.head_size = self.dtype.itemsize

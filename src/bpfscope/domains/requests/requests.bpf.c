@@ -33,10 +33,11 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* The most a record carries of one call (a power of two; capture_bytes + BS_REQ_TAIL up to this), and
- * the bytes of a longer call's end kept beside its start (a power of two). In an enum, which user space
- * reads from BTF. */
-enum bs_req_limits { BS_REQ_CAPTURE_MAX = 16384, BS_REQ_TAIL = 256 };
+/* The most a record carries of one call (a power of two; capture_bytes + BS_REQ_TAIL up to this), the
+ * bytes of a longer call's end kept beside its start (a power of two), and the fewest bytes of a body
+ * still to come for which its calls are skipped (fewer are not worth a map update: a body that fits in
+ * a call or two). In an enum, which user space reads from BTF. */
+enum bs_req_limits { BS_REQ_CAPTURE_MAX = 16384, BS_REQ_TAIL = 256, BS_REQ_SKIP_MIN = 65536 };
 BS_ENUM(bs_req_limits);
 #define REQ_CAPTURE_MAX BS_REQ_CAPTURE_MAX
 /* iovecs of one call walked (gRPC's sendmsg carries scores), messages of one recvmmsg/sendmmsg. */
@@ -154,7 +155,9 @@ struct req_conn {
 	__u8 role; /* enum bs_req_role */
 	__u8 tls;
 	__u8 seen;
-	__u8 pad[5];
+	__u8 last_dir; /* the direction of its last record sent, plus one (0: none yet) */
+	__u8 head_request; /* the record at its last turn began "HEAD ": its answer has no body */
+	__u8 pad[3];
 };
 
 struct {
@@ -555,6 +558,142 @@ static __always_inline __u32 stream_advance(struct req_event *ev)
 	return skip->probe ? skip->probe : capture_bytes;
 }
 
+/* --- HTTP/1 bodies skipped by the kernel ------------------------------------------------------------
+ * User space steps over a long body by asking the kernel to skip its calls (skips), but it asks only once
+ * it has read the head: the calls of a body that moves faster than user space drains the ring are sent
+ * whole, a copy of capture_bytes and a record each. So the kernel skips an HTTP/1 response's body itself
+ * when the call that begins the response holds its whole head: a 2xx (not 204) with a Content-Length and
+ * no Transfer-Encoding, at a turn of the connection (its previous record went the other way: the call
+ * begins a response, not a body that happens to hold such bytes), unless the request at the turn before
+ * began "HEAD " (its answer has a Content-Length and no body). The skip ends exactly where the body does,
+ * as user space's would: user space parses the same head and sees the same gap. A skip already there
+ * (user space's, or a probe) is left alone. Pipelined responses after the first of a turn are left to
+ * user space. */
+struct http_scan {
+	struct req_scratch *s;
+	__u64 length;	/* Content-Length */
+	__u32 n;	/* bytes of the call's start to look at */
+	__u32 line;	/* where the current line begins */
+	__u32 head;	/* the head's length, once its empty line is found */
+	__u32 value_at;	/* Content-Length's value: from here to value_end (0: no such header) */
+	__u32 value_end;
+	__u32 digits;
+	__u32 refused;	/* Transfer-Encoding, or a Content-Length that is not one number */
+	__u32 blank;	/* a blank after the value's digits: nothing but blanks may follow */
+};
+
+#define REQ_MASK (REQ_CAPTURE_MAX - 1)
+
+static __always_inline bool header_is(const __u8 *data, __u32 at, const char *name, __u32 len)
+{
+	for (__u32 k = 0; k < len; k++) /* ASCII letters, '-' and ':' compare with 0x20 set */
+		if ((data[(at + k) & REQ_MASK] | 0x20) != name[k])
+			return false;
+	return true;
+}
+
+/* Byte i of the head: at each line's end, the line's header looked at; the empty line ends the head. */
+static long http_step(__u32 i, void *ctx)
+{
+	struct http_scan *h = ctx;
+	const __u8 *data = h->s->ev.data;
+	__u32 line = h->line;
+
+	if (i >= h->n || i < line)
+		return 1;
+	if (data[i & REQ_MASK] != '\n')
+		return 0;
+	if (i - line <= 1) { /* "\r\n" or "\n": the head's end */
+		h->head = i + 1;
+		return 1;
+	}
+	if (i - line > 16 && header_is(data, line, "content-length:", 15)) {
+		if (h->value_at)
+			h->refused = 1; /* twice */
+		h->value_at = line + 15;
+		h->value_end = i;
+	} else if (i - line > 18 && header_is(data, line, "transfer-encoding:", 18)) {
+		h->refused = 1;
+	}
+	h->line = i + 1;
+	return h->refused ? 1 : 0;
+}
+
+/* Character k of Content-Length's value: digits, with blanks around them. */
+static long length_step(__u32 k, void *ctx)
+{
+	struct http_scan *h = ctx;
+	__u32 at = h->value_at + k;
+	__u8 c;
+
+	if (at >= h->value_end)
+		return 1;
+	c = h->s->ev.data[at & REQ_MASK];
+	if (c >= '0' && c <= '9' && h->digits < 16 && !h->blank) {
+		h->length = h->length * 10 + (c - '0');
+		h->digits++;
+		return 0;
+	}
+	if (c == '\r')
+		return 1;
+	if (c == ' ' || c == '\t') {
+		h->blank = h->digits != 0;
+		return 0;
+	}
+	h->refused = 1;
+	return 1;
+}
+
+static __always_inline bool begins_2xx_response(const __u8 *d)
+{
+	return d[0] == 'H' && d[1] == 'T' && d[2] == 'T' && d[3] == 'P' && d[4] == '/' && d[5] == '1' &&
+	       d[6] == '.' && (d[7] == '1' || d[7] == '0') && d[8] == ' ' && d[9] == '2' &&
+	       !(d[10] == '0' && d[11] == '4');
+}
+
+/* A global function: verified once, not at each of event_send's call sites. */
+__noinline int skip_http_body(struct req_event *ev)
+{
+	struct http_scan h = {.s = (struct req_scratch *)ev};
+	struct stream_skip body = {}, *skip;
+	struct stream_key key = {};
+	struct req_conn *known;
+	__u8 previous, head;
+
+	if (!ev || ev->protocol != BS_IPPROTO_TCP || ev->source == BS_REQ_SOURCE_SENDFILE)
+		return 0;
+	key.cookie = ev->cookie;
+	key.dir = ev->dir;
+	key.tls = ev->source == BS_REQ_SOURCE_TLS;
+	known = bpf_map_lookup_elem(&conns, &ev->cookie);
+	if (!known)
+		return 0;
+	previous = known->last_dir;
+	if (previous == ev->dir + 1)
+		return 0; /* not a turn */
+	known->last_dir = ev->dir + 1;
+	head = known->head_request;
+	known->head_request = ev->len >= 5 && ev->data[0] == 'H' && ev->data[1] == 'E' && ev->data[2] == 'A' &&
+			      ev->data[3] == 'D' && ev->data[4] == ' ';
+	if (!previous || head || ev->len < 16 || !begins_2xx_response(ev->data))
+		return 0;
+	h.n = ev->tail ? capture_bytes : ev->len;
+	bpf_loop(REQ_CAPTURE_MAX, http_step, &h, 0);
+	if (!h.head || h.refused || !h.value_at)
+		return 0;
+	bpf_loop(32, length_step, &h, 0);
+	if (h.refused || !h.digits || h.digits > 15)
+		return 0;
+	body.until = ev->pos + h.head + h.length;
+	if (body.until < ev->pos + ev->size + BS_REQ_SKIP_MIN)
+		return 0;
+	skip = bpf_map_lookup_elem(&skips, &key);
+	if (skip && (skip->probe || skip->until > ev->pos))
+		return 0;
+	bpf_map_update_elem(&skips, &key, &body, BPF_ANY);
+	return 0;
+}
+
 static __always_inline void event_send(struct req_event *ev)
 {
 	__u64 len = ev->len;
@@ -567,6 +706,7 @@ static __always_inline void event_send(struct req_event *ev)
 		len = REQ_CAPTURE_MAX;
 	asm volatile("" : "+r"(len));
 	bs_output(&events, ev, offsetof(struct req_event, data) + len);
+	skip_http_body(ev);
 }
 
 /* One message of a recvmsg/sendmsg/recvmmsg/sendmmsg: its address, its first bytes. */
