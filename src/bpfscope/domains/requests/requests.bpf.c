@@ -742,22 +742,26 @@ static __always_inline int call_exit(long ret)
 	ev = event_begin();
 	if (!ev)
 		goto done;
+	limit = 0;
+	if (call->args == BS_REQ_ARGS_BUF || call->args == BS_REQ_ARGS_IOV) {
+		/* A call of a skipped body (most calls of a long one) leaves before its record is begun. */
+		ev->cookie = call->cookie;
+		ev->dir = call->dir;
+		ev->source = BS_REQ_SOURCE_SYSCALL;
+		ev->protocol = call->protocol;
+		ev->size = ret;
+		limit = stream_advance(ev);
+		if (!limit)
+			goto done;
+	}
 	event_header(ev, call, bpf_ktime_get_ns());
 	switch (call->args) {
 	case BS_REQ_ARGS_BUF:
 		peer_of(ev, (void *)call->addr);
-		ev->size = ret;
-		limit = stream_advance(ev);
-		if (!limit)
-			break;
 		copy_buf(ev, (void *)call->buf, ret, limit);
 		event_send(ev);
 		break;
 	case BS_REQ_ARGS_IOV:
-		ev->size = ret;
-		limit = stream_advance(ev);
-		if (!limit)
-			break;
 		copy_iov(ev, (struct iovec *)call->buf, call->count, ret, limit);
 		event_send(ev);
 		break;
