@@ -319,6 +319,33 @@ def test_unsafe_or_strange_yaml_is_a_one_line_error(text: str) -> None:
     assert LINE_ERROR.match(error_of(text))
 
 
+def gate_of(*selectors: str) -> tuple[int, list[int]]:
+    policies = parse_policies(doc(OPENAT + "".join(selectors)), "p.yaml")
+    (value,) = compiler.compile_policies(policies, fake_enums()).hook_values
+    return value["gate_arg"], value["gate"]
+
+
+def test_a_hook_is_gated_on_an_integer_every_selector_wants_equal() -> None:
+    """The kernel leaves an event at once when the gate's argument is none of its values: only where
+    every selector (alternatives) wants that integer argument Equal to one of them."""
+    flags_in = "  - matchArgs:\n    - name: flags\n      operator: In\n      values: [{}]\n"
+    path = "    - name: filename\n      operator: Prefix\n      values: [/etc/]\n"
+    assert gate_of(flags_in.format("1, 2")) == (2, [1, 2])  # flags: the second argument
+    assert gate_of(flags_in.format("1, 2"), flags_in.format("8")) == (2, [1, 2, 8])
+    assert gate_of(flags_in.format("1, 2") + path) == (2, [1, 2])  # and a path: still gated on flags
+    assert gate_of(flags_in.format("1"), "  - matchArgs:\n" + path) == (0, [])  # a selector without it
+    # More values than the gate holds, in two selectors together:
+    assert gate_of(flags_in.format("1, 2, 3, 4, 5"), flags_in.format("6, 7, 8, 9, 10")) == (0, [])
+    assert gate_of("  - matchArgs:\n    - name: flags\n      operator: Mask\n      values: [1]\n") == (0, [])
+    # The default policy's module rule: raw_syscalls:sys_enter gated on the two syscall numbers.
+    compiled = compiler.compile_policies(parse_policies(DEFAULT_POLICY, "d.yaml"), fake_enums())
+    gates = {
+        h.tracepoint: (v["gate_arg"], v["gate"])
+        for h, v in zip(compiled.hooks, compiled.hook_values, strict=True)
+    }
+    assert gates["raw_syscalls:sys_enter"] == (1, [175, 313])
+
+
 def test_too_many_selectors_on_one_tracepoint_across_policies() -> None:
     selector = "  - matchArgs:\n    - name: flags\n      operator: Mask\n      values: [1]\n"
     texts = [doc(OPENAT + selector * 5, name=f"p{i}") for i in range(2)]

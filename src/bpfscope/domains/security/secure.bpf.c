@@ -220,7 +220,12 @@ struct sec_hook {
 	__u32 nargs;
 	__u32 nselectors;
 	__u32 needs_creds; /* a selector looks at capabilities or process.* attributes */
-	__u32 pad;
+	/* The gate: every selector wants integer argument gate_arg - 1 to be one of gate[0..ngate), so an
+	 * event whose argument is none of them matches nothing, and leaves before anything else is read (a
+	 * hook on raw_syscalls:sys_enter for two syscall numbers runs on every system call). 0: no gate. */
+	__u16 gate_arg;
+	__u16 ngate;
+	__s64 gate[MAX_VALUES];
 	struct sec_arg_spec args[MAX_ARGS];
 	struct sec_selector selectors[MAX_SELECTORS];
 };
@@ -739,10 +744,29 @@ static __always_inline void read_sockaddr(struct sec_arg_value *v, const void *u
 }
 
 /* What needs the tracepoint's record: the raw value, and a __data_loc string (kernel memory). */
-static __always_inline void read_raw_arg(void *ctx, struct sec_arg_spec *spec, struct sec_arg_value *v)
+/* A field of the tracepoint's record as an integer (sign-extended as the spec says); false if unread. */
+static __always_inline bool read_record_int(void *ctx, struct sec_arg_spec *spec, __u64 *out)
 {
 	__u64 raw = 0;
 	__u32 size = spec->size;
+
+	if (size == 0 || size > 8 || bpf_probe_read_kernel(&raw, size, (char *)ctx + spec->offset))
+		return false;
+	if (spec->is_signed) {
+		if (size == 4)
+			raw = (__s64)(__s32)raw;
+		else if (size == 2)
+			raw = (__s64)(__s16)raw;
+		else if (size == 1)
+			raw = (__s64)(__s8)raw;
+	}
+	*out = raw;
+	return true;
+}
+
+static __always_inline void read_raw_arg(void *ctx, struct sec_arg_spec *spec, struct sec_arg_value *v)
+{
+	__u64 raw = 0;
 	long n;
 
 	v->num = 0;
@@ -754,16 +778,8 @@ static __always_inline void read_raw_arg(void *ctx, struct sec_arg_spec *spec, s
 		__builtin_memset(v->str, 0, STR_LEN);
 	if (spec->type == ARG_PROC || spec->type == ARG_BINARY)
 		return;
-	if (size == 0 || size > 8 || bpf_probe_read_kernel(&raw, size, (char *)ctx + spec->offset))
+	if (!read_record_int(ctx, spec, &raw))
 		return;
-	if (spec->is_signed) {
-		if (size == 4)
-			raw = (__s64)(__s32)raw;
-		else if (size == 2)
-			raw = (__s64)(__s16)raw;
-		else if (size == 1)
-			raw = (__s64)(__s8)raw;
-	}
 	v->num = raw;
 	if (spec->type == ARG_KSTR) {
 		/* __data_loc: offset in the low 16 bits, length in the high 16. */
@@ -1001,20 +1017,45 @@ static __always_inline bool rate_limited_now(struct sec_hook_event *e, __u32 sel
 	return false;
 }
 
+/* Whether the event passes the hook's gate (see struct sec_hook). */
+static __always_inline bool gate_passes(void *ctx, struct sec_hook *h)
+{
+	__u64 value;
+
+	if (!h->gate_arg)
+		return true;
+	if (!read_record_int(ctx, &h->args[(h->gate_arg - 1) & (MAX_ARGS - 1)], &value))
+		return true; /* unread: the selectors decide */
+	for (int k = 0; k < MAX_VALUES; k++) {
+		if (k >= h->ngate)
+			break;
+		if (h->gate[k] == (__s64)value)
+			return true;
+	}
+	return false;
+}
+
 static __always_inline int run_hook(void *ctx, __u32 hook_id)
 {
 	__u32 zero = 0;
 	struct sec_hook *h = bpf_map_lookup_elem(&hooks, &hook_id);
-	struct sec_hook_event *e = bpf_map_lookup_elem(&hit_scratch, &zero);
-	struct sec_key_scratch *ks = bpf_map_lookup_elem(&key_scratch, &zero);
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	struct task_struct *task = current_task();
+	struct sec_hook_event *e;
+	struct sec_key_scratch *ks;
+	__u64 pid_tgid;
+	struct task_struct *task;
 	struct sec_proc *self;
-	__u32 tgid = pid_tgid >> 32;
+	__u32 tgid;
 	__u64 decided = 0;
 	bool selected = false;
 
-	if (!h || !e || !ks || !h->nselectors)
+	if (!h || !h->nselectors || !gate_passes(ctx, h))
+		return 0;
+	e = bpf_map_lookup_elem(&hit_scratch, &zero);
+	ks = bpf_map_lookup_elem(&key_scratch, &zero);
+	pid_tgid = bpf_get_current_pid_tgid();
+	task = current_task();
+	tgid = pid_tgid >> 32;
+	if (!e || !ks)
 		return 0;
 	/* The task filter (-p, --cgroup, bpfscope itself) is checked once a selector matched: most events
 	 * match none, and the filter costs more than a cheap selector. */
