@@ -76,17 +76,20 @@ class ForgetClosed:
 
 def _requests(section: RequestsSection, node: str | None) -> Collector:
     from bpfscope.domains.requests.requests import RequestsCollector, RequestsConfig
+    from bpfscope.runtime.collector import PACED_DRAIN_S
 
     config = RequestsConfig(
         keep_secrets=not section.redact, capture_bytes=section.capture_bytes, tls=section.tls
     )
-    # Its module stays the tracer's: the BPF object is found beside it. Its wake-ups are paced, as the
-    # tracer's are: the agent under the mesh spent 5.6% of the machine in its process woken per record,
-    # 3.1-3.2% paced.
+    # Its module stays the tracer's: the BPF object is found beside it. Paced wake-ups (drained every
+    # PACED_DRAIN_S): since the kernel skips long bodies itself, the mesh's calls come a few hundred a
+    # second, and a wake-up per record made a drain per record or two. The agent under the mesh: 5.6%
+    # of the machine in its process woken per record, 3.1-3.2% paced (BPF 5.1 and 4.8-4.9%); before
+    # the kernel's skip, with every call of a 4 MiB body sent, pacing had cost more than it saved.
     collector = type(
         "AgentRequestsCollector",
         (ForgetClosed, RequestsCollector),
-        {"__module__": RequestsCollector.__module__},
+        {"__module__": RequestsCollector.__module__, "paced_drain_s": PACED_DRAIN_S},
     )
     return collector(config)
 

@@ -28,7 +28,7 @@ from bpfscope.domains.requests.capture import Connection, Tracker, limits
 from bpfscope.domains.requests.protocols import PROTOCOLS
 from bpfscope.domains.requests.protocols.base import Exchange
 from bpfscope.errors import BpfscopeError
-from bpfscope.runtime.collector import PACED_DRAIN_S, BpfCollector, Config, Sample, wall_clock_offset_ns
+from bpfscope.runtime.collector import BpfCollector, Config, Sample, wall_clock_offset_ns
 from bpfscope.runtime.losses import Loss, Losses
 from bpfscope.sinks.terminal import Terminal, View
 
@@ -84,12 +84,6 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
 
     name = "requests"
     bpf_object = "requests"
-    # Its records wake the session paced (drained every PACED_DRAIN_S, or once the ring is a quarter
-    # full): nginx under wrk at a fixed 5,700 requests/s, the tracer's CPU 54% -> 30% of a core (116 ->
-    # 60 us a request), BPF 27.6 -> 17.8 us a request, 81% -> 86% of the throughput kept; as fast as
-    # nginx goes, the same either way. Before the kernel skipped long bodies, the agent under the mesh's
-    # 48 MB/s had spent more paced than woken per record.
-    paced_drain_s = PACED_DRAIN_S
     requires = ("raw_tracepoint", "ringbuf")
     loss_counters = {
         "calls_dropped": ("map_full", "calls not followed (too many in flight)"),
