@@ -85,9 +85,8 @@ class LifecycleLayout:
     the head's items picked from its flat tuple, the exec-only strings' byte offsets."""
 
     head: struct.Struct
-    common: operator.itemgetter[
-        tuple[Any, ...]
-    ]  # kind ktime pid ppid flags exec_ktime parent_exec_ktime exit_code
+    # kind, ktime, pid, ppid, flags, exec_ktime, parent_exec_ktime, exit_code
+    common: operator.itemgetter[tuple[Any, ...]]
     identity: operator.itemgetter[tuple[Any, ...]]  # pid, tid, ppid, exec_ktime, args_size, cgroup_id
     creds: operator.itemgetter[tuple[Any, ...]]  # CREDS, Process's order
     caps: operator.itemgetter[tuple[Any, ...]]  # CAPS
@@ -313,7 +312,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
                 process = cache.add(self._exec_process(record, row, flags, parent_ktime))
                 if emit and selected:
                     self.seen["exec"] += 1
-                    out.append(SecurityEvent("process_exec", ktime + cache.boot_offset_ns, process))
+                    out.append(SecurityEvent("process_exec", self._wall(ktime), process))
             elif kind == self.exit_kind:
                 process = cache.exit(pid)
                 if process is None:
@@ -324,7 +323,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
                         "signal": signal_name(status & 0x7F) if status & 0x7F else "",
                         "status": status >> 8 & 0xFF,
                     }
-                    out.append(SecurityEvent("process_exit", ktime + cache.boot_offset_ns, process, fields))
+                    out.append(SecurityEvent("process_exit", self._wall(ktime), process, fields))
         out.extend(self._hit(hits[j]) for j in order[next_hit:])
         return out
 
