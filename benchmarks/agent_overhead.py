@@ -99,17 +99,18 @@ def rss_parts_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def bpf_run_ns(pid: int) -> dict[int, int]:
-    """Time the kernel spent in each BPF program the agent holds open, by program id (each program's
-    fdinfo says its run_time_ns when kernel.bpf_stats_enabled is 1)."""
-    programs: dict[int, int] = {}
+def bpf_run_ns(pid: int) -> dict[int, tuple[int, int]]:
+    """Time the kernel spent in each BPF program the agent holds open and its runs, by program id (each
+    program's fdinfo says its run_time_ns and run_cnt when kernel.bpf_stats_enabled is 1)."""
+    programs: dict[int, tuple[int, int]] = {}
     for info in Path(f"/proc/{pid}/fdinfo").iterdir():
         with contextlib.suppress(OSError):
             text = info.read_text()
             prog = re.search(r"^prog_id:\s+(\d+)", text, re.M)
             run = re.search(r"^run_time_ns:\s+(\d+)", text, re.M)
-            if prog and run:
-                programs[int(prog.group(1))] = int(run.group(1))
+            runs = re.search(r"^run_cnt:\s+(\d+)", text, re.M)
+            if prog and run and runs:
+                programs[int(prog.group(1))] = (int(run.group(1)), int(runs.group(1)))
     return programs
 
 
@@ -312,15 +313,23 @@ def run(
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(agent.pid) - cpu0
         bpf1 = bpf_run_ns(agent.pid)
-        spent = {i: ns - bpf0.get(i, 0) for i, ns in bpf1.items()}
+        spent = {i: ns - bpf0.get(i, (0, 0))[0] for i, (ns, _) in bpf1.items()}
+        runs = {i: cnt - bpf0.get(i, (0, 0))[1] for i, (_, cnt) in bpf1.items()}
         bpf = sum(spent.values()) / 1e9
         names = program_names()
-        by_name: dict[str, float] = {}
+        by_name: dict[str, list[float]] = {}
         for i, ns in spent.items():
-            by_name[names.get(i, str(i))] = by_name.get(names.get(i, str(i)), 0.0) + ns / 1e9
-        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+            total = by_name.setdefault(names.get(i, str(i)), [0.0, 0])
+            total[0] += ns / 1e9
+            total[1] += runs[i]
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:8]
         results["bpf_top_pct_of_machine"] = {
-            n: round(100 * t / (elapsed * (os.cpu_count() or 1)), 2) for n, t in top
+            n: round(100 * t / (elapsed * (os.cpu_count() or 1)), 2) for n, (t, _) in top
+        }
+        # Runs a second and ns a run: what a program costs each time, apart from how often it runs.
+        results["bpf_top_runs"] = {
+            n: {"per_s": round(cnt / elapsed), "ns_per_run": round(1e9 * t / cnt) if cnt else 0}
+            for n, (t, cnt) in top
         }
         machine = elapsed * (os.cpu_count() or 1)
         results["cpu_pct_of_machine"] = {

@@ -175,7 +175,7 @@ class Tracer:
 
     def usage(self) -> tuple[float, int]:
         """CPU seconds of the process, and its BPF programs' run time (ns)."""
-        return cpu_seconds(self.pid), sum(bpf_run_ns(self.pid).values())
+        return cpu_seconds(self.pid), sum(ns for ns, _ in bpf_run_ns(self.pid).values())
 
 
 def measure(load: Any, port: int, seconds: int, traced: bool) -> dict[str, float]:

@@ -3,8 +3,8 @@
  *
  * How a call is captured (no kprobes here: syscall tracepoints, socket tracepoints and uprobes):
  *   1. sys_enter of read, write, readv, writev, recvfrom, sendto, recvmsg, sendmsg, recvmmsg, sendmmsg
- *      and sendfile64 keeps the call's arguments per thread (calls), for selected tasks only (-p,
- *      --cgroup, bpfscope itself left out);
+ *      and sendfile64 keeps the call's arguments in the thread's task storage (calls), for selected
+ *      tasks only (-p, --cgroup, bpfscope itself left out);
  *   2. inside the call the kernel runs tp_btf/sock_send_length or sock_recv_length with the socket: there
  *      it is named (its cookie: unique while the machine runs), its addresses read, the port filters
  *      applied; a call that never reaches a socket (a file) is not captured;
@@ -139,13 +139,18 @@ struct req_call {
 	__u8 dir;	 /* enum bs_req_dir */
 	__u8 skip;	 /* MSG_PEEK, or TLS ciphertext: nothing sent */
 	__u8 check_peer; /* an unconnected UDP socket: the port filter waits for the message's peer */
-	__u8 pad[6];
+	__u8 active;	 /* between an entry and its exit (the storage stays with the thread) */
+	__u8 pad[5];
 };
 
+/* Task-local storage, not a hash keyed by thread id: every read and write of every traced process
+ * passes its entry and exit, and a hash's update and delete were most of their cost (under the
+ * network-analysis mesh, the entries of recvfrom and writev were 0.4-0.6% of the machine each). Found
+ * without hashing or locks, freed with the thread, and it cannot fill up. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, REQ_CALLS_MAX);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct req_call);
 } calls SEC(".maps");
 
@@ -250,8 +255,10 @@ struct {
 	__type(value, __u8);
 } ports SEC(".maps");
 
-/* Losses beside the ring's: calls not followed (the calls map full), and TLS plaintext whose socket was
+/* Losses beside the ring's: calls not followed (no task storage for the thread: out of memory; TLS
+ * calls: ssl_calls full), and TLS plaintext whose socket was
  * never seen (the SSL object had made no syscall since the tool started). */
+__u64 calls_unseen = 0;
 __u64 calls_dropped = 0;
 __u64 tls_unlinked = 0;
 
@@ -260,20 +267,25 @@ __u64 tls_unlinked = 0;
 static __always_inline int call_enter(int fd, enum bs_req_args args, enum bs_req_dir dir, __u64 buf,
 				      __u64 count, __u64 addr)
 {
-	__u32 tid = bpf_get_current_pid_tgid();
-	struct req_call call = {};
+	struct req_call *call;
 
 	if (!bs_task_selected() || !bs_current_in_set())
 		return 0;
-	call.start_ns = bpf_ktime_get_ns();
-	call.fd = fd;
-	call.args = args;
-	call.dir = dir;
-	call.buf = buf;
-	call.count = count;
-	call.addr = addr;
-	if (bpf_map_update_elem(&calls, &tid, &call, BPF_ANY))
-		__sync_fetch_and_add(&calls_dropped, 1);
+	call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!call) {
+		__sync_fetch_and_add(&calls_unseen, 1);
+		return 0;
+	}
+	*call = (struct req_call){
+		.start_ns = bpf_ktime_get_ns(),
+		.fd = fd,
+		.args = args,
+		.dir = dir,
+		.buf = buf,
+		.count = count,
+		.addr = addr,
+		.active = 1,
+	};
 	return 0;
 }
 
@@ -314,7 +326,7 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tid = pid_tgid;
-	struct req_call *call = bpf_map_lookup_elem(&calls, &tid);
+	struct req_call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
 	struct req_conn *known, fresh = {};
 	struct ssl_call *ssl;
 	struct ssl_link link = {};
@@ -322,7 +334,7 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 	__u16 family, protocol;
 	__u64 cookie;
 
-	if (!call || call->cookie || call->skip)
+	if (!call || !call->active || call->cookie || call->skip)
 		return;
 	if (recv && (flags & REQ_MSG_PEEK)) {
 		call->skip = 1; /* the bytes will be read again */
@@ -729,13 +741,12 @@ static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *
 
 static __always_inline int call_exit(long ret)
 {
-	__u32 tid = bpf_get_current_pid_tgid();
-	struct req_call *call = bpf_map_lookup_elem(&calls, &tid);
+	struct req_call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
 	struct req_event *ev;
 	struct mmsghdr *msgs;
 	__u32 sent, limit;
 
-	if (!call)
+	if (!call || !call->active)
 		return 0;
 	if (ret <= 0 || !call->cookie || call->skip)
 		goto done;
@@ -788,7 +799,7 @@ static __always_inline int call_exit(long ret)
 			event_send(ev);
 	}
 done:
-	bpf_map_delete_elem(&calls, &tid);
+	call->active = 0;
 	return 0;
 }
 
