@@ -117,6 +117,26 @@ static __always_inline void bs_conn_of(const struct sock *sk, struct bs_conn *c)
 	c->sport = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
 }
 
+/* The same for a socket a tp_btf program was handed (a typed pointer the verifier lets it load from
+ * directly) while it is in use (bound: skc_num is its port): loads instead of a helper call per field
+ * (bpf_probe_read_kernel, nine of them above). */
+static __always_inline void bs_conn_of_live(const struct sock *sk, struct bs_conn *c)
+{
+	const struct sock_common *skc = &sk->__sk_common;
+
+	c->family = skc->skc_family;
+	c->sport = skc->skc_num;
+	c->dport = bpf_ntohs(skc->skc_dport);
+	c->netns = skc->skc_net.net->ns.inum;
+	if (c->family == BS_AF_INET6) {
+		__builtin_memcpy(c->saddr, skc->skc_v6_rcv_saddr.in6_u.u6_addr8, 16);
+		__builtin_memcpy(c->daddr, skc->skc_v6_daddr.in6_u.u6_addr8, 16);
+	} else {
+		*(__u32 *)c->saddr = skc->skc_rcv_saddr;
+		*(__u32 *)c->daddr = skc->skc_daddr;
+	}
+}
+
 static __always_inline bool bs_is_tcp(const struct sock *sk)
 {
 	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);

@@ -43,7 +43,6 @@ BS_ENUM(bs_req_limits);
 /* iovecs of one call walked (gRPC's sendmsg carries scores), messages of one recvmmsg/sendmmsg. */
 #define REQ_IOV_MAX 1024
 #define REQ_MMSG_MAX 8
-#define REQ_CALLS_MAX 16384
 #define REQ_CONNS_MAX 65536
 #define REQ_MSG_PEEK 2
 #define REQ_IPPROTO_UDP 17
@@ -179,13 +178,15 @@ struct ssl_call {
 	__u64 done_ptr; /* _ex: where the byte count is written */
 	__u64 start_ns;
 	__u8 dir;
-	__u8 pad[7];
+	__u8 active; /* between the uprobe and its uretprobe */
+	__u8 pad[6];
 };
 
+/* Task storage too, as calls: the socket hooks look here on every call, TLS or not. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, REQ_CALLS_MAX);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct ssl_call);
 } ssl_calls SEC(".maps");
 
@@ -255,11 +256,10 @@ struct {
 	__type(value, __u8);
 } ports SEC(".maps");
 
-/* Losses beside the ring's: calls not followed (no task storage for the thread: out of memory; TLS
- * calls: ssl_calls full), and TLS plaintext whose socket was
+/* Losses beside the ring's: calls not followed (no task storage for the thread: out of memory), and
+ * TLS plaintext whose socket was
  * never seen (the SSL object had made no syscall since the tool started). */
 __u64 calls_unseen = 0;
-__u64 calls_dropped = 0;
 __u64 tls_unlinked = 0;
 
 /* --- syscall entries ---------------------------------------------------------------------------- */
@@ -325,7 +325,6 @@ static __always_inline bool port_selected(const struct bs_conn *conn)
 static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool recv)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tid = pid_tgid;
 	struct req_call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
 	struct req_conn *known, fresh = {};
 	struct ssl_call *ssl;
@@ -345,7 +344,7 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 	if ((family != BS_AF_INET && family != BS_AF_INET6) ||
 	    (protocol != BS_IPPROTO_TCP && protocol != REQ_IPPROTO_UDP))
 		return;
-	bs_conn_of(sk, &call->conn);
+	bs_conn_of_live(sk, &call->conn);
 	if (protocol == REQ_IPPROTO_UDP && !call->conn.dport)
 		call->check_peer = 1;
 	else if (!port_selected(&call->conn))
@@ -354,8 +353,8 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 	call->cookie = cookie;
 	call->protocol = protocol;
 	known = bpf_map_lookup_elem(&conns, &cookie);
-	ssl = bpf_map_lookup_elem(&ssl_calls, &tid);
-	if (ssl) {
+	ssl = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, 0);
+	if (ssl && ssl->active) {
 		/* OpenSSL's own syscall: this is the SSL object's socket. */
 		key.ssl = ssl->ssl;
 		key.tgid = pid_tgid >> 32;
@@ -881,18 +880,23 @@ int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int new
 
 static __always_inline int ssl_enter(void *ssl, void *buf, void *done_ptr, enum bs_req_dir dir)
 {
-	__u32 tid = bpf_get_current_pid_tgid();
-	struct ssl_call call = {};
+	struct ssl_call *call;
 
 	if (!bs_task_selected() || !bs_current_in_set())
 		return 0;
-	call.ssl = (__u64)ssl;
-	call.buf = (__u64)buf;
-	call.done_ptr = (__u64)done_ptr;
-	call.start_ns = bpf_ktime_get_ns();
-	call.dir = dir;
-	if (bpf_map_update_elem(&ssl_calls, &tid, &call, BPF_ANY))
-		__sync_fetch_and_add(&calls_dropped, 1);
+	call = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!call) {
+		__sync_fetch_and_add(&calls_unseen, 1);
+		return 0;
+	}
+	*call = (struct ssl_call){
+		.ssl = (__u64)ssl,
+		.buf = (__u64)buf,
+		.done_ptr = (__u64)done_ptr,
+		.start_ns = bpf_ktime_get_ns(),
+		.dir = dir,
+		.active = 1,
+	};
 	return 0;
 }
 
@@ -901,7 +905,7 @@ static __always_inline int ssl_exit(long ret, bool ex)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tid = pid_tgid;
-	struct ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
+	struct ssl_call *call = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, 0);
 	struct ssl_link *link;
 	struct ssl_key key = {};
 	struct req_conn *known;
@@ -909,7 +913,7 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	__u64 size = 0;
 	__u32 limit;
 
-	if (!call)
+	if (!call || !call->active)
 		return 0;
 	if (ex) {
 		if (ret == 1 && call->done_ptr)
@@ -954,7 +958,7 @@ static __always_inline int ssl_exit(long ret, bool ex)
 		event_send(ev);
 	}
 done:
-	bpf_map_delete_elem(&ssl_calls, &tid);
+	call->active = 0;
 	return 0;
 }
 

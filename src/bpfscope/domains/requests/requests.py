@@ -87,7 +87,6 @@ class RequestsCollector(BpfCollector[RequestsConfig]):
     requires = ("raw_tracepoint", "ringbuf")
     loss_counters = {
         "calls_unseen": ("unseen", "calls not followed (no task storage for the thread)"),
-        "calls_dropped": ("map_full", "TLS calls not followed (too many in flight)"),
         "tls_unlinked": ("unseen", "TLS calls whose socket was not seen yet"),
     }
 
