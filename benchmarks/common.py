@@ -107,3 +107,26 @@ def fio(*args: str) -> dict[str, Any]:
     cmd = ["fio", *args, "--output-format=json"]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(result.stdout)["jobs"][0]
+
+
+def replay_arguments(doc: str) -> argparse.Namespace:
+    """The replay benchmarks' options: a capture of --seconds, replayed --passes times, kept with --save
+    FILE or read back with --load FILE (the same records through two versions of the code)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--save", type=Path)
+    parser.add_argument("--load", type=Path)
+    return parser.parse_args()
+
+
+def captured(args: argparse.Namespace, capture: Callable[[], Any]) -> Any:
+    """What --load names, else a new capture (kept where --save says)."""
+    import pickle
+
+    if args.load:
+        return pickle.loads(args.load.read_bytes())
+    data = capture()
+    if args.save:
+        args.save.write_bytes(pickle.dumps(data))
+    return data

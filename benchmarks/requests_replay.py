@@ -12,14 +12,13 @@ same records through two versions of the code (PYTHONPATH=OTHER/src).
 
 from __future__ import annotations
 
-import argparse
-import pickle
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import common
 import requests_overhead as bench
 
 from bpfscope.domains.requests.capture import Tracker
@@ -65,27 +64,18 @@ def replay(records: list[bytes]) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=int, default=3)
-    parser.add_argument("--passes", type=int, default=5)
-    parser.add_argument("--save", type=Path)
-    parser.add_argument("--load", type=Path)
-    args = parser.parse_args()
-    if args.load:
-        captured = pickle.loads(args.load.read_bytes())
-    else:
-        captured = {}
+    args = common.replay_arguments(__doc__)
+
+    def capture_both() -> dict[str, list[bytes]]:
+        out = {}
         with tempfile.TemporaryDirectory(prefix="bpfscope-reqreplay-") as tmp:
             with bench.nginx(Path(tmp) / "nginx") as port:
-                captured["nginx, wrk paced"] = capture(port, bench.CASES["nginx paced"][1], args.seconds)
+                out["nginx, wrk paced"] = capture(port, bench.CASES["nginx paced"][1], args.seconds)
             with bench.postgres(Path(tmp) / "pg") as port:
-                captured["pgbench -S -R 2000"] = capture(
-                    port, bench.CASES["pgbench -S -R 2000"][1], args.seconds
-                )
-        if args.save:
-            args.save.write_bytes(pickle.dumps(captured))
+                out["pgbench -S -R 2000"] = capture(port, bench.CASES["pgbench -S -R 2000"][1], args.seconds)
+        return out
+
+    captured = common.captured(args, capture_both)
     print("| load | calls | exchanges (two a request) | CPU per call | CPU per request (both ends) |")
     print("|---|---|---|---|---|")
     for name, records in captured.items():

@@ -103,6 +103,25 @@ class Process:
         self.ppid = ppid
         self.tid = tid
 
+    @classmethod
+    def forked(cls, parent: Process, pid: int, ktime: int, ppid: int) -> Process:
+        """A clone of ``parent``: its image, namespaces and cgroup, and its credentials' pair itself (not
+        interned again: the pair's hash is of thirteen integers, and a storm forks thousands a second)."""
+        child = cls.__new__(cls)
+        child.pid = pid
+        child.ktime = ktime
+        child.binary = parent.binary
+        child.arguments = parent.arguments
+        child.cwd = parent.cwd
+        child._access = parent._access
+        child.ns = parent.ns
+        child.cgroup_id = parent.cgroup_id
+        child.flags = "clone"
+        child.parent = parent
+        child.ppid = ppid
+        child.tid = pid
+        return child
+
     @property
     def creds(self) -> tuple[int, ...]:
         return self._access[0]
@@ -171,22 +190,7 @@ class ProcessCache:
         parent = self.parent_of(ppid, parent_ktime)
         if parent is None:
             return self.add(Process(pid, ktime, "", "", "", (), (0, 0, 0), (), 0, "clone", None, ppid, pid))
-        child = Process(
-            pid,
-            ktime,
-            parent.binary,
-            parent.arguments,
-            parent.cwd,
-            parent.creds,
-            parent.caps,
-            parent.ns,
-            parent.cgroup_id,
-            "clone",
-            parent,
-            ppid,
-            pid,
-        )
-        return self.add(child)
+        return self.add(Process.forked(parent, pid, ktime, ppid))
 
     def exit(self, pid: int) -> Process | None:
         process = self.live.pop(pid, None)

@@ -293,45 +293,51 @@ class SecureCollector(BpfCollector[SecureConfig]):
         out: list[SecurityEvent] = []
         hit_times = hits["ktime"].tolist() if len(hits) else []
         order = sorted(range(len(hit_times)), key=hit_times.__getitem__)
-        next_hit = 0
-        cache = self.cache
+        next_hit, n_hits = 0, len(order)
+        # Locals, not attributes, in the loop below: it runs three times an exec in a storm.
+        cache, append, seen = self.cache, out.append, self.seen
+        clone_kind, exec_kind, exit_kind = self.clone_kind, self.exec_kind, self.exit_kind
+        selected_flag, wall = self.selected_flag, self._wall
         emit = self.config.exec_events
         layout = self.layout
+        common = layout.common
         head = layout.head.size
         rows = layout.head.iter_unpack(b"".join(r[:head] for r in records)) if records else ()
         for record, row in zip(records, rows, strict=True):
-            kind, ktime, pid, ppid, flags, exec_ktime, parent_ktime, status = layout.common(row)
-            while next_hit < len(order) and hit_times[order[next_hit]] <= ktime:
-                out.append(self._hit(hits[order[next_hit]]))
+            kind, ktime, pid, ppid, flags, exec_ktime, parent_ktime, status = common(row)
+            while next_hit < n_hits and hit_times[order[next_hit]] <= ktime:
+                append(self._hit(hits[order[next_hit]]))
                 next_hit += 1
-            if kind == self.clone_kind:
+            if kind == clone_kind:
                 cache.clone(pid, ppid, exec_ktime, parent_ktime)
                 continue
-            selected = flags & self.selected_flag
-            if kind == self.exec_kind:
+            selected = flags & selected_flag
+            if kind == exec_kind:
                 process = cache.add(self._exec_process(record, row, flags, parent_ktime))
                 if emit and selected:
-                    self.seen["exec"] += 1
-                    out.append(SecurityEvent("process_exec", self._wall(ktime), process))
-            elif kind == self.exit_kind:
+                    seen["exec"] += 1
+                    append(SecurityEvent("process_exec", wall(ktime), process))
+            elif kind == exit_kind:
                 process = cache.exit(pid)
                 if process is None:
                     continue
                 if emit and selected:
-                    self.seen["exit"] += 1
+                    seen["exit"] += 1
                     fields = {
                         "signal": signal_name(status & 0x7F) if status & 0x7F else "",
                         "status": status >> 8 & 0xFF,
                     }
-                    out.append(SecurityEvent("process_exit", self._wall(ktime), process, fields))
+                    append(SecurityEvent("process_exit", wall(ktime), process, fields))
         out.extend(self._hit(hits[j]) for j in order[next_hit:])
         return out
 
     def _exec_process(self, record: bytes, row: tuple[Any, ...], flags: int, parent_ktime: int) -> Process:
         layout = self.layout
         pid, tid, ppid, exec_ktime, args_size, cgroup_id = layout.identity(row)
-        argv = record[layout.args : layout.args + args_size].split(b"\0")
-        if argv and argv[-1] == b"":
+        # Decoded whole, then split: a NUL is never inside a UTF-8 sequence, so the same strings as
+        # decoding each argument.
+        argv = record[layout.args : layout.args + args_size].decode(errors="replace").split("\0")
+        if argv and argv[-1] == "":
             argv.pop()
         cwd = layout.string(record, layout.cwd)
         exec_flags = "execve" + (" rootcwd" if cwd == "/" else "")
@@ -341,7 +347,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
             pid,
             exec_ktime,
             intern(layout.string(record, layout.binary)),
-            join_arguments([a.decode(errors="replace") for a in argv]),
+            join_arguments(argv),
             intern(cwd),
             layout.creds(row),  # shared with its caps as one pair by Process
             layout.caps(row),
