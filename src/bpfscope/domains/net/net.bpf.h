@@ -119,7 +119,7 @@ static __always_inline void bs_conn_of(const struct sock *sk, struct bs_conn *c)
 
 /* The same for a socket a tp_btf program was handed (a typed pointer the verifier lets it load from
  * directly) while it is in use (bound: skc_num is its port): loads instead of a helper call per field
- * (bpf_probe_read_kernel, nine of them above). */
+ * (bpf_probe_read_kernel, eight of them above). */
 static __always_inline void bs_conn_of_live(const struct sock *sk, struct bs_conn *c)
 {
 	const struct sock_common *skc = &sk->__sk_common;
