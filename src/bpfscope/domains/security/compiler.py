@@ -25,6 +25,9 @@ from bpfscope.domains.security.policy import (
 )
 
 EXEC_TRACEPOINT = "sched:sched_process_exec"
+# Rules on every system call's entry run in a BTF tracepoint program of their own (secure.bpf.c's
+# policy_sys_enter), not through the classic tracepoint.
+SYS_ENTER_TRACEPOINT = "raw_syscalls:sys_enter"
 # Policy words -> the C enum members (secure.bpf.c) they stand for.
 MATCH_NAMES = {
     "Equal": "MATCH_EQUAL",
@@ -115,6 +118,7 @@ class Compiled:
     cidrs: list[tuple[int, Any]] = field(default_factory=list)  # (set, network); IPv6 in set + 1
     blocks: list[dict[str, Any]] = field(default_factory=list)
     exec_hook: int = -1
+    sys_enter_hook: int = -1
     next_set: int = 1
     hook_values: list[dict[str, Any]] = field(default_factory=list)  # each hook as the kernel's map holds it
 
@@ -161,6 +165,8 @@ def compile_policies(policies: list[Policy], enums: dict[str, dict[str, int]]) -
     for index, kernel_hook in enumerate(compiled.hooks):
         if kernel_hook.tracepoint == EXEC_TRACEPOINT:
             compiled.exec_hook = index
+        elif kernel_hook.tracepoint == SYS_ENTER_TRACEPOINT:
+            compiled.sys_enter_hook = index
     compiled.hook_values = [_hook_value(compiled, h, values) for h in compiled.hooks]
     return compiled
 

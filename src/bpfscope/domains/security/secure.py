@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from bpfscope.runtime.losses import Losses
 
 LIFECYCLE_PROGRAMS = {"process_fork", "process_exec", "process_exit"}
+# Tracepoints whose rules run in a program of their own (process_exec, policy_sys_enter), not in
+# policy_hook attached there.
+BY_OWN_PROGRAM = {compiler.EXEC_TRACEPOINT, compiler.SYS_ENTER_TRACEPOINT}
 BLOCK_PROGRAMS = {
     "block_connect4": "connect4",
     "block_connect6": "connect6",
@@ -177,12 +180,19 @@ class SecureCollector(BpfCollector[SecureConfig]):
         return self.compiled
 
     def rodata(self) -> dict[str, Any]:
-        return {**super().rodata(), "exec_hook": self.compile().exec_hook}
+        compiled = self.compile()
+        return {
+            **super().rodata(),
+            "exec_hook": compiled.exec_hook,
+            "sys_enter_hook": compiled.sys_enter_hook,
+        }
 
     def autoload(self) -> set[str]:
         programs = set(LIFECYCLE_PROGRAMS)
-        if any(h.tracepoint != compiler.EXEC_TRACEPOINT for h in self.compile().hooks):
+        if any(h.tracepoint not in BY_OWN_PROGRAM for h in self.compile().hooks):
             programs.add("policy_hook")
+        if self.compile().sys_enter_hook >= 0:
+            programs.add("policy_sys_enter")
         if self.compile().blocks:
             programs |= set(BLOCK_PROGRAMS)
         return programs
@@ -215,7 +225,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
         self._seed()
         obj.attach()
         for index, hook in enumerate(compiled.hooks):
-            if hook.tracepoint != compiler.EXEC_TRACEPOINT:
+            if hook.tracepoint not in BY_OWN_PROGRAM:
                 category, name = hook.tracepoint.split(":")
                 obj.programs["policy_hook"].attach_tracepoint(category, name, cookie=index)
         if compiled.blocks:
