@@ -30,13 +30,17 @@ __u64 bs_dropped = 0;
  * 50 ms large). */
 const volatile bool bs_paced_wakeup = false;
 
-static __always_inline __u64 bs_wakeup(void *ringbuf)
+/* A paced record's wake-up flags: none until the ring is a quarter full. */
+static __always_inline __u64 bs_paced_flags(void *ringbuf)
 {
-	if (!bs_paced_wakeup)
-		return 0;
 	return bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA) >= bpf_ringbuf_query(ringbuf, BPF_RB_RING_SIZE) / 4
 		       ? BPF_RB_FORCE_WAKEUP
 		       : BPF_RB_NO_WAKEUP;
+}
+
+static __always_inline __u64 bs_wakeup(void *ringbuf)
+{
+	return bs_paced_wakeup ? bs_paced_flags(ringbuf) : 0;
 }
 
 /* Whether the current task is bpfscope or one of its children (its own start-up, the helpers it runs):

@@ -306,6 +306,17 @@ struct sec_rate_key {
 BS_RINGBUF_VAR(lifecycle, 8 << 20, struct sec_proc_event);
 BS_RINGBUF(hits, 4 << 20, struct sec_hook_event);
 
+/* Set by user space: the lifecycle ring's records wake the consumer only once it is a quarter full
+ * (bpfscope.bpf.h's paced wake-ups), user space draining it on a timer; a policy hit still wakes it at
+ * once, and that drain reads both rings. */
+const volatile bool lifecycle_paced = false;
+
+static __always_inline void lifecycle_output(void *e, __u64 size)
+{
+	if (bpf_ringbuf_output(&lifecycle, e, size, lifecycle_paced ? bs_paced_flags(&lifecycle) : 0))
+		__sync_fetch_and_add(&bs_dropped, 1);
+}
+
 /* The hooks a policy compiles to, and the Block rules; filled by user space before attaching. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -1245,7 +1256,7 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 		else
 			cp->binary[0] = '\0';
 	}
-	bs_output(&lifecycle, e, __builtin_offsetof(struct sec_proc_event, binary));
+	lifecycle_output(e, __builtin_offsetof(struct sec_proc_event, binary));
 	return 0;
 }
 
@@ -1310,7 +1321,7 @@ int process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	size = e->args_size;
 	if (size > ARGS_LEN)
 		size = ARGS_LEN;
-	bs_output(&lifecycle, e, __builtin_offsetof(struct sec_proc_event, args) + size);
+	lifecycle_output(e, __builtin_offsetof(struct sec_proc_event, args) + size);
 	if (exec_hook >= 0)
 		run_hook(ctx, exec_hook);
 	return 0;
@@ -1343,7 +1354,7 @@ int process_exit(struct trace_event_raw_sched_process_exit *ctx)
 		e->exit_code = BPF_CORE_READ(task, exit_code);
 		if (bs_task_selected())
 			e->flags |= PROC_SELECTED;
-		bs_output(&lifecycle, e, __builtin_offsetof(struct sec_proc_event, binary));
+		lifecycle_output(e, __builtin_offsetof(struct sec_proc_event, binary));
 	}
 	if (p)
 		bpf_map_delete_elem(&procs, &tgid);
