@@ -481,3 +481,41 @@ def test_health_check_judges_a_queue_that_stayed_full() -> None:
     assert (moment.value, moment.verdict) == (10.0, Verdict.OK), moment
     new = recv_row([], [look(8, 990)])
     assert (new.value, new.verdict) == (99.0, Verdict.WARN) and "seen once" in new.detail, new
+
+
+def test_window_rules_share_one_tcp_listing(netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within diag.listings_shared() (a health window's start and close), sockstat's rows and
+    tcpretrans's listed connections are what they are listed apart, from one TCP listing a namespace
+    instead of one each."""
+    from bpfscope.domains.net import diag
+    from bpfscope.domains.net.sockstat import diag_sockets
+    from bpfscope.domains.net.tcpretrans import _listed_segs_out
+
+    requests: list[tuple[int, tuple[str, ...]]] = []
+    listed = diag._listed
+
+    def counted(ns: diag.NetNamespace, protocols: tuple[str, ...], states: int, extensions: int) -> object:
+        requests.append((ns.inode, protocols))
+        return listed(ns, protocols, states, extensions)
+
+    monkeypatch.setattr(diag, "_listed", counted)
+    inode = os.stat(f"/run/netns/{netns}").st_ino
+
+    def window() -> tuple[list[tuple[object, ...]], dict[int, object]]:
+        ours = next(ns for ns in diag.network_namespaces() if ns.inode == inode)
+        rows = sorted(
+            (r.proto, r.state, r.sport, r.dport, r.recv_q) for r in diag_sockets(ours, ("tcp", "udp"))
+        )
+        conns = {cookie: conn for cookie, (_, conn) in _listed_segs_out(set()).items() if conn.netns == inode}
+        return rows, conns
+
+    with Peer(netns, TCP_FILL.format(port=PORT, fill=50_000)):
+        apart = window()
+        tcp_apart = sum("tcp" in p for ns, p in requests if ns == inode)
+        requests.clear()
+        with diag.listings_shared():
+            shared = window()
+        tcp_shared = sum("tcp" in p for ns, p in requests if ns == inode)
+    assert apart == shared
+    assert len(shared[0]) == 3 and len(shared[1]) == 2  # the listener and both ends; no UDP socket
+    assert (tcp_apart, tcp_shared) == (2, 1)

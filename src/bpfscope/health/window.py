@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from bpfscope.domains.net.diag import listings_shared
 from bpfscope.health.rule import Rule, default_rules, unmet
 from bpfscope.health.verdict import Report, Row
 from bpfscope.runtime.session import Session, StopToken
@@ -72,7 +73,8 @@ class CheckWindow:
         if self.session is None:
             self.open()
         assert self.session is not None
-        self.session.start()
+        with listings_shared():  # the rules that list sockets list each namespace's once
+            self.session.start()
         self._start = time.monotonic()
 
     def finish(self) -> Report:
@@ -85,7 +87,8 @@ class CheckWindow:
         """Every rule's rows over the window so far, the window left open: the next report covers what
         follows (the agent's windows follow one another). ``samples`` keeps what the collectors gave."""
         assert self.session is not None, "start() the window first"
-        samples = self.samples = self.session.sample()
+        with listings_shared():
+            samples = self.samples = self.session.sample()
         now = time.monotonic()
         window_s, self._start = now - self._start, now
         rows: list[Row] = []
