@@ -63,8 +63,9 @@ HEAD_END = "binary"
 # few records a drain, each drain's own cost (two rings, the columns, the sinks) paid per handful of
 # execs: waiting 5 ms instead of the engine's 0.2 took the tool from 30% to 11.6% of a core at 2,045 and
 # 2,727 exec/s (compact view; Tetragon JSON 50% -> 36%; 20 ms: 9.5%), benchmarks/secure_overhead.py. A
-# record after a quiet spell is read as it comes (the wait follows a drain); in a storm an event waits at
-# most this long, and the lifecycle ring holds far more (5 ms of 5,000 exec/s is 75 kB of 8 MiB).
+# policy hit after a quiet spell is read as it comes (the wait follows a drain); in a storm an event
+# waits at most this long, and the lifecycle ring holds far more (5 ms of 5,000 exec/s is 75 kB of 8 MiB).
+# The lifecycle ring is now paced besides (SecureCollector.paced_drain_s).
 STORM_BATCH_WAIT_S = 0.005
 # The lifecycle ring, as secure.bpf.c sizes it: an exec is about 1 kB of records, so 8 MiB hold 1.7 s of
 # a stopped consumer at 5,000 exec/s. A host with bigger storms trades memory for headroom (--ring-size,
