@@ -95,13 +95,19 @@ static __always_inline void bs_submit(void *ringbuf, void *event)
 /* A record of variable length (a header and `size - header` bytes of payload), copied from `data`
  * (per-CPU scratch space): bpf_ringbuf_reserve takes only constant sizes. The ring must be declared with
  * BS_RINGBUF_VAR; user space gets each record zero-padded to the full struct with its length. */
-static __always_inline int bs_output(void *ringbuf, void *data, __u64 size)
+static __always_inline int bs_output_flags(void *ringbuf, void *data, __u64 size, __u64 flags)
 {
-	int err = bpf_ringbuf_output(ringbuf, data, size, bs_wakeup(ringbuf));
+	int err = bpf_ringbuf_output(ringbuf, data, size, flags);
 
 	if (err)
 		__sync_fetch_and_add(&bs_dropped, 1);
 	return err;
+}
+
+/* The same, woken as bs_paced_wakeup says. */
+static __always_inline int bs_output(void *ringbuf, void *data, __u64 size)
+{
+	return bs_output_flags(ringbuf, data, size, bs_wakeup(ringbuf));
 }
 
 /* After a lookup found nothing: insert `init` at `key` and return the map's own copy, or NULL when the

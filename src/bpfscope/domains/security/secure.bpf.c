@@ -306,15 +306,14 @@ struct sec_rate_key {
 BS_RINGBUF_VAR(lifecycle, 8 << 20, struct sec_proc_event);
 BS_RINGBUF(hits, 4 << 20, struct sec_hook_event);
 
-/* Set by user space: the lifecycle ring's records wake the consumer only once it is a quarter full
- * (bpfscope.bpf.h's paced wake-ups), user space draining it on a timer; a policy hit still wakes it at
- * once, and that drain reads both rings. */
+/* Set by user space when it drains on a timer: the lifecycle ring's records then wake the consumer only
+ * once it is a quarter full (bpfscope.bpf.h's paced wake-ups, for this ring alone); a policy hit still
+ * wakes it at once, and that drain reads both rings. */
 const volatile bool lifecycle_paced = false;
 
 static __always_inline void lifecycle_output(void *e, __u64 size)
 {
-	if (bpf_ringbuf_output(&lifecycle, e, size, lifecycle_paced ? bs_paced_flags(&lifecycle) : 0))
-		__sync_fetch_and_add(&bs_dropped, 1);
+	bs_output_flags(&lifecycle, e, size, lifecycle_paced ? bs_paced_flags(&lifecycle) : 0);
 }
 
 /* The hooks a policy compiles to, and the Block rules; filled by user space before attaching. */

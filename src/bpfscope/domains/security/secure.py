@@ -188,8 +188,9 @@ class SecureCollector(BpfCollector[SecureConfig]):
         compiled = self.compile()
         return {
             **super().rodata(),
-            "bs_paced_wakeup": False,  # hits wake the session; only the lifecycle ring is paced
-            "lifecycle_paced": True,
+            # Hits wake the session at once; only the lifecycle ring is paced, when drained on a timer.
+            "bs_paced_wakeup": False,
+            "lifecycle_paced": self.drain_every() is not None,
             "exec_hook": compiled.exec_hook,
             "sys_enter_hook": compiled.sys_enter_hook,
         }
