@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 from bpfscope.domains.net import diag
 from bpfscope.domains.net.sockstat import diag_sockets
-from bpfscope.domains.net.tcpretrans import _listed_segs_out
+from bpfscope.domains.net.tcpretrans import _listed_tcp
 
 
 @contextlib.contextmanager
@@ -56,7 +56,7 @@ def both_listings() -> None:
     """The window's two listings: sockstat's rows and tcpretrans's segments sent, every namespace."""
     for ns in diag.network_namespaces():
         diag_sockets(ns, ("tcp", "udp"))
-    _listed_segs_out(set())
+    _listed_tcp(set())
 
 
 def shared() -> None:

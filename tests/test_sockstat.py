@@ -489,7 +489,7 @@ def test_window_rules_share_one_tcp_listing(netns: str, monkeypatch: pytest.Monk
     instead of one each."""
     from bpfscope.domains.net import diag
     from bpfscope.domains.net.sockstat import diag_sockets
-    from bpfscope.domains.net.tcpretrans import _listed_segs_out
+    from bpfscope.domains.net.tcpretrans import _listed_tcp
 
     requests: list[tuple[int, tuple[str, ...]]] = []
     listed = diag._listed
@@ -506,7 +506,7 @@ def test_window_rules_share_one_tcp_listing(netns: str, monkeypatch: pytest.Monk
         rows = sorted(
             (r.proto, r.state, r.sport, r.dport, r.recv_q) for r in diag_sockets(ours, ("tcp", "udp"))
         )
-        conns = {cookie: conn for cookie, (_, conn) in _listed_segs_out(set()).items() if conn.netns == inode}
+        conns = {cookie: conn for cookie, (_, _, conn) in _listed_tcp(set()).items() if conn.netns == inode}
         return rows, conns
 
     with Peer(netns, TCP_FILL.format(port=PORT, fill=50_000)):

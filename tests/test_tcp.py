@@ -79,6 +79,63 @@ class Tool:
             self.proc.wait()
 
 
+# One connection sending SIZE bytes in two halves: after each, once the peer has acknowledged everything,
+# it prints "sent" and waits for a line on its stdin; then it closes.
+TWO_HALVES = """
+import fcntl, socket, struct, sys, termios, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+for _ in range(2):
+    s.sendall(b"s" * (int(sys.argv[3]) // 2))
+    while struct.unpack("i", fcntl.ioctl(s, termios.TIOCOUTQ, b"\\0" * 4))[0]:
+        time.sleep(0.01)
+    print("sent", flush=True)
+    sys.stdin.readline()
+s.close()
+"""
+
+
+def test_tcpretrans_counts_an_open_connection_from_the_start(pair: nh.NetnsPair) -> None:
+    """A connection that retransmitted before tcpretrans -c started counts only what it retransmits after:
+    its first row starts from its total at the start (sock_diag), not from 0."""
+    port = 41003
+    pair.set_loss(3, port)
+    server = nh.start_server(pair.server, nh.SERVER_IP, port)
+    client = subprocess.Popen(
+        nh.in_ns(pair.client, sys.executable, "-c", TWO_HALVES, nh.SERVER_IP, str(port), str(40 << 20)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    counting = None
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().strip() == "sent"
+        ss = nh.sh(*nh.in_ns(pair.client, "ss", "-tiH", "state", "established", f"dport = :{port}")).stdout
+        earlier = int(SS_RETRANS.search(ss).group(1)) if SS_RETRANS.search(ss) else 0
+        counting = Tool("tcpretrans", "-c", "--json", "1", "--dport", str(port))
+        before = pair.retrans_segs(pair.client)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "sent"
+        after = pair.retrans_segs(pair.client)
+        client.stdin.write("close\n")
+        client.stdin.flush()
+        client.wait(timeout=10)
+        conns = counting.stop("tcpretrans.connection")
+    finally:
+        pair.clear_loss()
+        if counting is not None:
+            counting.kill()
+        server.kill()
+        if client.poll() is None:
+            client.kill()
+    by_tool = sum(r["retrans"] for r in conns)
+    print(f"retransmitted: {earlier} before the start, {after - before} after; tcpretrans -c {by_tool}")
+    # 3% loss over each 20 MiB: hundreds of retransmissions in each half (the first, ss's retrans:N/TOTAL).
+    assert earlier > 100 and after - before > 100
+    assert by_tool == after - before, conns
+
+
 @pytest.mark.parametrize(("reverse", "ipv6"), [(False, False), (True, True)], ids=["ipv4", "ipv6-reverse"])
 def test_tcptop_matches_iperf3(pair: nh.NetnsPair, reverse: bool, ipv6: bool) -> None:
     port = 41001

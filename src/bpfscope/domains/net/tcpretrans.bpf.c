@@ -8,13 +8,23 @@
  * -ENOMEM, -EHOSTUNREACH...), which are not retransmissions. So each connection keeps the last
  * total_retrans seen, and an event counts the difference: exactly what the kernel counted, whatever the
  * err (on a veth with 3% loss, 1 to 6 of some 30 such calls per run were not sent: counting calls would
- * have over-counted). A call the program missed (recursion) is counted at the connection's next one. A
- * connection first seen at a retransmission counts tcp_skb_pcount when err is 0 and nothing otherwise.
+ * have over-counted).
+ *
+ * The kernel may also skip this program's run on a retransmission without counting a recursion miss: on
+ * a 2-CPU VM the tracepoint fired (tracefs saw it) in a softirq on top of one process's thread and the
+ * program did not run, 1 to 6 times a run in about one run in eight of some 250 retransmissions. So, in
+ * count mode, the total is trusted over the calls: a skipped call is counted at the connection's next
+ * one (the difference), a connection's first row counts everything since the start (total_retrans less
+ * what it was when tracing started: retrans_at_start, which user space seeds from sock_diag; 0 for a
+ * connection opened since), and its close counts what followed its last call seen (kind "unseen"). In
+ * event mode, a connection first seen at a retransmission counts tcp_skb_pcount when err is 0 and
+ * nothing otherwise.
+ *
  * SYN-ACK retransmissions (tcp_retransmit_synack, one segment each, on a half-open connection) are
  * keyed by their request sock's cookie, which the socket the handshake makes inherits
  * (inet_csk_clone_lock), with the SYN-ACKs in its total_retrans (tcp_create_openreq_child copies
  * req->num_retrans): the row's last total follows them, or the new socket's first retransmission would
- * count them again.
+ * count them again. In count mode the row stays (no longer half-open) once the handshake completes.
  *
  * Connections are keyed by the socket's cookie (never reused, where its address is at once): a closed
  * connection's counts stay until user space has read them, whatever socket takes its address.
@@ -43,8 +53,9 @@ enum retrans_kind {
 	RETRANS_TLP,   /* tail loss probe */
 	RETRANS_SYN,   /* SYN of a connect() */
 	RETRANS_SYNACK,
+	RETRANS_UNSEEN, /* counted from the socket's total at its close: the kernel skipped the program */
 };
-#define RETRANS_KINDS (RETRANS_SYNACK + 1)
+#define RETRANS_KINDS (RETRANS_UNSEEN + 1)
 BS_ENUM(retrans_kind);
 
 struct event {
@@ -82,6 +93,16 @@ struct {
 	__type(value, struct conn_stats);
 } conns SEC(".maps");
 
+/* Count mode: cookie -> tcp_sock->total_retrans of a connection open when tracing started that had
+ * retransmitted, from sock_diag (tcpi_total_retrans); taken (deleted) when the connection gets its row. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_CONNS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, __u32);
+} retrans_at_start SEC(".maps");
+
 BS_RINGBUF(events, 1 << 20, struct event);
 
 /* Retransmitted segments of connections the conns map had no room for, and closed connections whose
@@ -109,6 +130,18 @@ static __always_inline bool new_row(const struct sock *sk, struct conn_stats *fr
 		fresh->owner = *owner;
 	fresh->total_retrans_last = retrans_base;
 	return true;
+}
+
+/* What a connection's total_retrans was when tracing started (0 for one opened since). */
+static __always_inline __u32 take_retrans_at_start(__u64 key)
+{
+	__u32 *at_start = bpf_map_lookup_elem(&retrans_at_start, &key), base;
+
+	if (!at_start)
+		return 0;
+	base = *at_start;
+	bpf_map_delete_elem(&retrans_at_start, &key);
+	return base;
 }
 
 static __always_inline void refresh(struct conn_stats *st, const struct sock *sk)
@@ -192,9 +225,14 @@ int BPF_PROG(retransmit_skb, const struct sock *sk, const struct sk_buff *skb, i
 	if (st) {
 		segs = total - st->total_retrans_last;
 	} else {
-		segs = err ? 0 : BPF_CORE_READ(cb, tcp_gso_segs);
-		if (!segs && !err)
-			segs = 1;
+		if (count_mode) {
+			/* Its retransmissions since the start, those whose runs were skipped included. */
+			segs = total - take_retrans_at_start(key);
+		} else {
+			segs = err ? 0 : BPF_CORE_READ(cb, tcp_gso_segs);
+			if (!segs && !err)
+				segs = 1;
+		}
 		if (!new_row(sk, &fresh, total))
 			return 0;
 		st = bs_insert(&conns, &key, &fresh, NULL);
@@ -258,6 +296,7 @@ static __always_inline void state_changed(const struct sock *sk, int oldstate, i
 {
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	struct conn_stats *st, fresh = {};
+	__u32 total, unseen;
 	__u64 key;
 
 	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
@@ -266,6 +305,14 @@ static __always_inline void state_changed(const struct sock *sk, int oldstate, i
 	}
 	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
 		__sync_fetch_and_add(&passive_opens, 1);
+		/* Its SYN-ACKs' row now holds the connection's: kept until it closes (its total_retrans
+		 * starts with the SYN-ACKs, which the row has counted). */
+		if (count_mode) {
+			key = bs_sk_cookie(sk);
+			st = bpf_map_lookup_elem(&conns, &key);
+			if (st)
+				st->half_open = 0;
+		}
 		return;
 	}
 	if (newstate != TCP_CLOSE)
@@ -278,12 +325,20 @@ static __always_inline void state_changed(const struct sock *sk, int oldstate, i
 		return;
 	}
 	/* Its last segments sent: user space reads the row, then deletes it. */
+	total = BPF_CORE_READ(tp, total_retrans);
 	if (!st) {
-		if (!new_row(sk, &fresh, BPF_CORE_READ(tp, total_retrans)))
+		if (!new_row(sk, &fresh, total ? take_retrans_at_start(key) : 0))
 			return;
 		st = bs_insert(&conns, &key, &fresh, &closes_dropped);
 		if (!st)
 			return;
+	}
+	/* Retransmissions after its last call seen, or since the start for a connection never seen. */
+	unseen = total - st->total_retrans_last;
+	if ((__s32)unseen > 0) {
+		st->total_retrans_last = total;
+		__sync_fetch_and_add(&st->retrans, unseen);
+		__sync_fetch_and_add(&st->kinds[RETRANS_UNSEEN], unseen);
 	}
 	refresh(st, sk);
 	st->closed = 1;

@@ -294,8 +294,10 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         return {**super().rodata(), "count_mode": self.config.count_mode}
 
     def max_entries(self) -> dict[str, int]:
-        # Without owners the LRU map of 65,536 preallocated entries is not used: one instead.
-        return {} if self.config.owners else {"bs_owners": 1}
+        # Without owners the LRU map of 65,536 preallocated entries is not used: one instead; nor, out of
+        # count mode, the totals at the start.
+        unused = {} if self.config.owners else {"bs_owners": 1}
+        return unused if self.config.count_mode else {**unused, "retrans_at_start": 1}
 
     def configure(self) -> None:
         assert self.obj is not None
@@ -319,7 +321,10 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
     def start(self) -> None:
         if not self.config.count_mode:
             return
-        look = self._look()
+        namespaces: set[int] = set()
+        listed = _listed_tcp(namespaces)
+        self._seed_retrans_at_start(listed)
+        look = self._look((listed, namespaces) if self.config.rates else None)
         self.before = look.counts
         # Where each connection's totals count from: its segments sent when first seen (0 when opened
         # while tracing).
@@ -372,13 +377,26 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         self.before, self.opens, self.t0 = look.counts, opens, t
         return sample
 
-    def _look(self) -> _Look:
+    def _seed_retrans_at_start(self, listed: dict[int, tuple[int, int, Conn]]) -> None:
+        """Each open connection's total retransmitted so far, where its first row counts from (see
+        tcpretrans.bpf.c): only those that have retransmitted (the others count from 0)."""
+        assert self.obj is not None
+        at_start = self.obj.maps["retrans_at_start"]
+        for cookie, (_, total_retrans, _) in listed.items():
+            if total_retrans:
+                at_start.update(cookie, total_retrans)
+
+    def _look(self, listing: tuple[dict[int, tuple[int, int, Conn]], set[int]] | None = None) -> _Look:
         """Every selected connection's counts now: open ones from sock_diag (listed first: a connection
-        that closes meanwhile has left its row by the time the rows are read), those that retransmitted
-        or closed from the kernel's rows."""
+        that closes meanwhile has left its row by the time the rows are read; ``listing`` is one just
+        made, with the namespaces it listed), those that retransmitted or closed from the kernel's rows."""
         assert self.obj is not None
         look = _Look()
-        listed = _listed_segs_out(look.namespaces) if self.config.rates else {}
+        if listing is not None:
+            listed, namespaces = listing
+            look.namespaces |= namespaces
+        else:
+            listed = _listed_tcp(look.namespaces) if self.config.rates else {}
         keys, rows = self.obj.maps["conns"].items()
         known = owners(self.obj)
         columns = zip(
@@ -392,7 +410,7 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
             strict=True,
         )
         for cookie, (owner, conn), retrans, segs_out, by_kind, closed, half_open in columns:
-            segs_out = max(segs_out, listed.pop(cookie, (0, conn))[0])
+            segs_out = max(segs_out, listed.pop(cookie, (0, 0, conn))[0])
             look.counts[cookie] = _Counts(retrans, segs_out, tuple(by_kind), conn.netns)
             look.who[cookie] = (owner if owner.pid else known.get(cookie, UNKNOWN_OWNER), conn)
             if closed:
@@ -400,7 +418,7 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
             elif half_open:
                 look.half_open.add(cookie)
         none = (0,) * len(kinds())
-        for cookie, (segs_out, conn) in listed.items():
+        for cookie, (segs_out, _, conn) in listed.items():
             owner = known.get(cookie, UNKNOWN_OWNER)
             if self.config.selects(owner, conn):
                 look.counts[cookie] = _Counts(0, segs_out, none, conn.netns)
@@ -426,9 +444,10 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         return int(self.obj.bss["active_opens"]), int(self.obj.bss["passive_opens"])
 
 
-def _listed_segs_out(namespaces: set[int]) -> dict[int, tuple[int, Conn]]:
-    """cookie -> (segments sent, connection) of every open TCP connection sock_diag lists, in every
-    network namespace found; adds the namespaces it could list to ``namespaces``."""
+def _listed_tcp(namespaces: set[int]) -> dict[int, tuple[int, int, Conn]]:
+    """cookie -> (segments sent, segments retransmitted, connection) of every open TCP connection
+    sock_diag lists, in every network namespace found; adds the namespaces it could list to
+    ``namespaces``."""
     states = diag.state_mask(*DIAG_STATES)
     ask = diag.extensions("INET_DIAG_INFO")
     out: dict[int, tuple[int, Conn]] = {}
@@ -448,7 +467,7 @@ def _listed_segs_out(namespaces: set[int]) -> dict[int, tuple[int, Conn]]:
                 msg["idiag_dport"],
                 ns.inode,
             )
-            out[msg["idiag_cookie"]] = (info["tcpi_segs_out"], conn)
+            out[msg["idiag_cookie"]] = (info["tcpi_segs_out"], info["tcpi_total_retrans"], conn)
     return out
 
 
