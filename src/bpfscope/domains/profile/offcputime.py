@@ -56,6 +56,7 @@ class OffcputimeCollector(StackCollector[OffcputimeConfig]):
     loss_counters = {
         "counts_dropped": ("map_full", "blocks not counted (too many distinct stacks)"),
         "blocked_dropped": ("map_full", "blocks not timed (too many threads blocked at once)"),
+        "ends_unseen": ("unseen", "blocks timed to the thread's next switch out (its switch-in unseen)"),
     }
 
     def rodata(self) -> dict[str, Any]:
