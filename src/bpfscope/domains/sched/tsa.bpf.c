@@ -271,11 +271,26 @@ int BPF_PROG(on_schedule, bool preempt)
 	return 0;
 }
 
+/* When `task`, leaving this CPU, arrived on it, in bpf_ktime_get_ns's time (0: the kernel does not say):
+ * sched_info.last_arrival is on its runqueue's clock, which the switch has just updated. */
+static __always_inline __u64 arrived_at(struct task_struct *task)
+{
+	__u64 now = bpf_ktime_get_ns(), clock, arrival;
+
+	if (!bpf_core_field_exists(struct cfs_rq, rq))
+		return 0;
+	clock = BPF_CORE_READ(task, se.cfs_rq, rq, clock);
+	arrival = BPF_CORE_READ(task, sched_info.last_arrival);
+	if (!arrival || arrival > clock || clock - arrival >= now)
+		return 0;
+	return now - (clock - arrival);
+}
+
 SEC("tp_btf/sched_switch")
 int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
 	     unsigned int prev_state)
 {
-	__u64 now = bpf_ktime_get_ns(), *entered;
+	__u64 now = bpf_ktime_get_ns(), *entered, arrival;
 	__u32 zero = 0;
 	struct tsa_thread *t;
 	__u8 state;
@@ -285,6 +300,15 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
 		now = *entered;
 
 	if ((t = thread_of(prev, BS_TSA_STATE_CPU, now))) {
+		/* Leaving a CPU it was never seen to get: the kernel ran no program for its switch-in (the
+		 * switches from one VM's init process's threads reach none), so its time since it arrived
+		 * would count as the run queue's. */
+		if (!t->exited && t->state != BS_TSA_STATE_CPU && (arrival = arrived_at(prev)) &&
+		    arrival > t->since && arrival < now) {
+			enter(t, BS_TSA_STATE_CPU, arrival);
+			if (timeline)
+				send_episode(t, prev->pid, arrival);
+		}
 		if (prev_state & TSA_TASK_DEAD) {
 			enter(t, BS_TSA_STATE_COUNT, now); /* closes its time on the CPU; no state after */
 			t->exited = 1;
