@@ -506,7 +506,8 @@ def test_window_rules_share_one_tcp_listing(netns: str, monkeypatch: pytest.Monk
         rows = sorted(
             (r.proto, r.state, r.sport, r.dport, r.recv_q) for r in diag_sockets(ours, ("tcp", "udp"))
         )
-        conns = {cookie: conn for cookie, (_, _, conn) in _listed_tcp(set()).items() if conn.netns == inode}
+        listed = _listed_tcp(set())
+        conns = {cookie: conn for cookie, (_, _, conn, _) in listed.items() if conn.netns == inode}
         return rows, conns
 
     with Peer(netns, TCP_FILL.format(port=PORT, fill=50_000)):

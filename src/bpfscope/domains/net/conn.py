@@ -153,6 +153,36 @@ def owners(obj: BpfObject) -> dict[int, Owner]:
     }
 
 
+def socket_owners_from_proc(leave_out: int | None = None) -> dict[int, Owner]:
+    """Socket inode -> a process holding it (the first found), from every process's /proc/PID/fd: the
+    owners of sockets opened before tracing started, for tools that learn owners at connect and accept
+    only. ``leave_out``: a process left out with its children, as bs_task_is_self leaves bpfscope's.
+    Processes that exit meanwhile, or whose fds cannot be read, are skipped."""
+    found: dict[int, Owner] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if leave_out is not None:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if leave_out in (pid, int(stat[stat.rindex(")") + 2 :].split()[1])):
+                    continue
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            inodes = [int(link[8:-1]) for link in links if link.startswith("socket:[")]
+            if not inodes:
+                continue
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            path = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[-1].partition("::")[2]
+            cgroup = os.stat(f"/sys/fs/cgroup{path}").st_ino if path else 0
+        except (OSError, ValueError):
+            continue
+        owner = Owner(pid, comm, cgroup)
+        for inode in inodes:
+            found.setdefault(inode, owner)
+    return found
+
+
 def owners_and_conns(records: np.ndarray) -> list[tuple[Owner, Conn]]:
     """The owner and connection of each record with a struct bs_owner ``owner`` and a struct bs_conn
     ``conn`` (ring records, map rows); whole columns become Python lists first (much faster than one

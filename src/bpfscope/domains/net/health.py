@@ -63,7 +63,10 @@ class TcpRule(Rule):
         self.only_netns = frozenset(only_netns)
 
     def collectors(self) -> list[Collector]:
-        return [TcpretransCollector(TcpretransConfig(count_mode=True, include_self=self.include_self))]
+        # Owners learnt at connect and accept, and from /proc at the start: a window needs the process
+        # of a connection that retransmits, not the last one to use each socket of the machine.
+        config = TcpretransConfig(count_mode=True, include_self=self.include_self, owners_from_io=False)
+        return [TcpretransCollector(config)]
 
     def rows(self, samples: Mapping[Collector, Sample], window_s: float) -> list[Row]:
         iv = samples[self.collector]
