@@ -507,7 +507,7 @@ def test_window_rules_share_one_tcp_listing(netns: str, monkeypatch: pytest.Monk
             (r.proto, r.state, r.sport, r.dport, r.recv_q) for r in diag_sockets(ours, ("tcp", "udp"))
         )
         listed = _listed_tcp(set())
-        conns = {cookie: conn for cookie, (_, _, conn, _) in listed.items() if conn.netns == inode}
+        conns = {cookie: row.conn for cookie, row in listed.items() if row.conn.netns == inode}
         return rows, conns
 
     with Peer(netns, TCP_FILL.format(port=PORT, fill=50_000)):

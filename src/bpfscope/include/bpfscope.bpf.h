@@ -56,6 +56,16 @@ static __always_inline bool bs_task_is_self(void)
 	return bpf_get_current_task_btf()->real_parent->tgid == bs_self_tgid;
 }
 
+/* The clock of the runqueue `task` is on (rq->clock, which a switch has just updated when read from
+ * sched_switch), on which the scheduler dates sched_info.last_arrival: 0 where the kernel has no
+ * cfs_rq->rq (CONFIG_FAIR_GROUP_SCHED off). offcputime and tsa date a switch-in no program saw with it. */
+static __always_inline __u64 bs_rq_clock(const struct task_struct *task)
+{
+	if (!bpf_core_field_exists(struct cfs_rq, rq))
+		return 0;
+	return BPF_CORE_READ(task, se.cfs_rq, rq, clock);
+}
+
 static __always_inline bool bs_task_selected(void)
 {
 	if (bs_targ_tgid && (bpf_get_current_pid_tgid() >> 32) != bs_targ_tgid)

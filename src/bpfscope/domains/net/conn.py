@@ -164,14 +164,14 @@ def socket_owners_from_proc(leave_out: int | None = None) -> dict[int, Owner]:
             continue
         pid = int(entry.name)
         try:
-            if leave_out is not None:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                if leave_out in (pid, int(stat[stat.rindex(")") + 2 :].split()[1])):
-                    continue
             links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
             inodes = [int(link[8:-1]) for link in links if link.startswith("socket:[")]
             if not inodes:
                 continue
+            if leave_out is not None:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if leave_out in (pid, int(stat[stat.rindex(")") + 2 :].split()[1])):
+                    continue
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
             path = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[-1].partition("::")[2]
             cgroup = os.stat(f"/sys/fs/cgroup{path}").st_ino if path else 0

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 import numpy as np
@@ -259,6 +259,15 @@ class TcpretransConfig(ConnConfig):
     owners_from_io: bool = True
 
 
+class _Listed(NamedTuple):
+    """An open connection as sock_diag lists it (tcp_info)."""
+
+    segs_out: int
+    total_retrans: int
+    conn: Conn
+    inode: int
+
+
 @dataclass(frozen=True)
 class _Counts:
     """A connection's cumulative counts, as one look found them."""
@@ -388,30 +397,30 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         self.before, self.opens, self.t0 = look.counts, opens, t
         return sample
 
-    def _seed_retrans_at_start(self, listed: dict[int, tuple[int, int, Conn, int]]) -> None:
+    def _seed_retrans_at_start(self, listed: dict[int, _Listed]) -> None:
         """Each open connection's total retransmitted so far, where its first row counts from (see
         tcpretrans.bpf.c): only those that have retransmitted (the others count from 0)."""
         assert self.obj is not None
         at_start = self.obj.maps["retrans_at_start"]
-        for cookie, (_, total_retrans, _, _) in listed.items():
-            if total_retrans:
-                at_start.update(cookie, total_retrans)
+        for cookie, row in listed.items():
+            if row.total_retrans:
+                at_start.update(cookie, row.total_retrans)
 
-    def _seed_owners(self, listed: dict[int, tuple[int, int, Conn, int]]) -> None:
+    def _seed_owners(self, listed: dict[int, _Listed]) -> None:
         """The owners of the connections open at the start, from /proc (learnt at connect and accept
         for those that open later)."""
         assert self.obj is not None
         table = self.obj.maps["bs_owners"]
         by_inode = socket_owners_from_proc(None if self.config.include_self else os.getpid())
         value = np.zeros(1, dtype=table.value_dtype)[0]
-        for cookie, (_, _, _, inode) in listed.items():
-            owner = by_inode.get(inode)
+        for cookie, row in listed.items():
+            owner = by_inode.get(row.inode)
             if owner is None:
                 continue
             value["tgid"], value["cgroup"], value["comm"] = owner.pid, owner.cgroup, owner.comm.encode()[:15]
             table.update(cookie, value)
 
-    def _look(self, listing: tuple[dict[int, tuple[int, int, Conn, int]], set[int]] | None = None) -> _Look:
+    def _look(self, listing: tuple[dict[int, _Listed], set[int]] | None = None) -> _Look:
         """Every selected connection's counts now: open ones from sock_diag (listed first: a connection
         that closes meanwhile has left its row by the time the rows are read; ``listing`` is one just
         made, with the namespaces it listed), those that retransmitted or closed from the kernel's rows."""
@@ -435,7 +444,8 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
             strict=True,
         )
         for cookie, (owner, conn), retrans, segs_out, by_kind, closed, half_open in columns:
-            segs_out = max(segs_out, listed.pop(cookie, (0, 0, conn, 0))[0])
+            row = listed.pop(cookie, None)
+            segs_out = max(segs_out, row.segs_out if row else 0)
             look.counts[cookie] = _Counts(retrans, segs_out, tuple(by_kind), conn.netns)
             look.who[cookie] = (owner if owner.pid else known.get(cookie, UNKNOWN_OWNER), conn)
             if closed:
@@ -443,11 +453,11 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
             elif half_open:
                 look.half_open.add(cookie)
         none = (0,) * len(kinds())
-        for cookie, (segs_out, _, conn, _) in listed.items():
+        for cookie, row in listed.items():
             owner = known.get(cookie, UNKNOWN_OWNER)
-            if self.config.selects(owner, conn):
-                look.counts[cookie] = _Counts(0, segs_out, none, conn.netns)
-                look.who[cookie] = (owner, conn)
+            if self.config.selects(owner, row.conn):
+                look.counts[cookie] = _Counts(0, row.segs_out, none, row.conn.netns)
+                look.who[cookie] = (owner, row.conn)
         return look
 
     def _forget_closed(self, look: _Look) -> frozenset[int]:
@@ -469,13 +479,13 @@ class TcpretransCollector(ConnCollector[TcpretransConfig]):
         return int(self.obj.bss["active_opens"]), int(self.obj.bss["passive_opens"])
 
 
-def _listed_tcp(namespaces: set[int]) -> dict[int, tuple[int, int, Conn, int]]:
+def _listed_tcp(namespaces: set[int]) -> dict[int, _Listed]:
     """cookie -> (segments sent, segments retransmitted, connection, socket inode) of every open TCP
     connection sock_diag lists, in every network namespace found; adds the namespaces it could list to
     ``namespaces``."""
     states = diag.state_mask(*DIAG_STATES)
     ask = diag.extensions("INET_DIAG_INFO")
-    out: dict[int, tuple[int, Conn]] = {}
+    out: dict[int, _Listed] = {}
     for ns in diag.network_namespaces():
         listed = diag.sockets(ns, ("tcp",), states, ask)
         if listed is None:
@@ -492,11 +502,8 @@ def _listed_tcp(namespaces: set[int]) -> dict[int, tuple[int, int, Conn, int]]:
                 msg["idiag_dport"],
                 ns.inode,
             )
-            out[msg["idiag_cookie"]] = (
-                info["tcpi_segs_out"],
-                info["tcpi_total_retrans"],
-                conn,
-                msg["idiag_inode"],
+            out[msg["idiag_cookie"]] = _Listed(
+                info["tcpi_segs_out"], info["tcpi_total_retrans"], conn, msg["idiag_inode"]
             )
     return out
 

@@ -120,10 +120,8 @@ static __always_inline bool is_blocked(unsigned int prev_state)
 
 static __always_inline struct block_start block_start(const struct task_struct *task, __u64 now)
 {
-	struct block_start start = {.ns = now};
+	struct block_start start = {.ns = now, .clock = bs_rq_clock(task)};
 
-	if (bpf_core_field_exists(struct cfs_rq, rq))
-		start.clock = BPF_CORE_READ(task, se.cfs_rq, rq, clock);
 	return start;
 }
 

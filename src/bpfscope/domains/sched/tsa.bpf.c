@@ -275,13 +275,10 @@ int BPF_PROG(on_schedule, bool preempt)
  * sched_info.last_arrival is on its runqueue's clock, which the switch has just updated. */
 static __always_inline __u64 arrived_at(struct task_struct *task)
 {
-	__u64 now = bpf_ktime_get_ns(), clock, arrival;
+	__u64 now = bpf_ktime_get_ns(), clock = bs_rq_clock(task), arrival;
 
-	if (!bpf_core_field_exists(struct cfs_rq, rq))
-		return 0;
-	clock = BPF_CORE_READ(task, se.cfs_rq, rq, clock);
 	arrival = BPF_CORE_READ(task, sched_info.last_arrival);
-	if (!arrival || arrival > clock || clock - arrival >= now)
+	if (!clock || !arrival || arrival > clock || clock - arrival >= now)
 		return 0;
 	return now - (clock - arrival);
 }
