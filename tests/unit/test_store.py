@@ -123,6 +123,85 @@ def test_partitions_by_hour_and_keeps_by_age_and_size(tmp_path: Path) -> None:
     assert [start for start, _ in writer.hours()] == [BASE + 4 * HOUR]
 
 
+def _files_by_hour(root: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in root.glob("*/date=*/hour=*/*.parquet"):
+        out[f.parent.name] = out.get(f.parent.name, 0) + 1
+    return out
+
+
+def _write_hours(writer: StoreWriter, hours: int, flushes: int) -> list[dict]:
+    """``flushes`` files in each of ``hours`` hours from BASE: the records written, in time order."""
+    records = []
+    for hour in range(hours):
+        for flush in range(flushes):
+            batch = [row(BASE + hour * HOUR + flush * 10 + i, pid=flush * 10 + i) for i in range(5)]
+            writer.add(batch)
+            writer.flush()
+            records += batch
+    return records
+
+
+def test_an_hour_over_is_merged_into_one_file_that_reads_the_same(tmp_path: Path) -> None:
+    writer = StoreWriter(tmp_path, [SCHEMA])
+    records = _write_hours(writer, hours=2, flushes=4)
+    first, second = sorted(_files_by_hour(tmp_path))
+    assert _files_by_hour(tmp_path) == {first: 4, second: 4}
+    # The second hour has not been over for MERGE_AFTER_S yet: a flush may still bring it records.
+    merged = writer.merge_hours(now=BASE + 2 * HOUR + store_mod.MERGE_AFTER_S - 1)
+    assert [p.name for p in merged] == [first]
+    assert _files_by_hour(tmp_path) == {first: 1, second: 4}
+    assert Store(tmp_path).records(SCHEMA) == records
+    assert [p.name for p in writer.merge_hours(now=BASE + 3 * HOUR)] == [second]
+    assert writer.merge_hours(now=BASE + 3 * HOUR) == []  # nothing new
+    # A late record of the first hour: a second file there, merged again.
+    late = row(BASE + 35.5, pid=99)
+    writer.add([late])
+    writer.flush()
+    assert [p.name for p in writer.merge_hours(now=BASE + 3 * HOUR)] == [first]
+    assert _files_by_hour(tmp_path) == {first: 1, second: 1}
+    assert Store(tmp_path).records(SCHEMA) == sorted([*records, late], key=lambda r: r["ts"])
+    assert not [p for p in tmp_path.rglob(".*")]  # no directory or file of the merge left
+
+
+class _Killed(BaseException):
+    """The writer killed at a step of a merge."""
+
+
+@pytest.mark.parametrize("cut", ["before the swap", "between the renames", "after the swap"])
+def test_a_merge_cut_short_is_undone_or_finished_by_the_next_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
+    writer = StoreWriter(tmp_path, [SCHEMA])
+    records = _write_hours(writer, hours=1, flushes=3)
+    renames = []
+
+    def rename(src: Path, dst: Path) -> None:
+        renames.append(dst)
+        if (cut == "before the swap" and len(renames) == 1) or (
+            cut == "between the renames" and len(renames) == 2
+        ):
+            raise _Killed
+        os_rename(src, dst)
+
+    def rmtree(path: Path, ignore_errors: bool = False) -> None:
+        if cut == "after the swap" and path.name.endswith(".old"):
+            raise _Killed
+        shutil_rmtree(path, ignore_errors=ignore_errors)
+
+    os_rename, shutil_rmtree = store_mod.os.rename, store_mod.shutil.rmtree
+    monkeypatch.setattr(store_mod.os, "rename", rename)
+    monkeypatch.setattr(store_mod.shutil, "rmtree", rmtree)
+    with pytest.raises(_Killed):
+        writer.merge_hours(now=BASE + 2 * HOUR)
+    monkeypatch.undo()
+    assert [p for p in tmp_path.rglob(".*") if p.is_dir()]  # the merge's directories left
+    StoreWriter(tmp_path, [SCHEMA])  # the next writer
+    assert not [p for p in tmp_path.rglob(".*")]
+    assert list(_files_by_hour(tmp_path).values()) == [3 if cut == "before the swap" else 1]
+    assert Store(tmp_path).records(SCHEMA) == records
+
+
 WRITER = textwrap.dedent(
     """
     import sys, time

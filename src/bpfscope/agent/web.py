@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bpfscope.sinks.store import Store
+from bpfscope.sinks.store import Store, retried
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -83,17 +83,21 @@ class Api:
         store = self.store
         if table not in store.tables():
             return []
-        con = store.connect(only=[table], memory_limit=QUERY_MEMORY_LIMIT)
-        try:
-            cursor = con.execute(sql, params)
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-        except Exception as exc:  # a table with no file flushed yet has no view
-            if "does not exist" in str(exc):
-                return []
-            raise
-        finally:
-            con.close()
+
+        def read() -> list[dict[str, Any]]:
+            con = store.connect(only=[table], memory_limit=QUERY_MEMORY_LIMIT)
+            try:
+                cursor = con.execute(sql, params)
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            except Exception as exc:  # a table with no file flushed yet has no view
+                if "does not exist" in str(exc):
+                    return []
+                raise
+            finally:
+                con.close()
+
+        return retried(read)
 
     def health(self, start: float, end: float) -> dict[str, Any]:
         rows = self._rows(

@@ -11,9 +11,10 @@ Why files rather than one database file: DuckDB lets one process hold a database
 no other process read it meanwhile, while a store must be read (``bpfscope profile diff``, a report)
 while the agent writes. A writer buffers records and flushes them every ``flush_s`` seconds as a new
 file, written beside its final name and renamed into place (after an fsync), so a reader sees whole
-files only, and ``kill -9`` loses at most the records since the last flush, never a file. Retention
-deletes whole hours: older than ``max_age_s``, then the oldest while the store is larger than
-``max_bytes``.
+files only, and ``kill -9`` loses at most the records since the last flush, never a file. Once an hour
+is over, its files are merged into one (see :meth:`StoreWriter.merge_hours`): a query reads every
+file's footer, and the agent flushes a file per table every 10 s. Retention deletes whole hours: older
+than ``max_age_s``, then the oldest while the store is larger than ``max_bytes``.
 
     with Store("/var/lib/bpfscope/store") as store:
         rows = store.query('SELECT pid, sum(samples) FROM "profile.stack" GROUP BY pid')
@@ -27,10 +28,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.schema import RECORD_KEY, Schema
@@ -39,6 +40,8 @@ from bpfscope.runtime.session import Sink
 if TYPE_CHECKING:
     from bpfscope.runtime.collector import Collector, Sample
     from bpfscope.runtime.losses import Losses
+
+T = TypeVar("T")
 
 SQL_TYPES = {
     "int": "BIGINT",
@@ -69,7 +72,28 @@ PARQUET = "FORMAT parquet, ROW_GROUP_SIZE_BYTES '8MB'"
 FILE_JSON_BYTES = 16 << 20
 # Retention measures the store's size (a stat of every file) this often; between, it counts what it wrote.
 RESCAN_S = 600.0
+# Retention and the merging of hours run at most this often, not at every flush: each looks at every
+# hour of every table (a week of the agent's 18 tables is 3,000 hour directories).
+MAINTAIN_S = 60.0
+# An hour's files are merged once the hour has been over this long: a flush can still bring it records
+# stamped before its end.
+MERGE_AFTER_S = 120.0
+# One merge reads at most this much Parquet (consecutive files; a larger one stays as it is), and one
+# maintenance merges hours for at most this long, the oldest first (a backlog takes several).
+MERGE_GROUP_BYTES = 64 << 20
+MERGE_BUDGET_S = 0.5
 _TABLE = re.compile(r"[a-z][a-z0-9_.]*")
+
+
+def retried(read: Callable[[], T]) -> T:
+    """``read()``, again if a file it listed was gone when it came to open it: an hour merged
+    (StoreWriter.merge_hours) or deleted by retention while the query ran."""
+    import duckdb
+
+    try:
+        return read()
+    except duckdb.IOException:
+        return read()
 
 
 def _hour(ts: float) -> tuple[str, str]:
@@ -115,11 +139,14 @@ class Store:
         return con
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        con = self.connect()
-        try:
-            return con.execute(sql, list(params)).fetchall()
-        finally:
-            con.close()
+        def read() -> list[tuple[Any, ...]]:
+            con = self.connect()
+            try:
+                return con.execute(sql, list(params)).fetchall()
+            finally:
+                con.close()
+
+        return retried(read)
 
     def records(
         self,
@@ -139,11 +166,15 @@ class Store:
         sql = f'SELECT {names} FROM "{schema.name}"' + (
             f" WHERE {' AND '.join(conditions)}" if conditions else ""
         )
-        con = self.connect()
-        try:
-            rows = con.execute(sql + " ORDER BY ts", args).fetchall()
-        finally:
-            con.close()
+
+        def read() -> list[tuple[Any, ...]]:
+            con = self.connect()
+            try:
+                return con.execute(sql + " ORDER BY ts", args).fetchall()
+            finally:
+                con.close()
+
+        rows = retried(read)
         decode = [f.type in ("list", "dict") for f in schema.fields]
         out = []
         for row in rows:
@@ -203,6 +234,9 @@ class StoreWriter:
         # stat of every file) every RESCAN_S, not every flush.
         self._size: int | None = None
         self._size_at = 0.0
+        self._maintained = -MAINTAIN_S  # at the first flush, then every MAINTAIN_S
+        self._merged: set[Path] = set()  # hours with one file each, merged or not (none to merge)
+        self._finish_merges()
 
     def add(self, records: Iterable[Mapping[str, Any]]) -> None:
         pending = self.pending
@@ -219,7 +253,8 @@ class StoreWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Every buffered record to disk (one new file per table and hour), then the retention."""
+        """Every buffered record to disk (one new file per table and hour), then the retention and the
+        merging of hours over, when their minute has come."""
         import duckdb
 
         pending, self.pending = self.pending, {}
@@ -238,7 +273,15 @@ class StoreWriter:
                     self.dropped_rows += len(piece)
                     self.failed_writes += 1
                     self.last_error = f"{table}: {str(exc).splitlines()[0]}"
+        self.maintain()
+
+    def maintain(self, force: bool = False) -> None:
+        """Retention, then the merging of the hours that are over: every MAINTAIN_S (or now)."""
+        if not force and time.monotonic() - self._maintained < MAINTAIN_S:
+            return
+        self._maintained = time.monotonic()
         self.apply_retention()
+        self.merge_hours()
 
     def _connection(self) -> Any:
         """The writer's DuckDB connection, kept from flush to flush: a new one per flush cost 27 ms of CPU
@@ -286,14 +329,14 @@ class StoreWriter:
         if columns is None:
             return False
         cast = ", ".join(f'CAST("{f.name}" AS {WRITTEN_TYPES[f.type]}) AS "{f.name}"' for f in schema.fields)
-        con.register("staged", columns)
+        # Found by DuckDB by its name in this frame (a replacement scan): registering and unregistering
+        # it cost 0.9 ms of the 2.6 a small file's copy took.
+        staged = columns  # noqa: F841
         try:
             con.execute(f"COPY (SELECT {cast} FROM staged) TO '{_quote(written)}' ({PARQUET})")
         except duckdb.Error:
             written.unlink(missing_ok=True)
             return False
-        finally:
-            con.unregister("staged")
         return True
 
     def _write(
@@ -326,22 +369,15 @@ class StoreWriter:
                     f"columns = {{{columns_sql}}})) TO '{_quote(written)}' ({PARQUET})"
                 )
             # On disk before it has its name: a crash leaves a hidden temporary, never a torn file.
-            fd = os.open(written, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(written)
             os.replace(written, final)
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync(directory)
         finally:
             staged.unlink(missing_ok=True)
             written.unlink(missing_ok=True)
         self.files_written += 1
         self.rows_written += len(rows)
+        self._merged.discard(directory)  # a late record's file: the hour is merged again
         if self._size is not None:
             with contextlib.suppress(OSError):
                 self._size += final.stat().st_size
@@ -351,10 +387,10 @@ class StoreWriter:
         """Every hour partition of every table, with the start of its hour (epoch seconds)."""
         out = []
         for hour_dir in self.store.path.glob("*/date=*/hour=*"):
-            date = hour_dir.parent.name.removeprefix("date=")
-            hour = hour_dir.name.removeprefix("hour=")
             with contextlib.suppress(ValueError):
-                start = datetime.strptime(f"{date} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+                year, month, day = hour_dir.parent.name.removeprefix("date=").split("-")
+                hour = int(hour_dir.name.removeprefix("hour="))
+                start = datetime(int(year), int(month), int(day), hour, tzinfo=UTC)
                 out.append((start.timestamp(), hour_dir))
         return sorted(out)
 
@@ -393,9 +429,88 @@ class StoreWriter:
             self._size, self._size_at = self.store.size(), now
         return self._size
 
+    # --- merging -------------------------------------------------------------------------------------
+    def merge_hours(self, now: float | None = None, budget_s: float = MERGE_BUDGET_S) -> list[Path]:
+        """Merge the files of each hour over for MERGE_AFTER_S into one (by MERGE_GROUP_BYTES of input),
+        the oldest first, for at most ``budget_s``. The hours merged.
+
+        A query reads every file's footer: 0.19-0.22 ms a file here, so an hour of the agent's
+        10-s flushes (360 files a table) added about 70 ms to every query of the table, a day 1.7 s
+        (benchmarks/store_files.py). The merged hour replaces the hour's directory by two renames, so
+        a reader sees the hour's files before or after, never both (a query that listed the files
+        just before may fail to open one: :func:`retried` runs it again). A merge cut short is finished
+        or undone when a writer next opens the store (:meth:`_finish_merges`)."""
+        import duckdb
+
+        now = time.time() if now is None else now
+        began = time.monotonic()
+        merged = []
+        hours = self.hours()
+        self._merged.intersection_update(hour_dir for _, hour_dir in hours)  # retention's gone
+        for start, hour_dir in hours:
+            if start + 3600 + MERGE_AFTER_S > now:
+                break  # sorted: the rest are later
+            if hour_dir in self._merged:
+                continue
+            if time.monotonic() - began >= budget_s:
+                break
+            try:
+                if self._merge_hour(hour_dir):
+                    merged.append(hour_dir)
+            except (duckdb.Error, OSError) as exc:
+                # The hour stays as it was (tried again once a file is added to it).
+                shutil.rmtree(_merging(hour_dir)[0], ignore_errors=True)
+                self._close_connection()
+                self.last_error = f"merging {hour_dir}: {str(exc).splitlines()[0]}"
+            self._merged.add(hour_dir)
+        if merged:
+            self._size = None  # measured again at the next retention
+        return merged
+
+    def _merge_hour(self, hour_dir: Path) -> bool:
+        files = sorted(hour_dir.glob("*.parquet"))
+        groups = _groups(files, MERGE_GROUP_BYTES)
+        if all(len(group) == 1 for group in groups):
+            return False
+        new, old = _merging(hour_dir)
+        shutil.rmtree(new, ignore_errors=True)
+        new.mkdir()
+        for group in groups:
+            if len(group) == 1:
+                os.link(group[0], new / group[0].name)
+                continue
+            written = new / f".{group[0].stem}-merged.parquet.tmp"
+            listed = ", ".join(f"'{_quote(f)}'" for f in group)
+            self._connection().execute(
+                f"COPY (SELECT * FROM read_parquet([{listed}], hive_partitioning = false, "
+                f"union_by_name = true)) TO '{_quote(written)}' ({PARQUET})"
+            )
+            _fsync(written)
+            os.replace(written, written.with_name(written.name[1:].removesuffix(".tmp")))
+        _fsync(new)
+        os.rename(hour_dir, old)
+        os.rename(new, hour_dir)
+        _fsync(hour_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+
+    def _finish_merges(self) -> None:
+        """A merge a crash cut short (its directories left beside the hour's): before the swap, the hour
+        is as it was and the merge is dropped; between its two renames, the merged hour is put in place."""
+        for leftover in list(self.store.path.glob("*/date=*/.hour=*.*")):
+            hour_dir = leftover.with_name(leftover.name[1:].rsplit(".", 1)[0])
+            new, old = _merging(hour_dir)
+            if not leftover.exists():
+                continue  # handled with its pair
+            if not hour_dir.exists():
+                os.rename(new if new.exists() else old, hour_dir)
+            shutil.rmtree(new, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
     def close(self) -> None:
         try:
             self.flush()
+            self.maintain(force=True)  # a run shorter than MAINTAIN_S keeps its retention too
         finally:
             self._close_connection()
 
@@ -462,6 +577,34 @@ def _columns(
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.parquet"))
+
+
+def _groups(files: list[Path], limit: int) -> list[list[Path]]:
+    """Consecutive files in groups of at most ``limit`` bytes (a larger file alone)."""
+    groups: list[list[Path]] = []
+    size = 0
+    for f in files:
+        n = f.stat().st_size
+        if not groups or size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += n
+    return groups
+
+
+def _merging(hour_dir: Path) -> tuple[Path, Path]:
+    """An hour's merged directory while it is made, and its files while the merged one takes their
+    place: hidden, so that neither readers' globs (hour=*) nor the hour listing see them."""
+    return hour_dir.with_name(f".{hour_dir.name}.new"), hour_dir.with_name(f".{hour_dir.name}.old")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _quote(path: Path) -> str:
