@@ -319,13 +319,16 @@ def test_unsafe_or_strange_yaml_is_a_one_line_error(text: str) -> None:
     assert LINE_ERROR.match(error_of(text))
 
 
-def gate_of(*selectors: str) -> tuple[int, list[int]]:
+def gate_of(*selectors: str) -> tuple[int, list[int]] | tuple[int, list[int], int]:
+    """The hook's gate: its argument and values, and its mask when it has one."""
     policies = parse_policies(doc(OPENAT + "".join(selectors)), "p.yaml")
     (value,) = compiler.compile_policies(policies, fake_enums()).hook_values
+    if value["gate_mask"]:
+        return value["gate_arg"], value["gate"], value["gate_mask"]
     return value["gate_arg"], value["gate"]
 
 
-def test_a_hook_is_gated_on_an_integer_every_selector_wants_equal() -> None:
+def test_a_hook_is_gated_on_an_integer_every_selector_wants_equal_or_masked() -> None:
     """The kernel leaves an event at once when the gate's argument is none of its values: only where
     every selector (alternatives) wants that integer argument Equal to one of them."""
     flags_in = "  - matchArgs:\n    - name: flags\n      operator: In\n      values: [{}]\n"
@@ -336,14 +339,26 @@ def test_a_hook_is_gated_on_an_integer_every_selector_wants_equal() -> None:
     assert gate_of(flags_in.format("1"), "  - matchArgs:\n" + path) == (0, [])  # a selector without it
     # More values than the gate holds, in two selectors together:
     assert gate_of(flags_in.format("1, 2, 3, 4, 5"), flags_in.format("6, 7, 8, 9, 10")) == (0, [])
-    assert gate_of("  - matchArgs:\n    - name: flags\n      operator: Mask\n      values: [1]\n") == (0, [])
-    # The default policy's module rule: raw_syscalls:sys_enter gated on the two syscall numbers.
+    # A mask: an event without any of its bits matches nothing.
+    mask = "  - matchArgs:\n    - name: flags\n      operator: Mask\n      values: [{}]\n"
+    assert gate_of(mask.format("0x3") + path) == (2, [], 0x3)
+    assert gate_of(mask.format("0x3"), mask.format("0x200")) == (2, [], 0x203)
+    assert gate_of(mask.format("0x3"), flags_in.format("8")) == (2, [8], 0x3)
+    assert gate_of(mask.format("0x3"), "  - matchArgs:\n" + path) == (0, [])  # a selector without it
+    # Equal and a mask in one selector: its values say more.
+    assert gate_of(flags_in.format("1") + "    - name: flags\n      operator: Mask\n      values: [2]\n") == (
+        2,
+        [1],
+    )
+    # The default policy: its module rule (raw_syscalls:sys_enter) gated on the two syscall numbers, its
+    # rules on files opened for writing on sys_enter_openat's flags.
     compiled = compiler.compile_policies(parse_policies(DEFAULT_POLICY, "d.yaml"), fake_enums())
     gates = {
-        h.tracepoint: (v["gate_arg"], v["gate"])
+        h.tracepoint: (v["gate_arg"], v["gate"], v["gate_mask"])
         for h, v in zip(compiled.hooks, compiled.hook_values, strict=True)
     }
-    assert gates["raw_syscalls:sys_enter"] == (1, [175, 313])
+    assert gates["raw_syscalls:sys_enter"] == (1, [175, 313], 0)
+    assert gates["syscalls:sys_enter_openat"] == (2, [], 0x203)
 
 
 def test_too_many_selectors_on_one_tracepoint_across_policies() -> None:

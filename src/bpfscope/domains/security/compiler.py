@@ -239,41 +239,54 @@ def _hook_value(compiled: Compiled, kernel_hook: KernelHook, v: dict[str, int]) 
     needs_creds = any(a.type == "process" for a in kernel_hook.args) or any(
         s.cap_operator for s, _, _ in kernel_hook.selectors
     )
-    gate_arg, gate = _gate(kernel_hook)
+    gate_arg, gate, gate_mask = _gate(kernel_hook)
     return {
         "nargs": len(args),
         "nselectors": len(selectors),
         "needs_creds": int(needs_creds),
         "gate_arg": gate_arg,
         "ngate": len(gate),
+        "gate_mask": gate_mask,
         "gate": gate,
         "args": args,
         "selectors": selectors,
     }
 
 
-def _gate(kernel_hook: KernelHook) -> tuple[int, list[int]]:
-    """An integer argument every selector wants Equal to one of a few values, and those values (the
-    argument's index plus one; 0 and none: no gate): the kernel leaves at once an event whose argument
-    is none of them. Under the mesh the default policy's module rule (raw_syscalls:sys_enter, two
-    syscall numbers) was 0.7% of the machine, read whole on every system call."""
+def _gate(kernel_hook: KernelHook) -> tuple[int, list[int], int]:
+    """An integer argument every selector wants Equal to one of a few values or to have a bit of a
+    mask, those values and the mask (the argument's index plus one; 0, none and 0: no gate): the kernel
+    leaves at once an event whose argument is neither. Under the mesh the default policy's module rule
+    (raw_syscalls:sys_enter, two syscall numbers) was 0.7% of the machine, read whole on every system
+    call; its rules on sys_enter_openat (files opened for writing) read every open's path, 0.5 us."""
     from bpfscope.domains.security.policy import MAX_VALUES
 
-    wanted: dict[int, set[int]] | None = None
+    wanted: dict[int, tuple[set[int], int]] | None = None
     for selector, _, arg_map in kernel_hook.selectors:
         equal: dict[int, set[int]] = {}
+        masks: dict[int, int] = {}
         for m in selector.args:
             index = arg_map[m.arg]
-            if m.operator == "Equal" and kernel_hook.args[index].type == "int":
+            if kernel_hook.args[index].type != "int":
+                continue
+            if m.operator == "Equal":
                 values = {int(x) for x in m.values}
                 equal[index] = equal[index] & values if index in equal else values
+            elif m.operator == "Mask":
+                masks.setdefault(index, int(m.values[0]))  # one of the selector's masks: it needs each
+        # What the selector admits of each argument it constrains: its values, else a bit of its mask.
+        admits = {i: (equal[i], 0) if i in equal else (set(), masks[i]) for i in equal.keys() | masks.keys()}
         # Selectors are alternatives: an argument gates the hook if each selector constrains it.
-        both = equal.keys() if wanted is None else wanted.keys() & equal.keys()
-        wanted = {i: equal[i] | (wanted or {}).get(i, set()) for i in both}
-    for index, values in sorted((wanted or {}).items()):
+        both = admits.keys() if wanted is None else wanted.keys() & admits.keys()
+        previous, wanted = wanted or {}, {}
+        for i in both:
+            values, mask = admits[i]
+            more_values, more_mask = previous.get(i, (set(), 0))
+            wanted[i] = (values | more_values, mask | more_mask)
+    for index, (values, mask) in sorted((wanted or {}).items()):
         if len(values) <= MAX_VALUES:
-            return index + 1, sorted(values)
-    return 0, []
+            return index + 1, sorted(values), mask
+    return 0, [], 0
 
 
 def _binaries(compiled: Compiled, match: Any, v: dict[str, int]) -> tuple[int, int]:

@@ -220,11 +220,14 @@ struct sec_hook {
 	__u32 nargs;
 	__u32 nselectors;
 	__u32 needs_creds; /* a selector looks at capabilities or process.* attributes */
-	/* The gate: every selector wants integer argument gate_arg - 1 to be one of gate[0..ngate), so an
-	 * event whose argument is none of them matches nothing, and leaves before anything else is read (a
-	 * hook on raw_syscalls:sys_enter for two syscall numbers runs on every system call). 0: no gate. */
+	/* The gate: every selector wants integer argument gate_arg - 1 to be one of gate[0..ngate) or to
+	 * have a bit of gate_mask, so an event whose argument is neither matches nothing, and leaves before
+	 * anything else is read (a hook on raw_syscalls:sys_enter for two syscall numbers runs on every
+	 * system call; sys_enter_openat's rules want a file opened for writing, and most opens only read).
+	 * 0: no gate. */
 	__u16 gate_arg;
 	__u16 ngate;
+	__s64 gate_mask;
 	__s64 gate[MAX_VALUES];
 	struct sec_arg_spec args[MAX_ARGS];
 	struct sec_selector selectors[MAX_SELECTORS];
@@ -1032,6 +1035,8 @@ static __always_inline bool rate_limited_now(struct sec_hook_event *e, __u32 sel
 /* Whether the event passes the hook's gate (see struct sec_hook). */
 static __always_inline bool gate_admits(struct sec_hook *h, __u64 value)
 {
+	if (h->gate_mask & value)
+		return true;
 	for (int k = 0; k < MAX_VALUES; k++) {
 		if (k >= h->ngate)
 			break;
