@@ -90,6 +90,17 @@ def read_shadow_through_a_link(tmp: Path) -> Outcome:
     return Outcome(spawn(["cat", str(link)]), "/usr/bin/cat")
 
 
+def read_shadow_bind_mounted(tmp: Path) -> Outcome:
+    """A file of another name mounted onto /etc/shadow (in a mount namespace of its own): the kernel's
+    name for the file opened is its own, its path ends where it is mounted."""
+    copy = tmp / "copy-of-secrets"
+    copy.write_text("root:*:20000:0:99999:7:::\n")
+    mounted = f"mount --bind {copy} /etc/shadow && exec cat /etc/shadow"
+    return Outcome(
+        spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c", mounted]), "/usr/bin/cat"
+    )
+
+
 def read_ssh_key(tmp: Path) -> Outcome:
     key = tmp / "home" / ".ssh" / "id_rsa"
     key.parent.mkdir(parents=True)
@@ -398,6 +409,7 @@ ATTACKS = [
     Case("read /etc/shadow", "sensitive-files", read_shadow),
     Case("read /etc/gshadow by a relative path", "sensitive-files", read_gshadow_relative),
     Case("read /etc/shadow through a symbolic link", "sensitive-files", read_shadow_through_a_link),
+    Case("read a file bind-mounted onto /etc/shadow", "sensitive-files", read_shadow_bind_mounted),
     Case("read an SSH private key", "sensitive-files", read_ssh_key),
     Case("write below /etc", "file-tampering", write_below_etc),
     Case("write below /usr/bin", "file-tampering", write_below_usr_bin),

@@ -361,6 +361,51 @@ def test_a_hook_is_gated_on_an_integer_every_selector_wants_equal_or_masked() ->
     assert gates["syscalls:sys_enter_openat"] == (2, [], 0x203)
 
 
+OPENED = """\
+tracepoints:
+- subsystem: syscalls
+  event: sys_exit_openat
+  args:
+  - name: ret
+    type: fd
+  selectors:
+"""
+
+
+def leaf_gate_of(*matches: str) -> tuple[int, list[str], list[str]]:
+    """The hook's leaf gate: its argument, and the file names its string sets hold, exact and as
+    endings (each selector one match on the file)."""
+    selectors = "".join(f"  - matchArgs:\n    - name: ret\n      {m}\n" for m in matches)
+    compiled = compiler.compile_policies(parse_policies(doc(OPENED + selectors), "p.yaml"), fake_enums())
+    (value,) = compiled.hook_values
+    exact = sorted(s for set_id, s in compiled.strings if set_id == value["leaf_equal_set"])
+    ending = sorted(s[::-1] for set_id, s in compiled.postfixes if set_id == value["leaf_postfix_set"])
+    return value["leaf_arg"], exact, ending
+
+
+def test_a_hook_on_an_open_file_is_gated_on_the_file_s_own_name() -> None:
+    """The kernel reads the name of the file an fd argument is open on, and its whole path (a walk up
+    its directories) only when every selector wants paths that could end in that name."""
+    equal, postfix = "operator: Equal\n      values: [{}]", "operator: Postfix\n      values: [{}]"
+    assert leaf_gate_of(equal.format("/etc/shadow, /etc/sudoers")) == (1, ["shadow", "sudoers"], [])
+    assert leaf_gate_of(equal.format("/etc/shadow"), postfix.format("/.ssh/id_rsa, _host_rsa_key")) == (
+        1,
+        ["id_rsa", "shadow"],
+        ["_host_rsa_key"],
+    )
+    # No gate: a selector without such a match, a prefix, a directory, what is not a path.
+    assert leaf_gate_of(equal.format("/etc/shadow"), "operator: Prefix\n      values: [/etc/]")[0] == 0
+    assert leaf_gate_of(postfix.format("/etc/"))[0] == 0
+    assert leaf_gate_of(equal.format("'socket:'"))[0] == 0
+    assert leaf_gate_of(postfix.format("'pipe:'"))[0] == 0
+    # The default policy's sensitive files.
+    compiled = compiler.compile_policies(parse_policies(DEFAULT_POLICY, "d.yaml"), fake_enums())
+    (value,) = [
+        v for h, v in zip(compiled.hooks, compiled.hook_values, strict=True) if "exit_openat" in h.tracepoint
+    ]
+    assert value["leaf_arg"] == 1 and value["leaf_equal_set"] and value["leaf_postfix_set"]
+
+
 def test_too_many_selectors_on_one_tracepoint_across_policies() -> None:
     selector = "  - matchArgs:\n    - name: flags\n      operator: Mask\n      values: [1]\n"
     texts = [doc(OPENAT + selector * 5, name=f"p{i}") for i in range(2)]

@@ -240,12 +240,16 @@ def _hook_value(compiled: Compiled, kernel_hook: KernelHook, v: dict[str, int]) 
         s.cap_operator for s, _, _ in kernel_hook.selectors
     )
     gate_arg, gate, gate_mask = _gate(kernel_hook)
+    leaf_arg, leaf_equal, leaf_postfix = _leaf_gate(kernel_hook)
     return {
         "nargs": len(args),
         "nselectors": len(selectors),
         "needs_creds": int(needs_creds),
         "gate_arg": gate_arg,
         "ngate": len(gate),
+        "leaf_arg": leaf_arg,
+        "leaf_equal_set": _string_set(compiled, "Equal", sorted(leaf_equal)) if leaf_equal else 0,
+        "leaf_postfix_set": _string_set(compiled, "Postfix", sorted(leaf_postfix)) if leaf_postfix else 0,
         "gate_mask": gate_mask,
         "gate": gate,
         "args": args,
@@ -287,6 +291,43 @@ def _gate(kernel_hook: KernelHook) -> tuple[int, list[int], int]:
         if len(values) <= MAX_VALUES:
             return index + 1, sorted(values), mask
     return 0, [], 0
+
+
+def _leaf_gate(kernel_hook: KernelHook) -> tuple[int, set[str], set[str]]:
+    """An fd argument every selector wants the path of Equal to, or ending in, absolute paths, and the
+    last components those paths have, exact or as an ending (the argument's index plus one; 0: no
+    gate): the kernel reads the name of the file first, and its whole path (a walk up its directories,
+    about 1 us an open) only when the name could match. "/.ssh/id_rsa" as an ending wants the name
+    "id_rsa"; "_host_rsa_key" a name ending in it."""
+    gated: dict[int, tuple[set[str], set[str]]] | None = None
+    for selector, _, arg_map in kernel_hook.selectors:
+        leaves: dict[int, tuple[set[str], set[str]]] = {}
+        for m in selector.args:
+            index = arg_map[m.arg]
+            if kernel_hook.args[index].type != "fd" or m.operator not in ("Equal", "Postfix"):
+                continue
+            exact, ending = set(), set()
+            for value in map(str, m.values):
+                _, slash, leaf = value.rpartition("/")
+                if not leaf or (m.operator == "Equal" and not value.startswith("/")):
+                    break  # a directory, or not a path (socket:, pipe:): no gate on this match
+                if slash or m.operator == "Equal":
+                    exact.add(leaf)
+                elif ":" in leaf:
+                    break  # an ending that could be a socket's or a pipe's name
+                else:
+                    ending.add(leaf)
+            else:
+                leaves.setdefault(index, (exact, ending))  # the selector's first match on it is enough
+        # Selectors are alternatives: an argument gates the hook if each selector constrains it.
+        both = leaves.keys() if gated is None else gated.keys() & leaves.keys()
+        previous, gated = gated or {}, {}
+        for i in both:
+            more_exact, more_ending = previous.get(i, (set(), set()))
+            gated[i] = (leaves[i][0] | more_exact, leaves[i][1] | more_ending)
+    for index, (exact, ending) in sorted((gated or {}).items()):
+        return index + 1, exact, ending
+    return 0, set(), set()
 
 
 def _binaries(compiled: Compiled, match: Any, v: dict[str, int]) -> tuple[int, int]:

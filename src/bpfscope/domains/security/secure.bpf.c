@@ -227,6 +227,15 @@ struct sec_hook {
 	 * 0: no gate. */
 	__u16 gate_arg;
 	__u16 ngate;
+	/* The leaf gate: every selector wants the path of fd argument leaf_arg - 1 Equal to, or ending in,
+	 * paths whose last component is in string set leaf_equal_set or ends in one of postfix set
+	 * leaf_postfix_set (0: none), so an event whose file's own name is neither matches nothing, and
+	 * leaves before the file's whole path is read (a walk up its directories: sys_exit_openat's rule
+	 * on sensitive files ran on every open of the machine). 0: no leaf gate. */
+	__u16 leaf_arg;
+	__u16 pad;
+	__u32 leaf_equal_set;
+	__u32 leaf_postfix_set;
 	__s64 gate_mask;
 	__s64 gate[MAX_VALUES];
 	struct sec_arg_spec args[MAX_ARGS];
@@ -1057,6 +1066,34 @@ static __always_inline bool gate_passes(void *ctx, struct sec_hook *h)
 	return gate_admits(h, value);
 }
 
+/* Whether the event passes the hook's leaf gate (see struct sec_hook): the name of the file its fd
+ * argument is open on, read into v (that argument's value, read again whole after). */
+static __always_inline bool leaf_passes(void *ctx, struct sec_hook *h, struct sec_arg_value *v,
+					struct sec_key_scratch *ks)
+{
+	struct dentry *dentry;
+	struct file *file;
+	__u64 fd;
+	long n;
+
+	if (!h->leaf_arg)
+		return true;
+	if (!read_record_int(ctx, &h->args[(h->leaf_arg - 1) & (MAX_ARGS - 1)], &fd))
+		return true; /* unread: the selectors decide */
+	file = fd_file(current_task(), fd);
+	if (!file)
+		return false; /* no file (a failed open): no path to match */
+	dentry = BPF_CORE_READ(file, f_path.dentry);
+	if (dentry == BPF_CORE_READ(file, f_path.mnt, mnt_root))
+		return true; /* a mount's root (a file bind-mounted): its path ends in where it is mounted */
+	__builtin_memset(v->str, 0, STR_LEN);
+	n = bpf_probe_read_kernel_str(v->str, STR_LEN, BPF_CORE_READ(dentry, d_name.name));
+	v->len = n > 0 ? n - 1 : 0;
+	if (h->leaf_equal_set && string_in(v, h->leaf_equal_set, MATCH_EQUAL, ks))
+		return true;
+	return h->leaf_postfix_set && string_in(v, h->leaf_postfix_set, MATCH_POSTFIX, ks);
+}
+
 static __always_inline int run_hook(void *ctx, __u32 hook_id)
 {
 	__u32 zero = 0;
@@ -1077,7 +1114,7 @@ static __always_inline int run_hook(void *ctx, __u32 hook_id)
 	pid_tgid = bpf_get_current_pid_tgid();
 	task = current_task();
 	tgid = pid_tgid >> 32;
-	if (!e || !ks)
+	if (!e || !ks || !leaf_passes(ctx, h, &e->args[(h->leaf_arg - 1) & (MAX_ARGS - 1)], ks))
 		return 0;
 	/* The task filter (-p, --cgroup, bpfscope itself) is checked once a selector matched: most events
 	 * match none, and the filter costs more than a cheap selector. */
