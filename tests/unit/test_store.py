@@ -202,6 +202,42 @@ def test_a_merge_cut_short_is_undone_or_finished_by_the_next_writer(
     assert Store(tmp_path).records(SCHEMA) == records
 
 
+def test_a_merge_that_fails_leaves_the_hour_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed write of the merged file drops the merge; a failed swap puts the merged hour in place."""
+    import duckdb
+
+    writer = StoreWriter(tmp_path, [SCHEMA])
+    records = _write_hours(writer, hours=1, flushes=3)
+    os_rename, connection = store_mod.os.rename, writer._connection
+    renames = []
+
+    def rename(src: Path, dst: Path) -> None:
+        renames.append(dst)
+        if len(renames) == 2:  # the merged directory into the hour's place
+            raise OSError("test")
+        os_rename(src, dst)
+
+    class Failing:
+        def execute(self, sql: str) -> None:
+            raise duckdb.IOException("IO Error: test")
+
+    monkeypatch.setattr(writer, "_connection", Failing)
+    assert writer.merge_hours(now=BASE + 2 * HOUR) == []
+    assert writer.last_error.endswith("IO Error: test")
+    assert list(_files_by_hour(tmp_path).values()) == [3]
+    monkeypatch.setattr(writer, "_connection", connection)
+    writer.add([row(BASE + 100, pid=42)])  # a new file: the hour is tried again
+    writer.flush()
+    records = sorted([*records, row(BASE + 100, pid=42)], key=lambda r: r["ts"])
+    monkeypatch.setattr(store_mod.os, "rename", rename)
+    assert writer.merge_hours(now=BASE + 2 * HOUR) == []
+    monkeypatch.undo()
+    assert writer.last_error.endswith("test") and len(renames) == 3
+    assert list(_files_by_hour(tmp_path).values()) == [1]
+    assert not [p for p in tmp_path.rglob(".*")]
+    assert Store(tmp_path).records(SCHEMA) == records
+
+
 WRITER = textwrap.dedent(
     """
     import sys, time

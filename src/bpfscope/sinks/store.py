@@ -464,8 +464,10 @@ class StoreWriter:
                 if self._merge_hour(hour_dir):
                     merged.append(hour_dir)
             except (duckdb.Error, OSError) as exc:
-                # The hour stays as it was (tried again once a file is added to it).
-                shutil.rmtree(_merging(hour_dir)[0], ignore_errors=True)
+                # The hour as it was, or merged if only the swap failed (tried again once a file is
+                # added to it).
+                with contextlib.suppress(OSError):
+                    self._finish_merge(hour_dir)
                 self._close_connection()
                 self.last_error = f"merging {hour_dir}: {str(exc).splitlines()[0]}"
             self._merged.add(hour_dir)
@@ -501,17 +503,20 @@ class StoreWriter:
         return True
 
     def _finish_merges(self) -> None:
-        """A merge a crash cut short (its directories left beside the hour's): before the swap, the hour
-        is as it was and the merge is dropped; between its two renames, the merged hour is put in place."""
+        """Every merge a crash cut short (its directories left beside the hour's)."""
         for leftover in list(self.store.path.glob("*/date=*/.hour=*.*")):
-            hour_dir = leftover.with_name(leftover.name[1:].rsplit(".", 1)[0])
-            new, old = _merging(hour_dir)
-            if not leftover.exists():
-                continue  # handled with its pair
-            if not hour_dir.exists():
-                os.rename(new if new.exists() else old, hour_dir)
-            shutil.rmtree(new, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+            if leftover.exists():  # else handled with its pair
+                self._finish_merge(leftover.with_name(leftover.name[1:].rsplit(".", 1)[0]))
+
+    @staticmethod
+    def _finish_merge(hour_dir: Path) -> None:
+        """A merge cut short: before the swap, the hour is as it was and the merge is dropped; between
+        its two renames (the merged directory is whole by then), the merged hour is put in place."""
+        new, old = _merging(hour_dir)
+        if not hour_dir.exists() and (new.exists() or old.exists()):
+            os.rename(new if new.exists() else old, hour_dir)
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
         try:
