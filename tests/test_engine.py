@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bpfscope.engine import bpf
 from bpfscope.engine.bpf import BpfObject
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.hist import Histogram
@@ -186,6 +187,18 @@ def test_batch_lookup_reads_many_entries(attached: BpfObject) -> None:
     keys, values = counts.items()
     assert len(keys) == 1000
     assert dict(zip(keys.tolist(), values.tolist(), strict=True)) == {k: k * 7 for k in range(1000)}
+
+
+def test_batch_lookup_grows_from_small_batches(attached: BpfObject, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches sized as for large entries: the first holds 16, each next one twice as many; every entry
+    # is read once.
+    monkeypatch.setattr(bpf, "_BATCH_START_BYTES", 0)
+    counts = attached.maps["counts"]
+    for k in range(1000):
+        counts.update(k, k * 3)
+    keys, values = counts.items()
+    assert sorted(keys.tolist()) == list(range(1000))
+    assert dict(zip(keys.tolist(), values.tolist(), strict=True)) == {k: k * 3 for k in range(1000)}
 
 
 def test_percpu_values_have_one_row_per_cpu(attached: BpfObject) -> None:
