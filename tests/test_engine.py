@@ -201,6 +201,17 @@ def test_batch_lookup_grows_from_small_batches(attached: BpfObject, monkeypatch:
     assert dict(zip(keys.tolist(), values.tolist(), strict=True)) == {k: k * 3 for k in range(1000)}
 
 
+def test_recursion_misses_read_as_the_whole_info_says(attached: BpfObject) -> None:
+    # Read again and again from the same buffer: the kernel reads the array lengths to fill from it
+    # (a program with maps has nr_map_ids), so a buffer left as the last call filled it fails.
+    assert any(p.info()["nr_map_ids"] for p in attached.programs.values())
+    for program in attached.programs.values():
+        info = program.info()
+        for _ in range(3):
+            assert program.missed == info["recursion_misses"]
+    assert attached.missed() == sum(p.info()["recursion_misses"] for p in attached.programs.values())
+
+
 def test_percpu_values_have_one_row_per_cpu(attached: BpfObject) -> None:
     for _ in range(10):
         os.getppid()
