@@ -10,6 +10,7 @@ from their URL's fragment, which browsers never send to a server.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import threading
@@ -377,6 +378,38 @@ def make_app(agent: Agent, token: str | None) -> Any:
     return Starlette(routes=routes, middleware=[Middleware(Guard)])
 
 
+def _server(config: Any) -> Any:
+    """uvicorn's server, its housekeeping (the Date header, the check for a stop) once a second
+    instead of every 100 ms, and woken at once by :meth:`stop`: with ten wake-ups a second the idle
+    agent's web thread took 9-11 CPU ticks a minute (0.08% of a 2-CPU machine), with one 2."""
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        _wake: asyncio.Event | None = None
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def main_loop(self) -> None:
+            self._wake = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            counter = 0  # a multiple of 10: on_tick does its once-a-second work at every tick
+            while not await self.on_tick(counter):
+                counter = (counter + 10) % 864000
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+
+        def stop(self) -> None:
+            """From another thread: exit now, not at the next tick."""
+            self.should_exit = True
+            loop, wake = self._loop, self._wake
+            if loop is not None and wake is not None:
+                with contextlib.suppress(RuntimeError):  # the loop closed already
+                    loop.call_soon_threadsafe(wake.set)
+
+    return Server(config)
+
+
 class WebServer:
     """uvicorn in a thread, on a socket bound at once (a port in use is a one-line error)."""
 
@@ -392,7 +425,7 @@ class WebServer:
         config = uvicorn.Config(
             make_app(agent, token), log_level="warning", access_log=False, lifespan="off", server_header=False
         )
-        self.server = uvicorn.Server(config)
+        self.server = _server(config)
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -402,7 +435,7 @@ class WebServer:
         self.thread.start()
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.stop()
         if self.thread is not None:
             self.thread.join(timeout=10)
         self.socket.close()
