@@ -77,22 +77,34 @@ def socket_holders() -> dict[int, list[Holder]]:
     import psutil
 
     holders: dict[int, list[Holder]] = {}
-    for proc in psutil.process_iter(["name"]):
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
         try:
-            entries = list(os.scandir(f"/proc/{proc.pid}/fd"))
+            fds = list(os.scandir(f"/proc/{pid}/fd"))
         except OSError:
             continue  # exited, or a kernel thread
-        seen: set[int] = set()
-        for entry in entries:
+        inodes: dict[int, None] = {}
+        for fd in fds:
             try:
-                target = os.readlink(entry.path)
+                target = os.readlink(fd.path)
             except OSError:
                 continue
             if target.startswith("socket:["):
-                inode = int(target[8:-1])
-                if inode not in seen:
-                    seen.add(inode)
-                    holders.setdefault(inode, []).append(Holder(proc.pid, proc.info["name"] or "?"))
+                inodes[int(target[8:-1])] = None
+        if not inodes:
+            continue
+        # The name (psutil's: a comm cut at 15 characters completed from the command line) of the
+        # processes holding sockets only: psutil.process_iter read every process's, and a look on an
+        # idle machine of 77 processes took 4.8-5.6 ms instead of 1.8-2.1 (the health window takes
+        # one every 10 s).
+        try:
+            holder = Holder(pid, psutil.Process(pid).name() or "?")
+        except psutil.Error:
+            holder = Holder(pid, "?")
+        for inode in inodes:
+            holders.setdefault(inode, []).append(holder)
     for found in holders.values():
         found.sort(key=lambda h: h.pid)
     return holders
