@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +207,58 @@ def test_a_paced_stream_is_drained_on_the_session_timer() -> None:
     # Read by a drain of the running loop, not by the final one after the stop.
     assert seen_while_running.is_set()
     assert b"".join(s.data for s in sink.samples["paced"]) == b"x" * 7
+
+
+class IdlePacedStream(PacedStream):
+    """Paced drains further apart while they find nothing (the agent's)."""
+
+    paced_idle_max_s = 0.16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drains: list[float] = []
+
+    def drain(self) -> Bytes | None:
+        self.drains.append(time.monotonic())
+        return super().drain()
+
+
+def run_beside(collector: Collector, feed: Callable[[Session, MemorySink], None]) -> MemorySink:
+    """``collector`` run by a session until ``feed``, run in another thread, stops it."""
+    sink = MemorySink()
+    session = Session([collector], [sink], duration=60.0)  # only the stop ends it
+    session.open()
+    session.start()
+    threading.Thread(target=feed, args=(session, sink)).start()
+    session.loop()
+    session.finish()
+    session.close()
+    return sink
+
+
+def test_idle_paced_drains_come_further_apart_until_a_record() -> None:
+    paced = IdlePacedStream()
+    seen: list[float] = []
+
+    def feed(session: Session, sink: MemorySink) -> None:
+        time.sleep(1.0)  # idle: drains 0.02, 0.04, 0.08, then 0.16 s apart (50 at 0.02 s)
+        idle_drains = len(paced.drains)
+        written = time.monotonic()
+        os.write(paced.write_fd, b"x" * 3)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not sink.samples.get("paced"):
+            time.sleep(0.005)
+        seen.extend([idle_drains, time.monotonic() - written])
+        time.sleep(0.1)  # back to a drain every 0.02 s after the record
+        seen.append(len(paced.drains) - idle_drains)
+        session.stop("test")
+
+    sink = run_beside(paced, feed)
+    idle_drains, waited, after = seen
+    assert idle_drains < 20, paced.drains
+    assert waited < 0.16 + 0.5  # the record waited one idle pace at most (and a loaded machine's delay)
+    assert after >= 3
+    assert b"".join(s.data for s in sink.samples["paced"]) == b"x" * 3
 
 
 def test_stop_from_another_thread_ends_with_the_summary() -> None:

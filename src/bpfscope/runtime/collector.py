@@ -112,6 +112,10 @@ class Collector(Generic[C]):
     # (seconds; PACED_DRAIN_S) instead, and at once when a ring is a quarter full. None: every record
     # may wake it.
     paced_drain_s: ClassVar[float | None] = None
+    # Paced drains that find nothing come further apart, twice as far each time up to this many
+    # seconds, and back to paced_drain_s at the first record (None: always paced_drain_s). For the
+    # agent, whose records wait for the store's flush anyway: see session.py's _Slot.idle_drains.
+    paced_idle_max_s: float | None = None
     _schemas: ClassVar[tuple[Schema, ...]] = ()
 
     def __init__(self, config: C) -> None:
