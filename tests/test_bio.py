@@ -66,11 +66,18 @@ class Traced:
     errors: list[str]  # and stderr
     fio: list[dict]  # each fio process's JSON report
     pids: list[int]  # and pid
+    diskstats: tuple[list[int], list[int]]  # DISK's /proc/diskstats fields as fio started and ended
 
     def records(self, tool: int, record: str | None = None) -> list[dict]:
         """A tool's JSON records, or those of one schema (``record``: "biosnoop", "losses", ...)."""
         lines = [json.loads(line) for line in self.outputs[tool].splitlines() if line.startswith("{")]
         return [r for r in lines if record is None or r["record"] == record]
+
+    def disk_reads(self) -> tuple[int, int]:
+        """DISK's reads completed while fio ran, and the milliseconds they took by the kernel's count
+        (/proc/diskstats: each from its request's allocation to its completion)."""
+        before, after = self.diskstats
+        return after[0] - before[0], after[3] - before[3]
 
     def fio_runtime_s(self, process: int) -> float:
         return max(job["job_runtime"] for job in self.fio[process]["jobs"]) / 1000
@@ -112,6 +119,15 @@ def fio_file() -> Iterator[Path]:
     )
     yield FIO_FILE
     FIO_FILE.unlink(missing_ok=True)
+
+
+def _diskstats(disk: str = DISK) -> list[int]:
+    """The disk's counters in /proc/diskstats, from reads completed on."""
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == disk:
+            return [int(f) for f in fields[3:]]
+    raise AssertionError(f"{disk} is not in /proc/diskstats")
 
 
 def _wait_tracing(tool: subprocess.Popen[str], timeout: float = 30.0) -> None:
@@ -161,12 +177,14 @@ def run_traced(tmp_path: Path, tools: list[list[str]], jobs: list[list[str]]) ->
             running.append((proc, out))
         for proc, _ in running:
             _wait_tracing(proc)
+        before = _diskstats()
         for fio, _ in fios:
             assert fio.stdin is not None
             fio.stdin.write("go\n")
             fio.stdin.close()
         for fio, _ in fios:
             assert fio.wait(timeout=60) == 0
+        after = _diskstats()
         time.sleep(0.2)
         outputs, errors = [], []
         for proc, out in running:
@@ -187,7 +205,11 @@ def run_traced(tmp_path: Path, tools: list[list[str]], jobs: list[list[str]]) ->
                 proc.wait()
             out.close()
     return Traced(
-        outputs, errors, [json.loads(report.read_text()) for _, report in fios], [f.pid for f, _ in fios]
+        outputs,
+        errors,
+        [json.loads(report.read_text()) for _, report in fios],
+        [f.pid for f, _ in fios],
+        (before, after),
     )
 
 
@@ -284,15 +306,25 @@ def test_biosnoop_times(saturated: Traced) -> None:
     # mq-deadline passes requests straight on while the device has room: queue time is small.
     assert np.percentile(queue, 50) < 0.05
     p50, p99 = np.percentile(latency, [50, 99])
-    fio_p50 = saturated.fio_clat_us(0, "read", "50.000000")
     lat_p50 = saturated.fio_lat_us(0, "read", "50.000000")
     lat_p99 = saturated.fio_lat_us(0, "read", "99.000000")
     # Device time lies inside fio's lat for every I/O (fio's buckets are within about 1.6%), not always
-    # inside its clat (see the module's docstring). With fio saturating a CPU it is about two thirds of
-    # clat here, less when other work competes for the CPUs: only a loose lower bound holds.
+    # inside its clat (see the module's docstring).
     assert p50 <= lat_p50 * 1.02, (p50, lat_p50)
     assert p99 <= lat_p99 * 1.02, (p99, lat_p99)
-    assert p50 >= fio_p50 * 0.25, (p50, fio_p50)
+    # From below, the kernel's own count: the disk's reads while fio ran and the time they took, each
+    # from its request's allocation to its completion (/proc/diskstats), where biosnoop times each
+    # from its insertion or issue. fio's clat gave no lower bound here: with fio saturating a CPU the
+    # device time was two thirds of it on a fresh machine (140 us against 205), and a sixth once the
+    # host served this disk's file from its cache (28 us against 155).
+    done, took_ms = saturated.disk_reads()
+    kernel_us = took_ms * 1000 / done
+    ours_us = float(np.mean(queue * 1000 + latency))
+    # fio's reads are nearly all of the disk's (two runs: 155,008 of 155,008 and 193,387 of 193,387),
+    # and they took 0.97 and 0.91 of the kernel's time (63.6 us against 65.3; 29.6 against 32.7 on the
+    # fast disk): what is left is each request's way from its allocation to its issue.
+    assert abs(len(reads) - done) <= 0.01 * done, (len(reads), done)
+    assert 0.75 * kernel_us <= ours_us <= 1.02 * kernel_us + 2, (ours_us, kernel_us)
 
 
 def test_biolatency_counts_and_matches_biosnoop(saturated: Traced) -> None:
@@ -324,7 +356,13 @@ def test_biolatency_counts_and_matches_biosnoop(saturated: Traced) -> None:
     for q, key in ((50, "p50_us"), (99, "p99_us")):
         exact = float(np.percentile(snooped, q))
         assert abs(reads[key] - exact) <= exact / 16 + 1, (q, reads[key], exact)
-    assert abs(reads["avg_us"] - snooped.mean()) <= 0.01 * snooped.mean()
+    # The mean is exact in both; each tool's programs run after or before the other's on the same
+    # tracepoints, which moves its times by a microsecond or two (with a fast disk, 28 us a read, that
+    # is more than 1%).
+    assert abs(reads["avg_us"] - snooped.mean()) <= 0.01 * snooped.mean() + 2, (
+        reads["avg_us"],
+        snooped.mean(),
+    )
     assert reads["p50_us"] <= reads["p95_us"] <= reads["p99_us"] <= reads["p999_us"]
 
 
