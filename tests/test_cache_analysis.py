@@ -123,6 +123,15 @@ def leftovers(pid: int) -> list[str]:
     return found
 
 
+def _signals_as_a_terminal_leaves_them() -> None:
+    """In the child: SIGINT and SIGTERM unblocked and at their defaults. A blocked signal mask is
+    inherited across exec, and something earlier in a full test run leaves SIGINT blocked in this
+    process: the experiment then never saw the Ctrl-C and ran to its end (twice in full runs; with
+    SIGINT blocked before pytest starts, the test fails the same way without this)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_interrupted_run_cleans_up(tmp_path: Path, how: str) -> None:
     """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) or SIGTERM (to the experiment
@@ -132,6 +141,7 @@ def test_interrupted_run_cleans_up(tmp_path: Path, how: str) -> None:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=_signals_as_a_terminal_leaves_them,
     )
     assert proc.stderr is not None
     try:
