@@ -423,3 +423,103 @@ def test_a_hit_says_when_credentials_changed_since_the_exec(tmp_path: Path) -> N
     (hit,) = run.of("process_tracepoint", pid=pids[0])
     assert hit["process"]["uid"] == 0
     assert hit["process_credentials"] == {"uid": 65534, "euid": 65534, "gid": 65534, "egid": 65534}
+
+
+def _open_policy(tmp_path: Path, marker: Path) -> Path:
+    """A policy reporting every open of ``marker``."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: cilium.io/v1alpha1\nkind: TracingPolicy\nmetadata:\n  name: opens\nspec:\n"
+        "  tracepoints:\n  - subsystem: syscalls\n    event: sys_enter_openat\n"
+        "    args:\n    - name: filename\n"
+        f"    selectors:\n    - matchArgs:\n      - name: filename\n        operator: Equal\n"
+        f"        values: [{marker}]\n"
+    )
+    return policy
+
+
+def _forks_then_opens(tmp_path: Path, code: str) -> tuple[SecureRun, list[int], Path]:
+    """``code`` run by the interpreter (argv: the watched file, a file for its pids), traced until the
+    file of pids is written; the run, the script's pid, and that file."""
+    marker = tmp_path / "watched"
+    marker.write_text("x")
+    pids = tmp_path / "pids"
+    script: list[int] = []
+
+    def workload() -> None:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(marker), str(pids)])
+        assert proc.wait(timeout=30) == 0
+        script.append(proc.pid)
+        deadline = time.monotonic() + 30
+        while not pids.exists() or not pids.read_text():
+            assert time.monotonic() < deadline, "the forked process did not open the file"
+            time.sleep(0.05)
+
+    run = trace(["--no-default-policy", "--policy", str(_open_policy(tmp_path, marker))], workload)
+    return run, script, pids
+
+
+def test_a_forked_process_whose_parents_exited_keeps_its_lineage(tmp_path: Path) -> None:
+    """A daemon's double fork: the grandchild, never executed, opens a file a policy watches after its
+    parent and grandparent have exited. The kernel sends a clone's record only when something names it
+    (here the hit, long after the forks): the hit still has the process and both of its parents as
+    they were, each a clone of the script's interpreter."""
+    # The script (executed) forks the first child and exits at once; that child forks the daemon and
+    # exits; the daemon waits for both to be gone (reparented), then opens the file.
+    code = (
+        "import os, sys, time\n"
+        "if os.fork():\n    os._exit(0)\n"
+        "first = os.getpid()\n"
+        "if os.fork():\n    os._exit(0)\n"
+        "while os.getppid() == first:\n    time.sleep(0.01)\n"
+        "time.sleep(0.2)\n"
+        "open(sys.argv[2], 'w').write(f'{first} {os.getpid()}')\n"
+        "open(sys.argv[1]).close()\n"
+    )
+    run, script, pids = _forks_then_opens(tmp_path, code)
+    first, daemon = map(int, pids.read_text().split())
+    (hit,) = run.of("process_tracepoint", pid=daemon)
+    interpreter = os.path.realpath(sys.executable)
+    assert hit["process"]["flags"] == "clone"
+    assert hit["process"]["binary"] == interpreter
+    assert hit["parent"]["pid"] == first and hit["parent"]["flags"] == "clone"
+    assert hit["parent"]["binary"] == interpreter
+    assert hit["process"]["parent_exec_id"] == hit["parent"]["exec_id"]
+    (grandparent,) = hit["ancestors"][:1]
+    assert grandparent["pid"] == script[0] and "execve" in grandparent["flags"]
+    assert grandparent["binary"] == interpreter
+    assert hit["parent"]["parent_exec_id"] == grandparent["exec_id"]
+    for pid in (script[0], first):  # the exits of both, with their processes
+        (exit_event,) = run.of("process_exit", pid=pid)
+        assert exit_event["process"]["binary"] == interpreter
+
+
+def test_a_forked_process_whose_parent_executed_keeps_its_lineage(tmp_path: Path) -> None:
+    """A child forks, its own child (never executed) lives on, and the child executes another program:
+    the grandchild's hit names its parent as it was when it forked (the interpreter, a clone), not the
+    program it became."""
+    code = (
+        "import os, sys, time\n"
+        "r, w = os.pipe()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    if os.fork() == 0:\n"
+        "        os.read(r, 1)\n"  # until the child has executed sleep
+        "        open(sys.argv[2], 'w').write(f'{os.getppid()} {os.getpid()}')\n"
+        "        open(sys.argv[1]).close()\n"
+        "        os._exit(0)\n"
+        "    os.execv('/bin/sleep', ['sleep', '1'])\n"
+        "time.sleep(0.3)\n"
+        "os.write(w, b'x')\n"
+        "os.waitpid(child, 0)\n"
+    )
+    run, script, pids = _forks_then_opens(tmp_path, code)
+    child, grandchild = map(int, pids.read_text().split())
+    (hit,) = run.of("process_tracepoint", pid=grandchild)
+    interpreter = os.path.realpath(sys.executable)
+    assert hit["process"]["binary"] == interpreter and hit["process"]["flags"] == "clone"
+    assert hit["parent"]["pid"] == child and hit["parent"]["binary"] == interpreter
+    assert hit["parent"]["flags"] == "clone"
+    (sleep_exec,) = run.of("process_exec", pid=child)
+    assert sleep_exec["process"]["binary"].endswith("/sleep")
+    assert sleep_exec["parent"]["pid"] == script[0]

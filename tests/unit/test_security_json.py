@@ -95,3 +95,27 @@ def test_a_hit_read_after_its_process_exited_still_finds_it() -> None:
         cache.add(process(pid, None, "/bin/true"))
         cache.exit(pid)
     assert len(cache.exited) <= 256 and cache.get_or_exited(1299) is not None
+
+
+def test_a_clone_sent_after_its_parent_left_finds_the_parent() -> None:
+    """The kernel sends a clone's record only when something names it, maybe after its parent exited or
+    executed another program: a parent that left children is kept (bounded), by pid and identity."""
+    cache = ProcessCache(node="node-1")
+    script = cache.add(process(400, None, "/usr/bin/python3"))
+    assert cache.exit(400, children_left=True) is script
+    for pid in range(2000, 2300):  # many exits since, none of them parents: the parent is still known
+        cache.add(process(pid, None, "/bin/true"))
+        cache.exit(pid)
+    daemon = cache.clone(401, 400, 401_000_000, script.ktime)
+    assert daemon.parent is script and daemon.binary == "/usr/bin/python3" and daemon.flags == "clone"
+    assert cache.clone(402, 400, 402_000_000, script.ktime + 1).parent is None  # another process's
+    shell = cache.add(process(500, None, "/bin/sh"))
+    cache.keep_as_parent(500)  # its exec, about to replace it
+    env = process(500, None, "/usr/bin/env")
+    env.ktime += 1  # a later exec
+    cache.add(env)
+    assert cache.clone(501, 500, 501_000_000, shell.ktime).parent is shell
+    for pid in range(3000, 3000 + 4097):  # bounded
+        cache.add(process(pid, None, "/bin/sh"))
+        cache.exit(pid, children_left=True)
+    assert len(cache.parents_gone) == 4096 and 400 not in cache.parents_gone

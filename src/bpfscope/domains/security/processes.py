@@ -143,6 +143,10 @@ class Process:
 
 
 RECENT_EXITS = 256  # processes kept after their exit for hits read late (ProcessCache.exited)
+# Processes that exited leaving children, kept as their parents (ProcessCache.parents_gone): the kernel
+# sends a clone's record only when something names it (secure.bpf.c's announce()), which may be after
+# its parent's exit (a daemon's double fork, a subshell its shell outlived).
+PARENTS_GONE = 4096
 
 
 class ProcessCache:
@@ -158,6 +162,7 @@ class ProcessCache:
         # hits' ring before the lifecycle ring, and a hit committed between the two reads (a Sigkill at
         # exec, its process dead microseconds later) comes in the next drain, after the exit.
         self.exited: dict[int, Process] = {}
+        self.parents_gone: dict[int, Process] = {}
         # Boot-clock ns -> wall-clock ns.
         self.boot_offset_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
@@ -182,6 +187,9 @@ class ProcessCache:
     def parent_of(self, ppid: int, parent_ktime: int) -> Process | None:
         parent = self.live.get(ppid)
         if parent is None or (parent_ktime and parent.ktime != parent_ktime):
+            gone = self.parents_gone.get(ppid)
+            if gone is not None and gone.ktime == parent_ktime:
+                return gone
             self.unknown_parents += 1
             return parent if parent is not None and not parent_ktime else None
         return parent
@@ -192,14 +200,28 @@ class ProcessCache:
             return self.add(Process(pid, ktime, "", "", "", (), (0, 0, 0), (), 0, "clone", None, ppid, pid))
         return self.add(Process.forked(parent, pid, ktime, ppid))
 
-    def exit(self, pid: int) -> Process | None:
+    def exit(self, pid: int, children_left: bool = False) -> Process | None:
         process = self.live.pop(pid, None)
         if process is not None:
             self.exited.pop(pid, None)
             self.exited[pid] = process
             if len(self.exited) > RECENT_EXITS:
                 del self.exited[next(iter(self.exited))]
+            if children_left:
+                self._keep_as_parent(process)
         return process
+
+    def keep_as_parent(self, pid: int) -> None:
+        """The live process ``pid``, about to be replaced by its exec, kept for its forked children."""
+        process = self.live.get(pid)
+        if process is not None:
+            self._keep_as_parent(process)
+
+    def _keep_as_parent(self, process: Process) -> None:
+        self.parents_gone.pop(process.pid, None)
+        self.parents_gone[process.pid] = process
+        if len(self.parents_gone) > PARENTS_GONE:
+            del self.parents_gone[next(iter(self.parents_gone))]
 
     def get_or_exited(self, pid: int) -> Process | None:
         """The live process, or the last that exited with this pid (see ``exited``)."""

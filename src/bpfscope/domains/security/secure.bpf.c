@@ -57,6 +57,7 @@ enum sec_proc_flag {
 	PROC_ARGS_TRUNCATED = 1,
 	PROC_PATH_TRUNCATED = 2,
 	PROC_SELECTED = 4, /* passes the task filter (-p, --cgroup): shown; the others only feed the cache */
+	PROC_CHILDREN_LEFT = 8, /* an exit or exec leaving live children, whose clones may be sent later */
 };
 BS_ENUM(sec_proc_flag);
 
@@ -144,9 +145,16 @@ struct sec_creds {
 /* The kernel's process cache: what policies match on. Keyed by tgid. */
 struct sec_proc {
 	__u64 exec_ktime; /* boot ns of the exec (or clone) that made this process what it is */
+	__u64 parent_exec_ktime; /* a clone's parent's at the fork, for its clone record */
+	__u64 flags; /* enum sec_proc_state (64 bits: the atomic operations of clang 14's BPF target) */
 	__u32 ppid;
-	__u32 flags;
+	__u32 pad;
 	char binary[STR_LEN];
+};
+
+/* A clone's record is sent when something needs it, not at the fork (see announce()). */
+enum sec_proc_state {
+	PROC_CLONE_PENDING = 1,
 };
 
 struct sec_proc_event {
@@ -429,6 +437,74 @@ __u64 rate_limited = 0;
 __u64 procs_dropped = 0;
 
 static const struct sec_proc empty_proc = {};
+
+/* Clone records are sent when user space needs them, not at the fork: most forks exec at once, and the
+ * exec's record says all a clone's would (in an exec storm, a third of the records and 13-18% of user
+ * space's time an exec, replayed). A clone is sent before the first record that names it: its own exit
+ * or policy hit, its exec when it has children, or an exec or clone record whose parent it is; its
+ * unsent ancestors first, oldest first, up to ANNOUNCE_DEPTH of them. Dated at its fork and sent before
+ * the time of the record that needs it is taken: user space places each hit among the lifecycle records
+ * by time, and a record committed before the clone's was dated before the hit. */
+#define ANNOUNCE_DEPTH 8
+
+static __always_inline void announce_one(__u32 tgid)
+{
+	struct sec_proc *p = bpf_map_lookup_elem(&procs, &tgid);
+	struct sec_proc_event *e;
+
+	/* Claimed, so that two CPUs never send the same clone. */
+	if (!p || !(__sync_fetch_and_and(&p->flags, ~PROC_CLONE_PENDING) & PROC_CLONE_PENDING))
+		return;
+	e = bs_reserve(&lifecycle, __builtin_offsetof(struct sec_proc_event, binary));
+	if (!e) {
+		__sync_fetch_and_or(&p->flags, PROC_CLONE_PENDING); /* counted lost; the next need tries again */
+		return;
+	}
+	__builtin_memset(e, 0, __builtin_offsetof(struct sec_proc_event, binary));
+	e->kind = PROC_CLONE;
+	e->ktime = p->exec_ktime;
+	e->pid = tgid;
+	e->tid = tgid;
+	e->ppid = p->ppid;
+	e->exec_ktime = p->exec_ktime;
+	e->parent_exec_ktime = p->parent_exec_ktime;
+	bpf_ringbuf_submit(e, lifecycle_paced ? bs_paced_flags(&lifecycle) : 0);
+}
+
+static __noinline void announce(__u32 tgid)
+{
+	__u32 chain[ANNOUNCE_DEPTH];
+	struct sec_proc *p;
+	int n = 0;
+
+	for (int i = 0; i < ANNOUNCE_DEPTH; i++) {
+		p = bpf_map_lookup_elem(&procs, &tgid);
+		if (!p || !(p->flags & PROC_CLONE_PENDING))
+			break;
+		chain[i] = tgid;
+		n = i + 1;
+		tgid = p->ppid;
+	}
+	for (int i = ANNOUNCE_DEPTH - 1; i >= 0; i--) {
+		if (i < n)
+			announce_one(chain[i]);
+	}
+}
+
+/* Whether the task has live children: an unsent clone among them names the process as it was at the
+ * fork, when it is sent after the process's exit or exec. At sched_process_exit the children are not
+ * reparented yet (exit_notify comes after it). */
+static __always_inline bool has_children(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, children.next) !=
+	       (void *)((__u64)task + bpf_core_field_offset(struct task_struct, children));
+}
+
+/* Whether a process's clone record is still to be sent (p: its cache entry, or NULL). */
+static __always_inline bool clone_pending(struct sec_proc *p)
+{
+	return p && (p->flags & PROC_CLONE_PENDING);
+}
 
 static __always_inline struct task_struct *current_task(void)
 {
@@ -1156,13 +1232,15 @@ static __always_inline int run_hook(void *ctx, __u32 hook_id)
 			sent = bpf_send_signal(s->signal);
 		if (!s->post)
 			continue;
+		self = bpf_map_lookup_elem(&procs, &tgid);
+		if (clone_pending(self))
+			announce(tgid); /* before the hit's time is taken: see announce() */
 		e->ktime = bpf_ktime_get_boot_ns();
 		if (s->rate_limit_ms && rate_limited_now(e, i, s->rate_limit_ms))
 			continue;
 		if (!h->needs_creds)
 			read_creds(task, &e->creds);
 		e->cgroup_id = bpf_get_current_cgroup_id();
-		self = bpf_map_lookup_elem(&procs, &tgid);
 		e->exec_ktime = self ? self->exec_ktime : 0;
 		e->rule = s->rule;
 		e->action = s->action;
@@ -1280,6 +1358,18 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 		return 0;
 	pp = bpf_map_lookup_elem(&procs, &ppid);
 	cp = bs_insert(&procs, &tgid, &empty_proc, &procs_dropped);
+	if (cp) {
+		cp->exec_ktime = BPF_CORE_READ(child, start_boottime);
+		cp->parent_exec_ktime = pp ? pp->exec_ktime : 0;
+		cp->ppid = ppid;
+		if (pp)
+			bpf_probe_read_kernel_str(cp->binary, STR_LEN, pp->binary);
+		else
+			cp->binary[0] = '\0';
+		cp->flags = PROC_CLONE_PENDING; /* last: announce() reads the fields above once it is set */
+		return 0;
+	}
+	/* No room in the kernel's cache: nothing to send it from later, so now. */
 	e = proc_event_start(PROC_CLONE, child);
 	if (!e)
 		return 0;
@@ -1288,15 +1378,6 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 	e->ppid = ppid;
 	e->exec_ktime = BPF_CORE_READ(child, start_boottime);
 	e->parent_exec_ktime = pp ? pp->exec_ktime : 0;
-	if (cp) {
-		cp->exec_ktime = e->exec_ktime;
-		cp->ppid = ppid;
-		cp->flags = 0;
-		if (pp)
-			bpf_probe_read_kernel_str(cp->binary, STR_LEN, pp->binary);
-		else
-			cp->binary[0] = '\0';
-	}
 	lifecycle_output(e, __builtin_offsetof(struct sec_proc_event, binary));
 	return 0;
 }
@@ -1327,11 +1408,21 @@ int process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	struct sec_key_scratch *ks = bpf_map_lookup_elem(&key_scratch, &zero);
 	struct sec_proc_event *e;
 	struct sec_proc *p;
+	bool children;
 	__u32 size;
 	int len;
 
 	if (!ks || bs_task_is_self())
 		return 0;
+	p = bpf_map_lookup_elem(&procs, &tgid);
+	children = has_children(task);
+	if (clone_pending(p)) {
+		if (children)
+			announce(tgid); /* its children's clones name it as it was forked */
+		p->flags = 0;	/* otherwise this exec's record replaces its clone's */
+	}
+	/* Before proc_event_start: announce() sends from its own reservations, not the scratch record. */
+	announce(BPF_CORE_READ(task, real_parent, tgid));
 	e = proc_event_start(PROC_EXEC, task);
 	if (!e)
 		return 0;
@@ -1349,16 +1440,18 @@ int process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	copy_path(e->cwd, ks, len);
 	read_args(e, task);
 
-	p = bpf_map_lookup_elem(&procs, &tgid);
 	if (!p)
 		p = bs_insert(&procs, &tgid, &empty_proc, &procs_dropped);
 	if (p) {
 		p->exec_ktime = e->exec_ktime;
+		p->parent_exec_ktime = e->parent_exec_ktime;
 		p->ppid = e->ppid;
 		bpf_probe_read_kernel_str(p->binary, STR_LEN, e->binary);
 	}
 	if (bs_task_selected())
 		e->flags |= PROC_SELECTED;
+	if (children)
+		e->flags |= PROC_CHILDREN_LEFT;
 	size = e->args_size;
 	if (size > ARGS_LEN)
 		size = ARGS_LEN;
@@ -1388,8 +1481,12 @@ int process_exit(struct trace_event_raw_sched_process_exit *ctx)
 			bpf_map_delete_elem(&procs, &tgid);
 		return 0;
 	}
+	if (clone_pending(p))
+		announce(tgid);
 	e = proc_event_start(PROC_EXIT, task);
 	if (e) {
+		if (has_children(task))
+			e->flags |= PROC_CHILDREN_LEFT;
 		e->exec_ktime = p ? p->exec_ktime : BPF_CORE_READ(task, group_leader, start_boottime);
 		e->parent_exec_ktime = parent_exec_ktime(e->ppid);
 		e->exit_code = BPF_CORE_READ(task, exit_code);
@@ -1466,6 +1563,8 @@ static __always_inline int check_blocks(struct bpf_sock_addr *ctx, bool sendmsg,
 			struct sec_proc *p = bpf_map_lookup_elem(&procs, &tgid);
 			__u64 uid_gid = bpf_get_current_uid_gid();
 
+			if (clone_pending(p))
+				announce(tgid);
 			e->ktime = bpf_ktime_get_boot_ns();
 			e->pid = tgid;
 			e->tid = (__u32)pid_tgid;

@@ -252,6 +252,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
         )
         flags = dict(self.btf().enum("sec_proc_flag"))
         self.selected_flag, self.truncated_flag = flags["PROC_SELECTED"], flags["PROC_ARGS_TRUNCATED"]
+        self.children_left_flag = flags["PROC_CHILDREN_LEFT"]
         self.layout = LifecycleLayout.of(self.ring("lifecycle").event)
         actions = {v: k for k, v in self.btf().enum("sec_action")}
         self.action_names = {v: compiler_action_word(k) for v, k in actions.items()}
@@ -315,7 +316,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
         # Locals, not attributes, in the loop below: it runs three times an exec in a storm.
         cache, append, seen = self.cache, out.append, self.seen
         clone_kind, exec_kind, exit_kind = self.clone_kind, self.exec_kind, self.exit_kind
-        selected_flag, wall = self.selected_flag, self._wall
+        selected_flag, children_left, wall = self.selected_flag, self.children_left_flag, self._wall
         emit = self.config.exec_events
         layout = self.layout
         common = layout.common
@@ -331,12 +332,14 @@ class SecureCollector(BpfCollector[SecureConfig]):
                 continue
             selected = flags & selected_flag
             if kind == exec_kind:
+                if flags & children_left:
+                    cache.keep_as_parent(pid)
                 process = cache.add(self._exec_process(record, row, flags, parent_ktime))
                 if emit and selected:
                     seen["exec"] += 1
                     append(SecurityEvent("process_exec", wall(ktime), process))
             elif kind == exit_kind:
-                process = cache.exit(pid)
+                process = cache.exit(pid, bool(flags & children_left))
                 if process is None:
                     continue
                 if emit and selected:
@@ -390,7 +393,9 @@ class SecureCollector(BpfCollector[SecureConfig]):
             fields["signal"] = signal_name(int(r["signal"]))
             fields["signal_result"] = int(r["action_result"])
         creds = r["creds"]
-        if (int(creds["uid"]), int(creds["euid"])) != (process.uid, process.euid) and action != "Block":
+        now = (int(creds["uid"]), int(creds["euid"]))
+        # A clone whose parent the cache did not know has no credentials of its own: the hit's are all.
+        if action != "Block" and (not process.creds or now != (process.uid, process.euid)):
             fields["process_credentials"] = {
                 "uid": int(creds["uid"]),
                 "euid": int(creds["euid"]),
