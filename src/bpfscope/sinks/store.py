@@ -252,9 +252,9 @@ class StoreWriter:
         ):
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, maintain_now: bool = False) -> None:
         """Every buffered record to disk (one new file per table and hour), then the retention and the
-        merging of hours over, when their minute has come."""
+        merging of hours over, when their minute has come (or now)."""
         import duckdb
 
         pending, self.pending = self.pending, {}
@@ -273,7 +273,7 @@ class StoreWriter:
                     self.dropped_rows += len(piece)
                     self.failed_writes += 1
                     self.last_error = f"{table}: {str(exc).splitlines()[0]}"
-        self.maintain()
+        self.maintain(force=maintain_now)
 
     def maintain(self, force: bool = False) -> None:
         """Retention, then the merging of the hours that are over: every MAINTAIN_S (or now)."""
@@ -520,8 +520,7 @@ class StoreWriter:
 
     def close(self) -> None:
         try:
-            self.flush()
-            self.maintain(force=True)  # a run shorter than MAINTAIN_S keeps its retention too
+            self.flush(maintain_now=True)  # a run shorter than MAINTAIN_S keeps its retention too
         finally:
             self._close_connection()
 

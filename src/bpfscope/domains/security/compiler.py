@@ -265,7 +265,7 @@ def _gate(kernel_hook: KernelHook) -> tuple[int, list[int], int]:
     call; its rules on sys_enter_openat (files opened for writing) read every open's path, 0.5 us."""
     from bpfscope.domains.security.policy import MAX_VALUES
 
-    wanted: dict[int, tuple[set[int], int]] | None = None
+    per_selector: list[dict[int, tuple[Any, Any]]] = []
     for selector, _, arg_map in kernel_hook.selectors:
         equal: dict[int, set[int]] = {}
         masks: dict[int, int] = {}
@@ -279,15 +279,10 @@ def _gate(kernel_hook: KernelHook) -> tuple[int, list[int], int]:
             elif m.operator == "Mask":
                 masks.setdefault(index, int(m.values[0]))  # one of the selector's masks: it needs each
         # What the selector admits of each argument it constrains: its values, else a bit of its mask.
-        admits = {i: (equal[i], 0) if i in equal else (set(), masks[i]) for i in equal.keys() | masks.keys()}
-        # Selectors are alternatives: an argument gates the hook if each selector constrains it.
-        both = admits.keys() if wanted is None else wanted.keys() & admits.keys()
-        previous, wanted = wanted or {}, {}
-        for i in both:
-            values, mask = admits[i]
-            more_values, more_mask = previous.get(i, (set(), 0))
-            wanted[i] = (values | more_values, mask | more_mask)
-    for index, (values, mask) in sorted((wanted or {}).items()):
+        per_selector.append(
+            {i: (equal[i], 0) if i in equal else (set(), masks[i]) for i in equal.keys() | masks.keys()}
+        )
+    for index, (values, mask) in sorted(_every_selector(per_selector).items()):
         if len(values) <= MAX_VALUES:
             return index + 1, sorted(values), mask
     return 0, [], 0
@@ -299,7 +294,7 @@ def _leaf_gate(kernel_hook: KernelHook) -> tuple[int, set[str], set[str]]:
     gate): the kernel reads the name of the file first, and its whole path (a walk up its directories,
     about 1 us an open) only when the name could match. "/.ssh/id_rsa" as an ending wants the name
     "id_rsa"; "_host_rsa_key" a name ending in it."""
-    gated: dict[int, tuple[set[str], set[str]]] | None = None
+    per_selector: list[dict[int, tuple[Any, Any]]] = []
     for selector, _, arg_map in kernel_hook.selectors:
         leaves: dict[int, tuple[set[str], set[str]]] = {}
         for m in selector.args:
@@ -319,15 +314,24 @@ def _leaf_gate(kernel_hook: KernelHook) -> tuple[int, set[str], set[str]]:
                     ending.add(leaf)
             else:
                 leaves.setdefault(index, (exact, ending))  # the selector's first match on it is enough
-        # Selectors are alternatives: an argument gates the hook if each selector constrains it.
-        both = leaves.keys() if gated is None else gated.keys() & leaves.keys()
-        previous, gated = gated or {}, {}
-        for i in both:
-            more_exact, more_ending = previous.get(i, (set(), set()))
-            gated[i] = (leaves[i][0] | more_exact, leaves[i][1] | more_ending)
-    for index, (exact, ending) in sorted((gated or {}).items()):
+        per_selector.append(leaves)
+    for index, (exact, ending) in sorted(_every_selector(per_selector).items()):
         return index + 1, exact, ending
     return 0, set(), set()
+
+
+def _every_selector(per_selector: list[dict[int, tuple[Any, Any]]]) -> dict[int, tuple[Any, Any]]:
+    """The arguments every selector constrains, each with the union of what the selectors admit of it
+    (a pair of sets, or a set and a mask): selectors are alternatives, so an argument gates the hook
+    only if each of them constrains it, and an event passes if any of them would admit it."""
+    if not per_selector:
+        return {}
+    first, *others = per_selector
+    gated = dict(first)
+    for admits in others:
+        both = gated.keys() & admits.keys()
+        gated = {i: (gated[i][0] | admits[i][0], gated[i][1] | admits[i][1]) for i in both}
+    return gated
 
 
 def _binaries(compiled: Compiled, match: Any, v: dict[str, int]) -> tuple[int, int]:
