@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bpfscope.domains.security.events import Formatter, SecurityEvent
-from bpfscope.domains.security.processes import Process, ProcessCache, join_arguments
+from bpfscope.domains.security.processes import Process, ProcessCache, arguments_of, join_arguments
 from bpfscope.domains.security.secure import SecurityBatch
 from bpfscope.sinks.jsonl import dumps
 
@@ -119,3 +122,18 @@ def test_a_clone_sent_after_its_parent_left_finds_the_parent() -> None:
         cache.add(process(pid, None, "/bin/sh"))
         cache.exit(pid, children_left=True)
     assert len(cache.parents_gone) == 4096 and 400 not in cache.parents_gone
+
+
+ARGUMENT = st.text(alphabet=st.sampled_from("ab é"), max_size=4)
+
+
+@given(st.lists(ARGUMENT, min_size=1, max_size=5), st.integers(0, 20))
+def test_arguments_from_the_kernels_record_are_tetragons(argv: list[str], cut: int) -> None:
+    """The fast path (NULs made spaces) gives what joining the split arguments gives, arguments empty,
+    with spaces, or cut short included (as the kernel cuts a long command line)."""
+    text = "".join(a + "\0" for a in argv)
+    for kept in (text, text[: max(1, len(text) - cut)]):
+        split = kept.split("\0")
+        if split[-1] == "":
+            split.pop()
+        assert arguments_of(kept) == join_arguments(split)

@@ -27,7 +27,7 @@ from bpfscope.cli.options import Run, common_options
 from bpfscope.domains.security import compiler
 from bpfscope.domains.security.events import Formatter, SecurityEvent, signal_name, sockaddr_json
 from bpfscope.domains.security.policy import Policy, check_names, load_policy, parse_policies
-from bpfscope.domains.security.processes import DEFAULT_LIMIT, Process, ProcessCache, intern, join_arguments
+from bpfscope.domains.security.processes import DEFAULT_LIMIT, Process, ProcessCache, arguments_of, intern
 from bpfscope.engine import memory
 from bpfscope.errors import BpfscopeError
 from bpfscope.runtime.collector import PACED_DRAIN_S, BpfCollector, Config, Sample
@@ -355,11 +355,9 @@ class SecureCollector(BpfCollector[SecureConfig]):
     def _exec_process(self, record: bytes, row: tuple[Any, ...], flags: int, parent_ktime: int) -> Process:
         layout = self.layout
         pid, tid, ppid, exec_ktime, args_size, cgroup_id = layout.identity(row)
-        # Decoded whole, then split: a NUL is never inside a UTF-8 sequence, so the same strings as
-        # decoding each argument.
-        argv = record[layout.args : layout.args + args_size].decode(errors="replace").split("\0")
-        if argv and argv[-1] == "":
-            argv.pop()
+        # Decoded whole: a NUL is never inside a UTF-8 sequence, so the same strings as decoding each
+        # argument.
+        arguments = arguments_of(record[layout.args : layout.args + args_size].decode(errors="replace"))
         cwd = layout.string(record, layout.cwd)
         exec_flags = "execve" + (" rootcwd" if cwd == "/" else "")
         if flags & self.truncated_flag:
@@ -368,7 +366,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
             pid,
             exec_ktime,
             intern(layout.string(record, layout.binary)),
-            join_arguments(argv),
+            arguments,
             intern(cwd),
             layout.creds(row),  # shared with its caps as one pair by Process
             layout.caps(row),
