@@ -318,7 +318,7 @@ struct sec_rate_key {
 	__u32 selector;
 };
 
-/* An exec is about 1 KB of records (its exec record cut after its arguments, a clone's and an exit's):
+/* An exec is about 1 KB of records (its exec record cut after its arguments, an exit's, a clone's if sent):
  * at the 5,000 exec/s a storm asks, 8 MiB hold 1.7 s of a consumer that stops reading; an exec storm at
  * the 1,600-2,700 exec/s a 2-CPU machine could spawn lost nothing. 16 MiB, as before, cost 8 MiB more of
  * resident memory for seconds nothing here ever needed. The hits ring, 4 MiB: 3,200 hits of 1.3 KB, 1.6 s

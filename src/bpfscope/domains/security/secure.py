@@ -313,7 +313,7 @@ class SecureCollector(BpfCollector[SecureConfig]):
         hit_times = hits["ktime"].tolist() if len(hits) else []
         order = sorted(range(len(hit_times)), key=hit_times.__getitem__)
         next_hit, n_hits = 0, len(order)
-        # Locals, not attributes, in the loop below: it runs three times an exec in a storm.
+        # Locals, not attributes, in the loop below: it runs twice an exec in a storm (exec, exit).
         cache, append, seen = self.cache, out.append, self.seen
         clone_kind, exec_kind, exit_kind = self.clone_kind, self.exec_kind, self.exit_kind
         selected_flag, children_left, wall = self.selected_flag, self.children_left_flag, self._wall
