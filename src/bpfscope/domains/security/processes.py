@@ -1,9 +1,11 @@
 """The process cache in user space: every process with what it ran, who started it, and its exec_id.
 
-Fed by the kernel's lifecycle records (exec, clone, exit: secure.bpf.c) and seeded from /proc at start,
-so that processes older than bpfscope have their lineage too. A process keeps a reference to its parent,
-so an ancestor that has exited stays as long as a descendant needs it, and goes with the last one; the
-cache itself holds live processes only, at most ``limit`` of them (the oldest leave first, counted).
+Fed by the kernel's lifecycle records (exec, clone, exit: secure.bpf.c; a clone's only once something
+names it) and seeded from /proc at start, so that processes older than bpfscope have their lineage
+too. A process keeps a reference to its parent, so an ancestor that has exited stays as long as a
+descendant needs it, and goes with the last one; the cache itself holds live processes only, at most
+``limit`` of them (the oldest leave first, counted), and the last that exited or executed leaving
+children, whose clones may be sent later (``parents_gone``, bounded).
 
 exec_id is Tetragon's: base64 of ``node:ktime:pid``, where ktime is the boot-clock time (ns) of the exec
 that made the process what it is (for a process only seen as a clone, of its fork; for one found in /proc,
