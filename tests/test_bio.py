@@ -529,7 +529,12 @@ def test_biotop_tells_processes_apart(fio_file: Path, tmp_path: Path) -> None:
     reads = {pid: sum(r["reads"] for r in rows if r["pid"] == pid) for pid in traced.pids}
     for i, pid in enumerate(traced.pids):
         fio_ios = traced.fio_total(i, "read", "total_ios")
-        assert abs(reads[pid] - fio_ios) <= 0.01 * fio_ios, (pid, reads[pid], fio_ios)
+        # Beyond fio's own reads, its pid reads what its major faults bring back in once the host has
+        # reclaimed its pages (56 reads more than fio's 3,000 once in a full run): each fault a read or a
+        # few (read-ahead over the file's extents), as fio counts them (its jobs' majf).
+        faulted = sum(job["majf"] for job in traced.fio[i]["jobs"])
+        excess = reads[pid] - fio_ios
+        assert -0.01 * fio_ios <= excess <= 0.01 * fio_ios + 4 * faulted, (pid, reads[pid], fio_ios, faulted)
         mine = [r for r in rows if r["pid"] == pid]
         assert {r["comm"] for r in mine} == {"fio"} and {r["disk"] for r in mine} == {DISK}
         assert all(r["writes"] == 0 and r["read_kb"] >= r["reads"] * 4 for r in mine)

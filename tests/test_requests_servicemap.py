@@ -73,8 +73,9 @@ def test_service_map_of_the_mesh(mesh: tuple, tmp_path: Path) -> None:
     ok = [r for r in requests if r["status"] == 200]
     transactions = sum(len(p.read_text().splitlines()) for p in logs.glob("pgb*"))
     subprocess.run(["rm", "-rf", str(logs)], check=False)
-    # (a request still waiting for a worker when the time is up is logged unsent, status 0)
-    assert len(ok) >= RATE * SECONDS * 0.9 and transactions >= DB_RATE * SECONDS * 0.9
+    # (a request still waiting for a worker when the time is up is logged unsent, status 0). pgbench -R
+    # starts transactions as a Poisson process: 400 expected, give or take 20 (356 once, in a full run).
+    assert len(ok) >= RATE * SECONDS * 0.9 and transactions >= DB_RATE * SECONDS * 0.75
 
     smap = servicemap.build(Store(store), start - 1, end + 1)
     names = {n.id: n.name for n in smap.nodes}
