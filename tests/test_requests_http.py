@@ -12,7 +12,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from test_requests_servers import Nginx, Traced, nginx_server, python_client, quantile  # noqa: F401
+from test_requests_servers import (  # noqa: F401
+    Nginx,
+    Traced,
+    free_port,
+    nginx_server,
+    python_client,
+    quantile,
+)
 
 # Each client process: one keep-alive connection, requests one after another, timed by the client
 # around its own send and receive (perf_counter_ns), written as JSON lines.
@@ -239,6 +246,148 @@ def test_the_kernel_skips_a_long_bodys_calls_itself(nginx: Nginx) -> None:
     # 7 MB of calls of 32-64 kB on each side: 304-315 records in three runs without the kernel's skip;
     # with it, 46 (each response's first and last calls on each side, and the requests).
     assert sent <= 80, sent
+
+
+# A server thread that receives a request through io_uring, reads a file, answers; then receives the
+# client's second request with recv and answers again.
+URING_PROGRAM = r"""
+/* A server thread that receives a request through io_uring, then reads a file, then answers; the client
+ * then asks again with plain calls. */
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <linux/io_uring.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static const char *file_path;
+
+static int must(int ret, const char *what)
+{
+    if (ret < 0) {
+        perror(what);
+        exit(1);
+    }
+    return ret;
+}
+
+/* One IORING_OP_RECV, submitted and waited for in one io_uring_enter. */
+static int uring_recv(int fd, char *buf, unsigned len)
+{
+    struct io_uring_params p = {0};
+    int ring = must(syscall(__NR_io_uring_setup, 4, &p), "io_uring_setup");
+    size_t sq_size = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    char *sq = mmap(0, sq_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQ_RING);
+    char *cq = mmap(0, cq_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_CQ_RING);
+    struct io_uring_sqe *sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQES);
+    struct io_uring_cqe *cqe;
+    unsigned tail;
+
+    if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED)
+        must(-1, "mmap");
+    memset(&sqes[0], 0, sizeof(sqes[0]));
+    sqes[0].opcode = IORING_OP_RECV;
+    sqes[0].fd = fd;
+    sqes[0].addr = (unsigned long)buf;
+    sqes[0].len = len;
+    tail = *(unsigned *)(sq + p.sq_off.tail);
+    ((unsigned *)(sq + p.sq_off.array))[tail & *(unsigned *)(sq + p.sq_off.ring_mask)] = 0;
+    __atomic_store_n((unsigned *)(sq + p.sq_off.tail), tail + 1, __ATOMIC_RELEASE);
+    must(syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0), "io_uring_enter");
+    cqe = &((struct io_uring_cqe *)(cq + p.cq_off.cqes))[*(unsigned *)(cq + p.cq_off.head) &
+                                  *(unsigned *)(cq + p.cq_off.ring_mask)];
+    return must(cqe->res, "recv through io_uring");
+}
+
+static void answer(int fd)
+{
+    const char *ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    must(write(fd, ok, strlen(ok)), "write");
+}
+
+static void *server(void *arg)
+{
+    int listener = *(int *)arg, fd = must(accept(listener, 0, 0), "accept"), file;
+    char buf[4096];
+
+    uring_recv(fd, buf, sizeof(buf));
+    file = must(open(file_path, O_RDONLY), "open");
+    must(read(file, buf, sizeof(buf)), "read the file");
+    close(file);
+    answer(fd);
+    must(recv(fd, buf, sizeof(buf), 0), "recv");
+    answer(fd);
+    close(fd);
+    return NULL;
+}
+
+static void ask(int fd, const char *path)
+{
+    char request[256], buf[4096];
+    int n = snprintf(request, sizeof(request), "GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n", path);
+
+    must(write(fd, request, n), "write");
+    must(recv(fd, buf, sizeof(buf), 0), "recv");
+}
+
+int main(int argc, char **argv)
+{
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(addr);
+    int listener = must(socket(AF_INET, SOCK_STREAM, 0), "socket"), fd;
+    pthread_t thread;
+
+    file_path = argv[1];
+    addr.sin_port = htons(atoi(argv[2]));
+    must(bind(listener, (struct sockaddr *)&addr, len), "bind");
+    must(listen(listener, 1), "listen");
+    pthread_create(&thread, NULL, server, &listener);
+    fd = must(socket(AF_INET, SOCK_STREAM, 0), "socket");
+    must(connect(fd, (struct sockaddr *)&addr, len), "connect");
+    ask(fd, "/through-io-uring");
+    ask(fd, "/by-recv");
+    pthread_join(thread, NULL);
+    printf("done\n");
+    return 0;
+}
+"""
+
+
+def test_a_receive_made_for_io_uring_is_not_taken_for_the_next_read(tmp_path: Path) -> None:
+    """A receive has no entry program: its state begins at its socket hook and is the syscall's whose
+    number it was made in. io_uring's receive runs inside io_uring_enter, whose exit is not traced; the
+    server's read of a file (an HTTP request's text) right after it must not be taken for the socket's
+    bytes (each byte would be a request nobody sent). The recv after it is captured."""
+    from bpfscope.domains.requests.requests import RequestsCollector, RequestsConfig
+
+    source, program = tmp_path / "uring.c", tmp_path / "uring"
+    source.write_text(URING_PROGRAM)
+    subprocess.run(["gcc", "-O1", "-o", str(program), str(source), "-lpthread"], check=True)
+    text = tmp_path / "request.txt"
+    text.write_bytes(b"GET /from-a-file HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    port = free_port()
+    with RequestsCollector(RequestsConfig(ports=(port,), tls=False, include_self=True)) as collector:
+        collector.open()
+        collector.start()
+        run = subprocess.run([str(program), str(text), str(port)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        records = []
+        while (batch := collector.drain()) is not None:
+            records += list(batch.records())
+    http = [r for r in records if r["record"] == "http_events"]
+    served = [(r["req_path"], r["resp_status"]) for r in http if r["trace_role"] == "server"]
+    asked = [(r["req_path"], r["resp_status"]) for r in http if r["trace_role"] == "client"]
+    assert asked == [("/through-io-uring", 200), ("/by-recv", 200)], http
+    assert served == [("/by-recv", 200)], http
 
 
 GRPC_SERVER = r"""

@@ -2,16 +2,19 @@
  * per call, for user space to parse into requests and responses.
  *
  * How a call is captured (no kprobes here: syscall tracepoints, socket tracepoints and uprobes):
- *   1. sys_enter of read, write, readv, writev, recvfrom, sendto, recvmsg, sendmsg, recvmmsg, sendmmsg
- *      and sendfile64 keeps the call's arguments in the thread's task storage (calls), for selected
- *      tasks only (-p, --cgroup, bpfscope itself left out);
+ *   1. sys_enter of write, writev, sendto, sendmsg, sendmmsg and sendfile64 keeps the call's arguments
+ *      and entry time in the thread's task storage (calls), for selected tasks only (-p, --cgroup,
+ *      bpfscope itself left out). Receiving calls (read, readv, recvfrom, recvmsg, recvmmsg) have no
+ *      entry program: their entry time is no part of any request (a server's read waits for the
+ *      client), and most reads of a traced process are of files and pipes, never captured;
  *   2. inside the call the kernel runs tp_btf/sock_send_length or sock_recv_length with the socket: there
  *      it is named (its cookie: unique while the machine runs), its addresses read, the port filters
- *      applied; a call that never reaches a socket (a file) is not captured;
+ *      applied; a receive's state is begun here, marked with the syscall's number; a call that never
+ *      reaches a socket (a file) is not captured;
  *   3. sys_exit, where the bytes are in the caller's buffer whichever the direction, copies the first
- *      capture_bytes of them (all iovecs and messages of the call, in order) and sends one record with
- *      the call's exact size, its entry and exit times. sendfile sends the size alone (the bytes come
- *      from a file, never through user memory).
+ *      capture_bytes of them (all iovecs and messages of the call, in order; a receive's arguments read
+ *      from the registers the syscall was made with) and sends one record with the call's exact size,
+ *      its times. sendfile sends the size alone (the bytes come from a file, never through user memory).
  * TLS: uprobes on libssl's SSL_read/SSL_write(_ex) keep the SSL object per thread; the socket hooks of
  * the syscall OpenSSL makes on that thread link the object to its socket (ssl_links) and mark the socket
  * as TLS (conns), after which its ciphertext is no longer sent; the uretprobe sends the plaintext.
@@ -67,7 +70,7 @@ BS_ENUM(bs_req_role);
 
 struct req_event {
 	__u64 pos;	 /* offset of the call's first byte in its direction's bytes (TCP; 0 for UDP) */
-	__u64 start_ns;	 /* the call's entry, bpf_ktime_get_ns() */
+	__u64 start_ns;	 /* a send's entry, bpf_ktime_get_ns(); a receive's socket handing its bytes over */
 	__u64 end_ns;	 /* its return */
 	__u64 cookie;	 /* the socket's */
 	__u64 cgroup;
@@ -124,7 +127,7 @@ struct {
 	__type(value, struct req_scratch);
 } scratch SEC(".maps");
 
-/* A call between its entry and its exit, per thread. */
+/* A call between its entry (a receive: its socket hook) and its exit, per thread. */
 struct req_call {
 	__u64 start_ns;
 	__u64 buf;	 /* buffer, iovec array, msghdr or mmsghdr array */
@@ -133,13 +136,15 @@ struct req_call {
 	__u64 cookie;	 /* set by the socket hooks: a selected socket */
 	struct bs_conn conn;
 	__s32 fd;
+	__s32 nr;	 /* the syscall's number: only its own exit reads the state (a receive made inside
+			  * another syscall, io_uring_enter's, leaves a state no traced exit takes) */
 	__u16 protocol;
 	__u8 args;	 /* enum bs_req_args */
 	__u8 dir;	 /* enum bs_req_dir */
 	__u8 skip;	 /* MSG_PEEK, or TLS ciphertext: nothing sent */
 	__u8 check_peer; /* an unconnected UDP socket: the port filter waits for the message's peer */
 	__u8 active;	 /* between an entry and its exit (the storage stays with the thread) */
-	__u8 pad[5];
+	__u8 pad[1];
 };
 
 /* Task-local storage, not a hash keyed by thread id: every read and write of every traced process
@@ -264,8 +269,8 @@ __u64 tls_unlinked = 0;
 
 /* --- syscall entries ---------------------------------------------------------------------------- */
 
-static __always_inline int call_enter(int fd, enum bs_req_args args, enum bs_req_dir dir, __u64 buf,
-				      __u64 count, __u64 addr)
+static __always_inline int call_enter(long nr, int fd, enum bs_req_args args, __u64 buf, __u64 count,
+				      __u64 addr)
 {
 	struct req_call *call;
 
@@ -279,8 +284,9 @@ static __always_inline int call_enter(int fd, enum bs_req_args args, enum bs_req
 	*call = (struct req_call){
 		.start_ns = bpf_ktime_get_ns(),
 		.fd = fd,
+		.nr = nr,
 		.args = args,
-		.dir = dir,
+		.dir = BS_REQ_DIR_EGRESS,
 		.buf = buf,
 		.count = count,
 		.addr = addr,
@@ -289,24 +295,71 @@ static __always_inline int call_enter(int fd, enum bs_req_args args, enum bs_req
 	return 0;
 }
 
-#define REQ_ENTER(name, how, dir, buf, count, addr)                                                   \
+#define REQ_ENTER(name, how, buf, count, addr)                                                        \
 	SEC("tracepoint/syscalls/sys_enter_" #name)                                                  \
 	int enter_##name(struct trace_event_raw_sys_enter *ctx)                                      \
 	{                                                                                            \
-		return call_enter(ctx->args[0], how, dir, buf, count, addr);                         \
+		return call_enter(ctx->id, ctx->args[0], how, buf, count, addr);                     \
 	}
 
-REQ_ENTER(read, BS_REQ_ARGS_BUF, BS_REQ_DIR_INGRESS, ctx->args[1], 0, 0)
-REQ_ENTER(write, BS_REQ_ARGS_BUF, BS_REQ_DIR_EGRESS, ctx->args[1], 0, 0)
-REQ_ENTER(readv, BS_REQ_ARGS_IOV, BS_REQ_DIR_INGRESS, ctx->args[1], ctx->args[2], 0)
-REQ_ENTER(writev, BS_REQ_ARGS_IOV, BS_REQ_DIR_EGRESS, ctx->args[1], ctx->args[2], 0)
-REQ_ENTER(recvfrom, BS_REQ_ARGS_BUF, BS_REQ_DIR_INGRESS, ctx->args[1], 0, ctx->args[4])
-REQ_ENTER(sendto, BS_REQ_ARGS_BUF, BS_REQ_DIR_EGRESS, ctx->args[1], 0, ctx->args[4])
-REQ_ENTER(recvmsg, BS_REQ_ARGS_MSG, BS_REQ_DIR_INGRESS, ctx->args[1], 1, 0)
-REQ_ENTER(sendmsg, BS_REQ_ARGS_MSG, BS_REQ_DIR_EGRESS, ctx->args[1], 1, 0)
-REQ_ENTER(recvmmsg, BS_REQ_ARGS_MMSG, BS_REQ_DIR_INGRESS, ctx->args[1], ctx->args[2], 0)
-REQ_ENTER(sendmmsg, BS_REQ_ARGS_MMSG, BS_REQ_DIR_EGRESS, ctx->args[1], ctx->args[2], 0)
-REQ_ENTER(sendfile64, BS_REQ_ARGS_FILE, BS_REQ_DIR_EGRESS, 0, 0, 0)
+REQ_ENTER(write, BS_REQ_ARGS_BUF, ctx->args[1], 0, 0)
+REQ_ENTER(writev, BS_REQ_ARGS_IOV, ctx->args[1], ctx->args[2], 0)
+REQ_ENTER(sendto, BS_REQ_ARGS_BUF, ctx->args[1], 0, ctx->args[4])
+REQ_ENTER(sendmsg, BS_REQ_ARGS_MSG, ctx->args[1], 1, 0)
+REQ_ENTER(sendmmsg, BS_REQ_ARGS_MMSG, ctx->args[1], ctx->args[2], 0)
+REQ_ENTER(sendfile64, BS_REQ_ARGS_FILE, 0, 0, 0)
+
+/* The registers a syscall was made with (its arguments, its number), kept by the kernel until it
+ * returns: a receive's are read from here, at its socket hook and its exit. */
+#if defined(__TARGET_ARCH_x86)
+#define REQ_SYSCALL_NR(regs) ((regs)->orig_ax)
+#elif defined(__TARGET_ARCH_arm64)
+#define REQ_SYSCALL_NR(regs) ((regs)->syscallno)
+#else
+#error "requests.bpf.c: say which register of struct pt_regs holds the syscall's number here"
+#endif
+/* Kernel #defines, absent from BTF: threads that make no syscall of their own (a kernel thread, an
+ * io_uring worker) never reach a traced exit. */
+#define REQ_PF_IO_WORKER 0x00000010
+#define REQ_PF_KTHREAD 0x00200000
+
+static __always_inline struct pt_regs *syscall_regs(struct task_struct *task)
+{
+	return (struct pt_regs *)bpf_task_pt_regs(task);
+}
+
+/* A receive's state, begun at its first socket hook; NULL for a call not followed. */
+static __always_inline struct req_call *receive_begin(struct task_struct *task)
+{
+	struct pt_regs *regs;
+	struct req_call *call;
+	long nr;
+
+	if (task->flags & (REQ_PF_KTHREAD | REQ_PF_IO_WORKER))
+		return NULL;
+	regs = syscall_regs(task);
+	nr = REQ_SYSCALL_NR(regs);
+	call = bpf_task_storage_get(&calls, task, 0, 0);
+	if (call && call->active && call->nr == nr)
+		return call; /* a later message of the same call (recvmmsg) */
+	if (!bs_task_selected() || !bs_current_in_set())
+		return NULL;
+	if (!call) {
+		call = bpf_task_storage_get(&calls, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (!call) {
+			__sync_fetch_and_add(&calls_unseen, 1);
+			return NULL;
+		}
+	}
+	*call = (struct req_call){
+		.start_ns = bpf_ktime_get_ns(),
+		.fd = PT_REGS_PARM1_SYSCALL(regs),
+		.nr = nr,
+		.dir = BS_REQ_DIR_INGRESS,
+		.active = 1,
+	};
+	return call;
+}
 
 /* --- the socket, inside the call ------------------------------------------------------------------ */
 
@@ -325,7 +378,8 @@ static __always_inline bool port_selected(const struct bs_conn *conn)
 static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool recv)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	struct req_call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct req_call *call = recv ? receive_begin(task) : bpf_task_storage_get(&calls, task, 0, 0);
 	struct req_conn *known, fresh = {};
 	struct ssl_call *ssl;
 	struct ssl_link link = {};
@@ -353,7 +407,7 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 	call->cookie = cookie;
 	call->protocol = protocol;
 	known = bpf_map_lookup_elem(&conns, &cookie);
-	ssl = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, 0);
+	ssl = bpf_task_storage_get(&ssl_calls, task, 0, 0);
 	if (ssl && ssl->active) {
 		/* OpenSSL's own syscall: this is the SSL object's socket. */
 		key.ssl = ssl->ssl;
@@ -738,15 +792,12 @@ static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *
 	event_send(ev);
 }
 
-static __always_inline int call_exit(long ret)
+static __always_inline int call_exit(struct req_call *call, long ret)
 {
-	struct req_call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
 	struct req_event *ev;
 	struct mmsghdr *msgs;
 	__u32 sent, limit;
 
-	if (!call || !call->active)
-		return 0;
 	if (ret <= 0 || !call->cookie || call->skip)
 		goto done;
 	ev = event_begin();
@@ -802,19 +853,63 @@ done:
 	return 0;
 }
 
+/* The state of the call that returns, when it is this syscall's. */
+static __always_inline struct req_call *call_of(long nr)
+{
+	struct req_call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+
+	if (!call || !call->active)
+		return NULL;
+	if (call->nr != nr) {
+		call->active = 0;
+		return NULL;
+	}
+	return call;
+}
+
+/* The context's fields read once, up front: the verifier rejects a load through a context pointer
+ * clang has moved, which it does when a field is read late. */
 #define REQ_EXIT(name)                                                                                \
 	SEC("tracepoint/syscalls/sys_exit_" #name)                                                   \
-	int exit_##name(struct trace_event_raw_sys_exit *ctx) { return call_exit(ctx->ret); }
+	int exit_##name(struct trace_event_raw_sys_exit *ctx)                                        \
+	{                                                                                            \
+		long nr = ctx->id, ret = ctx->ret;                                                   \
+		struct req_call *call = call_of(nr);                                                 \
+                                                                                                     \
+		return call ? call_exit(call, ret) : 0;                                              \
+	}
 
-REQ_EXIT(read)
+/* A receive's arguments, from its registers: the buffer (or iovec array, msghdr, mmsghdr array), the
+ * count of iovecs or messages, recvfrom's peer address. */
+#define REQ_RECEIVE_EXIT(name, how, n, peer)                                                          \
+	SEC("tracepoint/syscalls/sys_exit_" #name)                                                   \
+	int exit_##name(struct trace_event_raw_sys_exit *ctx)                                        \
+	{                                                                                            \
+		long nr = ctx->id, ret = ctx->ret;                                                   \
+		struct req_call *call = call_of(nr);                                                 \
+		struct pt_regs *regs;                                                                \
+                                                                                                     \
+		if (!call)                                                                           \
+			return 0;                                                                    \
+		if (ret > 0 && call->cookie && !call->skip) {                                        \
+			regs = syscall_regs(bpf_get_current_task_btf());                             \
+			call->args = how;                                                            \
+			call->buf = PT_REGS_PARM2_SYSCALL(regs);                                     \
+			call->count = n;                                                             \
+			call->addr = peer;                                                           \
+		}                                                                                    \
+		return call_exit(call, ret);                                                         \
+	}
+
+REQ_RECEIVE_EXIT(read, BS_REQ_ARGS_BUF, 0, 0)
+REQ_RECEIVE_EXIT(readv, BS_REQ_ARGS_IOV, PT_REGS_PARM3_SYSCALL(regs), 0)
+REQ_RECEIVE_EXIT(recvfrom, BS_REQ_ARGS_BUF, 0, PT_REGS_PARM5_SYSCALL(regs))
+REQ_RECEIVE_EXIT(recvmsg, BS_REQ_ARGS_MSG, 1, 0)
+REQ_RECEIVE_EXIT(recvmmsg, BS_REQ_ARGS_MMSG, PT_REGS_PARM3_SYSCALL(regs), 0)
 REQ_EXIT(write)
-REQ_EXIT(readv)
 REQ_EXIT(writev)
-REQ_EXIT(recvfrom)
 REQ_EXIT(sendto)
-REQ_EXIT(recvmsg)
 REQ_EXIT(sendmsg)
-REQ_EXIT(recvmmsg)
 REQ_EXIT(sendmmsg)
 REQ_EXIT(sendfile64)
 
