@@ -13,6 +13,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -520,3 +521,77 @@ def test_window_rules_share_one_tcp_listing(netns: str, monkeypatch: pytest.Monk
     assert apart == shared
     assert len(shared[0]) == 3 and len(shared[1]) == 2  # the listener and both ends; no UDP socket
     assert (tcp_apart, tcp_shared) == (2, 1)
+
+
+# A listener and both ends of a connection of one family, and a bound UDP socket of the other.
+ONE_FAMILY_EACH = """
+tcp_family, tcp_host, udp_family, udp_host = {families}
+srv = socket.socket(tcp_family)
+srv.bind((tcp_host, {port}))
+srv.listen()
+cli = socket.create_connection((tcp_host, {port}))
+conn, _ = srv.accept()
+udp = socket.socket(udp_family, socket.SOCK_DGRAM)
+udp.bind((udp_host, {port}))
+facts = {{"pid": os.getpid()}}
+"""
+V4 = ("socket.AF_INET", '"127.0.0.1"')
+V6 = ("socket.AF_INET6", '"::1"')
+
+
+def test_a_family_without_sockets_is_not_walked(netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TCP dump walks the kernel's whole established hash, whatever it finds: a family the namespace's
+    sockstat counts say has no socket is not asked for. What is listed is still every socket ss lists."""
+    from bpfscope.domains.net import diag
+    from bpfscope.domains.net.sockstat import diag_sockets
+
+    asked: list[tuple[int, int]] = []
+    dump = diag._dump
+
+    def counted(sock: object, family: int, protocol: int, states: int, extensions: int) -> list[object]:
+        asked.append((family, protocol))
+        return dump(sock, family, protocol, states, extensions)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(diag, "_dump", counted)
+    inode = os.stat(f"/run/netns/{netns}").st_ino
+
+    def listed(tcp: tuple[str, str], udp: tuple[str, str]) -> tuple[list[tuple[object, ...]], list[object]]:
+        asked.clear()
+        families = f"{tcp[0]}, {tcp[1]}, {udp[0]}, {udp[1]}"
+        with Peer(netns, ONE_FAMILY_EACH.format(families=families, port=PORT)):
+            ours = next(ns for ns in diag.network_namespaces() if ns.inode == inode)
+            rows = sorted((r.proto, r.saddr, r.sport, r.dport) for r in diag_sockets(ours, ("tcp", "udp")))
+            out = subprocess.run(
+                [IP, "netns", "exec", netns, "ss", "-tuanH", "exclude", "time-wait"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        shown = []
+        for line in out.strip().splitlines():
+            proto, _, _, _, local, remote = line.split()[:6]
+            address, _, port = local.rpartition(":")
+            remote_port = remote.rpartition(":")[2].replace("*", "0")
+            shown.append((proto, address.strip("[]"), int(port), int(remote_port)))
+        assert rows == sorted(shown)
+        assert len(rows) == 4  # the listener, both ends, the UDP socket
+        return rows, sorted(asked)
+
+    tcp, udp, inet, inet6 = socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.AF_INET, socket.AF_INET6
+    _, asked_v4 = listed(V4, V6)
+    assert asked_v4 == sorted([(inet, tcp), (inet6, udp)])
+    # The first connection's ends closed (TIME-WAIT at most) before the next listing, which ss's is
+    # compared with a moment apart.
+    for _ in range(50):
+        left = subprocess.run(
+            [IP, "netns", "exec", netns, "ss", "-tanH", "exclude", "time-wait"],
+            capture_output=True,
+            text=True,
+        )
+        if not left.stdout.strip():
+            break
+        time.sleep(0.1)
+    # An IPv6 listener can hold IPv4 clients' connection requests (SYN-RECV): IPv4 is asked too.
+    rows, asked_v6 = listed(V6, V4)
+    assert asked_v6 == sorted([(inet, tcp), (inet6, tcp), (inet, udp)])
+    assert ("tcp", "::1", PORT, 0) in rows

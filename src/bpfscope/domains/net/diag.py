@@ -2,8 +2,11 @@
 tcpretrans -c (each connection's segments sent, from tcp_info).
 
 sock_diag answers for the namespace its netlink socket was opened in, so each namespace is entered for
-the moment it takes to open one (:func:`entered`). Namespaces are found as ``ip netns`` and ``ss -N``
-find them: the root one, the named ones, and those of running processes (:func:`network_namespaces`).
+the moment it takes to open one (:func:`entered`) and read its socket counts: a family with no socket
+there is not asked for (:func:`_may_hold`). Requests are sent and read with the socket module, their
+replies parsed by pyroute2's message classes (:func:`_dump`). Namespaces are found as ``ip netns`` and
+``ss -N`` find them: the root one, the named ones, and those of running processes
+(:func:`network_namespaces`).
 The kernel's numbers (netlink attributes, SK_MEMINFO_* indices, TCP states) come from its own BTF.
 """
 
@@ -20,7 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from bpfscope.domains.net.conn import tcp_state
+from bpfscope.domains.net.conn import tcp_state, tcp_states
 
 NAMED_NETNS_DIR = Path("/var/run/netns")
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
@@ -200,22 +203,107 @@ def sockets(
 def _listed(
     ns: NetNamespace, protocols: tuple[str, ...], states: int, extensions: int
 ) -> dict[str, list[Any]] | None:
-    from pyroute2 import DiagSocket
-
     try:
         with entered(ns):
-            diag = DiagSocket()
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+            in_use = _in_use()
     except OSError:
         return None
-    listed: dict[str, list[Any]] = {}
-    with diag:
-        diag.bind()
-        for proto in protocols:
-            listed[proto] = [
+    with sock:
+        return {
+            proto: [
                 msg
                 for family in (socket.AF_INET, socket.AF_INET6)
-                for msg in diag.get_sock_stats(
-                    family=family, protocol=PROTOCOLS[proto], states=states, extensions=extensions
-                )
+                if _may_hold(in_use, proto, family, states)
+                for msg in _dump(sock, family, PROTOCOLS[proto], states, extensions)
             ]
-    return listed
+            for proto in protocols
+        }
+
+
+def _in_use() -> dict[str, int]:
+    """The current thread's namespace's socket counts from /proc's sockstat and sockstat6: ``TCP`` and
+    ``TCP6`` sockets hashed (listening, connecting, connected: what a TCP dump walks to), ``UDP`` and
+    ``UDP6`` sockets bound, ``tw`` TCP's TIME-WAIT of both families. Empty when unreadable."""
+    counts: dict[str, int] = {}
+    for name in ("sockstat", "sockstat6"):
+        try:
+            text = Path(f"/proc/thread-self/net/{name}").read_text()
+        except OSError:
+            return {}
+        for line in text.splitlines():
+            proto, _, fields = line.partition(":")
+            words = fields.split()
+            for key, value in zip(words[::2], words[1::2], strict=False):
+                if key == "inuse":
+                    counts[proto] = int(value)
+                elif key == "tw" and proto == "TCP":
+                    counts["tw"] = int(value)
+    return counts
+
+
+def _may_hold(in_use: dict[str, int], proto: str, family: int, states: int) -> bool:
+    """Whether a dump of this protocol and family can list anything: a TCP dump walks the kernel's whole
+    established hash table whatever it finds (about 1.1 ms here, 262,144 buckets), so a family with no
+    socket in the namespace (most namespaces have no IPv6 ones) is not asked for. TIME-WAIT sockets are
+    counted apart, and for both families at once; a state no count covers (TCP's bound-inactive) is
+    always asked for."""
+    counted = proto.upper() + ("6" if family == socket.AF_INET6 else "")
+    if counted not in in_use:
+        return True
+    if proto == "tcp":
+        uncounted, time_wait, syn_recv = _tcp_state_bits()
+        if states & uncounted:
+            return True
+        if states & time_wait and in_use.get("tw", 1):
+            return True
+        # A connection an IPv6 listener takes from an IPv4 client is an IPv4 request until accepted.
+        if states & syn_recv and family == socket.AF_INET and in_use.get("TCP6", 1):
+            return True
+    return in_use[counted] > 0
+
+
+@cache
+def _tcp_state_bits() -> tuple[int, int, int]:
+    """idiag_states bits: of the states sockstat's counts do not cover (any but TIME-WAIT and the
+    request sockets of SYN-RECV, which are counted with their listener), of TIME-WAIT, of SYN-RECV."""
+    counted = {"ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "CLOSE", "CLOSE_WAIT"}
+    counted |= {"LAST_ACK", "LISTEN", "CLOSING", "TIME_WAIT", "NEW_SYN_RECV"}
+    every = set(tcp_states().values())
+    return state_mask(*(every - counted)), state_mask("TIME_WAIT"), state_mask("SYN_RECV", "NEW_SYN_RECV")
+
+
+NETLINK_SOCK_DIAG = 4  # <linux/netlink.h>: a #define, absent from BTF
+# A dump's replies come a datagram at a time, sized by the kernel to the reader's buffer up to 32 KiB
+# (netlink_dump): a receive of 64 KiB takes a whole one, never a cut one.
+RECV_BYTES = 1 << 16
+
+
+def _dump(sock: socket.socket, family: int, protocol: int, states: int, extensions: int) -> list[Any]:
+    """The sockets of one family and protocol in these states: a sock_diag dump on ``sock`` (a
+    NETLINK_SOCK_DIAG socket), its replies parsed by pyroute2's message classes. The request is sent and
+    its replies read here with the socket module: pyroute2's DiagSocket runs an asyncio loop through
+    each request, which took four fifths of a listing's user time (16.6 -> 3.7 ms for 7 namespaces)."""
+    from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+    from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, MarshalDiag, inet_diag_req
+
+    req = inet_diag_req()
+    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
+    req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+    req["sdiag_family"] = family
+    req["sdiag_protocol"] = protocol
+    req["idiag_states"] = states
+    req["idiag_ext"] = extensions
+    req.encode()
+    sock.send(req.data)
+    marshal = MarshalDiag()
+    out: list[Any] = []
+    while True:
+        for msg in marshal.parse(sock.recv(RECV_BYTES)):
+            kind = msg["header"]["type"]
+            if kind == NLMSG_DONE:
+                return out
+            if kind == NLMSG_ERROR:  # struct nlmsgerr: the negative errno after the header
+                code = -struct.unpack_from("i", msg.data, msg.offset + 16)[0]
+                raise OSError(code, f"sock_diag: {os.strerror(code)}")
+            out.append(msg)
