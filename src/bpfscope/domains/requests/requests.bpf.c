@@ -70,7 +70,7 @@ BS_ENUM(bs_req_role);
 
 struct req_event {
 	__u64 pos;	 /* offset of the call's first byte in its direction's bytes (TCP; 0 for UDP) */
-	__u64 start_ns;	 /* a send's entry, bpf_ktime_get_ns(); a receive's socket handing its bytes over */
+	__u64 start_ns;	 /* a send's entry, bpf_ktime_get_ns(); a receive's return (as end_ns) */
 	__u64 end_ns;	 /* its return */
 	__u64 cookie;	 /* the socket's */
 	__u64 cgroup;
@@ -129,7 +129,7 @@ struct {
 
 /* A call between its entry (a receive: its socket hook) and its exit, per thread. */
 struct req_call {
-	__u64 start_ns;
+	__u64 start_ns;	 /* a send's entry; 0 for a receive, dated at its return (no clock read twice) */
 	__u64 buf;	 /* buffer, iovec array, msghdr or mmsghdr array */
 	__u64 count;	 /* iovecs or messages */
 	__u64 addr;	 /* recvfrom/sendto: the peer's sockaddr */
@@ -147,6 +147,25 @@ struct req_call {
 	__u8 pad[1];
 };
 
+/* An SSL_read/SSL_write in progress, per thread. */
+struct ssl_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 done_ptr; /* _ex: where the byte count is written */
+	__u64 start_ns;
+	__u8 dir;
+	__u8 active; /* between the uprobe and its uretprobe */
+	__u8 pad[6];
+};
+
+/* A thread's calls in progress: a syscall's (first: the storage's value is also its req_call) and an
+ * OpenSSL call's, in one storage so that the socket hooks, which look at both on every call, find them
+ * with one lookup. */
+struct req_thread {
+	struct req_call call;
+	struct ssl_call ssl;
+};
+
 /* Task-local storage, not a hash keyed by thread id: every read and write of every traced process
  * passes its entry and exit, and a hash's update and delete were most of their cost (under the
  * network-analysis mesh, the entries of recvfrom and writev were 0.4-0.6% of the machine each). Found
@@ -155,7 +174,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct req_call);
+	__type(value, struct req_thread);
 } calls SEC(".maps");
 
 /* What is known of a socket: its role, whether it carries TLS (then its ciphertext is not sent), and
@@ -175,25 +194,6 @@ struct {
 	__type(key, __u64);
 	__type(value, struct req_conn);
 } conns SEC(".maps");
-
-/* An SSL_read/SSL_write in progress, per thread. */
-struct ssl_call {
-	__u64 ssl;
-	__u64 buf;
-	__u64 done_ptr; /* _ex: where the byte count is written */
-	__u64 start_ns;
-	__u8 dir;
-	__u8 active; /* between the uprobe and its uretprobe */
-	__u8 pad[6];
-};
-
-/* Task storage too, as calls: the socket hooks look here on every call, TLS or not. */
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct ssl_call);
-} ssl_calls SEC(".maps");
 
 struct ssl_key {
 	__u64 ssl;
@@ -352,7 +352,6 @@ static __always_inline struct req_call *receive_begin(struct task_struct *task)
 		}
 	}
 	*call = (struct req_call){
-		.start_ns = bpf_ktime_get_ns(),
 		.fd = PT_REGS_PARM1_SYSCALL(regs),
 		.nr = nr,
 		.dir = BS_REQ_DIR_INGRESS,
@@ -407,8 +406,8 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 	call->cookie = cookie;
 	call->protocol = protocol;
 	known = bpf_map_lookup_elem(&conns, &cookie);
-	ssl = bpf_task_storage_get(&ssl_calls, task, 0, 0);
-	if (ssl && ssl->active) {
+	ssl = &((struct req_thread *)call)->ssl;
+	if (ssl->active) {
 		/* OpenSSL's own syscall: this is the SSL object's socket. */
 		key.ssl = ssl->ssl;
 		key.tgid = pid_tgid >> 32;
@@ -573,7 +572,7 @@ static __always_inline void event_header(struct req_event *ev, struct req_call *
 	struct req_conn *known = bpf_map_lookup_elem(&conns, &call->cookie);
 	struct req_conn fresh = {.seen = 1};
 
-	ev->start_ns = call->start_ns;
+	ev->start_ns = call->start_ns ? call->start_ns : now; /* a receive's: its return */
 	ev->end_ns = now;
 	ev->cookie = call->cookie;
 	ev->cgroup = bpf_get_current_cgroup_id();
@@ -975,15 +974,17 @@ int BPF_PROG(set_state, const struct sock *sk, const int oldstate, const int new
 
 static __always_inline int ssl_enter(void *ssl, void *buf, void *done_ptr, enum bs_req_dir dir)
 {
+	struct req_thread *thread;
 	struct ssl_call *call;
 
 	if (!bs_task_selected() || !bs_current_in_set())
 		return 0;
-	call = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!call) {
+	thread = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!thread) {
 		__sync_fetch_and_add(&calls_unseen, 1);
 		return 0;
 	}
+	call = &thread->ssl;
 	*call = (struct ssl_call){
 		.ssl = (__u64)ssl,
 		.buf = (__u64)buf,
@@ -1000,7 +1001,8 @@ static __always_inline int ssl_exit(long ret, bool ex)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tid = pid_tgid;
-	struct ssl_call *call = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, 0);
+	struct req_thread *thread = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+	struct ssl_call *call = thread ? &thread->ssl : NULL;
 	struct ssl_link *link;
 	struct ssl_key key = {};
 	struct req_conn *known;
