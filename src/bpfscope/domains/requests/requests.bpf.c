@@ -310,11 +310,18 @@ REQ_ENTER(sendmmsg, BS_REQ_ARGS_MMSG, ctx->args[1], ctx->args[2], 0)
 REQ_ENTER(sendfile64, BS_REQ_ARGS_FILE, 0, 0, 0)
 
 /* The registers a syscall was made with (its arguments, its number), kept by the kernel until it
- * returns: a receive's are read from here, at its socket hook and its exit. */
+ * returns: a receive's are read from here, at its socket hook and its exit. The number where each
+ * architecture's syscall_get_nr() (asm/syscall.h) reads it; tested on x86-64 only. */
 #if defined(__TARGET_ARCH_x86)
 #define REQ_SYSCALL_NR(regs) ((regs)->orig_ax)
 #elif defined(__TARGET_ARCH_arm64)
 #define REQ_SYSCALL_NR(regs) ((regs)->syscallno)
+#elif defined(__TARGET_ARCH_riscv)
+#define REQ_SYSCALL_NR(regs) ((regs)->a7)
+#elif defined(__TARGET_ARCH_s390)
+#define REQ_SYSCALL_NR(regs) ((regs)->int_code & 0xffff)
+#elif defined(__TARGET_ARCH_powerpc)
+#define REQ_SYSCALL_NR(regs) ((regs)->gpr[0])
 #else
 #error "requests.bpf.c: say which register of struct pt_regs holds the syscall's number here"
 #endif
