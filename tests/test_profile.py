@@ -944,11 +944,10 @@ def test_python_shares_match_the_truth_and_py_spy(build_dir: Path, tmp_path: Pat
     for name in PY_FUNCTIONS:
         assert abs(ours[name] - truth[name]) <= 3, (name, ours, truth, theirs)
         # py-spy samples wall-clock time: on a loaded machine it drifts from the CPU time (py_a read
-        # 62-66% to it, against 60% of CPU time, in 1 run of 3 here). Where it is right, we agree with
-        # it; where it is not, we are nearer the truth.
-        if abs(theirs[name] - truth[name]) <= 3:
-            assert abs(ours[name] - theirs[name]) <= 3, (name, ours, theirs, truth)
-        else:
+        # 62-66% to it, against 60% of CPU time, in 1 run of 3 here). Where it is right, both are within
+        # the truth's tolerance (ours above), on either side of it (py_a: ours 60.3, py-spy's 57.1, the
+        # truth 59.9, once: 3.2 apart); where it is not, we are nearer the truth.
+        if abs(theirs[name] - truth[name]) > 3:
             assert abs(ours[name] - truth[name]) < abs(theirs[name] - truth[name]), (
                 name,
                 ours,
