@@ -141,7 +141,7 @@ def _losses(phases: list[Phase]) -> str:
     return "Events the tools lost: " + ", ".join(lost) + "."
 
 
-def write_report(out: Path, phases: list[Phase], backup_pid: int) -> Path:
+def write_report(out: Path, phases: list[Phase], backup_pid: int, attempts: int = 1) -> Path:
     heatmap(phases, out / "latency_heatmap.png")
     histograms(phases, out / "latency_histograms.png")
     base, loaded = phases[0], phases[-1]
@@ -163,7 +163,14 @@ def write_report(out: Path, phases: list[Phase], backup_pid: int) -> Path:
         )
     lines += [
         "",
-        f"Throughput fell {tps_drop:.1f}x when the backup job (fio, pid {backup_pid}) shared the disk.",
+        f"Throughput fell {tps_drop:.1f}x when the backup job (fio, pid {backup_pid}) shared the disk; "
+        f"fio wrote {loaded.backup.get('write_mb_s', 0):.0f} MB/s "
+        f"({loaded.backup.get('write_iops', 0):.0f} writes a second)."
+        + (
+            f" It took {attempts} attempts: in the others the backup job did not slow PostgreSQL by half."
+            if attempts > 1
+            else ""
+        ),
         "",
         _losses(phases),
         "",

@@ -41,6 +41,10 @@ PGBENCH_SCALE = 20
 PGBENCH_CLIENTS = 4
 # Transactions per second offered: well within what the disk and CPUs sustain alone.
 PGBENCH_RATE = 800
+# Phase 2 is run again when the backup job did not slow PostgreSQL by half: the disk is virtual and the
+# host under it sometimes takes a backup's writes as fast as they come (8-23 transactions a second under
+# load in most runs, 632-787 in those). The report says how many attempts it took.
+ATTEMPTS = 3
 
 
 def cgroup2_root() -> Path:
@@ -80,8 +84,17 @@ def pgbench(socket_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return as_postgres(["pgbench", "-h", str(socket_dir), "-p", str(PORT), *args, "postgres"], check=True)
 
 
+@dataclass
+class Backup:
+    """The noisy neighbour's process and, once it has ended, what fio says it wrote."""
+
+    proc: subprocess.Popen[str]
+    write_mb_s: float = 0.0
+    write_iops: float = 0.0
+
+
 @contextlib.contextmanager
-def backup_job(path: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
+def backup_job(path: Path, seconds: float) -> Iterator[Backup]:
     """The noisy neighbour: 1 MiB direct sequential writes at queue depth 4, as a backup or a bulk copy
     does. Large requests keep the disk busy at little CPU cost."""
     proc = subprocess.Popen(
@@ -103,13 +116,18 @@ def backup_job(path: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    backup = Backup(proc)
     try:
-        yield proc
+        yield backup
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=60)
         path.unlink(missing_ok=True)
+        with contextlib.suppress(ValueError, KeyError, IndexError):
+            write = json.loads(out[out.index("{") :])["jobs"][0]["write"]
+            backup.write_mb_s = write["bw_bytes"] / 1e6
+            backup.write_iops = write["iops"]
 
 
 @dataclass
@@ -122,6 +140,7 @@ class Phase:
     biosnoop: list[dict[str, Any]] = field(default_factory=list)
     start: float = 0.0  # seconds since the experiment's first phase began
     lost: dict[str, dict[str, int]] = field(default_factory=dict)  # tool -> reason -> events lost
+    backup: dict[str, float] = field(default_factory=dict)  # what the backup job wrote, by fio's count
 
 
 def run_phase(name: str, socket_dir: Path, cgroup: Path, seconds: int, t0: float) -> Phase:
@@ -171,16 +190,35 @@ def main() -> None:
             t0 = time.time()
             print("phase 1: PostgreSQL alone", file=sys.stderr)
             baseline = run_phase("baseline", socket_dir, cgroup, args.seconds, t0)
-            print("phase 2: PostgreSQL while a backup job writes to the same disk", file=sys.stderr)
-            with backup_job(work / "backup.dat", args.seconds + 5) as backup:
-                time.sleep(2)
-                loaded = run_phase("under load", socket_dir, cgroup, args.seconds, t0)
-                backup_pid = backup.pid
+            for attempt in range(1, ATTEMPTS + 1):
+                again = f" (attempt {attempt})" if attempt > 1 else ""
+                print(
+                    f"phase 2{again}: PostgreSQL while a backup job writes to the same disk", file=sys.stderr
+                )
+                with backup_job(work / "backup.dat", args.seconds + 5) as backup:
+                    time.sleep(2)
+                    loaded = run_phase("under load", socket_dir, cgroup, args.seconds, t0)
+                loaded.backup = {"write_mb_s": backup.write_mb_s, "write_iops": backup.write_iops}
+                if loaded.pgbench.get("tps", 0) < baseline.pgbench.get("tps", 0) / 2:
+                    break
+                # The premise failed, not bpfscope: the backup did not saturate the disk (twice in eight
+                # runs of the test: PostgreSQL kept 632 and 787 of about 790 transactions a second).
+                print(
+                    f"the backup job ({backup.write_mb_s:.0f} MB/s) did not slow PostgreSQL "
+                    f"({loaded.pgbench.get('tps', 0):.0f} against {baseline.pgbench.get('tps', 0):.0f} "
+                    "transactions a second)" + ("; phase 2 again" if attempt < ATTEMPTS else ""),
+                    file=sys.stderr,
+                )
+            backup_pid = backup.proc.pid
     from report import write_report
 
-    report = write_report(args.out, [baseline, loaded], backup_pid)
+    report = write_report(args.out, [baseline, loaded], backup_pid, attempt)
     if args.json:
-        results = {"backup_pid": backup_pid, "phases": [dataclasses.asdict(p) for p in (baseline, loaded)]}
+        results = {
+            "backup_pid": backup_pid,
+            "attempts": attempt,
+            "phases": [dataclasses.asdict(p) for p in (baseline, loaded)],
+        }
         (args.out / "results.json").write_text(json.dumps(results))
     print(f"report: {report}", file=sys.stderr)
 
