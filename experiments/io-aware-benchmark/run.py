@@ -151,6 +151,8 @@ def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
     not_worth = [r for r in records if r["record"] == "bench.advice" and not r["advised"]]
     verified = next((r for r in records if r["record"] == "bench.verify"), None)
     logged = [ns / 1e6 for ns in rig.read_load_log(log)]
+    replay = Path(f"{log}.1")
+    replayed = [ns / 1e6 for ns in rig.read_load_log(replay)] if replay.exists() else []
     lines = ("cpu_ms", "runqueue_ms", "read_wake_ms", "disk_read_ms", "disk_write_ms", "lock_ms", "net_ms",
              "other_ms")  # fmt: skip
     return {
@@ -160,6 +162,7 @@ def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
         "client_p50_ms": round(quantile(logged, 0.5), 3),
         "p99_ms": summ["p99_ms"],
         "client_p99_ms": round(quantile(logged, 0.99), 3),
+        "client_p90_ms": round(quantile(logged, 0.9), 3),
         "bottleneck": summ["bottleneck"],
         "graphs_would_buy": summ["graphs_would_buy"],
         "tree": [
@@ -183,9 +186,10 @@ def summary(records: list[dict[str, Any]], log: Path) -> dict[str, Any]:
         "not_worth": [{k: a[k] for k in ("lever", "component", "gain_ms", "alone_ms")} for a in not_worth],
         "verify": verified,
         # The replay's own log (load.py writes a second run's beside the first's).
-        "verify_client_p99_ms": round(quantile([ns / 1e6 for ns in rig.read_load_log(replay)], 0.99), 3)
-        if (replay := Path(f"{log}.1")).exists()
-        else None,
+        **{
+            f"verify_client_p{q}_ms": round(quantile(replayed, q / 100), 3) if replayed else None
+            for q in (90, 99)
+        },
     }
 
 
@@ -254,6 +258,7 @@ def show(result: dict[str, Any]) -> None:
                 end="",
             )
             print(f"measured {v['measured_p99_ms']} ms (client {s['verify_client_p99_ms']}): {verdict}")
+            print(f"client p90: {s['client_p90_ms']} ms before, {s['verify_client_p90_ms']} ms in the replay")
 
 
 def main() -> None:
