@@ -8,6 +8,7 @@ SNMP counters and the socket's own drop counter, tracepoint counts with bpftrace
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -595,3 +596,62 @@ def test_a_family_without_sockets_is_not_walked(netns: str, monkeypatch: pytest.
     rows, asked_v6 = listed(V6, V4)
     assert asked_v6 == sorted([(inet, tcp), (inet6, tcp), (inet, udp)])
     assert ("tcp", "::1", PORT, 0) in rows
+
+
+def test_diag_messages_decoded_as_pyroute2_decodes_them(netns: str) -> None:
+    """A dump's replies decoded by diag's own decoder (the offsets from BTF) and by pyroute2's message
+    classes, datagram by datagram: every field and attribute diag reads is the same, for TCP with
+    tcp_info and memory and for UDP, IPv4 and IPv6."""
+    from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+    from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, MarshalDiag, inet_diag_msg, inet_diag_req
+
+    from bpfscope.domains.net import diag
+
+    ours = next(ns for ns in diag.network_namespaces() if ns.inode == os.stat(f"/run/netns/{netns}").st_ino)
+    every_state = (1 << 16) - 1
+    ask = diag.extensions("INET_DIAG_INFO", "INET_DIAG_SKMEMINFO")  # the cgroup comes unasked
+    # Every scalar of tcp_info both know (pyroute2 reads the byte of two 4-bit fields as one of them).
+    known = diag._tcp_info_fields()
+    tcp_fields = [name for name, code in inet_diag_msg.tcp_info.fields if code in "BIQ" and name in known]
+    assert {"tcpi_segs_out", "tcpi_total_retrans", "tcpi_rtt"} <= set(tcp_fields)
+    fields = ("idiag_family", "idiag_state", "idiag_sport", "idiag_dport", "idiag_src", "idiag_dst",
+              "idiag_cookie", "idiag_rqueue", "idiag_wqueue", "idiag_inode")  # fmt: skip
+    compared = {"tcp": 0, "udp": 0}
+    families = f"{V4[0]}, {V4[1]}, {V6[0]}, {V6[1]}"
+    with Peer(netns, ONE_FAMILY_EACH.format(families=families, port=PORT)), diag.entered(ours):
+        for proto, family in itertools.product(("tcp", "udp"), (socket.AF_INET, socket.AF_INET6)):
+            req = inet_diag_req()
+            req["header"]["type"] = SOCK_DIAG_BY_FAMILY
+            req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+            req["sdiag_family"], req["sdiag_protocol"] = family, diag.PROTOCOLS[proto]
+            req["idiag_states"], req["idiag_ext"] = every_state, ask
+            req.encode()
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, diag.NETLINK_SOCK_DIAG) as sock:
+                sock.send(req.data)
+                done = False
+                while not done:
+                    data = sock.recv(diag.RECV_BYTES)
+                    decoded: list[diag.DiagMessage] = []
+                    done = diag._parse_replies(data, decoded)
+                    theirs = [
+                        m for m in MarshalDiag().parse(data) if m["header"]["type"] == SOCK_DIAG_BY_FAMILY
+                    ]
+                    assert len(decoded) == len(theirs)
+                    for mine, their in zip(decoded, theirs, strict=True):
+                        assert {f: mine[f] for f in fields} == {f: their[f] for f in fields}
+                        memory = their.get_attr("INET_DIAG_SKMEMINFO")
+                        assert diag.skmeminfo(mine.attr("INET_DIAG_SKMEMINFO")) == diag.skmeminfo(
+                            bytes.fromhex(memory.replace(":", "")) if memory else None
+                        )
+                        cgroup = their.get_attr("INET_DIAG_CGROUP_ID")
+                        assert diag.cgroup_id(mine.attr("INET_DIAG_CGROUP_ID")) == cgroup > 0
+                        info, their_info = (
+                            diag.tcp_info(mine.attr("INET_DIAG_INFO")),
+                            their.get_attr("INET_DIAG_INFO"),
+                        )
+                        assert (info is None) == (their_info is None) == (proto == "udp")
+                        if info is not None:
+                            assert {f: info[f] for f in tcp_fields} == {f: their_info[f] for f in tcp_fields}
+                        compared[proto] += 1
+    # TCP: the listener and both ends, in one family; UDP: the bound socket, in the other.
+    assert compared == {"tcp": 3, "udp": 1}, compared

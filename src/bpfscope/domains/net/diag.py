@@ -3,8 +3,9 @@ tcpretrans -c (each connection's segments sent, from tcp_info).
 
 sock_diag answers for the namespace its netlink socket was opened in, so each namespace is entered for
 the moment it takes to open one (:func:`entered`) and read its socket counts: a family with no socket
-there is not asked for (:func:`_may_hold`). Requests are sent and read with the socket module, their
-replies parsed by pyroute2's message classes (:func:`_dump`). Namespaces are found as ``ip netns`` and
+there is not asked for (:func:`_may_hold`). Requests are built by pyroute2's message class, sent and
+read with the socket module, and their replies decoded here as far as they are read
+(:class:`DiagMessage`, at the offsets the kernel's BTF gives). Namespaces are found as ``ip netns`` and
 ``ss -N`` find them: the root one, the named ones, and those of running processes
 (:func:`network_namespaces`).
 The kernel's numbers (netlink attributes, SK_MEMINFO_* indices, TCP states) come from its own BTF.
@@ -13,9 +14,11 @@ The kernel's numbers (netlink attributes, SK_MEMINFO_* indices, TCP states) come
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,12 +122,149 @@ def skmeminfo_fields() -> tuple[str, ...]:
     return tuple(name.removeprefix("SK_MEMINFO_").lower() for name, _ in members if name != "SK_MEMINFO_VARS")
 
 
-def skmeminfo(value: str) -> dict[str, int]:
-    """pyroute2 gives INET_DIAG_SKMEMINFO as hex bytes "00:01:..."; the kernel's u32 array in host order."""
-    raw = bytes.fromhex(value.replace(":", ""))
+def skmeminfo(raw: bytes | None) -> dict[str, int]:
+    """INET_DIAG_SKMEMINFO, the kernel's u32 array in host order, by name (empty when absent)."""
+    if not raw:
+        return {}
     names = skmeminfo_fields()
     count = min(len(raw) // 4, len(names))
-    return dict(zip(names, struct.unpack(f"={count}I", raw[: count * 4]), strict=False))
+    return dict(zip(names, struct.unpack_from(f"={count}I", raw), strict=False))
+
+
+def cgroup_id(raw: bytes | None) -> int:
+    """INET_DIAG_CGROUP_ID, a u64 in host order (0 when absent)."""
+    return int.from_bytes(raw, sys.byteorder) if raw else 0
+
+
+class TcpInfo:
+    """INET_DIAG_INFO of a TCP socket (struct tcp_info), its fields read when asked, at the offsets the
+    kernel's BTF gives; a field past what this kernel sent is a KeyError."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def __getitem__(self, name: str) -> int:
+        offset, unpack = _tcp_info_fields()[name]
+        if offset + unpack.size > len(self.raw):
+            raise KeyError(name)
+        return unpack.unpack_from(self.raw, offset)[0]
+
+
+def tcp_info(raw: bytes | None) -> TcpInfo | None:
+    return TcpInfo(raw) if raw else None
+
+
+_SCALAR_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+@cache
+def _tcp_info_fields() -> dict[str, tuple[int, struct.Struct]]:
+    from bpfscope.engine.btf import kernel_btf
+
+    layout = kernel_btf().struct("tcp_info")
+    return {
+        f.name: (f.offset, struct.Struct("=" + _SCALAR_CODES[f.type.size]))
+        for f in layout.fields
+        if f.type.size in _SCALAR_CODES
+    }
+
+
+class DiagMessage:
+    """One socket of a sock_diag dump: struct inet_diag_msg by its UAPI field names (``idiag_src`` and
+    ``idiag_dst`` as text, ports in host order, ``idiag_cookie`` one number, as pyroute2 gives them)
+    and its attributes' raw payloads by INET_DIAG_* name (:meth:`attr`; :func:`tcp_info`,
+    :func:`skmeminfo` and :func:`cgroup_id` decode them). Decoded here rather than by pyroute2's message
+    classes, which took about 90 us a socket, most of a window's listings under a busy mesh."""
+
+    __slots__ = ("attrs", "fields")
+
+    def __init__(self, fields: dict[str, Any], attrs: dict[int, bytes]) -> None:
+        self.fields = fields
+        self.attrs = attrs  # attribute type -> payload
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+    def attr(self, name: str) -> bytes | None:
+        return self.attrs.get(_kernel_enum("INET_DIAG_INFO")[name])
+
+
+@dataclass(frozen=True)
+class _MsgLayout:
+    # family, state, sport, dport, src, dst, the cookie's low and high halves, rqueue, wqueue, inode
+    head: struct.Struct
+    size: int  # sizeof(struct inet_diag_msg): its attributes follow
+
+
+@cache
+def _msg_layout() -> _MsgLayout:
+    """struct inet_diag_msg's fields this module reads, as one struct.Struct at the BTF's offsets (the
+    UAPI's types: ports and addresses in network order, the cookie two host-order u32s)."""
+    from bpfscope.engine.btf import kernel_btf
+
+    btf = kernel_btf()
+    msg, sockid = btf.struct("inet_diag_msg"), btf.struct("inet_diag_sockid")
+    at = msg.field("id").offset
+    cookie = at + sockid.field("idiag_cookie").offset
+    parts = [
+        (msg.field("idiag_family").offset, "B"),
+        (msg.field("idiag_state").offset, "B"),
+        (at + sockid.field("idiag_sport").offset, "2s"),
+        (at + sockid.field("idiag_dport").offset, "2s"),
+        (at + sockid.field("idiag_src").offset, "16s"),
+        (at + sockid.field("idiag_dst").offset, "16s"),
+        (cookie, "I"),
+        (cookie + 4, "I"),
+        (msg.field("idiag_rqueue").offset, "I"),
+        (msg.field("idiag_wqueue").offset, "I"),
+        (msg.field("idiag_inode").offset, "I"),
+    ]
+    fmt, end = "=", 0
+    for offset, code in parts:
+        fmt += f"{offset - end}x{code}" if offset > end else code
+        end = offset + struct.calcsize("=" + code)
+    return _MsgLayout(struct.Struct(fmt), msg.size)
+
+
+def _address(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def _decode_diag(data: bytes, at: int, end: int) -> DiagMessage:
+    """The inet_diag_msg at ``at`` (after its netlink header) and its attributes up to ``end``."""
+    layout = _msg_layout()
+    head = layout.head.unpack_from(data, at)
+    family, state, sport, dport, src, dst, low, high, rqueue, wqueue, inode = head
+    fields = {
+        "idiag_family": family,
+        "idiag_state": state,
+        "idiag_sport": int.from_bytes(sport, "big"),
+        "idiag_dport": int.from_bytes(dport, "big"),
+        "idiag_src": _address(family, src),
+        "idiag_dst": _address(family, dst),
+        "idiag_cookie": low | high << 32,
+        "idiag_rqueue": rqueue,
+        "idiag_wqueue": wqueue,
+        "idiag_inode": inode,
+    }
+    attrs: dict[int, bytes] = {}
+    at += layout.size
+    while at + 4 <= end:  # struct rtattr: length (with its 4 bytes), type; payloads 4-byte aligned
+        length, kind = _RTATTR.unpack_from(data, at)
+        if length < 4 or at + length > end:
+            break
+        attrs[kind & _NLA_TYPE_MASK] = data[at + 4 : at + length]
+        at += (length + 3) & ~3
+    return DiagMessage(fields, attrs)
+
+
+_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_RTATTR = struct.Struct("=HH")
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 
 def unmapped(addr: str) -> str:
@@ -152,7 +292,7 @@ SHARED_TCP_STATES = (
     "CLOSING",
 )
 SHARED_EXTENSIONS = ("INET_DIAG_INFO", "INET_DIAG_SKMEMINFO")
-_shared: dict[int, list[Any] | None] | None = None  # namespace inode -> its TCP listing
+_shared: dict[int, list[DiagMessage] | None] | None = None  # namespace inode -> its TCP listing
 
 
 @contextmanager
@@ -177,8 +317,8 @@ def _shared_request() -> tuple[int, int]:
 
 def sockets(
     ns: NetNamespace, protocols: Iterable[str], states: int, extensions: int
-) -> dict[str, list[Any]] | None:
-    """protocol -> the sock_diag messages (pyroute2's inet_diag_msg) of one namespace's sockets of that
+) -> dict[str, list[DiagMessage]] | None:
+    """protocol -> the sock_diag messages (:class:`DiagMessage`) of one namespace's sockets of that
     protocol, IPv4 and IPv6, in these states, with these extensions. None for a namespace that went
     away, or that this process may not enter (EPERM, EACCES): the others are still listed."""
     protocols = tuple(protocols)
@@ -202,7 +342,7 @@ def sockets(
 
 def _listed(
     ns: NetNamespace, protocols: tuple[str, ...], states: int, extensions: int
-) -> dict[str, list[Any]] | None:
+) -> dict[str, list[DiagMessage]] | None:
     try:
         with entered(ns):
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
@@ -279,13 +419,13 @@ NETLINK_SOCK_DIAG = 4  # <linux/netlink.h>: a #define, absent from BTF
 RECV_BYTES = 1 << 16
 
 
-def _dump(sock: socket.socket, family: int, protocol: int, states: int, extensions: int) -> list[Any]:
+def _dump(sock: socket.socket, family: int, protocol: int, states: int, extensions: int) -> list[DiagMessage]:
     """The sockets of one family and protocol in these states: a sock_diag dump on ``sock`` (a
-    NETLINK_SOCK_DIAG socket), its replies parsed by pyroute2's message classes. The request is sent and
-    its replies read here with the socket module: pyroute2's DiagSocket runs an asyncio loop through
-    each request, which took four fifths of a listing's user time (16.6 -> 3.7 ms for 7 namespaces)."""
-    from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-    from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, MarshalDiag, inet_diag_req
+    NETLINK_SOCK_DIAG socket). The request is built by pyroute2's class, sent and its replies read here
+    with the socket module: pyroute2's DiagSocket runs an asyncio loop through each request, which took
+    four fifths of a listing's user time (16.6 -> 3.7 ms for 7 namespaces)."""
+    from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+    from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_req
 
     req = inet_diag_req()
     req["header"]["type"] = SOCK_DIAG_BY_FAMILY
@@ -296,14 +436,33 @@ def _dump(sock: socket.socket, family: int, protocol: int, states: int, extensio
     req["idiag_ext"] = extensions
     req.encode()
     sock.send(req.data)
-    marshal = MarshalDiag()
-    out: list[Any] = []
+    out: list[DiagMessage] = []
     while True:
-        for msg in marshal.parse(sock.recv(RECV_BYTES)):
-            kind = msg["header"]["type"]
-            if kind == NLMSG_DONE:
-                return out
-            if kind == NLMSG_ERROR:  # struct nlmsgerr: the negative errno after the header
-                code = -struct.unpack_from("i", msg.data, msg.offset + 16)[0]
-                raise OSError(code, f"sock_diag: {os.strerror(code)}")
-            out.append(msg)
+        data = sock.recv(RECV_BYTES)
+        if not data:
+            raise OSError(errno.EPROTO, "sock_diag: the replies stopped before the dump's end")
+        if _parse_replies(data, out):
+            return out
+
+
+def _parse_replies(data: bytes, out: list[DiagMessage]) -> bool:
+    """The sockets of one datagram of a dump's replies, appended to ``out``; True at the dump's end."""
+    from pyroute2.netlink import NLMSG_DONE, NLMSG_ERROR
+    from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY
+
+    at = 0
+    while at + _NLMSGHDR.size <= len(data):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, at)
+        if length < _NLMSGHDR.size or at + length > len(data):
+            raise OSError(errno.EPROTO, "sock_diag: a reply cut short")
+        if kind == NLMSG_DONE:
+            return True
+        if kind == NLMSG_ERROR:  # struct nlmsgerr: the negative errno after the header
+            if length < _NLMSGHDR.size + 4:
+                raise OSError(errno.EPROTO, "sock_diag: an error reply cut short")
+            code = -struct.unpack_from("=i", data, at + _NLMSGHDR.size)[0]
+            raise OSError(code, f"sock_diag: {os.strerror(code)}")
+        if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSGHDR.size + _msg_layout().size:
+            out.append(_decode_diag(data, at + _NLMSGHDR.size, at + length))
+        at += (length + 3) & ~3
+    return False

@@ -261,8 +261,8 @@ def diag_sockets(ns: diag.NetNamespace, protocols: tuple[str, ...]) -> list[Sock
     return [_diag_row(ns, proto, msg) for proto, messages in listed.items() for msg in messages]
 
 
-def _diag_row(ns: diag.NetNamespace, proto: str, msg: Any) -> SocketRow:
-    mem = diag.skmeminfo(msg.get_attr("INET_DIAG_SKMEMINFO") or "")
+def _diag_row(ns: diag.NetNamespace, proto: str, msg: diag.DiagMessage) -> SocketRow:
+    mem = diag.skmeminfo(msg.attr("INET_DIAG_SKMEMINFO"))
     state = msg["idiag_state"]
     words = SS_STATES.get(state_name(state))
     return SocketRow(
@@ -275,7 +275,7 @@ def _diag_row(ns: diag.NetNamespace, proto: str, msg: Any) -> SocketRow:
         daddr=diag.unmapped(msg["idiag_dst"]),
         dport=msg["idiag_dport"],
         inode=msg["idiag_inode"],
-        cgroup=msg.get_attr("INET_DIAG_CGROUP_ID") or 0,
+        cgroup=diag.cgroup_id(msg.attr("INET_DIAG_CGROUP_ID")),
         recv_q=msg["idiag_rqueue"],
         send_q=msg["idiag_wqueue"],
         rmem_alloc=mem.get("rmem_alloc", 0),

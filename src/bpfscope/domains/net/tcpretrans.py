@@ -492,7 +492,7 @@ def _listed_tcp(namespaces: set[int]) -> dict[int, _Listed]:
             continue
         namespaces.add(ns.inode)
         for msg in listed["tcp"]:
-            info = msg.get_attr("INET_DIAG_INFO")
+            info = diag.tcp_info(msg.attr("INET_DIAG_INFO"))
             if info is None:
                 continue
             conn = Conn(
