@@ -655,3 +655,25 @@ def test_diag_messages_decoded_as_pyroute2_decodes_them(netns: str) -> None:
                         compared[proto] += 1
     # TCP: the listener and both ends, in one family; UDP: the bound socket, in the other.
     assert compared == {"tcp": 3, "udp": 1}, compared
+
+
+def test_window_rules_find_the_namespaces_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within diag.listings_shared() the namespaces are found once for every asker (each finding stats
+    every process's namespace), and again for the next block."""
+    from bpfscope.domains.net import diag
+
+    found: list[int] = []
+    find = diag._find_namespaces
+
+    def counted() -> list[diag.NetNamespace]:
+        found.append(1)
+        return find()
+
+    monkeypatch.setattr(diag, "_find_namespaces", counted)
+    for _ in range(2):
+        with diag.listings_shared():
+            first, second = diag.network_namespaces(), diag.network_namespaces()
+        assert first == second and any(ns.name == "host" for ns in first)
+    assert len(found) == 2
+    diag.network_namespaces()
+    assert len(found) == 3
