@@ -249,10 +249,11 @@ def test_the_kernel_skips_a_long_bodys_calls_itself(nginx: Nginx) -> None:
 
 
 # A server thread that receives a request through io_uring, reads a file, answers; then receives the
-# client's second request with recv and answers again.
+# client's second request with recv and answers again. Then the client writes a file and sends its third
+# request through io_uring.
 URING_PROGRAM = r"""
 /* A server thread that receives a request through io_uring, then reads a file, then answers; the client
- * then asks again with plain calls. */
+ * then asks again with plain calls; then it writes a file and sends its last request through io_uring. */
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <linux/io_uring.h>
@@ -277,8 +278,8 @@ static int must(int ret, const char *what)
     return ret;
 }
 
-/* One IORING_OP_RECV, submitted and waited for in one io_uring_enter. */
-static int uring_recv(int fd, char *buf, unsigned len)
+/* One IORING_OP_RECV or IORING_OP_SEND, submitted and waited for in one io_uring_enter. */
+static int uring(int opcode, int fd, char *buf, unsigned len)
 {
     struct io_uring_params p = {0};
     int ring = must(syscall(__NR_io_uring_setup, 4, &p), "io_uring_setup");
@@ -294,7 +295,7 @@ static int uring_recv(int fd, char *buf, unsigned len)
     if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED)
         must(-1, "mmap");
     memset(&sqes[0], 0, sizeof(sqes[0]));
-    sqes[0].opcode = IORING_OP_RECV;
+    sqes[0].opcode = opcode;
     sqes[0].fd = fd;
     sqes[0].addr = (unsigned long)buf;
     sqes[0].len = len;
@@ -304,7 +305,7 @@ static int uring_recv(int fd, char *buf, unsigned len)
     must(syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0), "io_uring_enter");
     cqe = &((struct io_uring_cqe *)(cq + p.cq_off.cqes))[*(unsigned *)(cq + p.cq_off.head) &
                                   *(unsigned *)(cq + p.cq_off.ring_mask)];
-    return must(cqe->res, "recv through io_uring");
+    return must(cqe->res, "io_uring");
 }
 
 static void answer(int fd)
@@ -319,10 +320,12 @@ static void *server(void *arg)
     int listener = *(int *)arg, fd = must(accept(listener, 0, 0), "accept"), file;
     char buf[4096];
 
-    uring_recv(fd, buf, sizeof(buf));
+    uring(IORING_OP_RECV, fd, buf, sizeof(buf));
     file = must(open(file_path, O_RDONLY), "open");
     must(read(file, buf, sizeof(buf)), "read the file");
     close(file);
+    answer(fd);
+    must(recv(fd, buf, sizeof(buf), 0), "recv");
     answer(fd);
     must(recv(fd, buf, sizeof(buf), 0), "recv");
     answer(fd);
@@ -355,6 +358,17 @@ int main(int argc, char **argv)
     must(connect(fd, (struct sockaddr *)&addr, len), "connect");
     ask(fd, "/through-io-uring");
     ask(fd, "/by-recv");
+    {
+        static const char written[] = "GET /from-a-written-file HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        static char sent[] = "GET /sent-through-io-uring HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        char buf[4096];
+        int file = must(open(argv[3], O_WRONLY | O_CREAT | O_TRUNC, 0600), "open");
+
+        must(write(file, written, strlen(written)), "write the file");
+        close(file);
+        uring(IORING_OP_SEND, fd, sent, strlen(sent));
+        must(recv(fd, buf, sizeof(buf), 0), "recv");
+    }
     pthread_join(thread, NULL);
     printf("done\n");
     return 0;
@@ -362,11 +376,13 @@ int main(int argc, char **argv)
 """
 
 
-def test_a_receive_made_for_io_uring_is_not_taken_for_the_next_read(tmp_path: Path) -> None:
-    """A receive has no entry program: its state begins at its socket hook and is the syscall's whose
-    number it was made in. io_uring's receive runs inside io_uring_enter, whose exit is not traced; the
-    server's read of a file (an HTTP request's text) right after it must not be taken for the socket's
-    bytes (each byte would be a request nobody sent). The recv after it is captured."""
+def test_calls_io_uring_makes_are_not_taken_for_others(tmp_path: Path) -> None:
+    """A receive has no entry program: its state begins at its socket hook, read from the syscall it was
+    made in. io_uring's receive runs inside io_uring_enter; the server's read of a file (an HTTP
+    request's text) right after it must not be taken for the socket's bytes (each byte would be a
+    request nobody sent). And a send's state, begun at its entry, is not ended by an exit: the client's
+    write of a file (an HTTP request's text) must not be taken for the bytes io_uring sends on the
+    socket after it. The plain calls around them are captured."""
     from bpfscope.domains.requests.requests import RequestsCollector, RequestsConfig
 
     source, program = tmp_path / "uring.c", tmp_path / "uring"
@@ -378,7 +394,12 @@ def test_a_receive_made_for_io_uring_is_not_taken_for_the_next_read(tmp_path: Pa
     with RequestsCollector(RequestsConfig(ports=(port,), tls=False, include_self=True)) as collector:
         collector.open()
         collector.start()
-        run = subprocess.run([str(program), str(text), str(port)], capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            [str(program), str(text), str(port), str(tmp_path / "written.txt")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 0, run.stderr
         records = []
         while (batch := collector.drain()) is not None:
@@ -387,7 +408,7 @@ def test_a_receive_made_for_io_uring_is_not_taken_for_the_next_read(tmp_path: Pa
     served = [(r["req_path"], r["resp_status"]) for r in http if r["trace_role"] == "server"]
     asked = [(r["req_path"], r["resp_status"]) for r in http if r["trace_role"] == "client"]
     assert asked == [("/through-io-uring", 200), ("/by-recv", 200)], http
-    assert served == [("/by-recv", 200)], http
+    assert served == [("/by-recv", 200), ("/sent-through-io-uring", 200)], http
 
 
 GRPC_SERVER = r"""

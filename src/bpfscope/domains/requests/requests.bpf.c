@@ -7,14 +7,18 @@
  *      bpfscope itself left out). Receiving calls (read, readv, recvfrom, recvmsg, recvmmsg) have no
  *      entry program: their entry time is no part of any request (a server's read waits for the
  *      client), and most reads of a traced process are of files and pipes, never captured;
- *   2. inside the call the kernel runs tp_btf/sock_send_length or sock_recv_length with the socket: there
- *      it is named (its cookie: unique while the machine runs), its addresses read, the port filters
- *      applied; a receive's state is begun here, marked with the syscall's number; a call that never
- *      reaches a socket (a file) is not captured;
- *   3. sys_exit, where the bytes are in the caller's buffer whichever the direction, copies the first
- *      capture_bytes of them (all iovecs and messages of the call, in order; a receive's arguments read
- *      from the registers the syscall was made with) and sends one record with the call's exact size,
- *      its times. sendfile sends the size alone (the bytes come from a file, never through user memory).
+ *   2. at the end of the call's socket work the kernel runs tp_btf/sock_send_length or sock_recv_length
+ *      with the socket and the bytes moved: there it is named (its cookie: unique while the machine
+ *      runs), its addresses read, the port filters applied; a receive's state is begun here, its
+ *      arguments read from the registers the syscall was made with (its number says which syscall it
+ *      is); a call that never reaches a socket (a file) is not captured, and costs a send its entry
+ *      program alone, a receive nothing;
+ *   3. the bytes are in the caller's buffer by then whichever the direction: the hook copies the first
+ *      capture_bytes of them (all iovecs of the call, in order) and sends one record with the call's
+ *      exact size, its times. Left to sys_exit, which runs after the kernel has written to the caller
+ *      what the hook cannot read yet or has seen only part of: a UDP receive's peer (recvfrom,
+ *      recvmsg), recvmmsg's and sendmmsg's messages (a hook each), sendfile (a hook per piece; it sends
+ *      the size alone: the bytes come from a file, never through user memory).
  * TLS: uprobes on libssl's SSL_read/SSL_write(_ex) keep the SSL object per thread; the socket hooks of
  * the syscall OpenSSL makes on that thread link the object to its socket (ssl_links) and mark the socket
  * as TLS (conns), after which its ciphertext is no longer sent; the uretprobe sends the plaintext.
@@ -325,6 +329,35 @@ REQ_ENTER(sendfile64, BS_REQ_ARGS_FILE, 0, 0, 0)
 #else
 #error "requests.bpf.c: say which register of struct pt_regs holds the syscall's number here"
 #endif
+/* The receiving syscalls' numbers, from each architecture's syscall table (arch/x86/entry/syscalls,
+ * include/uapi/asm-generic/unistd.h for arm64 and riscv, arch/s390 and arch/powerpc's syscall.tbl). */
+#if defined(__TARGET_ARCH_x86)
+#define REQ_NR_READ 0
+#define REQ_NR_READV 19
+#define REQ_NR_RECVFROM 45
+#define REQ_NR_RECVMSG 47
+#define REQ_NR_RECVMMSG 299
+#elif defined(__TARGET_ARCH_arm64) || defined(__TARGET_ARCH_riscv)
+#define REQ_NR_READ 63
+#define REQ_NR_READV 65
+#define REQ_NR_RECVFROM 207
+#define REQ_NR_RECVMSG 212
+#define REQ_NR_RECVMMSG 243
+#elif defined(__TARGET_ARCH_s390)
+#define REQ_NR_READ 3
+#define REQ_NR_READV 145
+#define REQ_NR_RECVFROM 371
+#define REQ_NR_RECVMSG 372
+#define REQ_NR_RECVMMSG 357
+#elif defined(__TARGET_ARCH_powerpc)
+#define REQ_NR_READ 3
+#define REQ_NR_READV 145
+#define REQ_NR_RECVFROM 337
+#define REQ_NR_RECVMSG 342
+#define REQ_NR_RECVMMSG 343
+#else
+#error "requests.bpf.c: give the receiving syscalls' numbers here"
+#endif
 /* Kernel #defines, absent from BTF: threads that make no syscall of their own (a kernel thread, an
  * io_uring worker) never reach a traced exit. */
 #define REQ_PF_IO_WORKER 0x00000010
@@ -335,17 +368,40 @@ static __always_inline struct pt_regs *syscall_regs(struct task_struct *task)
 	return (struct pt_regs *)bpf_task_pt_regs(task);
 }
 
-/* A receive's state, begun at its first socket hook; NULL for a call not followed. */
+/* How a receive passed its buffer, by its syscall's number; -1 for a call that is none of them (a
+ * receive io_uring makes inside io_uring_enter, a kernel socket's inside another call). */
+static __always_inline int receive_args(long nr)
+{
+	switch (nr) {
+	case REQ_NR_READ:
+	case REQ_NR_RECVFROM:
+		return BS_REQ_ARGS_BUF;
+	case REQ_NR_READV:
+		return BS_REQ_ARGS_IOV;
+	case REQ_NR_RECVMSG:
+		return BS_REQ_ARGS_MSG;
+	case REQ_NR_RECVMMSG:
+		return BS_REQ_ARGS_MMSG;
+	default:
+		return -1;
+	}
+}
+
+/* A receive's state, begun at its first socket hook with its arguments; NULL for a call not followed. */
 static __always_inline struct req_call *receive_begin(struct task_struct *task)
 {
 	struct pt_regs *regs;
 	struct req_call *call;
 	long nr;
+	int args;
 
 	if (task->flags & (REQ_PF_KTHREAD | REQ_PF_IO_WORKER))
 		return NULL;
 	regs = syscall_regs(task);
 	nr = REQ_SYSCALL_NR(regs);
+	args = receive_args(nr);
+	if (args < 0)
+		return NULL;
 	call = bpf_task_storage_get(&calls, task, 0, 0);
 	if (call && call->active && call->nr == nr)
 		return call; /* a later message of the same call (recvmmsg) */
@@ -359,11 +415,28 @@ static __always_inline struct req_call *receive_begin(struct task_struct *task)
 		}
 	}
 	*call = (struct req_call){
+		.buf = PT_REGS_PARM2_SYSCALL(regs),
+		.count = args == BS_REQ_ARGS_IOV || args == BS_REQ_ARGS_MMSG ? PT_REGS_PARM3_SYSCALL(regs) : 1,
+		.addr = nr == REQ_NR_RECVFROM ? PT_REGS_PARM5_SYSCALL(regs) : 0,
 		.fd = PT_REGS_PARM1_SYSCALL(regs),
 		.nr = nr,
+		.args = args,
 		.dir = BS_REQ_DIR_INGRESS,
 		.active = 1,
 	};
+	return call;
+}
+
+/* A send's state, begun at its entry: that of this syscall, not one whose exit left it (no exit is
+ * traced for most sends, and io_uring_enter may send on a socket after a write to a file). */
+static __always_inline struct req_call *send_state(struct task_struct *task)
+{
+	struct req_call *call = bpf_task_storage_get(&calls, task, 0, 0);
+
+	if (!call || !call->active || call->dir != BS_REQ_DIR_EGRESS)
+		return NULL;
+	if (call->nr != REQ_SYSCALL_NR(syscall_regs(task)))
+		return NULL;
 	return call;
 }
 
@@ -381,11 +454,12 @@ static __always_inline bool port_selected(const struct bs_conn *conn)
 	return bs_conn_selected(conn);
 }
 
-static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool recv)
+/* The call whose record the hook sends now (NULL: none, or its exit does). */
+static __always_inline struct req_call *on_sock_io(struct sock *sk, int ret, int flags, bool recv)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct req_call *call = recv ? receive_begin(task) : bpf_task_storage_get(&calls, task, 0, 0);
+	struct req_call *call = recv ? receive_begin(task) : send_state(task);
 	struct req_conn *known, fresh = {};
 	struct ssl_call *ssl;
 	struct ssl_link link = {};
@@ -394,21 +468,21 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 	__u64 cookie;
 
 	if (!call || !call->active || call->cookie || call->skip)
-		return;
+		return NULL;
 	if (recv && (flags & REQ_MSG_PEEK)) {
 		call->skip = 1; /* the bytes will be read again */
-		return;
+		return NULL;
 	}
 	family = sk->__sk_common.skc_family;
 	protocol = sk->sk_protocol;
 	if ((family != BS_AF_INET && family != BS_AF_INET6) ||
 	    (protocol != BS_IPPROTO_TCP && protocol != REQ_IPPROTO_UDP))
-		return;
+		return NULL;
 	bs_conn_of_live(sk, &call->conn);
 	if (protocol == REQ_IPPROTO_UDP && !call->conn.dport)
 		call->check_peer = 1;
 	else if (!port_selected(&call->conn))
-		return;
+		return NULL;
 	cookie = bpf_get_socket_cookie(sk);
 	call->cookie = cookie;
 	call->protocol = protocol;
@@ -430,22 +504,17 @@ static __always_inline void on_sock_io(struct sock *sk, int ret, int flags, bool
 		if (known)
 			known->tls = 1;
 	}
-	if (known && known->tls)
+	if (known && known->tls) {
 		call->skip = 1;
-}
-
-SEC("tp_btf/sock_send_length")
-int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
-{
-	on_sock_io(sk, ret, flags, false);
-	return 0;
-}
-
-SEC("tp_btf/sock_recv_length")
-int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
-{
-	on_sock_io(sk, ret, flags, true);
-	return 0;
+		return NULL;
+	}
+	/* Sent by the exit: a UDP receive's peer is written to the caller after the hook; recvmmsg,
+	 * sendmmsg and sendfile make a hook per message or piece. */
+	if (call->args == BS_REQ_ARGS_MMSG || call->args == BS_REQ_ARGS_FILE)
+		return NULL;
+	if (recv && protocol == REQ_IPPROTO_UDP && (call->args == BS_REQ_ARGS_MSG || call->addr))
+		return NULL;
+	return call;
 }
 
 /* --- records ---------------------------------------------------------------------------------------- */
@@ -559,7 +628,9 @@ static __always_inline void peer_of(struct req_event *ev, const void *addr)
 {
 	struct sockaddr_in6 sa = {};
 
-	if (!addr || bpf_probe_read_user(&sa, sizeof(sa), addr))
+	/* A TCP socket's peer is its connection's (the kernel neither reads nor writes a connected
+	 * stream's address argument). */
+	if (!addr || ev->protocol != REQ_IPPROTO_UDP || bpf_probe_read_user(&sa, sizeof(sa), addr))
 		return;
 	if (sa.sin6_family == BS_AF_INET) {
 		struct sockaddr_in *in = (struct sockaddr_in *)&sa;
@@ -885,39 +956,30 @@ static __always_inline struct req_call *call_of(long nr)
 		return call ? call_exit(call, ret) : 0;                                              \
 	}
 
-/* A receive's arguments, from its registers: the buffer (or iovec array, msghdr, mmsghdr array), the
- * count of iovecs or messages, recvfrom's peer address. */
-#define REQ_RECEIVE_EXIT(name, how, n, peer)                                                          \
-	SEC("tracepoint/syscalls/sys_exit_" #name)                                                   \
-	int exit_##name(struct trace_event_raw_sys_exit *ctx)                                        \
-	{                                                                                            \
-		long nr = ctx->id, ret = ctx->ret;                                                   \
-		struct req_call *call = call_of(nr);                                                 \
-		struct pt_regs *regs;                                                                \
-                                                                                                     \
-		if (!call)                                                                           \
-			return 0;                                                                    \
-		if (ret > 0 && call->cookie && !call->skip) {                                        \
-			regs = syscall_regs(bpf_get_current_task_btf());                             \
-			call->args = how;                                                            \
-			call->buf = PT_REGS_PARM2_SYSCALL(regs);                                     \
-			call->count = n;                                                             \
-			call->addr = peer;                                                           \
-		}                                                                                    \
-		return call_exit(call, ret);                                                         \
-	}
-
-REQ_RECEIVE_EXIT(read, BS_REQ_ARGS_BUF, 0, 0)
-REQ_RECEIVE_EXIT(readv, BS_REQ_ARGS_IOV, PT_REGS_PARM3_SYSCALL(regs), 0)
-REQ_RECEIVE_EXIT(recvfrom, BS_REQ_ARGS_BUF, 0, PT_REGS_PARM5_SYSCALL(regs))
-REQ_RECEIVE_EXIT(recvmsg, BS_REQ_ARGS_MSG, 1, 0)
-REQ_RECEIVE_EXIT(recvmmsg, BS_REQ_ARGS_MMSG, PT_REGS_PARM3_SYSCALL(regs), 0)
-REQ_EXIT(write)
-REQ_EXIT(writev)
-REQ_EXIT(sendto)
-REQ_EXIT(sendmsg)
+REQ_EXIT(recvfrom)
+REQ_EXIT(recvmsg)
+REQ_EXIT(recvmmsg)
 REQ_EXIT(sendmmsg)
 REQ_EXIT(sendfile64)
+
+/* Where most calls are sent from (see the top of this file): the bytes moved are `ret`, the call
+ * returns right after. A call's exit program, where records were sent from before, ran on every call
+ * of its syscall: now only five of the eleven have one. */
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
+{
+	struct req_call *call = on_sock_io(sk, ret, flags, false);
+
+	return call ? call_exit(call, ret) : 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
+{
+	struct req_call *call = on_sock_io(sk, ret, flags, true);
+
+	return call ? call_exit(call, ret) : 0;
+}
 
 static __always_inline void forget_streams(__u64 cookie)
 {
