@@ -34,8 +34,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,9 @@ class Traced:
     fio: list[dict]  # each fio process's JSON report
     pids: list[int]  # and pid
     diskstats: tuple[list[int], list[int]]  # DISK's /proc/diskstats fields as fio started and ended
+    # With io_cgroups: the bytes each fio process (and its children) read from DISK, by the kernel's
+    # count for the cgroup it ran in alone (blkio.throttle.io_service_bytes, or io.stat's rbytes).
+    read_bytes: list[int] | None = None
 
     def records(self, tool: int, record: str | None = None) -> list[dict]:
         """A tool's JSON records, or those of one schema (``record``: "biosnoop", "losses", ...)."""
@@ -140,18 +143,64 @@ def _wait_tracing(tool: subprocess.Popen[str], timeout: float = 30.0) -> None:
 
 
 def _fio_report(path: Path) -> dict:
-    """fio's JSON report; the lines fio logs before it (an exec_postrun's "Saving output of ...") skipped."""
+    """fio's JSON report, past any line fio logs before it."""
     text = path.read_text()
     return json.loads(text[text.index("{") :])
 
 
-def run_traced(tmp_path: Path, tools: list[list[str]], jobs: list[list[str]]) -> Traced:
+@contextmanager
+def io_cgroup(name: str) -> Iterator[tuple[Path, Callable[[], int]]]:
+    """A cgroup of its own for a process (cgroup v1's blkio where it is mounted, else v2's io): its
+    cgroup.procs, and what its tasks have read from DISK by the kernel's count, which lasts after they
+    exit (every read bio charged to the cgroup as it was submitted)."""
+    device = Path(f"/sys/block/{DISK}/dev").read_text().strip()
+    v1 = Path("/sys/fs/cgroup/blkio")
+    if (v1 / "blkio.throttle.io_service_bytes").exists():
+        path = v1 / name
+
+        def read_bytes() -> int:
+            text = (path / "blkio.throttle.io_service_bytes").read_text()
+            return sum(int(n) for n in re.findall(rf"^{device} Read (\d+)$", text, re.MULTILINE))
+
+    else:
+        from bpfscope.sources.cgroups import cgroup2_mounts
+
+        root = next(
+            (r for r in cgroup2_mounts() if "io" in (r / "cgroup.controllers").read_text().split()), None
+        )
+        if root is None:
+            pytest.fail("no I/O accounting by cgroup here: neither cgroup v1 blkio nor the v2 io controller")
+        (root / "cgroup.subtree_control").write_text("+io\n")
+        path = root / name
+
+        def read_bytes() -> int:
+            text = (path / "io.stat").read_text()
+            return sum(int(n) for n in re.findall(rf"^{device} rbytes=(\d+)", text, re.MULTILINE))
+
+    path.mkdir()
+    try:
+        yield path / "cgroup.procs", read_bytes
+    finally:
+        for _ in range(50):  # empty once its processes are reaped
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def run_traced(
+    tmp_path: Path, tools: list[list[str]], jobs: list[list[str]], io_cgroups: bool = False
+) -> Traced:
     """Start fio processes paused, the tools (``{pid0}`` in their arguments is the first fio's pid),
-    then the fio processes once every tool is tracing; stop the tools with SIGINT when fio is done."""
+    then the fio processes once every tool is tracing; stop the tools with SIGINT when fio is done.
+    With ``io_cgroups``, each fio process runs in a cgroup of its own, which counts what it read."""
     # The machine's dirty pages written out first: the flusher writing them (a fresh install leaves
     # about 200 MB) would share the disk with fio, whose numbers here are those of the disk alone.
     os.sync()
     fios = []
+    cgroups = ExitStack()
+    counters: list[Callable[[], int]] = []
     for i, job in enumerate(jobs):
         report = tmp_path / f"fio{i}.json"
         fios.append(
@@ -168,11 +217,14 @@ def run_traced(tmp_path: Path, tools: list[list[str]], jobs: list[list[str]]) ->
                     ],
                     stdin=subprocess.PIPE,
                     text=True,
-                    cwd=tmp_path,  # where fio writes a job's exec_postrun output
                 ),
                 report,
             )
         )
+        if io_cgroups:
+            procs, count_reads = cgroups.enter_context(io_cgroup(f"bpfscope-test-{os.getpid()}-{i}"))
+            procs.write_text(f"{fios[-1][0].pid}\n")  # paused before its exec of fio
+            counters.append(count_reads)
     running = []
     try:
         for i, args in enumerate(tools):
@@ -193,6 +245,7 @@ def run_traced(tmp_path: Path, tools: list[list[str]], jobs: list[list[str]]) ->
         for fio, _ in fios:
             assert fio.wait(timeout=60) == 0
         after = _diskstats()
+        read_bytes = [count() for count in counters] if io_cgroups else None
         time.sleep(0.2)
         outputs, errors = [], []
         for proc, out in running:
@@ -212,12 +265,14 @@ def run_traced(tmp_path: Path, tools: list[list[str]], jobs: list[list[str]]) ->
                 proc.kill()
                 proc.wait()
             out.close()
+        cgroups.close()
     return Traced(
         outputs,
         errors,
         [_fio_report(report) for _, report in fios],
         [f.pid for f, _ in fios],
         (before, after),
+        read_bytes,
     )
 
 
@@ -508,12 +563,6 @@ def test_biolatency_whole_disk_is_device_time(fio_file: Path, tmp_path: Path) ->
 # --- biotop: two processes told apart ----------------------------------------------------------------
 
 
-def process_io(tmp_path: Path, job: str) -> dict[str, int]:
-    """The fio process's /proc/PID/io as its job ``job`` ended (written by the job's exec_postrun)."""
-    text = (tmp_path / f"{job}.postrun.txt").read_text()
-    return {key: int(value) for key, value in re.findall(r"^(\w+): (\d+)$", text, re.MULTILINE)}
-
-
 def test_biotop_tells_processes_apart(fio_file: Path, tmp_path: Path) -> None:
     rates = (1500, 4500)
     traced = run_traced(
@@ -527,13 +576,10 @@ def test_biotop_tells_processes_apart(fio_file: Path, tmp_path: Path) -> None:
                 "--rw=randread",
                 "--iodepth=4",
                 f"--rate_iops={rate}",
-                # The kernel's own count of what the process read from storage, all of it (fio's reads
-                # and whatever else it made the kernel read), from its start: a shell fio runs as the job
-                # ends, whose parent is the fio process (--thread: one process, the job a thread of it).
-                "--exec_postrun=cat /proc/$PPID/io",
             ]
             for rate in rates
         ],
+        io_cgroups=True,
     )
     rows = traced.records(0, "biotop")
     assert rows, traced.errors[0]
@@ -549,11 +595,15 @@ def test_biotop_tells_processes_apart(fio_file: Path, tmp_path: Path) -> None:
     read_kb = {pid: sum(r["read_kb"] for r in rows if r["pid"] == pid) for pid in traced.pids}
     for i, pid in enumerate(traced.pids):
         fio_ios = traced.fio_total(i, "read", "total_ios")
-        # At least fio's own reads; at most what the kernel counts the process read from storage
-        # (/proc/PID/io read_bytes: every read it submitted, from before the tools attached). Beyond its
-        # own, a fio pid was seen reading 56 and 89 times more than fio's 3,000 in full runs (its pages
-        # or the file's metadata read back in after the host reclaimed them; majf said 0 the second time).
-        kernel_kb = process_io(tmp_path, f"io{rates[i]}")["read_bytes"] / 1024
+        # At least fio's own reads; at most what the kernel charged to the process's cgroup of its own
+        # (every read it submitted from the disk, from before the tools attached to after its last).
+        # Beyond its own, a fio pid was seen reading 56 and 89 times more than fio's 3,000 in full runs
+        # (its pages or the file's metadata read back in after the host reclaimed them; majf said 0 the
+        # second time), and 11 pages more than /proc/PID/io said as its job ended (read after it: fio's
+        # report). From the cgroup's count, which lasts after the process: equal to biotop's in three
+        # runs (12,000 and 36,000 KiB twice, 12,016 and 36,132 once).
+        assert traced.read_bytes is not None
+        kernel_kb = traced.read_bytes[i] / 1024
         assert reads[pid] >= 0.99 * fio_ios, (pid, reads[pid], fio_ios)
         assert fio_ios * 4 * 0.99 <= read_kb[pid] <= kernel_kb, (pid, read_kb[pid], fio_ios, kernel_kb)
         mine = [r for r in rows if r["pid"] == pid]
