@@ -31,9 +31,9 @@ def _reply(port: int, cookie: int, segs_out: int) -> bytes:
     struct.pack_into(">H", msg, 4, port)
     msg[8:12] = socket.inet_aton("127.0.0.1")
     struct.pack_into("=II", msg, 44, cookie & 0xFFFFFFFF, cookie >> 32)
-    offset, unpack = diag._tcp_info_fields()["tcpi_segs_out"]
-    info = bytearray(offset + unpack.size)
-    unpack.pack_into(info, offset, segs_out)
+    field = diag._tcp_info_fields()["tcpi_segs_out"]
+    info = bytearray(field.offset + field.type.size)
+    info[field.offset :] = field.type.encode(segs_out)
     kinds = diag._kernel_enum("INET_DIAG_INFO")
     attrs = b""
     for kind, payload in (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
 import os
 import socket
 import struct
@@ -155,29 +156,23 @@ class TcpInfo:
         self.raw = raw
 
     def __getitem__(self, name: str) -> int:
-        offset, unpack = _tcp_info_fields()[name]
-        if offset + unpack.size > len(self.raw):
+        field = _tcp_info_fields()[name]
+        end = field.offset + field.type.size
+        if end > len(self.raw):
             raise KeyError(name)
-        return unpack.unpack_from(self.raw, offset)[0]
+        return field.type.decode(self.raw[field.offset : end])
 
 
 def tcp_info(raw: bytes | None) -> TcpInfo | None:
     return TcpInfo(raw) if raw else None
 
 
-_SCALAR_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
-
 @cache
-def _tcp_info_fields() -> dict[str, tuple[int, struct.Struct]]:
+def _tcp_info_fields() -> dict[str, Any]:
+    """struct tcp_info's fields by name (engine.btf's Field: offset, type)."""
     from bpfscope.engine.btf import kernel_btf
 
-    layout = kernel_btf().struct("tcp_info")
-    return {
-        f.name: (f.offset, struct.Struct("=" + _SCALAR_CODES[f.type.size]))
-        for f in layout.fields
-        if f.type.size in _SCALAR_CODES
-    }
+    return {f.name: f for f in kernel_btf().struct("tcp_info").fields}
 
 
 class DiagMessage:
@@ -202,39 +197,26 @@ class DiagMessage:
 
 @dataclass(frozen=True)
 class _MsgLayout:
-    # family, state, sport, dport, src, dst, the cookie's low and high halves, rqueue, wqueue, inode
-    head: struct.Struct
+    head: struct.Struct  # struct inet_diag_msg, flat (engine.btf's Struct.unpacker)
+    # family, state, sport, dport, src[4], dst[4], cookie[2], rqueue, wqueue, inode
+    pick: operator.itemgetter[tuple[Any, ...]]
     size: int  # sizeof(struct inet_diag_msg): its attributes follow
 
 
 @cache
 def _msg_layout() -> _MsgLayout:
-    """struct inet_diag_msg's fields this module reads, as one struct.Struct at the BTF's offsets (the
-    UAPI's types: ports and addresses in network order, the cookie two host-order u32s)."""
     from bpfscope.engine.btf import kernel_btf
 
-    btf = kernel_btf()
-    msg, sockid = btf.struct("inet_diag_msg"), btf.struct("inet_diag_sockid")
-    at = msg.field("id").offset
-    cookie = at + sockid.field("idiag_cookie").offset
-    parts = [
-        (msg.field("idiag_family").offset, "B"),
-        (msg.field("idiag_state").offset, "B"),
-        (at + sockid.field("idiag_sport").offset, "2s"),
-        (at + sockid.field("idiag_dport").offset, "2s"),
-        (at + sockid.field("idiag_src").offset, "16s"),
-        (at + sockid.field("idiag_dst").offset, "16s"),
-        (cookie, "I"),
-        (cookie + 4, "I"),
-        (msg.field("idiag_rqueue").offset, "I"),
-        (msg.field("idiag_wqueue").offset, "I"),
-        (msg.field("idiag_inode").offset, "I"),
-    ]
-    fmt, end = "=", 0
-    for offset, code in parts:
-        fmt += f"{offset - end}x{code}" if offset > end else code
-        end = offset + struct.calcsize("=" + code)
-    return _MsgLayout(struct.Struct(fmt), msg.size)
+    msg = kernel_btf().struct("inet_diag_msg")
+    head, names = msg.unpacker()
+    at = {name: i for i, name in enumerate(names)}
+    wanted = (
+        *("idiag_family", "idiag_state", "id.idiag_sport", "id.idiag_dport"),
+        *(f"id.idiag_src[{i}]" for i in range(4)),
+        *(f"id.idiag_dst[{i}]" for i in range(4)),
+        *("id.idiag_cookie[0]", "id.idiag_cookie[1]", "idiag_rqueue", "idiag_wqueue", "idiag_inode"),
+    )
+    return _MsgLayout(head, operator.itemgetter(*(at[name] for name in wanted)), msg.size)
 
 
 def _address(family: int, raw: bytes) -> str:
@@ -246,15 +228,16 @@ def _address(family: int, raw: bytes) -> str:
 def _decode_diag(data: bytes, at: int, end: int) -> DiagMessage:
     """The inet_diag_msg at ``at`` (after its netlink header) and its attributes up to ``end``."""
     layout = _msg_layout()
-    head = layout.head.unpack_from(data, at)
-    family, state, sport, dport, src, dst, low, high, rqueue, wqueue, inode = head
+    family, state, sport, dport, *words = layout.pick(layout.head.unpack_from(data, at))
+    low, high, rqueue, wqueue, inode = words[8:]
     fields = {
         "idiag_family": family,
         "idiag_state": state,
-        "idiag_sport": int.from_bytes(sport, "big"),
-        "idiag_dport": int.from_bytes(dport, "big"),
-        "idiag_src": _address(family, src),
-        "idiag_dst": _address(family, dst),
+        # Ports and addresses are in network order, unpacked as little-endian words: back to bytes.
+        "idiag_sport": int.from_bytes(sport.to_bytes(2, "little"), "big"),
+        "idiag_dport": int.from_bytes(dport.to_bytes(2, "little"), "big"),
+        "idiag_src": _address(family, _WORDS.pack(*words[0:4])),
+        "idiag_dst": _address(family, _WORDS.pack(*words[4:8])),
         "idiag_cookie": low | high << 32,
         "idiag_rqueue": rqueue,
         "idiag_wqueue": wqueue,
@@ -271,6 +254,7 @@ def _decode_diag(data: bytes, at: int, end: int) -> DiagMessage:
     return DiagMessage(fields, attrs)
 
 
+_WORDS = struct.Struct("<4I")
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _RTATTR = struct.Struct("=HH")
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
