@@ -411,6 +411,70 @@ def test_calls_io_uring_makes_are_not_taken_for_others(tmp_path: Path) -> None:
     assert served == [("/by-recv", 200), ("/sent-through-io-uring", 200)], http
 
 
+# A client that reads a UNIX socket and then its HTTP answer from TCP, with read() both times.
+STALE_PROGRAM = r"""
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static char local[4096], answer[65536];
+
+int main(int argc, char **argv)
+{
+    int port = atoi(argv[1]), n = atoi(argv[2]), pair[2], s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port)};
+    /* What the UNIX socket carries: an answer of its own, which the TCP read must not be given. */
+    const char *unix_text = "HTTP/1.1 418 I'm a teapot\r\nContent-Length: 0\r\n\r\n";
+    const char *request = "GET /small HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) || connect(s, (struct sockaddr *)&addr, sizeof(addr)))
+        return 1;
+    for (int i = 0; i < n; i++) {
+        size_t got = 0;
+        char *end;
+
+        /* The UNIX socket read last before the answer's: no traced call's entry in between. */
+        if (write(s, request, strlen(request)) < 0)
+            return 2;
+        if (write(pair[1], unix_text, strlen(unix_text)) < 0 || read(pair[0], local, sizeof(local)) <= 0)
+            return 3;
+        /* Until the head and its 3-byte body are in. */
+        do {
+            ssize_t r = read(s, answer + got, sizeof(answer) - 1 - got);
+            if (r <= 0)
+                return 4;
+            got += r;
+            answer[got] = 0;
+            end = strstr(answer, "\r\n\r\n");
+        } while (!end || got < (size_t)(end - answer) + 4 + 3);
+    }
+    return 0;
+}
+"""
+
+
+def test_a_read_the_tracer_leaves_is_not_taken_for_the_next(nginx: Nginx, tmp_path: Path) -> None:
+    """read() has no exit program: its state begins at its socket hook and is ended by the record the
+    hook sends. A read of a UNIX socket leaves its state there (nothing to send); the next read, of a
+    traced TCP socket, must begin its own and not take that one's buffer: it did, and the UNIX socket's
+    bytes were taken for each answer, of which none was recognised."""
+    source, program = tmp_path / "stale.c", tmp_path / "stale"
+    source.write_text(STALE_PROGRAM)
+    subprocess.run(["gcc", "-O1", "-o", str(program), str(source)], check=True)
+    with Traced("--port", str(nginx.port)) as traced:
+        run = subprocess.run([str(program), str(nginx.port), "50"], capture_output=True, timeout=60)
+    assert run.returncode == 0, run
+    asked = traced.table("http_events", trace_role="client", comm="stale")
+    assert Counter((r["req_path"], r["resp_status"], r["resp_body_size"]) for r in asked) == {
+        ("/small", 200, 3): 50
+    }, asked
+
+
 GRPC_SERVER = r"""
 import sys, time
 from concurrent import futures

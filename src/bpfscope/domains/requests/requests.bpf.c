@@ -403,8 +403,11 @@ static __always_inline struct req_call *receive_begin(struct task_struct *task)
 	if (args < 0)
 		return NULL;
 	call = bpf_task_storage_get(&calls, task, 0, 0);
-	if (call && call->active && call->nr == nr)
-		return call; /* a later message of the same call (recvmmsg) */
+	/* A later message of the same recvmmsg. Any other receive begins afresh: a read's state is ended by
+	 * its hook's record, and one the hook left (a UNIX socket's, a socket not selected, TLS ciphertext)
+	 * has no exit to end it: taken again, it gave a later read of a traced socket its buffer. */
+	if (call && call->active && call->nr == nr && args == BS_REQ_ARGS_MMSG)
+		return call;
 	if (!bs_task_selected() || !bs_current_in_set())
 		return NULL;
 	if (!call) {
