@@ -19,6 +19,9 @@
  *      what the hook cannot read yet or has seen only part of: a UDP receive's peer (recvfrom,
  *      recvmsg), recvmmsg's and sendmmsg's messages (a hook each), sendfile (a hook per piece; it sends
  *      the size alone: the bytes come from a file, never through user memory).
+ *   A plain read or write of a TCP stream with a position (all its calls but the first) takes its place
+ *   at the hook's start (early_call), and is done there when it lies in a stretch user space or the
+ *   kernel skips (most calls of a long body): nothing else is looked up for it.
  * TLS: uprobes on libssl's SSL_read/SSL_write(_ex) keep the SSL object per thread; the socket hooks of
  * the syscall OpenSSL makes on that thread link the object to its socket (ssl_links) and mark the socket
  * as TLS (conns), after which its ciphertext is no longer sent; the uretprobe sends the plaintext.
@@ -138,6 +141,8 @@ struct req_call {
 	__u64 count;	 /* iovecs or messages */
 	__u64 addr;	 /* recvfrom/sendto: the peer's sockaddr */
 	__u64 cookie;	 /* set by the socket hooks: a selected socket */
+	__u64 pos;	 /* with advanced: the call's place in its stream, and */
+	__u32 limit;	 /* the bytes of it to copy, both taken by early_call() */
 	struct bs_conn conn;
 	__s32 fd;
 	__s32 nr;	 /* the syscall's number: only its own exit reads the state (a receive made inside
@@ -148,7 +153,7 @@ struct req_call {
 	__u8 skip;	 /* MSG_PEEK, or TLS ciphertext: nothing sent */
 	__u8 check_peer; /* an unconnected UDP socket: the port filter waits for the message's peer */
 	__u8 active;	 /* between an entry and its exit (the storage stays with the thread) */
-	__u8 pad[1];
+	__u8 advanced;	 /* its stream's position moved past it already (pos, limit) */
 };
 
 /* An SSL_read/SSL_write in progress, per thread. */
@@ -329,32 +334,49 @@ REQ_ENTER(sendfile64, BS_REQ_ARGS_FILE, 0, 0, 0)
 #else
 #error "requests.bpf.c: say which register of struct pt_regs holds the syscall's number here"
 #endif
-/* The receiving syscalls' numbers, from each architecture's syscall table (arch/x86/entry/syscalls,
- * include/uapi/asm-generic/unistd.h for arm64 and riscv, arch/s390 and arch/powerpc's syscall.tbl). */
+/* The receiving syscalls' numbers and the plain sends', from each architecture's syscall table
+ * (arch/x86/entry/syscalls, include/uapi/asm-generic/unistd.h for arm64 and riscv, arch/s390 and
+ * arch/powerpc's syscall.tbl). */
 #if defined(__TARGET_ARCH_x86)
 #define REQ_NR_READ 0
 #define REQ_NR_READV 19
 #define REQ_NR_RECVFROM 45
 #define REQ_NR_RECVMSG 47
 #define REQ_NR_RECVMMSG 299
+#define REQ_NR_WRITE 1
+#define REQ_NR_WRITEV 20
+#define REQ_NR_SENDTO 44
+#define REQ_NR_SENDMSG 46
 #elif defined(__TARGET_ARCH_arm64) || defined(__TARGET_ARCH_riscv)
 #define REQ_NR_READ 63
 #define REQ_NR_READV 65
 #define REQ_NR_RECVFROM 207
 #define REQ_NR_RECVMSG 212
 #define REQ_NR_RECVMMSG 243
+#define REQ_NR_WRITE 64
+#define REQ_NR_WRITEV 66
+#define REQ_NR_SENDTO 206
+#define REQ_NR_SENDMSG 211
 #elif defined(__TARGET_ARCH_s390)
 #define REQ_NR_READ 3
 #define REQ_NR_READV 145
 #define REQ_NR_RECVFROM 371
 #define REQ_NR_RECVMSG 372
 #define REQ_NR_RECVMMSG 357
+#define REQ_NR_WRITE 4
+#define REQ_NR_WRITEV 146
+#define REQ_NR_SENDTO 369
+#define REQ_NR_SENDMSG 370
 #elif defined(__TARGET_ARCH_powerpc)
 #define REQ_NR_READ 3
 #define REQ_NR_READV 145
 #define REQ_NR_RECVFROM 337
 #define REQ_NR_RECVMSG 342
 #define REQ_NR_RECVMMSG 343
+#define REQ_NR_WRITE 4
+#define REQ_NR_WRITEV 146
+#define REQ_NR_SENDTO 335
+#define REQ_NR_SENDMSG 341
 #else
 #error "requests.bpf.c: give the receiving syscalls' numbers here"
 #endif
@@ -455,6 +477,57 @@ static __always_inline bool port_selected(const struct bs_conn *conn)
 	if (targ_ports && !has_port(conn))
 		return false;
 	return bs_conn_selected(conn);
+}
+
+/* How many of the first bytes of a call at `pos` of its stream to copy, given what user space (or the
+ * kernel) asked of the stream: 0 for a call wholly before the end of a stretch to skip. */
+static __always_inline __u32 stream_limit(const struct stream_skip *skip, __u64 pos, __u64 size)
+{
+	if (!skip)
+		return capture_bytes;
+	if (pos + size < skip->until)
+		return 0;
+	return skip->probe ? skip->probe : capture_bytes;
+}
+
+enum req_early { REQ_EARLY_NONE, REQ_EARLY_DONE, REQ_EARLY_ADVANCED };
+
+/* Before anything else at a socket hook: a plain read or write syscall (read, readv, recvfrom,
+ * recvmsg; write, writev, sendto, sendmsg) on a TCP socket whose stream has a position already (all
+ * its calls but the first) moves the position past itself here, and is done when it lies wholly inside
+ * a stretch to skip (most calls of a long body): no task storage, no connection or TLS lookup, no
+ * scratch, which a call not sent does not need (under the network-analysis mesh, 35,000 socket calls
+ * a second, nearly all inside 4 MiB bodies). Otherwise the call goes on as before, its place and limit
+ * taken (ADVANCED). The calls whose exits send (recvmmsg, sendmmsg, sendfile, a UDP peer) and a
+ * receive that peeks are left to the hook's other path, which is the same as before for them. A TLS
+ * socket's ciphertext has no plain position, unless it began plain (a STARTTLS): then that position
+ * moves past ciphertext, which changes nothing sent. DONE also for a task not selected. */
+static __always_inline int early_call(struct sock *sk, int ret, int flags, bool recv, __u64 *at, __u32 *limit)
+{
+	struct task_struct *task;
+	struct stream_key key = {};
+	__u64 *pos;
+	long nr;
+
+	if (ret <= 0 || sk->sk_protocol != BS_IPPROTO_TCP || (recv && (flags & REQ_MSG_PEEK)))
+		return REQ_EARLY_NONE;
+	task = bpf_get_current_task_btf();
+	if (task->flags & (REQ_PF_KTHREAD | REQ_PF_IO_WORKER))
+		return REQ_EARLY_NONE;
+	nr = REQ_SYSCALL_NR(syscall_regs(task));
+	if (recv ? nr != REQ_NR_READ && nr != REQ_NR_READV && nr != REQ_NR_RECVFROM && nr != REQ_NR_RECVMSG
+		 : nr != REQ_NR_WRITE && nr != REQ_NR_WRITEV && nr != REQ_NR_SENDTO && nr != REQ_NR_SENDMSG)
+		return REQ_EARLY_NONE;
+	if (!bs_task_selected() || !bs_current_in_set())
+		return REQ_EARLY_DONE;
+	key.cookie = bpf_get_socket_cookie(sk);
+	key.dir = recv ? BS_REQ_DIR_INGRESS : BS_REQ_DIR_EGRESS;
+	pos = bpf_map_lookup_elem(&positions, &key);
+	if (!pos)
+		return REQ_EARLY_NONE;
+	*at = __sync_fetch_and_add(pos, ret);
+	*limit = stream_limit(bpf_map_lookup_elem(&skips, &key), *at, ret);
+	return *limit ? REQ_EARLY_ADVANCED : REQ_EARLY_DONE;
 }
 
 /* The call whose record the hook sends now (NULL: none, or its exit does). */
@@ -681,7 +754,6 @@ static __always_inline void event_header(struct req_event *ev, struct req_call *
 static __always_inline __u32 stream_advance(struct req_event *ev)
 {
 	struct stream_key key = {.cookie = ev->cookie, .dir = ev->dir, .tls = ev->source == BS_REQ_SOURCE_TLS};
-	struct stream_skip *skip;
 	__u64 zero = 0, *pos;
 
 	ev->pos = 0;
@@ -695,12 +767,7 @@ static __always_inline __u32 stream_advance(struct req_event *ev)
 			return capture_bytes;
 	}
 	ev->pos = __sync_fetch_and_add(pos, ev->size);
-	skip = bpf_map_lookup_elem(&skips, &key);
-	if (!skip)
-		return capture_bytes;
-	if (ev->pos + ev->size < skip->until)
-		return 0;
-	return skip->probe ? skip->probe : capture_bytes;
+	return stream_limit(bpf_map_lookup_elem(&skips, &key), ev->pos, ev->size);
 }
 
 /* --- HTTP/1 bodies skipped by the kernel ------------------------------------------------------------
@@ -854,8 +921,10 @@ static __always_inline void event_send(struct req_event *ev)
 	skip_http_body(ev);
 }
 
-/* One message of a recvmsg/sendmsg/recvmmsg/sendmmsg: its address, its first bytes. */
-static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *hdr, __u64 size)
+/* One message of a recvmsg/sendmsg/recvmmsg/sendmmsg: its address, its first bytes. taken_limit:
+ * the limit early_call() took with the message's place (taken_pos) in its stream, or 0. */
+static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *hdr, __u64 size,
+				__u32 taken_limit, __u64 taken_pos)
 {
 	struct user_msghdr msg;
 	__u32 limit;
@@ -865,7 +934,12 @@ static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *
 	if (msg.msg_name)
 		peer_of(ev, msg.msg_name);
 	ev->size = size;
-	limit = stream_advance(ev);
+	if (taken_limit) {
+		ev->pos = taken_pos;
+		limit = taken_limit;
+	} else {
+		limit = stream_advance(ev);
+	}
 	if (!limit)
 		return;
 	copy_iov(ev, msg.msg_iov, msg.msg_iovlen, size, limit);
@@ -891,7 +965,12 @@ static __always_inline int call_exit(struct req_call *call, long ret)
 		ev->source = BS_REQ_SOURCE_SYSCALL;
 		ev->protocol = call->protocol;
 		ev->size = ret;
-		limit = stream_advance(ev);
+		if (call->advanced) {
+			ev->pos = call->pos;
+			limit = call->limit;
+		} else {
+			limit = stream_advance(ev);
+		}
 		if (!limit)
 			goto done;
 	}
@@ -907,7 +986,7 @@ static __always_inline int call_exit(struct req_call *call, long ret)
 		event_send(ev);
 		break;
 	case BS_REQ_ARGS_MSG:
-		send_msg(ev, (struct user_msghdr *)call->buf, ret);
+		send_msg(ev, (struct user_msghdr *)call->buf, ret, call->advanced ? call->limit : 0, call->pos);
 		break;
 	case BS_REQ_ARGS_MMSG:
 		/* ret messages; each says its own length */
@@ -917,7 +996,7 @@ static __always_inline int call_exit(struct req_call *call, long ret)
 				break;
 			if (bpf_probe_read_user(&sent, sizeof(sent), &msgs[i].msg_len))
 				break;
-			send_msg(ev, &msgs[i].msg_hdr, sent);
+			send_msg(ev, &msgs[i].msg_hdr, sent, 0, 0);
 		}
 		break;
 	default: /* sendfile: bytes from a file, counted only */
@@ -968,20 +1047,37 @@ REQ_EXIT(sendfile64)
 /* Where most calls are sent from (see the top of this file): the bytes moved are `ret`, the call
  * returns right after. A call's exit program, where records were sent from before, ran on every call
  * of its syscall: now only five of the eleven have one. */
+static __always_inline int on_sock_hook(struct sock *sk, int ret, int flags, bool recv)
+{
+	int early;
+	__u64 at = 0;
+	__u32 limit = 0;
+	struct req_call *call;
+
+	early = early_call(sk, ret, flags, recv, &at, &limit);
+	if (early == REQ_EARLY_DONE)
+		return 0;
+	call = on_sock_io(sk, ret, flags, recv);
+	if (!call)
+		return 0;
+	if (early == REQ_EARLY_ADVANCED) {
+		call->advanced = 1;
+		call->pos = at;
+		call->limit = limit;
+	}
+	return call_exit(call, ret);
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
 {
-	struct req_call *call = on_sock_io(sk, ret, flags, false);
-
-	return call ? call_exit(call, ret) : 0;
+	return on_sock_hook(sk, ret, flags, false);
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
 {
-	struct req_call *call = on_sock_io(sk, ret, flags, true);
-
-	return call ? call_exit(call, ret) : 0;
+	return on_sock_hook(sk, ret, flags, true);
 }
 
 static __always_inline void forget_streams(__u64 cookie)
