@@ -60,14 +60,14 @@ def test_experiment_names_the_lossy_hop(tmp_path: Path) -> None:
     assert app > 2 and all(v["snmp_retrans_pct"] < 1 for k, v in lossy["netns"].items() if k != "app")
 
     # Socket buffers: the app's send buffers (a fixed 512 KiB, smaller than a response) fill up on the
-    # lossy hop and stay full far more often than when it was healthy: measured over 10 s phases, the
-    # fullest was over 90% in 9% to 62% of sockstat's looks, against 0% to 5% before the loss in most
-    # runs; on a busy machine the healthy phase had it in 50% of its looks once, as many as the lossy
-    # phase, and in 4 of 7 once, against 45% lossy: the share of a phase's few looks may go either way
-    # there, the mean fill must still be higher.
-    hop, before = lossy["hops"]["sidecar->app"], healthy["hops"]["sidecar->app"]
-    assert hop["max_send_pct"] >= 90
-    assert hop["mean_max_send_pct"] > before["mean_max_send_pct"], (hop, before)
+    # lossy hop: measured over 10 s phases, the fullest was over 90% in 9% to 62% of sockstat's looks,
+    # against 0% to 5% before the loss in most runs. On a busy machine the healthy phase fills them too
+    # (its consumer waits for a CPU): it had them over 90% in 50% of its looks once, as many as the lossy
+    # phase, and in 4 of 7 once, against 45% lossy; and its mean fill was the higher once (71.8% against
+    # 62.1%). So the lossy phase is not compared with the healthy one here: the lossy hop's buffers
+    # reach 90%, and no other hop's stay full more often.
+    hop = lossy["hops"]["sidecar->app"]
+    assert hop["max_send_pct"] >= 90, hop
     assert hop["full_share_pct"] == max(h["full_share_pct"] for h in lossy["hops"].values())
 
     # The users see it as latency; CPU and RAM are fine. The mesh itself uses a fraction of the machine's
