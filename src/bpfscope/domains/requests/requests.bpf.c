@@ -141,8 +141,8 @@ struct req_call {
 	__u64 count;	 /* iovecs or messages */
 	__u64 addr;	 /* recvfrom/sendto: the peer's sockaddr */
 	__u64 cookie;	 /* set by the socket hooks: a selected socket */
-	__u64 pos;	 /* with advanced: the call's place in its stream, and */
-	__u32 limit;	 /* the bytes of it to copy, both taken by early_call() */
+	__u64 pos;	 /* the call's place in its stream and the bytes of it to copy, when early_call() */
+	__u32 limit;	 /* took them (limit > 0; 0: not taken) */
 	struct bs_conn conn;
 	__s32 fd;
 	__s32 nr;	 /* the syscall's number: only its own exit reads the state (a receive made inside
@@ -153,7 +153,7 @@ struct req_call {
 	__u8 skip;	 /* MSG_PEEK, or TLS ciphertext: nothing sent */
 	__u8 check_peer; /* an unconnected UDP socket: the port filter waits for the message's peer */
 	__u8 active;	 /* between an entry and its exit (the storage stays with the thread) */
-	__u8 advanced;	 /* its stream's position moved past it already (pos, limit) */
+	__u8 pad[1];
 };
 
 /* An SSL_read/SSL_write in progress, per thread. */
@@ -771,6 +771,15 @@ static __always_inline __u32 stream_advance(struct req_event *ev)
 	return stream_limit(bpf_map_lookup_elem(&skips, &key), ev->pos, ev->size);
 }
 
+/* stream_advance(), unless early_call() took the call's place already (taken_limit > 0). */
+static __always_inline __u32 stream_place(struct req_event *ev, __u32 taken_limit, __u64 taken_pos)
+{
+	if (!taken_limit)
+		return stream_advance(ev);
+	ev->pos = taken_pos;
+	return taken_limit;
+}
+
 /* --- HTTP/1 bodies skipped by the kernel ------------------------------------------------------------
  * User space steps over a long body by asking the kernel to skip its calls (skips), but it asks only once
  * it has read the head: the calls of a body that moves faster than user space drains the ring are sent
@@ -935,12 +944,7 @@ static __noinline void send_msg(struct req_event *ev, const struct user_msghdr *
 	if (msg.msg_name)
 		peer_of(ev, msg.msg_name);
 	ev->size = size;
-	if (taken_limit) {
-		ev->pos = taken_pos;
-		limit = taken_limit;
-	} else {
-		limit = stream_advance(ev);
-	}
+	limit = stream_place(ev, taken_limit, taken_pos);
 	if (!limit)
 		return;
 	copy_iov(ev, msg.msg_iov, msg.msg_iovlen, size, limit);
@@ -966,12 +970,7 @@ static __always_inline int call_exit(struct req_call *call, long ret)
 		ev->source = BS_REQ_SOURCE_SYSCALL;
 		ev->protocol = call->protocol;
 		ev->size = ret;
-		if (call->advanced) {
-			ev->pos = call->pos;
-			limit = call->limit;
-		} else {
-			limit = stream_advance(ev);
-		}
+		limit = stream_place(ev, call->limit, call->pos);
 		if (!limit)
 			goto done;
 	}
@@ -987,7 +986,7 @@ static __always_inline int call_exit(struct req_call *call, long ret)
 		event_send(ev);
 		break;
 	case BS_REQ_ARGS_MSG:
-		send_msg(ev, (struct user_msghdr *)call->buf, ret, call->advanced ? call->limit : 0, call->pos);
+		send_msg(ev, (struct user_msghdr *)call->buf, ret, call->limit, call->pos);
 		break;
 	case BS_REQ_ARGS_MMSG:
 		/* ret messages; each says its own length */
@@ -1062,7 +1061,6 @@ static __always_inline int on_sock_hook(struct sock *sk, int ret, int flags, boo
 	if (!call)
 		return 0;
 	if (early == REQ_EARLY_ADVANCED) {
-		call->advanced = 1;
 		call->pos = at;
 		call->limit = limit;
 	}
