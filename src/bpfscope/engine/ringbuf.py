@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 _HEADER = 8
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
+_LENGTH = ~(_BUSY | _DISCARD)
+_header_at = struct.Struct("<I").unpack_from
 _MAP_TYPE_RINGBUF = 27
 # After a small batch the consumer waits a little before reading again, so records arrive in larger
 # batches: far less consumer CPU, and a faster producer (measured in benchmarks/ringbuf.py), for at most
@@ -186,17 +188,24 @@ class RingBuffer:
         prod = int(self._producer_pos[0])
         event_size = self.event.size
         records: list[bytes] = []
-        while cons < prod and (limit is None or len(records) < limit):
-            offset = self._page + (cons & self._mask)
-            (header,) = struct.unpack_from("<I", self._data, offset)
+        # Names bound once and the slice taken here, not in _record() but for a record that wraps: an
+        # exec storm reads two records an exec, and this loop was 1.2 us of the tool's 9.5 an exec.
+        append, data, page, mask, end = records.append, self._data, self._page, self._mask, self._end
+        room = prod - cons if limit is None else limit  # without a limit, a bound never reached
+        while cons < prod and len(records) < room:
+            offset = page + (cons & mask)
+            (header,) = _header_at(data, offset)
             if header & _BUSY:
                 break
-            length = header & ~(_BUSY | _DISCARD)
+            length = header & _LENGTH
             if not header & _DISCARD:
-                if length <= event_size:
-                    records.append(self._record(offset, length))
-                else:
+                start = offset + _HEADER
+                if length > event_size:
                     self.malformed += 1
+                elif start + length <= end:
+                    append(data[start : start + length])
+                else:
+                    append(self._record(offset, length))
             cons += (_HEADER + length + 7) & ~7
         self._consumer_pos[0] = cons
         self.consumed += len(records)
