@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bpfscope.domains.security.events import Formatter, SecurityEvent
-from bpfscope.domains.security.processes import Process, ProcessCache, arguments_of, join_arguments
+from bpfscope.domains.security.processes import (
+    RECENT_EXITS,
+    Process,
+    ProcessCache,
+    arguments_of,
+    join_arguments,
+)
 from bpfscope.domains.security.secure import SecurityBatch
 from bpfscope.sinks.jsonl import dumps
 
@@ -94,10 +100,12 @@ def test_a_hit_read_after_its_process_exited_still_finds_it() -> None:
     assert cache.get_or_exited(300) is victim
     reused = cache.add(process(300, None, "/bin/true"))
     assert cache.get_or_exited(300) is reused
-    for pid in range(1000, 1300):  # the kept exits are bounded
+    for pid in range(1000, 2000):  # the kept exits are bounded, the latest always among them
         cache.add(process(pid, None, "/bin/true"))
         cache.exit(pid)
-    assert len(cache.exited) <= 256 and cache.get_or_exited(1299) is not None
+        assert min(pid - 1000 + 1, RECENT_EXITS) <= len(cache.exited) <= 2 * RECENT_EXITS
+    assert all(cache.get_or_exited(pid) is not None for pid in range(2000 - RECENT_EXITS, 2000))
+    assert cache.get_or_exited(1000) is None
 
 
 def test_a_clone_sent_after_its_parent_left_finds_the_parent() -> None:

