@@ -108,13 +108,14 @@ class Process:
         parent: Process | None,
         ppid: int,
         tid: int = 0,
+        access: tuple[tuple[int, ...], tuple[int, int, int]] | None = None,  # (creds, caps) interned
     ) -> None:
         self.pid = pid
         self.ktime = ktime
         self.binary = binary
         self.arguments = arguments
         self.cwd = cwd
-        self._access = intern((creds, caps))
+        self._access = access if access is not None else intern((creds, caps))
         self.ns = ns
         self.cgroup_id = cgroup_id
         self.flags = flags
