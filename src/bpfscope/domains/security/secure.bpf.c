@@ -275,7 +275,6 @@ struct sec_hook_event {
 	__s16 action_result; /* bpf_send_signal's return, 0 when none was sent */
 	__u32 cgroup_pad;
 	__u64 cgroup_id;
-	/* Clone and exit records end here (PROC_SHORT_SIZE): the rest is the exec's. */
 	struct sec_creds creds;
 	struct sec_arg_value args[MAX_ARGS];
 };
