@@ -2,7 +2,7 @@
 nginx, haproxy and nginx again at 12 responses of 4 MiB a second, pgbench at 100 read-only transactions a
 second). Measured over the same window:
 
-- the agent's CPU: its process (user + system, /proc/PID/stat) and its BPF programs in the kernel
+- the agent's CPU: its process (user and system, /proc/PID/stat) and its BPF programs in the kernel
   (run_time_ns with kernel.bpf_stats_enabled, the programs bpftool says the agent holds), as a share of
   the whole machine (every CPU);
 - its memory: RSS sampled every second (max and last) and the kernel's high-water mark (VmHWM);
@@ -62,8 +62,13 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return sum(user_system(Path(f"/proc/{pid}/stat")))
+
+
+def user_system(stat: Path) -> tuple[float, float]:
+    """A process's user and system CPU seconds."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def status_kb(pid: int, key: str) -> int:
@@ -296,6 +301,7 @@ def run(
         agent, address, stderr = start_agent(store, only, unwind, census_file)
         stack.callback(lambda: agent.poll() is None and agent.kill())
         time.sleep(warmup)
+        user0 = user_system(Path(f"/proc/{agent.pid}/stat"))[0]
         cpu0, bpf0, t0, size0 = (
             cpu_seconds(agent.pid),
             bpf_run_ns(agent.pid),
@@ -313,6 +319,7 @@ def run(
             time.sleep(every)
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(agent.pid) - cpu0
+        user = user_system(Path(f"/proc/{agent.pid}/stat"))[0] - user0
         bpf1 = bpf_run_ns(agent.pid)
         spent = {i: ns - bpf0.get(i, (0, 0))[0] for i, (ns, _) in bpf1.items()}
         runs = {i: cnt - bpf0.get(i, (0, 0))[1] for i, (_, cnt) in bpf1.items()}
@@ -337,6 +344,8 @@ def run(
             "agent_process": round(100 * cpu / machine, 2),
             "bpf_programs": round(100 * bpf / machine, 2),
             "total": round(100 * (cpu + bpf) / machine, 2),
+            "agent_user": round(100 * user / machine, 2),
+            "agent_system": round(100 * (cpu - user) / machine, 2),
         }
         results["rss_mb"] = {
             "max": round(max(kb for _, kb in rss) / 1024, 1),
