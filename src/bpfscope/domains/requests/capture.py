@@ -490,7 +490,9 @@ class Tracker(Connections):
         return out
 
     def wall_s(self, mono_ns: int) -> float:
-        return round((mono_ns + self.wall_offset_ns) / 1e9, 6)
+        # To the microsecond in integers: round(x / 1e9, 6) took 0.54 us a call, and a float of x / 1e9
+        # has no room for today's nanoseconds (it made 546,900.478 us into 546,901).
+        return (mono_ns + self.wall_offset_ns + 500) // 1000 / 1e6
 
     def _open(self, key: tuple, head: Any, udp: bool, encrypted: bool) -> Connection:
         conn = head["conn"]
