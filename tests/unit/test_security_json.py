@@ -14,6 +14,7 @@ from bpfscope.domains.security.processes import (
     Process,
     ProcessCache,
     arguments_of,
+    intern,
     join_arguments,
 )
 from bpfscope.domains.security.secure import SecurityBatch
@@ -23,9 +24,9 @@ NS = tuple(range(4026531835, 4026531845))
 
 
 def process(pid: int, parent: Process | None, binary: str, *args: str) -> Process:
-    creds = (1000, 1000, 1000, 1000, 100, 100, 100, 100, 1000, 0)
+    access = intern(((1000, 1000, 1000, 1000, 100, 100, 100, 100, 1000, 0), (0x3, 0x3, 0)))
     return Process(
-        pid, pid * 1_000_000, binary, join_arguments((binary, *args)), "/home/u", creds, (0x3, 0x3, 0), NS, 0,
+        pid, pid * 1_000_000, binary, join_arguments((binary, *args)), "/home/u", access, NS, 0,
         "execve",
         parent, parent.pid if parent else 0, pid,
     )  # fmt: skip

@@ -73,6 +73,10 @@ def arguments_of(text: str) -> str:
     return join_arguments(argv)
 
 
+# A process nothing is known of: no credentials, no capabilities.
+NO_ACCESS: tuple[tuple[int, ...], tuple[int, int, int]] = ((), (0, 0, 0))
+
+
 class Process:
     """A process as the cache holds it. Slots, not a dataclass: twelve of them make the object 128
     bytes with its GC header, the next size down from 144, and a cache of 65,536 processes keeps every
@@ -100,22 +104,23 @@ class Process:
         binary: str,
         arguments: str,  # join_arguments(argv): what events show of the command line
         cwd: str,
-        creds: tuple[int, ...],  # uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, securebits
-        caps: tuple[int, int, int],  # effective, permitted, inheritable
+        # (creds, caps), interned by the caller as the strings are: shared by most processes. creds: uid,
+        # euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, securebits; caps: effective, permitted,
+        # inheritable.
+        access: tuple[tuple[int, ...], tuple[int, int, int]],
         ns: tuple[int, ...],  # inode numbers, NS_NAMES order
         cgroup_id: int,
         flags: str,  # Tetragon's: execve, clone, procFS, rootcwd, truncArgs
         parent: Process | None,
         ppid: int,
         tid: int = 0,
-        access: tuple[tuple[int, ...], tuple[int, int, int]] | None = None,  # (creds, caps) interned
     ) -> None:
         self.pid = pid
         self.ktime = ktime
         self.binary = binary
         self.arguments = arguments
         self.cwd = cwd
-        self._access = access if access is not None else intern((creds, caps))
+        self._access = access
         self.ns = ns
         self.cgroup_id = cgroup_id
         self.flags = flags
@@ -217,7 +222,7 @@ class ProcessCache:
     def clone(self, pid: int, ppid: int, ktime: int, parent_ktime: int) -> Process:
         parent = self.parent_of(ppid, parent_ktime)
         if parent is None:
-            return self.add(Process(pid, ktime, "", "", "", (), (0, 0, 0), (), 0, "clone", None, ppid, pid))
+            return self.add(Process(pid, ktime, "", "", "", NO_ACCESS, (), 0, "clone", None, ppid, pid))
         return self.add(Process.forked(parent, pid, ktime, ppid))
 
     def exit(self, pid: int, children_left: bool = False) -> Process | None:
@@ -329,8 +334,7 @@ def read_proc(path: Path) -> Process | None:
         intern(binary),
         arguments,
         intern(cwd),
-        (uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, 0),  # interned as a pair by Process
-        caps,
+        intern(((uid, euid, suid, fsuid, gid, egid, sgid, fsgid, loginuid, 0), caps)),
         intern(ns),
         cgroup_id,
         flags,

@@ -407,14 +407,13 @@ class SecureCollector(BpfCollector[SecureConfig]):
             intern(layout.string(record, layout.binary)),
             arguments,
             intern(cwd),
-            *access,
+            access,
             ns,
             cgroup_id,
             exec_flags,
             self.cache.parent_of(ppid, parent_ktime),
             ppid,
             tid,
-            access=access,
         )
 
     def _hit(self, r: Any) -> SecurityEvent:
@@ -464,8 +463,12 @@ class SecureCollector(BpfCollector[SecureConfig]):
             "",
             "",
             "",
-            (int(c["uid"]), int(c["euid"]), 0, 0, int(c["gid"]), int(c["egid"]), 0, 0, 0, 0),
-            (int(c["cap_effective"]), 0, 0),
+            intern(
+                (
+                    (int(c["uid"]), int(c["euid"]), 0, 0, int(c["gid"]), int(c["egid"]), 0, 0, 0, 0),
+                    (int(c["cap_effective"]), 0, 0),
+                )
+            ),
             (),
             int(r["cgroup_id"]),
             "unknown",
