@@ -42,10 +42,13 @@ def test_end_to_end_as_the_client_logged_it(result: dict[str, Any], name: str) -
 
 def test_disk_scenario(result: dict[str, Any]) -> None:
     s = result["disk"]
-    nodes = {n["path"].rsplit("/", 1)[-1]: n for n in s["tree"]}
-    below_app = [n for n in s["tree"] if n["path"].startswith("end-to-end/gw/sidecar/app/")]
-    db = nodes["db"]
-    assert db == max(below_app, key=lambda n: n["time_ms"])
+    # The database is the slowest component below the app over every request, not only in the p99 band:
+    # the short mode's band is two requests, and in one of them the queue's fsync once stalled 24.2 ms
+    # against the database's 7.9 ms of reads (in a quiet run, over every request: 7.3 ms a request for
+    # the database, 0.57 for the queue).
+    every_node = {n["path"].rsplit("/", 1)[-1]: n for n in s["tree_all"]}
+    below_app = [n for n in s["tree_all"] if n["path"].startswith("end-to-end/gw/sidecar/app/")]
+    assert every_node["db"] == max(below_app, key=lambda n: n["time_ms"]), below_app
     # Its time is more its reads than its own work: the disk's time and the wait for a CPU once each
     # read is done (on a busy machine that wait can be the larger part), both gone with the reads a
     # larger cache serves. (Not more than its other waits for a CPU too: at a load average of 17 on the
@@ -53,7 +56,7 @@ def test_disk_scenario(result: dict[str, Any]) -> None:
     # the short mode's p99 band is two requests, and on a quiet machine one of three runs had a band
     # whose database worked 10.7 ms beside 9.1 ms of reads (reads 15.9 and 20.6 against 5.0 and 6.0 in
     # the other two).
-    every = {n["path"].rsplit("/", 1)[-1]: n for n in s["tree_all"]}["db"]
+    every = every_node["db"]
     reads = every["disk_read_ms"] + every["read_wake_ms"]
     assert reads > every["cpu_ms"] + every["disk_write_ms"], every
     # (Not the bottleneck's words: the short mode's p99 band is two requests, and one slow hop elsewhere
